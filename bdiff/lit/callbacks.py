@@ -1,0 +1,133 @@
+"""Lightning callbacks (training-time hooks; not to be confused with sampler callbacks).
+
+* :class:`SampleGrid`: every N steps (at validation, so EMA weights are in place)
+  and at the end of fit, draws DDIM samples with their propagated uncertainty,
+  saves a PNG (samples | per-pixel std maps) and logs both grids to W&B.
+* :class:`RunSummary`: at the end of fit, prints where everything went.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from bdiff.sampling import ddim_sample
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The folder of this run: the checkpoint folder's parent, else the trainer's root dir."""
+    ckpt = trainer.checkpoint_callback
+    dirpath = getattr(ckpt, "dirpath", None)
+    return Path(dirpath).parent if dirpath else Path(trainer.default_root_dir)
+
+
+def uncertainty_grids(images: Tensor, variance: Tensor, nrow: int, upscale: int = 4) -> tuple[Tensor, Tensor]:
+    """Samples in [-1,1] and their variance (B,C,H,W) -> two (3,H',W') grids in [0,1].
+
+    The std map is shown on the [0,1] image scale (std/2), divided by the batch max
+    so the brightest pixel is the most uncertain one in the batch.
+    """
+    x = (images.float().cpu() + 1) / 2
+    std = variance.float().cpu().clamp_min(0).sqrt() / 2
+    std = std / std.max().clamp_min(1e-12)
+    if upscale > 1:
+        x = F.interpolate(x, scale_factor=upscale, mode="nearest")
+        std = F.interpolate(std, scale_factor=upscale, mode="nearest")
+    if std.shape[1] > 1:
+        std = std.mean(1, keepdim=True)
+    return make_grid(x, nrow=nrow, pad_value=1.0), make_grid(std, nrow=nrow, pad_value=1.0)
+
+
+class SampleGrid(pl.Callback):
+    """Draw a sample grid plus uncertainty-map grid every ``every_n_steps`` and at the end of fit.
+
+    Args:
+        every_n_steps: draw at the first validation after each multiple of this many steps (0: only at the end).
+        num_samples: images per grid.
+        steps: DDIM steps.
+        seed: the same seed every time, so grids are comparable across training.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50, seed: int = 0) -> None:
+        if num_samples < 1 or steps < 1 or every_n_steps < 0:
+            raise ValueError("SampleGrid needs num_samples >= 1, steps >= 1, every_n_steps >= 0")
+        self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
+        self._last_step = 0
+        self.final_png: Path | None = None
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Path:
+        denoiser = pl_module.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        shape = (self.num_samples, *denoiser.image_shape)
+        generator = torch.Generator().manual_seed(self.seed)
+        denoiser.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        images, variance = ddim_sample(denoiser, shape, self.steps, generator, device=pl_module.device)
+        denoiser.generator = None
+        denoiser.train(was_training)
+        nrow = max(1, int(self.num_samples**0.5))
+        samples, uncertainty = uncertainty_grids(images, variance, nrow)
+        out = run_dir(trainer) / "samples" / f"{tag}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gap = torch.ones(3, samples.shape[1], 8)
+        save_image(torch.cat([samples, gap, uncertainty.expand(3, -1, -1)], dim=2), out)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    key="samples",
+                    images=[samples, uncertainty],
+                    caption=[f"DDIM-{self.steps} samples", "per-pixel std (max-normalised)"],
+                    step=trainer.global_step,
+                )
+        return out
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_steps == 0:
+            return
+        if trainer.global_step - self._last_step >= self.every_n_steps:
+            self._last_step = trainer.global_step
+            self._draw(trainer, pl_module, f"step_{trainer.global_step:07d}")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_fit_end runs after EMAWeightAveraging.on_train_end copied the average into the model.
+        self.final_png = self._draw(trainer, pl_module, "final")
+
+
+class RunSummary(pl.Callback):
+    """Print, at the end of fit, where the checkpoints, sample grids, config and W&B run went."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lines = ["", "bdiff run finished. Outputs:"]
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None:
+            if getattr(ckpt, "last_model_path", ""):
+                lines.append(f"  checkpoint (last): {ckpt.last_model_path}")
+            if getattr(ckpt, "best_model_path", ""):
+                lines.append(f"  checkpoint (best): {ckpt.best_model_path}")
+        for cb in trainer.callbacks:
+            if isinstance(cb, SampleGrid) and cb.final_png is not None:
+                lines.append(f"  samples + uncertainty maps: {cb.final_png}")
+        config = run_dir(trainer) / "config.yaml"
+        if config.exists():
+            lines.append(f"  config: {config}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                mode = getattr(getattr(run, "settings", None), "mode", "")
+                run_path = Path(run.dir).parent if getattr(run, "dir", None) else None
+                if mode == "offline" and run_path is not None:
+                    lines.append(f"  W&B (offline): {run_path}  -> upload with: wandb sync {run_path}")
+                elif getattr(run, "url", None):
+                    lines.append(f"  W&B: {run.url}")
+        lines.append("  load it with: from bdiff import load_model; m = load_model('<checkpoint>')")
+        print("\n".join(lines), flush=True)

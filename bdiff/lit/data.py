@@ -1,0 +1,351 @@
+"""LightningDataModules for image datasets.
+
+Every batch from ``train_dataloader()`` / ``val_dataloader()`` is a single float32 tensor
+``x0`` of shape ``(B, C, H, W)`` with values in ``[-1, 1]`` (class labels are dropped).
+
+Datasets:
+
+* :class:`DigitsDataModule` -- scikit-learn's bundled 8x8 digits (no download, the default).
+* :class:`MNISTDataModule`, :class:`FashionMNISTDataModule`, :class:`CIFAR10DataModule` --
+  torchvision datasets; the official train set is split into train/val with a seeded split.
+* :class:`ImageFolderDataModule` -- any folder laid out as ``root/<class>/<image>.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+
+def _to_symmetric(x: torch.Tensor) -> torch.Tensor:
+    """Map a tensor in ``[0, 1]`` (as produced by ``ToTensor``) to ``[-1, 1]``."""
+    return x * 2.0 - 1.0
+
+
+def _image_transform(image_size: int | None, crop: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> float32 tensor ``(C, H, W)`` in ``[-1, 1]``, optionally resized to ``image_size``."""
+    steps: list[Callable[..., Any]] = []
+    if image_size is not None:
+        steps.append(transforms.Resize(image_size))
+        if crop:
+            steps.append(transforms.CenterCrop(image_size))
+    steps += [transforms.ToTensor(), transforms.Lambda(_to_symmetric)]
+    return transforms.Compose(steps)
+
+
+def _load_image(path: str, mode: str) -> Image.Image:
+    """Open ``path`` with PIL and convert it to ``mode`` ("L" or "RGB"); errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(
+            f"Could not read image file {path!r} ({type(e).__name__}: {e}). "
+            "Remove or replace this file; it is not a valid image."
+        ) from e
+
+
+class _ImagesOnly(Dataset):
+    """Wrap a dataset yielding ``(image, label)`` so that ``__getitem__`` returns only the image."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]
+
+
+class _TensorImages(Dataset):
+    """In-memory images: a float32 tensor ``(N, C, H, W)``; ``__getitem__`` returns ``(C, H, W)``."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_image_size(image_size: Any) -> None:
+    if not _is_int(image_size) or image_size < 4:
+        raise ValueError(f"image_size must be an integer >= 4, got {image_size!r}.")
+
+
+class ImageDataModule(LightningDataModule):
+    """Base class: seeded train/val split of one image dataset and the two dataloaders.
+
+    Subclasses set ``self._image_size`` / ``self._channels`` in ``__init__`` and implement
+    :meth:`_load_full`, which returns the whole (pre-split) dataset of ``(C, H, W)`` tensors.
+    """
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}.")
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = float(val_fraction)
+        self.seed = seed
+        self._image_size: int = 0
+        self._channels: int = 0
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """Height == width of every image (valid right after ``__init__``)."""
+        return self._image_size
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels C (1 or 3; valid right after ``__init__``)."""
+        return self._channels
+
+    def _require_setup(self, what: Dataset | None) -> Dataset:
+        if what is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before using the datasets.")
+        return what
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """Training split; items are float32 tensors ``(C, H, W)`` in ``[-1, 1]``."""
+        return self._require_setup(self._train)
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """Validation split; items are float32 tensors ``(C, H, W)`` in ``[-1, 1]``."""
+        return self._require_setup(self._val)
+
+    @property
+    def num_train(self) -> int:
+        """Number of training images (the Bayesian KL term is divided by it)."""
+        return len(self.train_dataset)  # type: ignore[arg-type]
+
+    # -- data ---------------------------------------------------------------------------------
+    def _load_full(self) -> Dataset:
+        """Return the full dataset (before the train/val split); never downloads."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        """Human-readable name of the data source, used in error messages."""
+        return type(self).__name__
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data and make the seeded train/val split (idempotent; never downloads)."""
+        if self._train is not None:
+            return
+        full = self._load_full()
+        n = len(full)  # type: ignore[arg-type]
+        n_val = max(1, round(n * self.val_fraction))
+        n_train = n - n_val
+        if n_train < 1:
+            raise ValueError(
+                f"{self._describe()} has only {n} image(s): too few for a train/val split with "
+                f"val_fraction={self.val_fraction}. Add more images (at least 2) or lower val_fraction."
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self._train = Subset(full, perm[:n_train])
+        self._val = Subset(full, perm[n_train:])
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches ``x0`` of shape ``(B, C, H, W)``, float32 in ``[-1, 1]``."""
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Unshuffled batches ``x0`` of shape ``(B, C, H, W)``, float32 in ``[-1, 1]``."""
+        return self._loader(self.val_dataset, train=False)
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled digits: 1797 images, shape ``(1, 8, 8)``, values 0..16 mapped to [-1, 1]."""
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed)
+        self.save_hyperparameters()
+        self._image_size, self._channels = 8, 1
+
+    def _describe(self) -> str:
+        return "sklearn digits"
+
+    def _load_full(self) -> Dataset:
+        from sklearn.datasets import load_digits
+
+        images = torch.as_tensor(load_digits().images, dtype=torch.float32)  # (1797, 8, 8) in 0..16
+        return _TensorImages((images / 16.0 * 2.0 - 1.0).unsqueeze(1))
+
+
+class _TorchvisionDataModule(ImageDataModule):
+    """Shared logic for torchvision datasets that live under ``root`` and can be downloaded."""
+
+    tv_class: type[datasets.VisionDataset]
+    native_size: int
+    native_channels: int
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        image_size: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed)
+        if image_size is not None:
+            _check_image_size(image_size)
+        self.save_hyperparameters()
+        self.root = str(root)
+        self.download = bool(download)
+        self._resize = image_size
+        self._image_size = self.native_size if image_size is None else image_size
+        self._channels = self.native_channels
+
+    def _data_dir(self) -> str:
+        """Folder that torchvision expects to hold the files."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        return f"{self.tv_class.__name__} at {self._data_dir()!r}"
+
+    def prepare_data(self) -> None:
+        """Download the dataset into ``root`` if ``download=True`` (no-op if already present)."""
+        if not self.download:
+            return
+        try:
+            self.tv_class(self.root, train=True, download=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"Downloading {self.tv_class.__name__} into {self.root!r} failed ({e}). Check the internet "
+                f"connection, or place the files in {self._data_dir()!r} yourself and set download: false."
+            ) from e
+
+    def _load_full(self) -> Dataset:
+        try:
+            ds = self.tv_class(self.root, train=True, download=False, transform=_image_transform(self._resize))
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
+            raise FileNotFoundError(
+                f"{self.tv_class.__name__} files not found (or corrupted) in {self._data_dir()!r} ({e}). "
+                "Set download: true (prepare_data(), which the Trainer calls automatically, then downloads "
+                "them), or point root at the folder that contains them."
+            ) from e
+        return _ImagesOnly(ds)
+
+
+class MNISTDataModule(_TorchvisionDataModule):
+    """MNIST digits: ``(1, 28, 28)`` natively, files in ``<root>/MNIST/raw``."""
+
+    tv_class = datasets.MNIST
+    native_size, native_channels = 28, 1
+
+    def _data_dir(self) -> str:
+        return os.path.join(self.root, self.tv_class.__name__, "raw")
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST: ``(1, 28, 28)`` natively, files in ``<root>/FashionMNIST/raw``."""
+
+    tv_class = datasets.FashionMNIST
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10: ``(3, 32, 32)`` natively, files in ``<root>/cifar-10-batches-py``."""
+
+    tv_class = datasets.CIFAR10
+    native_size, native_channels = 32, 3
+
+    def _data_dir(self) -> str:
+        return os.path.join(self.root, datasets.CIFAR10.base_folder)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any folder of images laid out as ``root/<class>/<image>.png`` (class labels are ignored).
+
+    Images are resized (shorter side) and center-cropped to ``image_size`` and converted to
+    grayscale (``channels=1``) or RGB (``channels=3``): items have shape ``(channels, image_size, image_size)``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int = 3,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed)
+        _check_image_size(image_size)
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
+        self.root = str(root)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(
+                f"Image folder {self.root!r} does not exist. Expected the layout root/<class>/<image>.png "
+                "(at least one class sub-folder)."
+            )
+        self.save_hyperparameters()
+        self._image_size, self._channels = image_size, channels
+
+    def _describe(self) -> str:
+        return f"image folder {self.root!r}"
+
+    def _load_full(self) -> Dataset:
+        layout = "Expected the layout root/<class>/<image>.png with at least one image in a class sub-folder."
+        loader = functools.partial(_load_image, mode="L" if self._channels == 1 else "RGB")
+        try:
+            ds = datasets.ImageFolder(
+                self.root, transform=_image_transform(self._image_size, crop=True), loader=loader, allow_empty=True
+            )
+        except FileNotFoundError as e:  # no class sub-folder at all
+            raise FileNotFoundError(f"No class sub-folders in {self.root!r} ({e}). {layout}") from e
+        if len(ds) == 0:
+            exts = ", ".join(datasets.folder.IMG_EXTENSIONS)
+            raise FileNotFoundError(f"No images ({exts}) found in {self.root!r}. {layout}")
+        return _ImagesOnly(ds)
+
+
+DATAMODULES: dict[str, type[ImageDataModule]] = {
+    "digits": DigitsDataModule,
+    "mnist": MNISTDataModule,
+    "fashion_mnist": FashionMNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+    "image_folder": ImageFolderDataModule,
+}
+"""Dataset name -> DataModule class."""

@@ -1,0 +1,180 @@
+"""LightningModule that trains the Bayesian U-Net by stochastic variational inference.
+
+Loss per training step (one weight sample per minibatch, Blundell et al. 2015):
+
+    loss = -(1/B) sum_b log N(eps_b; eps_w(x_t,b, t_b), sigma_w^2)  +  beta_kl * KL(q || p) / N
+
+computed by Pyro's ``TraceMeanField_ELBO`` (see :mod:`bdiff.bayes.model`), with
+t ~ U{0..T-1} and x_t ~ q(x_t | x_0) as in Ho et al. 2020. ``beta_kl`` ramps
+linearly from ~0 to 1 over ``kl_warmup_steps`` (KL warm-up / annealing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from bdiff.bayes import BayesConfig, BayesianUNet
+from bdiff.checkpoint import plain_config, build_denoiser
+from bdiff.nets import UNetConfig
+from bdiff.schedule import NoiseSchedule, ScheduleConfig
+
+
+def _as(cls: type, value: Any) -> Any:
+    """Accept a dataclass or the plain dict stored in a checkpoint's hyper-parameters."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class DiffusionModule(pl.LightningModule):
+    """Bayesian diffusion model: SVI training, calibrated validation, EMA-ready.
+
+    Args:
+        net: U-Net shape.
+        bayes: which layers are Bayesian, priors, guide, predictive.
+        schedule: noise schedule.
+        lr: AdamW learning rate (after a linear warm-up of ``lr_warmup_steps``).
+        weight_decay: AdamW weight decay on the deterministic weights and guide locs.
+        lr_warmup_steps: steps of linear learning-rate warm-up.
+        kl_warmup_steps: steps over which the KL weight ramps to 1 (0: no warm-up).
+        num_data: N, the training-set size the KL is divided by. None: taken from
+            the datamodule's ``num_train`` at setup.
+        warm_start: a bdiff checkpoint whose U-Net weights initialise this model
+            (and centre the prior when ``bayes.prior_center: init``).
+    """
+
+    def __init__(
+        self,
+        net: UNetConfig = UNetConfig(),
+        bayes: BayesConfig = BayesConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 200,
+        kl_warmup_steps: int = 0,
+        num_data: int | None = None,
+        warm_start: str | None = None,
+    ) -> None:
+        super().__init__()
+        net, bayes, schedule = _as(UNetConfig, net), _as(BayesConfig, bayes), _as(ScheduleConfig, schedule)
+        net.channel_mults, net.attention_resolutions = tuple(net.channel_mults), tuple(net.attention_resolutions)
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if kl_warmup_steps < 0 or lr_warmup_steps < 0:
+            raise ValueError("model.kl_warmup_steps and model.lr_warmup_steps must be >= 0")
+        # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "net": asdict(net),
+                "bayes": asdict(bayes),
+                "schedule": asdict(schedule),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "lr_warmup_steps": lr_warmup_steps,
+                "kl_warmup_steps": kl_warmup_steps,
+                "num_data": num_data,
+                "warm_start": warm_start,
+            }
+        )
+        self.denoiser = build_denoiser(net, bayes, schedule, warm_start=warm_start)
+        # The net's copies of the Bayesian weights are only initial means: the guide owns them.
+        params = dict(self.bayes.net.named_parameters())
+        for name in self.bayes.bayesian_names:
+            params[name].requires_grad_(False)
+        self.num_data = num_data
+
+    @property
+    def bayes(self) -> BayesianUNet:
+        return self.denoiser.model
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        cfg = self.bayes.net.config
+        if (datamodule.channels, datamodule.image_size) != (cfg.in_channels, cfg.image_size):
+            raise ValueError(
+                f"the data gives {datamodule.channels}x{datamodule.image_size}x{datamodule.image_size} images but "
+                f"model.net expects {cfg.in_channels}x{cfg.image_size}x{cfg.image_size}: set "
+                f"model.net.in_channels={datamodule.channels} and model.net.image_size={datamodule.image_size}"
+            )
+        if self.num_data is None and stage == "fit":
+            datamodule.setup(stage)
+            self.num_data = datamodule.num_train
+            self.hparams["num_data"] = self.num_data
+
+    def kl_weight(self) -> float:
+        """KL warm-up factor in (0, 1] at the current step."""
+        warmup = self.hparams["kl_warmup_steps"]
+        return 1.0 if warmup == 0 else min(1.0, (self.global_step + 1) / warmup)
+
+    def _noised(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """t ~ U{0..T-1}, noise ~ N(0, I), x_t ~ q(x_t|x0). Returns (x_t, t, noise)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.timesteps, (b,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator else torch.randn_like(x0)
+        return self.schedule.q_sample(x0, t, noise), t, noise
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        if self.num_data is None:
+            raise RuntimeError("model.num_data is unknown: train with a datamodule or set model.num_data")
+        x_t, t, noise = self._noised(batch)
+        beta = self.kl_weight()
+        loss = self.bayes.negative_elbo(x_t, t, noise, self.num_data, kl_weight=beta)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        n_pixels = batch[0].numel()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/nll_per_pixel", -self.bayes.last_loglik.mean() / n_pixels)
+        self.log("train/kl_weight", beta)
+        if self.bayes.is_bayesian and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/kl_per_datum", self.bayes.kl_divergence() / self.num_data)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Held-out denoising error and calibration of the predicted variance, at fixed seeded (t, noise)."""
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        x_t, t, noise = self._noised(batch, generator)
+        pred = self.denoiser.predict(x_t, t)
+        err2 = (noise - pred.eps) ** 2
+        metrics = {"val/mse": err2.mean()}
+        for kind, var in (("total", pred.var_total), ("aleatoric", pred.var_aleatoric)):
+            var = var.clamp_min(1e-12)
+            metrics[f"val/z2_{kind}"] = (err2 / var).mean()  # ideal 1
+            metrics[f"val/gaussian_nll_{kind}"] = 0.5 * (math.log(2 * math.pi) + var.log() + err2 / var).mean()
+        if self.bayes.is_bayesian:
+            metrics["val/var_epistemic"] = pred.var_epistemic.mean()
+        self.log_dict(metrics, batch_size=batch.shape[0], prog_bar=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        warmup = self.hparams["lr_warmup_steps"]
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / max(1, warmup), total_iters=max(1, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture with a clear message (before load_state_dict)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("net", "bayes"):
+            mine, theirs = self.hparams[key], saved.get(key)
+            if key == "bayes" and theirs is not None:
+                mine, theirs = mine["layers"], theirs.get("layers")
+            if theirs is not None and plain_config(theirs) != plain_config(mine):
+                raise ValueError(
+                    f"checkpoint was trained with model.{key}={theirs} but this model has model.{key}={mine}; "
+                    "use the config the checkpoint was trained with"
+                )
+

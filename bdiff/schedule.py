@@ -1,0 +1,113 @@
+"""Discrete variance-preserving (VP) noise schedule and the forward process.
+
+Conventions (DESIGN.md): ``T`` discrete steps, integer timesteps ``t`` in
+``[0, T-1]`` index ``alphas_cumprod`` (the diffusers convention), coefficients
+kept in float64, images in ``[-1, 1]``.
+
+    q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I),   a_t = alphas_cumprod[t]
+
+References: Ho et al. 2020 (DDPM, linear betas); Nichol & Dhariwal 2021
+(improved DDPM, cosine schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+ScheduleKind = Literal["linear", "cosine"]
+
+
+@dataclass
+class ScheduleConfig:
+    """Arguments of :class:`NoiseSchedule` (the ``model.schedule`` block of a config)."""
+
+    kind: ScheduleKind = "linear"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear betas of Ho et al. 2020, shape (T,), float64."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule of Nichol & Dhariwal 2021 (eq. 17), shape (T,), float64."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = 1 - f[1:] / f[:-1]
+    return betas.clamp(max=max_beta)
+
+
+class NoiseSchedule(nn.Module):
+    """A discrete VP schedule and the maths of its forward process.
+
+    An ``nn.Module`` only so that ``alphas_cumprod`` (a float64 buffer) follows
+    ``.to(device)`` and is saved in checkpoints; it has no parameters.
+
+    Example:
+        >>> s = NoiseSchedule("linear", timesteps=1000)
+        >>> x0 = torch.zeros(2, 1, 8, 8)
+        >>> t = torch.tensor([0, 999])
+        >>> x_t = s.q_sample(x0, t, torch.randn_like(x0))
+    """
+
+    alphas_cumprod: Tensor
+
+    def __init__(
+        self,
+        kind: ScheduleKind = "linear",
+        timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if not isinstance(timesteps, int) or timesteps < 2:
+            raise ValueError(f"schedule.timesteps must be an integer >= 2, got {timesteps!r}")
+        if kind == "linear":
+            if not 0 < beta_start < beta_end < 1:
+                raise ValueError(
+                    f"linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}"
+                )
+            betas = linear_betas(timesteps, beta_start, beta_end)
+        elif kind == "cosine":
+            betas = cosine_betas(timesteps)
+        else:
+            raise ValueError(f"schedule.kind must be 'linear' or 'cosine', got {kind!r}")
+        self.kind = kind
+        self.timesteps = timesteps
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
+
+    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
+        """``a_t`` gathered at integer ``t`` (B,), shaped (B,1,...,1) like ``like``, in ``like``'s dtype."""
+        a = self.alphas_cumprod.to(t.device)[t.long()]
+        return a.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0): ``sqrt(a) x0 + sqrt(1-a) noise``. All (B,C,H,W); t (B,)."""
+        a = self.alpha_bar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def eps_to_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0 = (x_t - sqrt(1-a) eps) / sqrt(a). All (B,C,H,W); t (B,)."""
+        a = self.alpha_bar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def x0_to_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t - sqrt(a) x0) / sqrt(1-a). All (B,C,H,W); t (B,)."""
+        a = self.alpha_bar(t, x_t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def x0_variance(self, t: Tensor, eps_variance: Tensor) -> Tensor:
+        """Var[x0 | x_t] = (1-a)/a * Var[eps], for x_t held fixed. (B,C,H,W); t (B,)."""
+        a = self.alpha_bar(t, eps_variance)
+        return (1 - a) / a * eps_variance
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, timesteps={self.timesteps}"
