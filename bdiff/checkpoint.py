@@ -111,7 +111,7 @@ def load_model(
         denoiser.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(path)!r} does not match the architecture in its own config: {e}") from e
-    return denoiser.to(map_location).eval()
+    return denoiser.to(map_location).eval().requires_grad_(False)
 
 
 def plain_config(value: Any) -> Any:

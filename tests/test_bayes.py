@@ -1,0 +1,117 @@
+"""Bayesian layers: selection, priors, guide initialisation, ELBO scaling, module-local params."""
+
+from __future__ import annotations
+
+import copy
+
+import pyro
+import pytest
+import torch
+
+from bdiff.bayes import BayesConfig, BayesianUNet, select_parameters
+from bdiff.nets import UNet, UNetConfig
+
+TINY = UNetConfig(base_channels=8, num_heads=2)
+
+
+def make(layers="head", **kw) -> BayesianUNet:
+    torch.manual_seed(0)
+    return BayesianUNet(UNet(TINY), BayesConfig(layers=layers, **kw))
+
+
+def batch(b: int = 4):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 1, 8, 8, generator=g)
+    return x, torch.randint(0, 1000, (b,), generator=g), torch.randn(b, 1, 8, 8, generator=g)
+
+
+def test_presets_exclude_norms_and_time_embedding() -> None:
+    net = UNet(TINY)
+    assert select_parameters(net, "none") == []
+    assert select_parameters(net, "head") == ["head.weight", "head.bias"]
+    decoder = select_parameters(net, "decoder")
+    assert all(n.startswith(("up.", "head.")) for n in decoder) and "head.weight" in decoder
+    every = select_parameters(net, "all")
+    assert not any("norm" in n or n.startswith("time_embed") for n in every)
+    assert "stem.weight" in every
+    assert select_parameters(net, ["up.*.conv1.weight"]) == [n for n in decoder if n.endswith("conv1.weight")]
+
+
+@pytest.mark.parametrize("layers", ["encoder", ["nothing.here"]])
+def test_bad_selection_is_a_clear_error(layers) -> None:
+    with pytest.raises(ValueError, match="bayes.layers"):
+        select_parameters(UNet(TINY), layers)
+
+
+def test_guide_starts_at_deterministic_weights_with_small_scale() -> None:
+    net = UNet(TINY)
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    m = BayesianUNet(net, BayesConfig(layers="decoder", guide_init_scale=1e-3))
+    params = dict(net.named_parameters())
+    for name, (loc, scale) in m.posterior_loc_scale().items():
+        torch.testing.assert_close(loc, params[name])
+        torch.testing.assert_close(scale, torch.full_like(scale, 1e-3))
+
+
+def test_prior_scale_and_center() -> None:
+    net = UNet(TINY)
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    m = BayesianUNet(net, BayesConfig(layers="head", prior_scale=2.0, prior_center="init"))
+    loc, scale = m.prior.prior("head.weight")
+    fan_in = net.head.weight[0].numel()
+    torch.testing.assert_close(loc, net.head.weight.detach())
+    torch.testing.assert_close(scale, torch.full_like(scale, 2.0 / fan_in**0.5))
+    loc0, _ = make("head", prior_center="zero").prior.prior("head.weight")
+    assert loc0.abs().max() == 0
+
+
+def test_deterministic_loss_is_per_image_nll() -> None:
+    m = make("none")
+    x, t, n = batch()
+    loss = m.negative_elbo(x, t, n, num_data=1000)
+    torch.testing.assert_close(loss, -m.last_loglik.mean())
+
+
+def test_kl_is_divided_by_dataset_size_monte_carlo() -> None:
+    """E[loss] = NLL/B-average + kl_weight * KL(q||p) / N, with KL checked against closed form."""
+    m = make("head", guide_init_scale=0.02)
+    x, t, n = batch(2)
+    num_data, beta = 50, 0.5
+    est = []
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        for _ in range(400):
+            loss = m.negative_elbo(x, t, n, num_data=num_data, kl_weight=beta)
+            est.append((loss + m.last_loglik.mean()) * num_data / beta)
+    est = torch.stack(est)
+    kl = m.kl_divergence()
+    assert abs(est.mean() - kl) < 4 * est.std() / len(est) ** 0.5 + 1e-3 * kl
+
+
+def test_elbo_trains_guide_and_deterministic_weights() -> None:
+    m = make("head")
+    x, t, n = batch()
+    m.negative_elbo(x, t, n, num_data=100).backward()
+    grads = {k: p.grad for k, p in m.named_parameters()}
+    assert grads["guide.locs.head__weight_unconstrained"] is not None
+    assert grads["guide.scales.head__weight_unconstrained"] is not None
+    assert grads["net.stem.weight"] is not None
+
+
+def test_models_do_not_share_pyro_params_and_survive_deepcopy() -> None:
+    a, b = make("head"), make("head")
+    with torch.no_grad():
+        a.guide.locs.head__weight.add_(1.0)
+    assert not torch.equal(a.guide.locs.head__weight, b.guide.locs.head__weight)
+    assert len(pyro.get_param_store()) == 0
+    c = copy.deepcopy(a)  # what EMA does
+    x, t, n = batch()
+    a.negative_elbo(x, t, n, num_data=10)  # original guide still bound to its model
+    c.load_state_dict(a.state_dict())
+
+
+def test_bad_bayes_config() -> None:
+    with pytest.raises(ValueError, match="prior_scale"):
+        make("head", prior_scale=0.0)
+    with pytest.raises(ValueError, match="predictive_samples"):
+        make("head", predictive_samples=0)
