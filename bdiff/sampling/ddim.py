@@ -23,11 +23,14 @@ from bdiff.denoiser import Denoiser
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """``steps`` integer timesteps from T-1 down to 0, evenly spaced (descending)."""
+    """``steps`` descending timesteps with "trailing" spacing, starting at T-1 (Lin et al. 2024, Table 2).
+
+    Same grid as diffusers' ``timestep_spacing="trailing"``; the last step goes to x_0 (a_prev = 1).
+    """
     if steps < 1 or steps > num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    grid = torch.linspace(num_train_timesteps - 1, 0, steps).round().long()
-    return grid.tolist()
+    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)
+    return (grid.round().long() - 1).tolist()
 
 
 @torch.no_grad()
@@ -37,11 +40,12 @@ def ddim_sample(
     steps: int = 50,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    clip: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Sample ``shape`` = (B,C,H,W) images in [-1, 1] with ``steps`` DDIM steps.
 
     Returns:
-        x0: (B,C,H,W) samples in [-1, 1] (clamped).
+        x0: (B,C,H,W) samples, clamped to [-1, 1] when ``clip``.
         var: (B,C,H,W) propagated epistemic variance of x0 (same [-1, 1] scale).
     """
     schedule = denoiser.schedule
@@ -58,4 +62,4 @@ def ddim_sample(
         c_e = float((1 - a_prev).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt())
         x = c_x * x + c_e * pred.eps
         var = c_x**2 * var + c_e**2 * pred.var_epistemic
-    return x.clamp(-1, 1), var
+    return (x.clamp(-1, 1) if clip else x), var
