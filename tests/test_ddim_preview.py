@@ -1,4 +1,4 @@
-"""The training-time DDIM preview sampler: matches diffusers' DDIM and propagates variance."""
+"""The training-time DDIM preview sampler: matches diffusers' DDIM; chain variance is exact."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
-from bdiff.sampling import ddim_sample, ddim_timesteps
+from bdiff.nets import UNet, UNetConfig
+from bdiff.sampling import chain_variance, ddim_sample, ddim_timesteps
 from bdiff.schedule import NoiseSchedule
 
 
 class LinearDenoiser:
-    """eps_hat = c * x_t, with a fixed epistemic variance: a denoiser with known answers."""
+    """eps_hat = x_t / 2: a denoiser with a known answer."""
 
-    def __init__(self, var: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.schedule = NoiseSchedule("linear")
-        self.var = var
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        return Prediction(0.5 * x_t, torch.full_like(x_t, self.var), torch.ones_like(x_t))
+        return Prediction(0.5 * x_t, torch.zeros_like(x_t), torch.ones_like(x_t))
 
 
 # Step counts that divide T: for others diffusers steps to t - T//steps, not to the next grid point.
@@ -26,42 +26,49 @@ class LinearDenoiser:
 def test_ddim_matches_diffusers_ddim_scheduler(steps: int) -> None:
     from diffusers import DDIMScheduler
 
-    den = LinearDenoiser()
-    x_ours, _ = ddim_sample(den, (3, 1, 8, 8), steps, torch.Generator().manual_seed(0), clip=False)
+    x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    x_ours = ddim_sample(LinearDenoiser(), x_T, steps, clip=False)
     ref = DDIMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
     )
     ref.set_timesteps(steps)
     assert ref.timesteps.tolist() == ddim_timesteps(1000, steps)
-    x = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    x = x_T.clone()
     for t in ref.timesteps:
         x = ref.step(0.5 * x, t, x, eta=0.0).prev_sample
     torch.testing.assert_close(x_ours, x, rtol=1e-4, atol=1e-4)
 
 
-def test_variance_propagation_matches_monte_carlo() -> None:
-    """eps_hat independent of x_t with variance v: the propagated map equals the variance over chains."""
-    v, steps, n = 0.01, 8, 20_000
+def test_chain_variance_equals_separately_run_chains() -> None:
+    """K chains batched through PosteriorChains == K separate DDIM runs, one per weight sample."""
+    from torch.func import functional_call
 
-    class Noisy(LinearDenoiser):
-        def predict(self, x_t, t):
-            eps = 0.3 + v**0.5 * torch.randn_like(x_t)
-            return Prediction(eps, torch.full_like(x_t, v), torch.ones_like(x_t))
+    from bdiff.bayes import BayesConfig, BayesianUNet
+    from bdiff.bayes.predictive import BayesianDenoiser
 
     torch.manual_seed(0)
-    # The same starting noise in every chain (one pixel broadcast): only the eps perturbations vary.
-    start = torch.randn(1, 1, 1, 1).expand(n, 1, 1, 1)
+    net = UNet(UNetConfig(base_channels=8, num_heads=2))
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    den = BayesianDenoiser(BayesianUNet(net, BayesConfig(layers="decoder", guide_init_scale=0.02)), NoiseSchedule())
+    k, steps = 4, 5
+    x_T = torch.randn(3, 1, 8, 8)
+    chains = den.posterior_chains(k, torch.Generator().manual_seed(1))
+    var = chain_variance(chains, k, x_T, steps)
 
-    class FixedStart(Noisy):
-        first = True
+    class Fixed:
+        def __init__(self, w):
+            self.schedule, self.w = den.schedule, w
 
-        def predict(self, x_t, t):
-            if self.first:
-                x_t.copy_(start)
-                self.first = False
-            return super().predict(x_t, t)
+        def predict(self, x, t):
+            eps, log_var = functional_call(den.model.net, self.w, (x, t))
+            return Prediction(eps, torch.zeros_like(eps), log_var.exp())
 
-    x0, var = ddim_sample(FixedStart(), (n, 1, 1, 1), steps, clip=False)
-    assert var.std() < 1e-6 * var.mean()  # the same map for every chain
-    assert x0.var().item() == pytest.approx(var.mean().item(), rel=0.05)
+    runs = [ddim_sample(Fixed({n: w[i] for n, w in chains.weights.items()}), x_T, steps) for i in range(k)]
+    torch.testing.assert_close(var, torch.stack(runs).var(0), rtol=1e-4, atol=1e-7)
+    assert var.max() > 0
+
+
+def test_chain_variance_needs_two_chains() -> None:
+    with pytest.raises(ValueError, match="2 chains"):
+        chain_variance(LinearDenoiser(), 1, torch.zeros(1, 1, 8, 8))

@@ -136,3 +136,39 @@ class BayesianDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Prediction:
         return self.predict(x_t, t)
+
+    def posterior_chains(self, num_chains: int, generator: torch.Generator | None = None) -> PosteriorChains:
+        """A Denoiser for ``num_chains`` reverse chains, each with its own fixed weight sample."""
+        return PosteriorChains(self.model, self.schedule, draw_weights(self.model, num_chains, generator))
+
+
+class PosteriorChains(nn.Module):
+    """K networks drawn from the weight posterior, run side by side as one Denoiser.
+
+    The input batch is K*B images, chain-major: rows [k*B, (k+1)*B) go through the
+    network with weight sample k, in one ``vmap`` call. Running the same starting
+    noise through all K chains and taking the variance over chains gives the Monte
+    Carlo posterior variance of the final image (the quantity BayesDiff's
+    uncertainty iteration approximates). Each chain is deterministic given its
+    weights, so its epistemic variance is zero.
+    """
+
+    def __init__(self, model: BayesianUNet, schedule: NoiseSchedule, weights: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.model, self.schedule, self.weights = model, schedule, weights
+        self.num_chains = next(iter(weights.values())).shape[0] if weights else 1
+
+    def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
+        """x_t (K*B,C,H,W) chain-major, t (K*B,)."""
+        k = self.num_chains
+        if x_t.shape[0] % k:
+            raise ValueError(f"batch {x_t.shape[0]} is not a multiple of the {k} chains")
+        net = self.model.net
+
+        def run(w: dict[str, Tensor], x: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
+            return functional_call(net, w, (x, tt), strict=False)
+
+        xs, ts = x_t.unflatten(0, (k, -1)), t.unflatten(0, (k, -1))
+        eps, log_var = vmap(run)(self.weights, xs, ts) if self.weights else net(x_t, t)
+        eps, log_var = eps.reshape(x_t.shape), log_var.reshape(x_t.shape)
+        return Prediction(eps, torch.zeros_like(eps), log_var.exp())

@@ -1,8 +1,9 @@
 """Lightning callbacks (training-time hooks; not to be confused with sampler callbacks).
 
 * :class:`SampleGrid`: every N steps (at validation, so EMA weights are in place)
-  and at the end of fit, draws DDIM samples with their propagated uncertainty,
-  saves a PNG (samples | per-pixel std maps) and logs both grids to W&B.
+  and at the end of fit, draws DDIM samples with the posterior-mean network and
+  their uncertainty (per-pixel std over K posterior chains from the same noise),
+  saves a PNG (samples | std maps) and logs both grids to W&B.
 * :class:`RunSummary`: at the end of fit, prints where everything went.
 """
 
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from bdiff.sampling import ddim_sample
+from bdiff.sampling import chain_variance, ddim_sample
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -31,12 +32,13 @@ def run_dir(trainer: pl.Trainer) -> Path:
 def uncertainty_grids(images: Tensor, variance: Tensor, nrow: int, upscale: int = 4) -> tuple[Tensor, Tensor]:
     """Samples in [-1,1] and their variance (B,C,H,W) -> two (3,H',W') grids in [0,1].
 
-    The std map is shown on the [0,1] image scale (std/2), divided by the batch max
-    so the brightest pixel is the most uncertain one in the batch.
+    The std map is stretched over the batch: black is the least uncertain pixel,
+    white the 99th percentile and above (so a few outliers do not darken the rest).
     """
     x = (images.float().cpu() + 1) / 2
-    std = variance.float().cpu().clamp_min(0).sqrt() / 2
-    std = std / std.max().clamp_min(1e-12)
+    std = variance.float().cpu().clamp_min(0).sqrt()
+    lo, hi = std.min(), torch.quantile(std.flatten(), 0.99)
+    std = ((std - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
     if upscale > 1:
         x = F.interpolate(x, scale_factor=upscale, mode="nearest")
         std = F.interpolate(std, scale_factor=upscale, mode="nearest")
@@ -49,16 +51,20 @@ class SampleGrid(pl.Callback):
     """Draw a sample grid plus uncertainty-map grid every ``every_n_steps`` and at the end of fit.
 
     Args:
-        every_n_steps: draw at the first validation after each multiple of this many steps (0: only at the end).
+        every_n_steps: draw at the first validation after this many steps since the last grid (0: only at the end).
         num_samples: images per grid.
         steps: DDIM steps.
+        chains: K posterior chains for the uncertainty map (costs K extra sampling runs, batched).
         seed: the same seed every time, so grids are comparable across training.
     """
 
-    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50, seed: int = 0) -> None:
-        if num_samples < 1 or steps < 1 or every_n_steps < 0:
-            raise ValueError("SampleGrid needs num_samples >= 1, steps >= 1, every_n_steps >= 0")
+    def __init__(
+        self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50, chains: int = 8, seed: int = 0
+    ) -> None:
+        if num_samples < 1 or steps < 1 or every_n_steps < 0 or chains < 2:
+            raise ValueError("SampleGrid needs num_samples >= 1, steps >= 1, every_n_steps >= 0, chains >= 2")
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
+        self.chains = chains
         self._last_step = 0
         self.final_png: Path | None = None
 
@@ -66,11 +72,14 @@ class SampleGrid(pl.Callback):
         denoiser = pl_module.denoiser
         was_training = denoiser.training
         denoiser.eval()
-        shape = (self.num_samples, *denoiser.image_shape)
         generator = torch.Generator().manual_seed(self.seed)
-        denoiser.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images, variance = ddim_sample(denoiser, shape, self.steps, generator, device=pl_module.device)
-        denoiser.generator = None
+        x_T = torch.randn((self.num_samples, *denoiser.image_shape), generator=generator).to(pl_module.device)
+        images = ddim_sample(denoiser, x_T, self.steps)
+        if denoiser.model.is_bayesian:
+            chains = denoiser.posterior_chains(self.chains, torch.Generator(pl_module.device).manual_seed(self.seed))
+            variance = chain_variance(chains, self.chains, x_T, self.steps)
+        else:
+            variance = torch.zeros_like(images)
         denoiser.train(was_training)
         nrow = max(1, int(self.num_samples**0.5))
         samples, uncertainty = uncertainty_grids(images, variance, nrow)
@@ -83,7 +92,7 @@ class SampleGrid(pl.Callback):
                 logger.log_image(
                     key="samples",
                     images=[samples, uncertainty],
-                    caption=[f"DDIM-{self.steps} samples", "per-pixel std (max-normalised)"],
+                    caption=[f"DDIM-{self.steps} samples", f"per-pixel std over {self.chains} posterior chains"],
                     step=trainer.global_step,
                 )
         return out

@@ -1,5 +1,5 @@
 """Reverse-process samplers. Knows only the Denoiser protocol (never Pyro)."""
 
-from bdiff.sampling.ddim import ddim_sample, ddim_timesteps
+from bdiff.sampling.ddim import chain_variance, ddim_sample, ddim_timesteps
 
-__all__ = ["ddim_sample", "ddim_timesteps"]
+__all__ = ["chain_variance", "ddim_sample", "ddim_timesteps"]

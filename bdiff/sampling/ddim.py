@@ -1,17 +1,13 @@
-"""A plain deterministic DDIM loop (Song et al. 2021, eta = 0) that carries a variance map.
+"""A plain deterministic DDIM loop (Song et al. 2021, eta = 0), the training-time preview sampler.
 
-This is the training-time preview sampler (sample grids in W&B, the end-of-run
-PNG). The full callback-based sampler lives beside it.
-
-Variance propagation (first order, covariance between x_t and eps_hat ignored):
-one DDIM step is linear in (x_t, eps_hat),
-
-    x_prev = c_x x_t + c_e eps_hat,   c_x = sqrt(a_prev / a_t),
-                                      c_e = sqrt(1 - a_prev) - sqrt(a_prev (1 - a_t) / a_t)
-
-so Var[x_prev] ~= c_x^2 Var[x_t] + c_e^2 Var_q[eps_hat], with the epistemic
-variance of the noise prediction as the source term (as in BayesDiff, Kou et
-al. 2024). The final map is Var[x_0] per pixel.
+The full callback-based sampler lives beside it. The preview's uncertainty map is
+the Monte Carlo posterior variance of the final image: the same starting noise
+is run through K chains, each with its own weight sample (a ``chains`` Denoiser
+whose batch is chain-major), and the variance over chains is taken per pixel.
+A first-order propagation that ignores Cov(x_t, eps_hat) is off by orders of
+magnitude on the trained digits model (measured: 100x too large in the
+eps-parameterisation, 2000x too small in the x0-parameterisation), so the
+preview does not use one.
 """
 
 from __future__ import annotations
@@ -34,32 +30,33 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_sample(
-    denoiser: Denoiser,
-    shape: tuple[int, int, int, int],
-    steps: int = 50,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    clip: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Sample ``shape`` = (B,C,H,W) images in [-1, 1] with ``steps`` DDIM steps.
+def ddim_sample(denoiser: Denoiser, x_T: Tensor, steps: int = 50, clip: bool = True) -> Tensor:
+    """Run DDIM from noise ``x_T`` (B,C,H,W) for ``steps`` steps; returns x_0 (B,C,H,W) in [-1, 1] if ``clip``.
 
-    Returns:
-        x0: (B,C,H,W) samples, clamped to [-1, 1] when ``clip``.
-        var: (B,C,H,W) propagated epistemic variance of x0 (same [-1, 1] scale).
+    Uses the posterior-mean noise prediction; one denoiser call per step.
     """
     schedule = denoiser.schedule
-    x = torch.randn(shape, generator=generator, device="cpu").to(device)
-    var = torch.zeros_like(x)
-    times = ddim_timesteps(schedule.timesteps, steps)
     abar = schedule.alphas_cumprod.cpu()
+    times = ddim_timesteps(schedule.timesteps, steps)
+    x = x_T
     for i, t in enumerate(times):
-        t_batch = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-        pred = denoiser.predict(x, t_batch)
         a_t = abar[t]
-        a_prev = abar[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0, dtype=torch.float64)
+        a_prev = abar[times[i + 1]] if i + 1 < len(times) else torch.ones((), dtype=torch.float64)
+        eps = denoiser.predict(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).eps
         c_x = float((a_prev / a_t).sqrt())
         c_e = float((1 - a_prev).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt())
-        x = c_x * x + c_e * pred.eps
-        var = c_x**2 * var + c_e**2 * pred.var_epistemic
-    return (x.clamp(-1, 1) if clip else x), var
+        x = c_x * x + c_e * eps
+    return x.clamp(-1, 1) if clip else x
+
+
+@torch.no_grad()
+def chain_variance(chains: Denoiser, num_chains: int, x_T: Tensor, steps: int = 50, clip: bool = True) -> Tensor:
+    """Per-pixel variance over ``num_chains`` DDIM chains from the same noise x_T (B,C,H,W) -> (B,C,H,W).
+
+    ``chains`` takes a chain-major batch of num_chains * B images (see
+    :class:`bdiff.bayes.predictive.PosteriorChains`). Unbiased over chains.
+    """
+    if num_chains < 2:
+        raise ValueError(f"chain_variance needs at least 2 chains, got {num_chains}")
+    x0 = ddim_sample(chains, x_T.repeat(num_chains, 1, 1, 1), steps, clip)
+    return x0.unflatten(0, (num_chains, -1)).var(0)

@@ -1,0 +1,136 @@
+"""What Bayes costs: training step and posterior predictive vs the deterministic U-Net.
+
+Targets (issue 2), on the default digits model (configs/digits.yaml), CPU:
+  * a Bayesian training step <= 1.3x a deterministic step (same U-Net, same batch);
+  * a K=8 posterior-predictive call <= 1.3x one deterministic forward pass.
+
+Both sides run the real code: the training step is noising + ``negative_elbo``
+(Pyro TraceMeanField_ELBO) + backward + AdamW, exactly what
+``DiffusionModule.training_step`` does minus logging; the deterministic side is
+the same module with ``bayes.layers: none``. Timing: torch.utils.benchmark,
+median of blocked runs, 2 threads.
+
+    python benchmarks/bayes_overhead.py [--batch 128] [--layers head decoder all] [--out benchmarks/results/bayes_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.benchmark import Timer
+
+from bdiff.bayes import BayesConfig
+from bdiff.bayes.predictive import draw_weights, predict_with_weights
+from bdiff.lit.module import DiffusionModule
+from bdiff.nets import UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_model_args() -> dict:
+    cfg = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())["model"]
+    net = cfg["net"]
+    net["channel_mults"], net["attention_resolutions"] = tuple(net["channel_mults"]), tuple(net["attention_resolutions"])
+    return cfg
+
+
+def build(layers: str, cfg: dict) -> DiffusionModule:
+    torch.manual_seed(0)
+    bayes = {**cfg["bayes"], "layers": layers}
+    return DiffusionModule(net=UNetConfig(**cfg["net"]), bayes=BayesConfig(**bayes), num_data=1617)
+
+
+def median_seconds(fn, min_run_time: float) -> float:
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    ).median
+
+
+def train_step_fn(module: DiffusionModule, x0: torch.Tensor):
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        x_t, t, noise = module._noised(x0)
+        loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--layers", nargs="+", default=["head", "decoder", "all"])
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bayes_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = default_model_args()
+    x0 = torch.rand(args.batch, 1, 8, 8) * 2 - 1
+    t = torch.randint(0, 1000, (args.batch,))
+
+    det = build("none", cfg)
+    det_step = median_seconds(train_step_fn(det, x0), args.min_run_time)
+    det.eval()
+    with torch.no_grad():
+        det_fwd = median_seconds(lambda: det.bayes.net(x0, t), args.min_run_time)
+    rows = []
+    for layers in args.layers:
+        mod = build(layers, cfg)
+        step = median_seconds(train_step_fn(mod, x0), args.min_run_time)
+        mod.eval()
+        den = mod.denoiser
+        den.num_samples = args.k
+        with torch.no_grad():
+            sampled = median_seconds(lambda: predict_with_weights(den.model, x0, t, draw_weights(den.model, args.k)), args.min_run_time)
+            default = median_seconds(lambda: den.predict(x0, t), args.min_run_time)
+        mode = "analytic" if den.mode == "analytic" or (den.mode == "auto" and layers == "head") else "sampled"
+        rows.append(
+            {
+                "layers": layers,
+                "bayesian_params": sum(p.numel() for n, p in den.model.net.named_parameters() if n in den.model.bayesian_names),
+                "train_step_s": step,
+                "train_step_ratio": step / det_step,
+                "predict_default_mode": mode,
+                "predict_default_s": default,
+                "predict_default_ratio": default / det_fwd,
+                f"predict_sampled_k{args.k}_s": sampled,
+                f"predict_sampled_k{args.k}_ratio": sampled / det_fwd,
+            }
+        )
+    result = {
+        "batch": args.batch,
+        "threads": args.threads,
+        "k": args.k,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "deterministic_train_step_s": det_step,
+        "deterministic_forward_s": det_fwd,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"deterministic: train step {det_step * 1e3:.1f} ms, forward {det_fwd * 1e3:.1f} ms (batch {args.batch})")
+    print("| Bayesian layers | Bayesian params | train step | vs det. | predict (default) | vs det. fwd | "
+          f"predict K={args.k} sampled | vs det. fwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['layers']} | {r['bayesian_params']:,} | {r['train_step_s'] * 1e3:.1f} ms | {r['train_step_ratio']:.2f}x | "
+            f"{r['predict_default_s'] * 1e3:.1f} ms ({r['predict_default_mode']}) | {r['predict_default_ratio']:.2f}x | "
+            f"{r[f'predict_sampled_k{args.k}_s'] * 1e3:.1f} ms | {r[f'predict_sampled_k{args.k}_ratio']:.2f}x |"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
