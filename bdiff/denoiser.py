@@ -37,6 +37,7 @@ class Denoiser(Protocol):
     """Anything that predicts noise with its uncertainty under a schedule."""
 
     schedule: NoiseSchedule
+    image_shape: tuple[int, int, int]  # (C, H, W)
 
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
         """x_t (B,C,H,W) in the model's scale, t (B,) integer timesteps."""

@@ -1,5 +1,21 @@
 """Reverse-process samplers. Knows only the Denoiser protocol (never Pyro)."""
 
 from bdiff.sampling.ddim import chain_variance, ddim_sample, ddim_timesteps
+from bdiff.sampling.sampler import SampleResult, Sampler, SamplerCallback
+from bdiff.sampling.state import SamplerState
+from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, make_stepper
 
-__all__ = ["chain_variance", "ddim_sample", "ddim_timesteps"]
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "DPMSolverPP2M",
+    "SampleResult",
+    "Sampler",
+    "SamplerCallback",
+    "SamplerState",
+    "Stepper",
+    "chain_variance",
+    "ddim_sample",
+    "ddim_timesteps",
+    "make_stepper",
+]

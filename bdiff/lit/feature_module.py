@@ -1,0 +1,297 @@
+"""Train the digits feature net (FID/KID features for 8x8 digits) with Lightning.
+
+Two commands::
+
+    # a Lightning run (CSV metrics, ModelCheckpoint under runs/features/digits/version_N/)
+    python -m bdiff.lit.feature_module fit --config configs/features/digits.yaml
+
+    # the feature cache that get_feature_extractor("digits") reads:
+    # train in-process and write ~/.cache/bdiff/features/digits.pt ($BDIFF_CACHE/features/digits.pt)
+    python -m bdiff.lit.feature_module cache [--cache-dir DIR] [--max-epochs 20] [--seed 0]
+    # ... or export a checkpoint of a `fit` run instead of training again
+    python -m bdiff.lit.feature_module cache --from-ckpt runs/features/digits/version_0/checkpoints/last.ckpt
+
+Training (20 epochs) takes about 4 s on 2 CPU cores and reaches ~99% validation accuracy (see
+``tests/test_metrics_features.py`` for a short run). The train/val split is exactly
+:class:`~bdiff.lit.data.DigitsDataModule`'s (same seed, same indices), so a diffusion model and
+its feature net never disagree about which digits are held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from bdiff.lit.checkpoint_io import AtomicCheckpointIO
+from bdiff.lit.data import DigitsDataModule
+from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
+from bdiff.metrics.features import default_cache_dir, save_feature_net
+
+DIGITS_FILE = "digits.pt"
+
+
+def _as_config(value: FeatureNetConfig | dict[str, Any]) -> FeatureNetConfig:
+    """Accept the dataclass or the plain dict stored in a checkpoint's hyper-parameters."""
+    return FeatureNetConfig(**value) if isinstance(value, dict) else value
+
+
+class LabelledDigitsDataModule(pl.LightningDataModule):
+    """sklearn's bundled digits with labels: batches ``(x, y)``, x (B,1,8,8) float in [0, 1], y (B,) int64.
+
+    The split reuses :class:`~bdiff.lit.data.DigitsDataModule` (same arguments give the same
+    train/val indices). Images are in [0, 1], the convention of feature extractors, not the
+    diffusion model's [-1, 1].
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        # DigitsDataModule validates the arguments and owns the split.
+        self._split = DigitsDataModule(batch_size, num_workers, val_fraction, seed)
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._train: Subset | None = None
+        self._val: Subset | None = None
+
+    channels: int = 1
+    image_size: int = 8
+    num_classes: int = 10
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the digits and split them exactly as DigitsDataModule does (idempotent)."""
+        if self._train is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797,1,8,8) in [0,1]
+        labels = torch.as_tensor(digits.target, dtype=torch.int64)
+        full = TensorDataset(images, labels)
+        self._split.setup(stage)
+        train_idx = list(self._split.train_dataset.indices)  # type: ignore[attr-defined]
+        val_idx = list(self._split.val_dataset.indices)  # type: ignore[attr-defined]
+        self._train, self._val = Subset(full, train_idx), Subset(full, val_idx)
+
+    def _require(self, ds: Subset | None) -> Subset:
+        if ds is None:
+            raise RuntimeError("LabelledDigitsDataModule.setup() must be called before using the datasets.")
+        return ds
+
+    @property
+    def train_dataset(self) -> Subset:
+        """Training split; items ``(x (1,8,8) in [0,1], y)``."""
+        return self._require(self._train)
+
+    @property
+    def val_dataset(self) -> Subset:
+        """Validation split; items ``(x (1,8,8) in [0,1], y)``."""
+        return self._require(self._val)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=256, num_workers=self.num_workers)
+
+
+class FeatureClassifierModule(pl.LightningModule):
+    """Cross-entropy training of :class:`~bdiff.metrics.feature_net.FeatureNet` with AdamW.
+
+    The learning rate follows a cosine decay to 0 over the run (Loshchilov & Hutter 2017).
+    Logs ``train/loss``, ``val/loss`` and ``val/acc``.
+
+    Args:
+        net: shape of the feature net (``in_channels`` and ``image_size`` must match the data).
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(self, net: FeatureNetConfig = FeatureNetConfig(), lr: float = 3e-3, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        net = _as_config(net)
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        # Plain dicts, so the checkpoint loads with torch.load(weights_only=True).
+        self.save_hyperparameters({"net": asdict(net), "lr": lr, "weight_decay": weight_decay})
+        self.net = FeatureNet(net)
+        self.val_acc = MulticlassAccuracy(num_classes=net.num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        cfg = self.net.config
+        data = (getattr(datamodule, "channels", None), getattr(datamodule, "image_size", None))
+        if data != (cfg.in_channels, cfg.image_size):
+            raise ValueError(
+                f"the data gives {data[0]}x{data[1]}x{data[1]} images but model.net expects "
+                f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size}: set model.net.in_channels={data[0]} "
+                f"and model.net.image_size={data[1]}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B,C,H,W) in [0, 1] -> logits (B, num_classes)."""
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=x.shape[0])
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=x.shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def accuracy(net: FeatureNet, loader: DataLoader) -> float:
+    """Top-1 accuracy of ``net`` (in eval mode) over ``(x, y)`` batches."""
+    was_training = net.training
+    net.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((net(x).argmax(-1) == y).sum())
+        total += y.numel()
+    net.train(was_training)
+    return correct / total
+
+
+def _export(net: FeatureNet, data: LabelledDigitsDataModule, cache_dir: Path | None, source: str) -> Path:
+    """Measure val accuracy and write ``<cache_dir>/digits.pt``; returns its path."""
+    data.setup("validate")
+    val_acc = accuracy(net, data.val_dataloader())
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DIGITS_FILE
+    meta = {"dataset": "sklearn digits", "val_accuracy": val_acc, "seed": data.seed, "source": source}
+    return save_feature_net(net, path, meta)
+
+
+def train_digits_feature_net(
+    cache_dir: Path | None = None,
+    max_epochs: int = 20,
+    seed: int = 0,
+    accelerator: str = "cpu",
+) -> Path:
+    """Train the digits feature net with a Lightning Trainer and write ``<cache_dir>/digits.pt``.
+
+    Args:
+        cache_dir: folder of the feature cache (default ``$BDIFF_CACHE/features``, else
+            ``~/.cache/bdiff/features``).
+        max_epochs: epochs over the 1617 training digits (20: ~99% val accuracy in ~4 s on
+            2 CPU cores; 2 epochs already give ~98%).
+        seed: seeds the weights, dropout and shuffling (global RNG state is restored afterwards).
+        accelerator: Lightning accelerator; the net is tiny, CPU is the fastest.
+
+    Returns:
+        The path of the written ``digits.pt``. The Lightning checkpoint (best val accuracy,
+        via ModelCheckpoint) lives in a temporary folder and is exported, then removed.
+    """
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+    data = LabelledDigitsDataModule(seed=seed)
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="bdiff-features-") as tmp:
+        torch.manual_seed(seed)
+        module = FeatureClassifierModule(FeatureNetConfig(in_channels=data.channels, image_size=data.image_size))
+        best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max", save_top_k=1, filename="best")
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            callbacks=[best],
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=tmp,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=data)
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    return _export(module.net.cpu(), data, cache_dir, source=f"train_digits_feature_net(max_epochs={max_epochs})")
+
+
+def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> Path:
+    """Write ``<cache_dir>/digits.pt`` from a checkpoint of ``fit --config configs/features/digits.yaml``."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "net" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{str(ckpt_path)!r} is not a checkpoint of FeatureClassifierModule (no net hyper-parameters)")
+    module = FeatureClassifierModule(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    data = LabelledDigitsDataModule()
+    cfg = module.net.config
+    if (cfg.in_channels, cfg.image_size) != (data.channels, data.image_size):
+        raise ValueError(f"{str(ckpt_path)!r} holds a {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} net, not digits")
+    return _export(module.net, data, cache_dir, source=str(ckpt_path))
+
+
+def _cache_main(argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m bdiff.lit.feature_module cache",
+        description="Train the digits feature net (or export a fit checkpoint) into the feature cache.",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
+    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-ckpt", type=Path, default=None, help="export this fit checkpoint instead of training")
+    args = parser.parse_args(list(argv))
+    if args.from_ckpt is not None:
+        path = export_checkpoint(args.from_ckpt, args.cache_dir)
+    else:
+        path = train_digits_feature_net(args.cache_dir, max_epochs=args.max_epochs, seed=args.seed)
+    meta = torch.load(path, weights_only=True)["meta"]
+    print(f"wrote {path} (val accuracy {meta['val_accuracy']:.4f})")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """``cache ...`` writes the feature cache; anything else goes to LightningCLI (``fit --config ...``)."""
+    from bdiff.lit.cli import BdiffCLI, SaveConfigToRun
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["cache"]:
+        return _cache_main(args[1:])
+    return BdiffCLI(
+        FeatureClassifierModule,
+        LabelledDigitsDataModule,
+        save_config_callback=SaveConfigToRun,
+        args=args,
+        parser_kwargs={"fit": {"description": "Train the digits feature net (FID/KID features)."}},
+    )
+
+
+if __name__ == "__main__":
+    main()

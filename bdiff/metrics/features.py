@@ -1,0 +1,211 @@
+"""Feature extractors for FID/KID, chosen by name: ``get_feature_extractor("digits" | "inception")``.
+
+* ``"digits"``: our small CNN (:mod:`bdiff.metrics.feature_net`) trained on sklearn's 8x8
+  digits, read from the feature cache ``<cache_dir>/digits.pt`` (default
+  ``$BDIFF_CACHE/features``, else ``~/.cache/bdiff/features``). Create the file with
+  ``python -m bdiff.lit.feature_module cache``.
+* ``"inception"``: the standard FID Inception-v3 (Heusel et al. 2017; TF-ported weights of
+  Szegedy et al. 2016) through torchmetrics' ``NoTrainInceptionV3``, which needs the
+  ``torch-fidelity`` package and its weights file. Never downloaded here: when either is
+  missing we raise (or, with ``fallback="digits"``, warn and use the digits net).
+
+Every extractor maps images (N, C, H, W) float in [0, 1] to features (N, D) and can be passed
+to ``torchmetrics.image.fid.FrechetInceptionDistance(feature=...)``.
+
+The cache file is a plain dict (``format``, ``version``, ``config``, ``state_dict``, ``meta``)
+written with ``torch.save`` and read with ``torch.load(weights_only=True)``: a file carrying
+pickled objects is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
+
+FEATURE_EXTRACTORS = ("digits", "inception")
+"""Names :func:`get_feature_extractor` knows."""
+
+FORMAT, VERSION = "bdiff-feature-net", 1
+CACHE_COMMAND = "python -m bdiff.lit.feature_module cache"
+INCEPTION_FEATURES = 2048  # pool3 features, the FID standard
+
+
+def default_cache_dir() -> Path:
+    """``$BDIFF_CACHE/features`` if ``BDIFF_CACHE`` is set, else ``~/.cache/bdiff/features``."""
+    root = os.environ.get("BDIFF_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "bdiff") / "features"
+
+
+def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` (config + state dict + ``meta``) to ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": asdict(net.config),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[FeatureNet, dict[str, Any]]:
+    """Read a feature-net file written by :func:`save_feature_net` -> (net in eval mode, meta)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated file, foreign pickle, ...
+        raise ValueError(
+            f"cannot read feature net {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Delete it and recreate it with: {CACHE_COMMAND} --cache-dir {path.parent}"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a bdiff feature-net file (format {FORMAT!r}).")
+    if payload.get("version") != VERSION:
+        raise ValueError(
+            f"{str(path)!r} has feature-net format version {payload.get('version')}, this bdiff reads "
+            f"version {VERSION}: recreate it with: {CACHE_COMMAND} --cache-dir {path.parent}"
+        )
+    net = FeatureNet(FeatureNetConfig(**payload["config"]))
+    net.load_state_dict(payload["state_dict"])
+    return net.eval(), dict(payload.get("meta", {}))
+
+
+def _digits(cache_dir: Path | None, train_if_missing: bool, device: str | torch.device) -> FeatureExtractor:
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = cache_dir / "digits.pt"
+    if not path.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(
+                f"the digits feature net {str(path)!r} is missing. Create it with: "
+                f"{CACHE_COMMAND} --cache-dir {cache_dir} (a few seconds on a CPU), or pass train_if_missing=True."
+            )
+        # The one exception to the layering (bdiff/metrics never imports Lightning): only this
+        # fallback trains, so Lightning is imported lazily here and nowhere else in metrics.
+        from bdiff.lit.feature_module import train_digits_feature_net
+
+        train_digits_feature_net(cache_dir)
+    net, _ = load_feature_net(path)
+    return FeatureExtractor(net, name="digits").to(device)
+
+
+class InceptionFeatureExtractor(FeatureExtractor):
+    """FID Inception-v3 pool3 features (N, 2048) from images (N, 1 or 3, H, W) in [0, 1].
+
+    Images are quantised to uint8 as torchmetrics/torch-fidelity expect (grey images are
+    repeated to RGB) and resized to 299x299 inside the network.
+    """
+
+    def extract(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"inception features need (N, 1 or 3, H, W) images, got shape {tuple(x.shape)}")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net((x * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def inception_weights_path() -> Path:
+    """Where torch-fidelity's ``load_state_dict_from_url`` caches the FID Inception weights.
+
+    Raises ModuleNotFoundError if torch-fidelity is not installed.
+    """
+    try:
+        module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            "the 'inception' feature extractor needs the torch-fidelity package (the FID Inception-v3 that "
+            "torchmetrics uses), which is not installed. Install it with `pip install torch-fidelity` "
+            "(or `pip install torchmetrics[image]`), or use get_feature_extractor(..., fallback='digits')."
+        ) from e
+    url: str = module.URL_INCEPTION_V3
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _inception(weights: Path | None, device: str | torch.device) -> FeatureExtractor:
+    default = inception_weights_path()  # raises if torch-fidelity is missing
+    path = Path(weights) if weights is not None else default
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the FID Inception-v3 weights file {str(path)!r} is missing (bdiff never downloads it). Fetch it "
+            "once on a machine with network access, e.g. python -c \"from torchmetrics.image.fid import "
+            "NoTrainInceptionV3; NoTrainInceptionV3('inception-v3-compat', ['2048'])\" (it lands in "
+            f"{str(default)!r}), and copy it there; or use get_feature_extractor(..., fallback='digits')."
+        )
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    net = NoTrainInceptionV3("inception-v3-compat", [str(INCEPTION_FEATURES)], feature_extractor_weights_path=str(path))
+    return InceptionFeatureExtractor(net, name="inception", num_features=INCEPTION_FEATURES).to(device)
+
+
+def get_feature_extractor(
+    name: str,
+    cache_dir: Path | None = None,
+    train_if_missing: bool = False,
+    device: str | torch.device = "cpu",
+    fallback: str | None = None,
+    inception_weights: Path | None = None,
+) -> FeatureExtractor:
+    """A frozen feature extractor by name: images (N, C, H, W) in [0, 1] -> features (N, D).
+
+    Args:
+        name: ``"digits"`` (D=64, 1x8x8 images) or ``"inception"`` (D=2048, any size, 1 or 3 channels).
+        cache_dir: folder holding ``digits.pt`` (default :func:`default_cache_dir`).
+        train_if_missing: train the digits net (a few seconds on CPU) when ``digits.pt`` is missing,
+            instead of raising FileNotFoundError.
+        device: where the extractor lives.
+        fallback: ``"digits"``: if the inception extractor is unavailable (torch-fidelity or
+            its weights missing), warn and return the digits extractor. ``None``: raise.
+        inception_weights: the FID Inception weights file (default: torch hub's cache,
+            where torch-fidelity downloads it).
+
+    Raises:
+        ValueError: unknown ``name`` or ``fallback``.
+        FileNotFoundError: ``digits.pt`` or the Inception weights are missing (message gives the fix).
+        ModuleNotFoundError: ``"inception"`` without torch-fidelity installed.
+
+    Example:
+        >>> ext = get_feature_extractor("digits", train_if_missing=True)
+        >>> ext(torch.rand(16, 1, 8, 8)).shape
+        torch.Size([16, 64])
+    """
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; known names: {', '.join(FEATURE_EXTRACTORS)}")
+    if fallback is not None and (fallback not in FEATURE_EXTRACTORS or fallback == name):
+        others = [n for n in FEATURE_EXTRACTORS if n != name]
+        raise ValueError(f"fallback must be None or one of {', '.join(others)}, got {fallback!r}")
+    if name == "digits":
+        return _digits(cache_dir, train_if_missing, device)
+    try:
+        return _inception(inception_weights, device)
+    except (ImportError, FileNotFoundError) as e:
+        if fallback is None:
+            raise
+        warnings.warn(
+            f"inception feature extractor unavailable, falling back to {fallback!r}: {e}. "
+            "Scores computed with different feature extractors are not comparable.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return get_feature_extractor(fallback, cache_dir, train_if_missing, device)

@@ -1,0 +1,219 @@
+"""The callback-based reverse-process sampler.
+
+One loop for every stepper (:mod:`bdiff.sampling.steppers`) and every Denoiser;
+per-sample timesteps (so step-size control can differ per sample); sampler
+callbacks hook in before the model call, after the prediction, after the update
+and at start/end, in the order given.
+
+Variance propagation ("uncertainty iteration", after BayesDiff, Kou et al. 2024,
+derived here for the linear form x_s = a x_t + b D + noise of every stepper):
+a weight-posterior perturbation of x_t, dx_t, moves the x0 estimate through the
+network's Jacobian, whose diagonal follows from Tweedie's second-order identity
+for an MMSE denoiser, d E[eps|x_t]/dx_t = (I - Cov[eps|x_t]) / sigma_t, with
+Cov[eps|x_t] read off the aleatoric head (clamped to [0, 1]). So per pixel
+
+    dx0 = (v_al * dx_t) / alpha_t  -  sqrt(Var_q[x0_hat]) * xi
+    dx_s = a dx_t + b (w_cur dx0 + w_prev dx0_prev)
+
+with the same standard-normal xi at every step (the same weights act at every
+step: perturbations add coherently), carried as a signed amplitude; the map is
+its square. Dropping the Jacobian term (treating eps_hat as independent of x_t)
+overestimates the final variance 100x on the digits model; see BENCHMARKS.md
+for the comparison with Monte Carlo chains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bdiff.denoiser import Denoiser, Prediction
+from bdiff.sampling.ddim import ddim_timesteps
+from bdiff.sampling.noise import NoiseSource
+from bdiff.sampling.state import SamplerState
+from bdiff.sampling.steppers import Stepper, alpha_bar_at
+
+
+class SamplerCallback:
+    """Hooks into the reverse process. Override any of them; each may change ``state`` in place."""
+
+    name: str = "callback"
+    needs_bayes: bool = False  # True: refuses a denoiser without epistemic variance
+
+    def on_start(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+    def before_model(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+    def after_prediction(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+    def after_update(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+    def on_end(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+
+@dataclass
+class SampleResult:
+    """Finished images and what it took. images/variance (N,C,H,W) in [-1,1] scale; nfe (N,)."""
+
+    images: Tensor
+    variance: Tensor
+    nfe: Tensor
+    rejected: Tensor
+    flags: Tensor
+    seconds: float
+    extras: dict
+
+
+class Sampler:
+    """Run a stepper over a Denoiser with sampler callbacks.
+
+    Args:
+        denoiser: anything with ``schedule`` and ``predict(x_t, t) -> Prediction``.
+        stepper: a :class:`Stepper` (DDPM, DDIM, DPM-Solver++ 2M).
+        steps: number of grid steps (trailing spacing, the last one to the clean image).
+        callbacks: sampler callbacks, run in this order at every hook.
+        history: how many earlier steps to keep in ``state.history``.
+        max_iterations: hard bound on loop iterations (rejections and extra passes included).
+
+    Example:
+        >>> sampler = Sampler(denoiser, DDIM(), steps=10)
+        >>> result = sampler.sample(16, seed=0)       # result.images, result.variance, result.nfe
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        stepper: Stepper,
+        steps: int,
+        callbacks: Sequence[SamplerCallback] = (),
+        history: int = 4,
+        max_iterations: int | None = None,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history}")
+        self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
+        self.callbacks = list(callbacks)
+        self.history = history
+        self.grid = torch.tensor(ddim_timesteps(denoiser.schedule.timesteps, steps) + [-1])
+        self.max_iterations = max_iterations or 20 * steps + 100
+
+    # -- grid -----------------------------------------------------------------
+    def next_on_grid(self, t: Tensor) -> Tensor:
+        """The first grid timestep strictly below each t (B,); -1 below the last one."""
+        grid = self.grid.to(t.device)
+        below = grid[None, :] < t[:, None]
+        idx = below.float().argmax(dim=1)  # first True (the grid is descending)
+        return torch.where(below.any(1), grid[idx], torch.full_like(t, -1))
+
+    # -- one step ---------------------------------------------------------------
+    def _predict(self, state: SamplerState) -> None:
+        rows = state.active.nonzero().squeeze(1)
+        x, t = state.x[rows], state.t[rows]
+        pred = self.denoiser.predict(x, t)
+        full = [torch.zeros_like(state.x) for _ in range(3)]
+        for buf, part in zip(full, pred):
+            buf[rows] = part.to(buf.dtype)
+        state.prediction = Prediction(*full)
+        state.nfe[rows] += 1
+        schedule = self.denoiser.schedule
+        tt = state.t.clamp(min=0)
+        state.x0 = schedule.eps_to_x0(state.x, tt, state.prediction.eps)
+        state.x0_var = schedule.x0_variance(tt, state.prediction.var_epistemic)
+
+    def _update(self, state: SamplerState, noise: NoiseSource) -> None:
+        ac = self.denoiser.schedule.alphas_cumprod
+        a_t, a_s = alpha_bar_at(ac, state.t), alpha_bar_at(ac, state.t_next)
+        mem = state.memory
+        a_prev = mem.setdefault("a_prev", torch.full_like(a_t, float("nan")))
+        c = self.stepper.coefficients(a_t, a_s, a_prev)
+        shape = (-1,) + (1,) * (state.x.dim() - 1)
+        a, b, w_cur, w_prev, sd = (v.to(state.x.dtype).reshape(shape) for v in (c.a, c.b, c.w_cur, c.w_prev, c.noise_std))
+        x0_prev = mem.setdefault("x0_prev", torch.zeros_like(state.x))
+        d = w_cur * state.x0 + w_prev * x0_prev
+        x_next = a * state.x + b * d
+        if bool((c.noise_std > 0).any()):
+            rows = (state.active & (c.noise_std > 0)).nonzero().squeeze(1)
+            z = torch.zeros_like(state.x)
+            z[rows] = noise.draw(tuple(state.x.shape[1:]), rows, state.x.device).to(state.x.dtype)
+            x_next = x_next + sd * z
+        # Variance propagation (module docstring): signed amplitudes, coherent across steps.
+        v_al = state.prediction.var_aleatoric.clamp(0, 1)
+        alpha_t = a_t.to(state.x.dtype).sqrt().reshape(shape)
+        amp_x0 = v_al * state.amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
+        amp_x0_prev = mem.setdefault("amp_x0_prev", torch.zeros_like(state.x))
+        mem["amp_next"] = a * state.amp + b * (w_cur * amp_x0 + w_prev * amp_x0_prev)
+        mem["amp_x0"] = amp_x0
+        state.x_next = x_next
+        state.accept = state.active.clone()
+
+    def _commit(self, state: SamplerState) -> None:
+        ok = state.accept & state.active
+        rows = ok.nonzero().squeeze(1)
+        mem = state.memory
+        if self.history:
+            entry = {"t": torch.where(ok, state.t, -2), "x0": state.x0.clone(), "x0_var": state.x0_var.clone()}
+            state.history.append(entry)  # t = -2 marks rows that took no step
+            del state.history[: -self.history]
+        mem["x0_prev"][rows] = state.x0[rows]
+        mem["amp_x0_prev"][rows] = mem["amp_x0"][rows]
+        mem["a_prev"][rows] = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t[rows])
+        state.x[rows] = state.x_next[rows]
+        state.amp[rows] = mem["amp_next"][rows]
+        state.t[rows] = state.t_next[rows]
+        state.t_next[rows] = self.next_on_grid(state.t[rows])
+        state.rejected += (state.active & ~state.accept).long()
+
+    # -- the loop ---------------------------------------------------------------
+    def init_state(self, x_T: Tensor) -> SamplerState:
+        b = x_T.shape[0]
+        t = torch.full((b,), int(self.grid[0]), device=x_T.device, dtype=torch.long)
+        zeros = torch.zeros(b, device=x_T.device, dtype=torch.long)
+        return SamplerState(
+            x=x_T.clone(), t=t, t_next=self.next_on_grid(t), active=t >= 0, amp=torch.zeros_like(x_T),
+            nfe=zeros.clone(), rejected=zeros.clone(), flags=torch.zeros(b, dtype=torch.bool, device=x_T.device),
+        )
+
+    @torch.no_grad()
+    def run(self, x_T: Tensor, noise: NoiseSource) -> SamplerState:
+        """Run the reverse process from x_T (B,C,H,W); returns the final state."""
+        state = self.init_state(x_T)
+        for cb in self.callbacks:
+            cb.on_start(state, self)
+        while not state.finished:
+            if state.step >= self.max_iterations:
+                raise RuntimeError(f"sampler stopped after max_iterations={self.max_iterations} iterations")
+            state.active = state.t >= 0
+            for cb in self.callbacks:
+                cb.before_model(state, self)
+            self._predict(state)
+            for cb in self.callbacks:
+                cb.after_prediction(state, self)
+            self._update(state, noise)
+            for cb in self.callbacks:
+                cb.after_update(state, self)
+            self._commit(state)
+            state.step += 1
+        for cb in self.callbacks:
+            cb.on_end(state, self)
+        return state
+
+    def sample(
+        self, n: int, seed: int = 0, first_index: int = 0, device: torch.device | str = "cpu", clip: bool = True
+    ) -> SampleResult:
+        """Draw samples ``first_index .. first_index+n-1`` of run ``seed`` (each depends only on (seed, i))."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        shape = tuple(self.denoiser.image_shape)
+        noise = NoiseSource(seed, range(first_index, first_index + n))
+        x_T = noise.draw(shape, device=device)
+        start = time.perf_counter()
+        state = self.run(x_T, noise)
+        seconds = time.perf_counter() - start
+        images = state.x.clamp(-1, 1) if clip else state.x
+        return SampleResult(images, state.var, state.nfe, state.rejected, state.flags, seconds, state.extras)
