@@ -78,10 +78,16 @@ def test_fd_and_kid_grow_with_shift_on_images() -> None:
     assert fds[2] == pytest.approx(4 * 0.5**2, rel=0.05)  # mean shift of 0.5 in 4 pixels
 
 
-def test_kid_identical_sets_is_zero_and_reproducible() -> None:
-    f = gaussian(300, torch.zeros(4), torch.ones(4), seed=5)
-    mean, std = kernel_inception_distance_from_features(f, f, subset_size=100, subsets=10)
-    assert abs(mean) < 0.01 and std >= 0
+def test_kid_identical_sets_is_near_zero_and_reproducible() -> None:
+    f = gaussian(600, torch.zeros(4), torch.ones(4), seed=5)
+    same_law = gaussian(600, torch.zeros(4), torch.ones(4), seed=6)
+    shifted = gaussian(600, torch.full((4,), 0.3), torch.ones(4), seed=6)
+    shifted_kid, _ = kernel_inception_distance_from_features(f, shifted, subset_size=300, subsets=20)
+    # The unbiased MMD^2 of a set with itself is O(1/m) *negative* (k(x, x) enters the cross term).
+    self_kid, std = kernel_inception_distance_from_features(f, f, subset_size=300, subsets=20)
+    same_kid, _ = kernel_inception_distance_from_features(f, same_law, subset_size=300, subsets=20)
+    assert shifted_kid > 0.2 and abs(self_kid) < 0.1 * shifted_kid and abs(same_kid) < 0.05 * shifted_kid
+    assert std >= 0
     assert kernel_inception_distance_from_features(f, f + 1, subset_size=50, subsets=5, seed=7) == (
         kernel_inception_distance_from_features(f, f + 1, subset_size=50, subsets=5, seed=7)
     )
@@ -101,7 +107,7 @@ def test_fd_kid_bad_inputs() -> None:
         kernel_inception_distance_from_features(f, f, subset_size=20)
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
         frechet_distance(torch.rand(4, 1, 2, 2) * 2, torch.rand(4, 1, 2, 2), FlatFeatures())
-    with pytest.raises(ValueError, match="num_features=4"):
+    with pytest.raises(ValueError, match="num_features=5"):
 
         class Wrong(FlatFeatures):
             num_features = 5

@@ -116,6 +116,11 @@ class BayesianDenoiser(nn.Module):
         self.generator: torch.Generator | None = None
 
     @property
+    def is_bayesian(self) -> bool:
+        """False when no layer carries a weight posterior (zero epistemic variance)."""
+        return self.model.is_bayesian
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images this denoiser works on."""
         c = self.model.net.config

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 from bdiff.sampling import chain_variance, ddim_sample
+from bdiff.viz import save_side_by_side, uncertainty_grids
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -27,24 +25,6 @@ def run_dir(trainer: pl.Trainer) -> Path:
     ckpt = trainer.checkpoint_callback
     dirpath = getattr(ckpt, "dirpath", None)
     return Path(dirpath).parent if dirpath else Path(trainer.default_root_dir)
-
-
-def uncertainty_grids(images: Tensor, variance: Tensor, nrow: int, upscale: int = 4) -> tuple[Tensor, Tensor]:
-    """Samples in [-1,1] and their variance (B,C,H,W) -> two (3,H',W') grids in [0,1].
-
-    The std map is stretched over the batch: black is the least uncertain pixel,
-    white the 99th percentile and above (so a few outliers do not darken the rest).
-    """
-    x = (images.float().cpu() + 1) / 2
-    std = variance.float().cpu().clamp_min(0).sqrt()
-    lo, hi = std.min(), torch.quantile(std.flatten(), 0.99)
-    std = ((std - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-    if upscale > 1:
-        x = F.interpolate(x, scale_factor=upscale, mode="nearest")
-        std = F.interpolate(std, scale_factor=upscale, mode="nearest")
-    if std.shape[1] > 1:
-        std = std.mean(1, keepdim=True)
-    return make_grid(x, nrow=nrow, pad_value=1.0), make_grid(std, nrow=nrow, pad_value=1.0)
 
 
 class SampleGrid(pl.Callback):
@@ -83,10 +63,7 @@ class SampleGrid(pl.Callback):
         denoiser.train(was_training)
         nrow = max(1, int(self.num_samples**0.5))
         samples, uncertainty = uncertainty_grids(images, variance, nrow)
-        out = run_dir(trainer) / "samples" / f"{tag}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        gap = torch.ones(3, samples.shape[1], 8)
-        save_image(torch.cat([samples, gap, uncertainty.expand(3, -1, -1)], dim=2), out)
+        out = save_side_by_side(run_dir(trainer) / "samples" / f"{tag}.png", samples, uncertainty)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(

@@ -7,7 +7,7 @@ Two commands::
 
     # the feature cache that get_feature_extractor("digits") reads:
     # train in-process and write ~/.cache/bdiff/features/digits.pt ($BDIFF_CACHE/features/digits.pt)
-    python -m bdiff.lit.feature_module cache [--cache-dir DIR] [--max-epochs 20] [--seed 0]
+    python -m bdiff.lit.feature_module cache [--cache-dir DIR] [--max-epochs 20] [--seed 0] [--split-seed 0]
     # ... or export a checkpoint of a `fit` run instead of training again
     python -m bdiff.lit.feature_module cache --from-ckpt runs/features/digits/version_0/checkpoints/last.ckpt
 
@@ -56,6 +56,10 @@ class LabelledDigitsDataModule(pl.LightningDataModule):
     diffusion model's [-1, 1].
     """
 
+    channels: int = 1
+    image_size: int = 8
+    num_classes: int = 10
+
     def __init__(self, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
         super().__init__()
         # DigitsDataModule validates the arguments and owns the split.
@@ -64,10 +68,6 @@ class LabelledDigitsDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self._train: Subset | None = None
         self._val: Subset | None = None
-
-    channels: int = 1
-    image_size: int = 8
-    num_classes: int = 10
 
     def setup(self, stage: str | None = None) -> None:
         """Load the digits and split them exactly as DigitsDataModule does (idempotent)."""
@@ -125,7 +125,9 @@ class FeatureClassifierModule(pl.LightningModule):
         weight_decay: AdamW weight decay.
     """
 
-    def __init__(self, net: FeatureNetConfig = FeatureNetConfig(), lr: float = 3e-3, weight_decay: float = 1e-4) -> None:
+    def __init__(
+        self, net: FeatureNetConfig = FeatureNetConfig(), lr: float = 3e-3, weight_decay: float = 1e-4
+    ) -> None:
         super().__init__()
         net = _as_config(net)
         if lr <= 0:
@@ -192,7 +194,13 @@ def _export(net: FeatureNet, data: LabelledDigitsDataModule, cache_dir: Path | N
     data.setup("validate")
     val_acc = accuracy(net, data.val_dataloader())
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DIGITS_FILE
-    meta = {"dataset": "sklearn digits", "val_accuracy": val_acc, "seed": data.seed, "source": source}
+    meta = {
+        "dataset": "sklearn digits",
+        "val_accuracy": val_acc,
+        "split_seed": data.seed,
+        "val_fraction": data.hparams["val_fraction"],
+        "source": source,
+    }
     return save_feature_net(net, path, meta)
 
 
@@ -201,6 +209,7 @@ def train_digits_feature_net(
     max_epochs: int = 20,
     seed: int = 0,
     accelerator: str = "cpu",
+    split_seed: int = 0,
 ) -> Path:
     """Train the digits feature net with a Lightning Trainer and write ``<cache_dir>/digits.pt``.
 
@@ -209,8 +218,11 @@ def train_digits_feature_net(
             ``~/.cache/bdiff/features``).
         max_epochs: epochs over the 1617 training digits (20: ~99% val accuracy in ~4 s on
             2 CPU cores; 2 epochs already give ~98%).
-        seed: seeds the weights, dropout and shuffling (global RNG state is restored afterwards).
+        seed: seeds the initial weights and dropout (global RNG state is restored afterwards);
+            the batch order follows ``split_seed``.
         accelerator: Lightning accelerator; the net is tiny, CPU is the fastest.
+        split_seed: seed of the train/val split; keep it equal to the diffusion run's
+            ``data.seed`` (default 0) so the feature net never trains on its held-out digits.
 
     Returns:
         The path of the written ``digits.pt``. The Lightning checkpoint (best val accuracy,
@@ -218,7 +230,7 @@ def train_digits_feature_net(
     """
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
-    data = LabelledDigitsDataModule(seed=seed)
+    data = LabelledDigitsDataModule(seed=split_seed)
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="bdiff-features-") as tmp:
         torch.manual_seed(seed)
         module = FeatureClassifierModule(FeatureNetConfig(in_channels=data.channels, image_size=data.image_size))
@@ -241,20 +253,31 @@ def train_digits_feature_net(
 
 
 def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> Path:
-    """Write ``<cache_dir>/digits.pt`` from a checkpoint of ``fit --config configs/features/digits.yaml``."""
+    """Write ``<cache_dir>/digits.pt`` from a checkpoint of ``fit --config configs/features/digits.yaml``.
+
+    The validation accuracy stored beside the weights is measured on the checkpoint's own
+    validation split (its datamodule hyper-parameters), never on images it was trained on.
+    """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, ...
+        raise ValueError(
+            f"cannot read checkpoint {str(ckpt_path)!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "net" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(ckpt_path)!r} is not a checkpoint of FeatureClassifierModule (no net hyper-parameters)")
-    module = FeatureClassifierModule(**hp)
+    module = FeatureClassifierModule(**{k: hp[k] for k in ("net", "lr", "weight_decay") if k in hp})
     module.load_state_dict(ckpt["state_dict"])
-    data = LabelledDigitsDataModule()
+    data_hp = ckpt.get("datamodule_hyper_parameters", {})
+    data = LabelledDigitsDataModule(**{k: data_hp[k] for k in ("val_fraction", "seed") if k in data_hp})
     cfg = module.net.config
     if (cfg.in_channels, cfg.image_size) != (data.channels, data.image_size):
-        raise ValueError(f"{str(ckpt_path)!r} holds a {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} net, not digits")
+        shape = f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size}"
+        raise ValueError(f"{str(ckpt_path)!r} holds a net for {shape} images, not for 1x8x8 digits")
     return _export(module.net, data, cache_dir, source=str(ckpt_path))
 
 
@@ -265,13 +288,16 @@ def _cache_main(argv: Sequence[str]) -> Path:
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
     parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and dropout")
+    parser.add_argument("--split-seed", type=int, default=0, help="train/val split seed (= the diffusion data.seed)")
     parser.add_argument("--from-ckpt", type=Path, default=None, help="export this fit checkpoint instead of training")
     args = parser.parse_args(list(argv))
     if args.from_ckpt is not None:
         path = export_checkpoint(args.from_ckpt, args.cache_dir)
     else:
-        path = train_digits_feature_net(args.cache_dir, max_epochs=args.max_epochs, seed=args.seed)
+        path = train_digits_feature_net(
+            args.cache_dir, max_epochs=args.max_epochs, seed=args.seed, split_seed=args.split_seed
+        )
     meta = torch.load(path, weights_only=True)["meta"]
     print(f"wrote {path} (val accuracy {meta['val_accuracy']:.4f})")
     return path

@@ -75,6 +75,11 @@ def noised_errors(
         err2 = (noise - eps)^2, (N,C,H,W), and the concatenated :class:`Prediction`.
     """
     _check_x0(x0)
+    shape = getattr(denoiser, "image_shape", None)
+    if shape is not None and tuple(x0.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"x0 has images of shape {tuple(x0.shape[1:])} but the denoiser models {tuple(shape)} (C, H, W)"
+        )
     T = denoiser.schedule.timesteps
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T:
         raise ValueError(f"timestep must be an integer in [0, {T - 1}], got {t!r}")
@@ -92,7 +97,9 @@ def noised_errors(
             pred = denoiser.predict(denoiser.schedule.q_sample(x0_i, t_i, noise_i), t_i)
             for name, value in zip(pred._fields, pred):
                 if value.shape != x0_i.shape:
-                    raise ValueError(f"denoiser.predict returned {name} of shape {tuple(value.shape)}, expected {tuple(x0_i.shape)}")
+                    raise ValueError(
+                        f"denoiser.predict returned {name} of shape {tuple(value.shape)}, expected {tuple(x0_i.shape)}"
+                    )
             parts.append(pred)
     pred = Prediction(*(torch.cat(field) for field in zip(*parts)))
     return (noise - pred.eps) ** 2, pred

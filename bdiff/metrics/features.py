@@ -39,6 +39,7 @@ FEATURE_EXTRACTORS = ("digits", "inception")
 FORMAT, VERSION = "bdiff-feature-net", 1
 CACHE_COMMAND = "python -m bdiff.lit.feature_module cache"
 INCEPTION_FEATURES = 2048  # pool3 features, the FID standard
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for them
 
 
 def default_cache_dir() -> Path:
@@ -139,8 +140,8 @@ def inception_weights_path() -> Path:
             "torchmetrics uses), which is not installed. Install it with `pip install torch-fidelity` "
             "(or `pip install torchmetrics[image]`), or use get_feature_extractor(..., fallback='digits')."
         ) from e
-    url: str = module.URL_INCEPTION_V3
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    url = getattr(module, "URL_INCEPTION_V3", INCEPTION_WEIGHTS_FILE)  # torch-fidelity's download URL
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(str(url)).path)
 
 
 def _inception(weights: Path | None, device: str | torch.device) -> FeatureExtractor:
@@ -203,8 +204,8 @@ def get_feature_extractor(
         if fallback is None:
             raise
         warnings.warn(
-            f"inception feature extractor unavailable, falling back to {fallback!r}: {e}. "
-            "Scores computed with different feature extractors are not comparable.",
+            f"inception feature extractor unavailable, falling back to {fallback!r} (scores computed with "
+            f"different feature extractors are not comparable). Reason: {e}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -184,6 +184,8 @@ def kernel_inception_distance_from_features(
 
     ``std`` is the population std over subsets (torchmetrics' convention). Subsets are drawn with
     a generator seeded by ``seed`` so the result is reproducible; the global RNG is left untouched.
+    KID is unbiased for *independent* sets; a set against itself scores slightly below 0
+    (O(1/subset_size)), because each shared sample adds k(x, x) to the cross term.
     """
     _check_pair(f_real, f_fake)
     n = min(f_real.shape[0], f_fake.shape[0])

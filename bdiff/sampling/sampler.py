@@ -99,6 +99,12 @@ class Sampler:
             raise ValueError(f"history must be >= 0, got {history}")
         self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
         self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if cb.needs_bayes and not getattr(denoiser, "is_bayesian", True):
+                raise ValueError(
+                    f"sampler callback {cb.name!r} needs a Bayesian denoiser (epistemic variance), "
+                    "but this checkpoint has no Bayesian layers (bayes.layers: none)"
+                )
         self.history = history
         self.grid = torch.tensor(ddim_timesteps(denoiser.schedule.timesteps, steps) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
@@ -183,6 +189,7 @@ class Sampler:
     def run(self, x_T: Tensor, noise: NoiseSource) -> SamplerState:
         """Run the reverse process from x_T (B,C,H,W); returns the final state."""
         state = self.init_state(x_T)
+        self.noise = noise  # per-sample streams, also for callbacks that draw noise
         for cb in self.callbacks:
             cb.on_start(state, self)
         while not state.finished:

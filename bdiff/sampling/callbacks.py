@@ -1,0 +1,229 @@
+"""Sampler callbacks: what the sampler does with the uncertainty.
+
+Not to be confused with Lightning callbacks (:mod:`bdiff.lit.callbacks`).
+Order matters and is the order given to the :class:`~bdiff.sampling.Sampler`;
+the recommended order is blending -> adaptive steps -> refinement -> recorder
+(blending changes the x0 estimate the step-size rule reads; refinement works on
+the proposed x_next; the recorder sees the final values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from bdiff.sampling.sampler import Sampler, SamplerCallback
+from bdiff.sampling.state import SamplerState
+from bdiff.sampling.steppers import alpha_bar_at
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B,1,...,1) broadcastable against ``like``; floats take like's dtype, masks stay bool."""
+    v = v.to(like.dtype) if v.is_floating_point() else v
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def x0_posterior_variance(state: SamplerState, sampler: Sampler) -> Tensor:
+    """Var[x0 | x_t] per pixel from the aleatoric head: (1-a)/a * E_q[sigma^2]. (B,C,H,W)."""
+    return sampler.denoiser.schedule.x0_variance(state.t.clamp(min=0), state.prediction.var_aleatoric)
+
+
+class VarianceWeightedBlending(SamplerCallback):
+    """Blend the new x0 prediction with the history, each weighted by its posterior precision.
+
+    A per-pixel Kalman filter on the x0 estimate. The posterior mean m_t = E[x0 | x_t] is a
+    martingale along the reverse process, so an estimate made at an earlier step t' differs
+    from the current target by an increment of variance Var[x0|x_t'] - Var[x0|x_t] (law of
+    total variance); that is the forgetting term. With P the filtered variance and R the
+    epistemic variance of the new prediction x0_t:
+
+        P^- = P_{t'} + max(0, V_{t'} - V_t),        V_t = Var[x0 | x_t] (aleatoric head)
+        K   = P^- / (P^- + R)
+        x0  = x0_filt + K (x0_t - x0_filt),          P_t = (1 - K) P^-
+
+    Where the network is confident (R small) the new prediction wins (K -> 1); where it is
+    uncertain, history does. The first step takes the prediction as is.
+
+    Args:
+        strength: multiplies R (0 disables blending: K = 1).
+    """
+
+    name = "blend"
+    needs_bayes = True
+
+    def __init__(self, strength: float = 1.0) -> None:
+        if strength < 0:
+            raise ValueError(f"blend strength must be >= 0, got {strength}")
+        self.strength = strength
+
+    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
+        state.extras[self.name] = {"gain": []}
+
+    def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
+        mem = state.extras[self.name]
+        v_now = x0_posterior_variance(state, sampler)
+        r = self.strength * state.x0_var
+        if "x0" not in mem:
+            mem.update(x0=state.x0.clone(), p=state.x0_var.clone(), v=v_now, seen=state.active.clone())
+            return
+        seen = mem["seen"] & state.active
+        p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
+        gain = torch.where(_bcast(seen, r), p_prior / (p_prior + r).clamp(min=1e-20), torch.ones_like(r))
+        x0 = mem["x0"] + gain * (state.x0 - mem["x0"])
+        p = torch.where(_bcast(seen, r), (1 - gain) * p_prior, state.x0_var)
+        rows = state.active
+        state.x0 = torch.where(_bcast(rows, x0), x0, state.x0)
+        state.x0_var = torch.where(_bcast(rows, p), p, state.x0_var)
+        mem["x0"], mem["p"], mem["v"] = state.x0.clone(), state.x0_var.clone(), v_now
+        mem["seen"] = mem["seen"] | state.active
+        mem["gain"].append(float(gain[rows].mean()) if rows.any() else 1.0)
+
+
+class AdaptiveStepSize(SamplerCallback):
+    """Per-sample step size from the posterior-variance error estimate, under an NFE budget.
+
+    A step t -> s moves x by b(t,s) times the x0 estimate, whose error has per-pixel std
+    sqrt(Var[x0|x_t]) (aleatoric head, plus epistemic). The controller takes the largest
+    step on a fine grid whose induced error, b(t,s) * RMS(std_x0), stays below
+    ``tol`` times the noise level sigma_s that is left to absorb it: small steps where the
+    estimated error is large, large ones where the model is confident. At most ``max_nfe``
+    denoiser calls per sample: the remaining budget is always enough to reach t = -1.
+
+    Args:
+        tol: error tolerance relative to the remaining noise level (> 0).
+        max_nfe: hard budget of denoiser calls per sample (>= 1).
+        fine_steps: resolution of the candidate grid.
+        sigma_floor: noise level below which errors no longer matter (about the data's
+            quantisation step), so the last jump to the clean image is allowed.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, tol: float = 0.5, max_nfe: int = 20, fine_steps: int = 200, sigma_floor: float = 0.02) -> None:
+        if tol <= 0:
+            raise ValueError(f"adaptive tol must be > 0, got {tol}")
+        if max_nfe < 1:
+            raise ValueError(f"adaptive max_nfe must be >= 1 (the final step needs one call), got {max_nfe}")
+        if fine_steps < 2 or sigma_floor < 0:
+            raise ValueError("adaptive needs fine_steps >= 2 and sigma_floor >= 0")
+        self.tol, self.max_nfe, self.fine_steps, self.sigma_floor = tol, max_nfe, fine_steps, sigma_floor
+
+    def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
+        schedule = sampler.denoiser.schedule
+        ac = schedule.alphas_cumprod.to(state.x.device)
+        fine = torch.linspace(schedule.timesteps - 1, 0, self.fine_steps, device=state.x.device).round().long()
+        cand = torch.cat([fine, fine.new_tensor([-1])])  # (M,)
+        std_x0 = (x0_posterior_variance(state, sampler) + state.x0_var).clamp(min=0).sqrt()
+        rms = std_x0.flatten(1).pow(2).mean(1).sqrt()  # (B,)
+        a_t = alpha_bar_at(ac, state.t)[:, None]  # (B,1)
+        a_s = alpha_bar_at(ac, cand)[None, :]  # (1,M)
+        b = a_s.sqrt() - (1 - a_s).sqrt() * (a_t / (1 - a_t)).sqrt()  # DDIM's x0 coefficient
+        allowed = self.tol * ((1 - a_s) + self.sigma_floor**2).sqrt()
+        below = cand[None, :] < state.t[:, None]
+        ok = (b.abs() * rms[:, None] <= allowed) & below
+        # The largest admissible step (last admissible index); else the next fine-grid point.
+        position = torch.arange(cand.numel(), device=ok.device)
+        largest = (ok.float() * position).argmax(1)
+        t_next = cand[torch.where(ok.any(1), largest, below.float().argmax(1))]
+        remaining = self.max_nfe - state.nfe  # calls left after this one
+        t_next = torch.where(remaining <= 0, torch.full_like(t_next, -1), t_next)
+        state.t_next = torch.where(state.active, t_next, state.t_next)
+
+
+class UncertainRegionRefinement(SamplerCallback):
+    """Extra work on uncertain pixels only: masked re-noise and re-denoise (RePaint-style).
+
+    After a step lands at s within ``t_range``, pixels whose posterior std of x0 is in the
+    top ``quantile`` of the sample are re-noised to t_up = s + ``jump`` by the forward process
+    and denoised back to s with one DDIM step; other pixels keep their value. At most
+    ``max_passes`` extra calls per sample, each counted in ``nfe``.
+    """
+
+    name = "refine"
+
+    def __init__(self, quantile: float = 0.8, jump: int = 50, t_range: Sequence[int] = (50, 600), max_passes: int = 3) -> None:
+        if not 0 < quantile < 1:
+            raise ValueError(f"refine quantile must be in (0, 1), got {quantile}")
+        if jump < 1 or max_passes < 0:
+            raise ValueError("refine needs jump >= 1 and max_passes >= 0")
+        self.quantile, self.jump, self.t_range, self.max_passes = quantile, jump, tuple(t_range), max_passes
+
+    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
+        state.extras[self.name] = {"passes": torch.zeros_like(state.nfe), "pixels": 0}
+
+    def after_update(self, state: SamplerState, sampler: Sampler) -> None:
+        mem = state.extras[self.name]
+        s = state.t_next
+        lo, hi = self.t_range
+        todo = state.active & state.accept & (s >= lo) & (s <= hi) & (mem["passes"] < self.max_passes)
+        if not todo.any():
+            return
+        rows = todo.nonzero().squeeze(1)
+        schedule = sampler.denoiser.schedule
+        std = (x0_posterior_variance(state, sampler) + state.x0_var)[rows].sqrt()
+        thresh = torch.quantile(std.flatten(1), self.quantile, dim=1)
+        mask = (std > _bcast(thresh, std)).to(state.x.dtype)
+        t_up = (s[rows] + self.jump).clamp(max=schedule.timesteps - 1)
+        a_s, a_up = alpha_bar_at(schedule.alphas_cumprod, s[rows]), alpha_bar_at(schedule.alphas_cumprod, t_up)
+        x_s = state.x_next[rows]
+        z = sampler.noise.draw(tuple(x_s.shape[1:]), rows, x_s.device).to(x_s.dtype)
+        x_up = _bcast((a_up / a_s).sqrt(), x_s) * x_s + _bcast((1 - a_up / a_s).sqrt(), x_s) * z
+        eps = sampler.denoiser.predict(x_up, t_up).eps
+        x0 = schedule.eps_to_x0(x_up, t_up, eps)
+        x_back = _bcast(a_s.sqrt(), x0) * x0 + _bcast((1 - a_s).sqrt(), x0) * eps
+        state.x_next[rows] = mask * x_back + (1 - mask) * x_s
+        state.nfe[rows] += 1
+        mem["passes"][rows] += 1
+        mem["pixels"] += int(mask.sum())
+
+
+class Recorder(SamplerCallback):
+    """Keep chosen per-step tensors, every ``every`` steps, at most ``max_records`` (on CPU).
+
+    Records land in ``state.extras["recorder"]`` as a list of dicts with the step, t and
+    the chosen keys among ``x``, ``x0``, ``x0_var``, ``var``, ``eps``, ``var_epistemic``,
+    ``var_aleatoric``; rows limited to the first ``max_samples`` samples. Memory is bounded by
+    max_records * max_samples * len(keys) images.
+    """
+
+    name = "recorder"
+    KEYS = ("x", "x0", "x0_var", "var", "eps", "var_epistemic", "var_aleatoric")
+
+    def __init__(self, keys: Sequence[str] = ("x0", "var"), every: int = 1, max_records: int = 100, max_samples: int = 16) -> None:
+        bad = sorted(set(keys) - set(self.KEYS))
+        if bad:
+            raise ValueError(f"recorder keys {bad} unknown; choose from {list(self.KEYS)}")
+        if every < 1 or max_records < 1 or max_samples < 1:
+            raise ValueError("recorder needs every, max_records and max_samples >= 1")
+        self.keys, self.every, self.max_records, self.max_samples = tuple(keys), every, max_records, max_samples
+
+    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
+        state.extras[self.name] = []
+
+    def after_update(self, state: SamplerState, sampler: Sampler) -> None:
+        records = state.extras[self.name]
+        if state.step % self.every or len(records) >= self.max_records:
+            return
+        n = self.max_samples
+        sources = {
+            "x": state.x, "x0": state.x0, "x0_var": state.x0_var, "var": state.var,
+            **{k: getattr(state.prediction, k) for k in ("eps", "var_epistemic", "var_aleatoric")},
+        }
+        entry = {"step": state.step, "t": state.t[:n].cpu().clone()}
+        entry.update({k: sources[k][:n].detach().cpu().clone() for k in self.keys})
+        records.append(entry)
+
+
+def rank_by_uncertainty(variance: Tensor, descending: bool = False) -> Tensor:
+    """Sample order by mean per-pixel variance (N,C,H,W) -> indices (N,), most confident first."""
+    return variance.flatten(1).mean(1).argsort(descending=descending)
+
+
+def filter_by_uncertainty(variance: Tensor, keep: float) -> Tensor:
+    """Indices of the ``keep`` fraction of samples with the lowest mean variance."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    order = rank_by_uncertainty(variance)
+    return order[: max(1, round(keep * len(order)))]

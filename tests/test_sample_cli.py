@@ -1,0 +1,81 @@
+"""Sampler recipes and the sampling entry point, on the session's tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bdiff.metrics.samples_file import load_samples
+from bdiff.sample import main
+from bdiff.sampling.recipe import Recipe
+from tests.conftest import CONFIGS, ROOT
+
+RECIPES = sorted((CONFIGS / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_sampler_recipe_is_valid(path: Path) -> None:
+    recipe = Recipe.from_yaml(path)
+    assert recipe.steps >= 1 and recipe.build_stepper() is not None
+
+
+def test_sample_writes_a_valid_samples_file_and_png(last_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.npz"
+    main(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "uncertainty_full.yaml"),
+          "--n", "12", "--batch-size", "5", "--out", str(out)])
+    s = load_samples(out)
+    assert s.images.shape == (12, 1, 8, 8) and s.variance is not None and s.variance.shape == s.images.shape
+    assert 1 <= s.nfe <= 11 and s.seconds > 0
+    assert s.config["recipe"]["callbacks"][0]["name"] == "blend"
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_samples_do_not_depend_on_chunking_or_devices(last_ckpt: Path, tmp_path: Path) -> None:
+    recipe = str(CONFIGS / "sampler" / "dpmpp.yaml")
+    main(["--ckpt", str(last_ckpt), "--config", recipe, "--n", "7", "--batch-size", "7", "--out", str(tmp_path / "a.npz")])
+    main(["--ckpt", str(last_ckpt), "--config", recipe, "--n", "7", "--batch-size", "3", "--out", str(tmp_path / "b.npz")])
+    cmd = [sys.executable, "-m", "bdiff.sample", "--ckpt", str(last_ckpt), "--config", recipe, "--n", "7",
+           "--devices", "2", "--out", str(tmp_path / "c.npz")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    a, b, c = (np.load(tmp_path / f"{k}.npz") for k in "abc")
+    # Same noise for sample i everywhere; only float rounding of batch-size-dependent kernels differs.
+    for other in (b, c):
+        np.testing.assert_allclose(a["images"], other["images"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a["variance"], other["variance"], rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stepper": "ddim", "steps": 0}, "steps"),
+        ({"stepper": "ddim", "steps": 5, "posterior_samples": 0}, "posterior_samples"),
+        ({"stepper": "heun", "steps": 5}, "unknown stepper"),
+        ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "magic"}]}, "unknown callback 'magic'"),
+        ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "adaptive", "tol": 0}]}, "tol"),
+        ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "adaptive", "max_nfe": 0}]}, "max_nfe"),
+        ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "blend", "speed": 2}]}, "bad options for callback 'blend'"),
+        ({"stepper": "ddim", "steps": 5, "colour": "red"}, "unknown key"),
+    ],
+)
+def test_bad_recipes_fail_before_any_work(data: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Recipe.from_dict(data)
+
+
+def test_bayesian_only_callback_refuses_deterministic_model() -> None:
+    import torch
+
+    from bdiff.bayes import BayesConfig, BayesianUNet
+    from bdiff.bayes.predictive import BayesianDenoiser
+    from bdiff.nets import UNet, UNetConfig
+    from bdiff.schedule import NoiseSchedule
+
+    den = BayesianDenoiser(BayesianUNet(UNet(UNetConfig(base_channels=8, num_heads=2)), BayesConfig(layers="none")), NoiseSchedule())
+    recipe = Recipe.from_dict({"stepper": "ddim", "steps": 3, "callbacks": ["blend"]})
+    with pytest.raises(ValueError, match="needs a Bayesian denoiser"):
+        recipe.build(den)
+    assert torch.isfinite(Recipe.from_dict({"stepper": "ddim", "steps": 3}).build(den).sample(2).images).all()
