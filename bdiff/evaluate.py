@@ -1,0 +1,101 @@
+"""Evaluate a samples file (and optionally the checkpoint's calibration).
+
+    python -m bdiff.evaluate --samples samples.npz [--ckpt last.ckpt] [--out-dir eval] [--wandb-project bdiff]
+
+Prints a Markdown table and writes ``metrics.json``, ``metrics.md`` and (with
+``--ckpt``) ``reliability.png`` into ``--out-dir``. Features come from an
+extractor chosen by name (``digits``: a small classifier trained on the real
+digits by ``python -m bdiff.lit.feature_module cache``; ``inception``: the
+standard FID network when torch-fidelity and its weights are installed).
+Reference features come from the real training split and are cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
+from bdiff.metrics.features import default_cache_dir, get_feature_extractor
+from bdiff.metrics.frechet import cached_features, extract_features
+from bdiff.metrics.report import evaluate_sample_set, markdown_table
+from bdiff.metrics.samples_file import load_samples
+
+CALIBRATION_T = (10, 50, 100, 250, 500, 750, 950)
+
+
+def digits_split(split: str, seed: int = 0) -> torch.Tensor:
+    """Real digits of the training or validation split in [0, 1], (N,1,8,8)."""
+    from bdiff.lit.data import DigitsDataModule
+
+    dm = DigitsDataModule(seed=seed)
+    dm.setup("fit")
+    ds = dm.train_dataset if split == "train" else dm.val_dataset
+    return (torch.stack([ds[i] for i in range(len(ds))]) + 1) / 2
+
+
+def reference_features(extractor: torch.nn.Module, name: str, cache_dir: Path) -> torch.Tensor:
+    """Features of the real digits training split, cached under ``cache_dir``."""
+    return cached_features(f"ref_{name}_digits_train", cache_dir, lambda: extract_features(digits_split("train"), extractor))
+
+
+def calibration_report(ckpt: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Calibration of the checkpoint's variances on held-out digits at a grid of t, plus a reliability plot."""
+    from bdiff.checkpoint import load_model
+
+    denoiser = load_model(ckpt)
+    x0 = digits_split("val") * 2 - 1
+    rows = calibration_at_t(denoiser, x0, CALIBRATION_T, torch.Generator().manual_seed(0))
+    curves = reliability_at_t(denoiser, x0, 250, torch.Generator().manual_seed(0))
+    plot_reliability(curves, out_dir / "reliability.png", title="held-out digits, t = 250")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m bdiff.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--samples", required=True, help="samples.npz written by python -m bdiff.sample")
+    p.add_argument("--ckpt", help="checkpoint, for calibration on held-out data")
+    p.add_argument("--features", default="digits", help="feature extractor: digits or inception")
+    p.add_argument("--fallback", default=None, help="extractor to use if --features is unavailable")
+    p.add_argument("--out-dir", default=None, help="default: next to the samples file")
+    p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
+    args = p.parse_args(argv)
+
+    samples = load_samples(args.samples)  # validates shape, range, dtype, keys
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extractor = get_feature_extractor(args.features, fallback=args.fallback)
+    f_real = reference_features(extractor, args.features, default_cache_dir())
+    metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features, "config": samples.config}
+    metrics.update(evaluate_sample_set(samples, f_real, extractor))
+    if args.ckpt:
+        metrics["calibration"] = calibration_report(args.ckpt, out_dir)
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    columns = [c for c in ("n", "fd", "kid", "precision", "recall", "nfe", "seconds", "samples_per_second",
+                           "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance",
+                           "auroc_worst_20") if c in metrics]
+    md = markdown_table([metrics], columns)
+    if "calibration" in metrics:
+        md += "\n\n" + markdown_table(metrics["calibration"], ["t", "mse", "z2_total", "z2_aleatoric", "z2_epistemic",
+                                                               "nll_total", "mean_var_epistemic"])
+    (out_dir / "metrics.md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
+    if args.wandb_project:
+        import wandb
+
+        from bdiff.lit.wandb import resolve_wandb_mode
+
+        run = wandb.init(project=args.wandb_project, mode=resolve_wandb_mode(None), job_type="evaluate", config=samples.config)
+        run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
