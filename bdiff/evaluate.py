@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ckpt", help="checkpoint, for calibration on held-out data")
     p.add_argument("--features", default="digits", help="feature extractor: digits or inception")
     p.add_argument("--fallback", default=None, help="extractor to use if --features is unavailable")
+    p.add_argument("--train-features-if-missing", action="store_true",
+                   help="train the digits feature net (seconds on a CPU) if its cached weights are missing")
     p.add_argument("--out-dir", default=None, help="default: next to the samples file")
     p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
     args = p.parse_args(argv)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = load_samples(args.samples)  # validates shape, range, dtype, keys
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = get_feature_extractor(args.features, fallback=args.fallback)
+    extractor = get_feature_extractor(args.features, fallback=args.fallback, train_if_missing=args.train_features_if_missing)
     f_real = reference_features(extractor, args.features, default_cache_dir())
     metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features, "config": samples.config}
     metrics.update(evaluate_sample_set(samples, f_real, extractor))

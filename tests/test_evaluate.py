@@ -1,0 +1,44 @@
+"""The evaluation entry point on the session's tiny checkpoint and real samples from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bdiff.evaluate import main as evaluate
+from bdiff.sample import main as sample
+from tests.conftest import CONFIGS
+
+
+def test_evaluate_writes_json_markdown_and_reliability_plot(last_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "s.npz"
+    sample(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "dpmpp.yaml"), "--n", "60", "--out", str(out)])
+    metrics = evaluate(["--samples", str(out), "--ckpt", str(last_ckpt), "--out-dir", str(tmp_path / "eval"),
+                        "--train-features-if-missing"])
+    for key in ("fd", "kid", "precision", "recall", "nfe", "seconds", "auroc_worst_20", "fd_drop_uncertain"):
+        assert key in metrics, key
+    assert metrics["fd"] > 0 and 0 <= metrics["precision"] <= 1
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 60
+    assert "| fd |" in (tmp_path / "eval" / "metrics.md").read_text().replace("| n | fd |", "| fd |")
+    assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0
+    assert [row["t"] for row in metrics["calibration"]] == [10, 50, 100, 250, 500, 750, 950]
+
+
+def test_evaluate_without_feature_weights_says_how_to_get_them(tmp_path: Path, monkeypatch, last_ckpt: Path) -> None:
+    monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "empty"))
+    out = tmp_path / "s.npz"
+    sample(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "4", "--out", str(out)])
+    with pytest.raises(FileNotFoundError, match="bdiff.lit.feature_module cache"):
+        evaluate(["--samples", str(out)])
+
+
+def test_evaluate_refuses_a_bad_samples_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.full((4, 1, 8, 8), 2.0, dtype=np.float32), nfe=10.0, seconds=1.0, config="{}")
+    with pytest.raises(ValueError, match="images"):
+        evaluate(["--samples", str(bad)])

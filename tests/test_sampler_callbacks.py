@@ -1,0 +1,101 @@
+"""Sampler callbacks: what each promises, on denoisers with known behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bdiff.denoiser import Prediction
+from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler
+from bdiff.sampling.callbacks import (
+    AdaptiveStepSize,
+    Recorder,
+    UncertainRegionRefinement,
+    VarianceWeightedBlending,
+    filter_by_uncertainty,
+    rank_by_uncertainty,
+)
+from bdiff.sampling.noise import NoiseSource
+from bdiff.schedule import NoiseSchedule
+
+
+class Toy:
+    """eps_hat = x/2 with configurable epistemic/aleatoric variance maps."""
+
+    image_shape = (1, 4, 4)
+    is_bayesian = True
+
+    def __init__(self, var_ep: float | torch.Tensor = 0.0, var_al: float | torch.Tensor = 0.5) -> None:
+        self.schedule = NoiseSchedule("linear")
+        self.var_ep, self.var_al = var_ep, var_al
+        self.calls = 0
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        self.calls += 1
+        ones = torch.ones_like(x)
+        return Prediction(0.5 * x, ones * self.var_ep, ones * self.var_al)
+
+
+def test_blending_is_a_no_op_for_a_confident_model_and_pulls_to_history_otherwise() -> None:
+    plain = Sampler(Toy(0.0), DDIM(), 8).sample(4, seed=0)
+    confident = Sampler(Toy(0.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
+    torch.testing.assert_close(plain.images, confident.images)
+    assert all(g == pytest.approx(1.0) for g in confident.extras["blend"]["gain"])
+    unsure = Sampler(Toy(10.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
+    assert min(unsure.extras["blend"]["gain"]) < 0.8  # history gets weight where the model is unsure
+    assert not torch.allclose(unsure.images, plain.images)
+
+
+def test_blend_strength_zero_disables_it() -> None:
+    plain = Sampler(Toy(1.0), DDIM(), 6).sample(3, seed=1)
+    off = Sampler(Toy(1.0), DDIM(), 6, [VarianceWeightedBlending(strength=0.0)]).sample(3, seed=1)
+    torch.testing.assert_close(plain.images, off.images)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7])
+def test_adaptive_steps_never_exceed_the_budget(budget: int) -> None:
+    den = Toy(0.0, 0.5)
+    r = Sampler(den, DPMSolverPP2M(), 10, [AdaptiveStepSize(tol=0.05, max_nfe=budget)]).sample(5, seed=0)
+    assert (r.nfe <= budget).all() and (r.nfe >= 1).all()
+
+
+def test_adaptive_takes_smaller_steps_where_uncertainty_is_larger() -> None:
+    confident = Sampler(Toy(0.0, 0.01), DDIM(), 10, [AdaptiveStepSize(tol=0.3, max_nfe=100)]).sample(2, seed=0)
+    unsure = Sampler(Toy(0.0, 1.0), DDIM(), 10, [AdaptiveStepSize(tol=0.3, max_nfe=100)]).sample(2, seed=0)
+    assert unsure.nfe.float().mean() > confident.nfe.float().mean()
+
+
+def test_refinement_touches_only_uncertain_pixels_and_counts_nfe() -> None:
+    var_al = torch.full((1, 1, 4, 4), 0.01)
+    var_al[..., :2, :2] = 0.9  # an uncertain corner, a confident rest
+    cb = UncertainRegionRefinement(quantile=0.7, jump=40, t_range=(0, 999), max_passes=2)
+    plain = Sampler(Toy(0.0, var_al), DDIM(), 6).sample(3, seed=0)
+    refined = Sampler(Toy(0.0, var_al), DDIM(), 6, [cb]).sample(3, seed=0)
+    changed = (plain.images - refined.images).abs().amax(0).squeeze() > 1e-6
+    assert changed[:2, :2].any() and not changed[2:, :].any() and not changed[:, 2:].any()
+    assert (refined.nfe == plain.nfe + 2).all()  # max_passes extra calls, each counted
+
+
+def test_recorder_memory_is_bounded() -> None:
+    r = Sampler(Toy(0.1), DDIM(), 20, [Recorder(keys=("x0", "var"), every=2, max_records=3, max_samples=2)]).sample(5)
+    records = r.extras["recorder"]
+    assert len(records) == 3 and records[0]["x0"].shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown"):
+        Recorder(keys=("gradients",))
+
+
+def test_rank_and_filter_by_uncertainty() -> None:
+    var = torch.stack([torch.full((1, 2, 2), v) for v in (0.3, 0.1, 0.2, 0.4)])
+    assert rank_by_uncertainty(var).tolist() == [1, 2, 0, 3]
+    assert sorted(filter_by_uncertainty(var, keep=0.5).tolist()) == [1, 2]
+    with pytest.raises(ValueError, match="keep"):
+        filter_by_uncertainty(var, keep=0.0)
+
+
+def test_sampler_loop_is_bounded() -> None:
+    class Stuck(AdaptiveStepSize):
+        def after_update(self, state, sampler):
+            state.accept[:] = False  # reject every step forever
+
+    with pytest.raises(RuntimeError, match="max_iterations"):
+        Sampler(Toy(), DDIM(), 3, [Stuck()], max_iterations=10).run(torch.zeros(1, 1, 4, 4), NoiseSource(0, [0]))
