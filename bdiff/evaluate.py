@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics["calibration"] = calibration_report(args.ckpt, out_dir)
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    columns = [c for c in ("n", "fd", "kid", "precision", "recall", "nfe", "seconds", "samples_per_second",
+    columns = [c for c in ("n", "fd", "kid", "precision", "recall", "nfe", "seconds", "samples_per_second", "peak_memory_mb",
                            "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance",
                            "auroc_worst_20") if c in metrics]
     md = markdown_table([metrics], columns)

@@ -62,10 +62,22 @@ def draw(recipe: Recipe, ckpt: str, indices: range, seed: int, batch_size: int, 
     return {"images": torch.cat(images), "variance": torch.cat(variances), "nfe": torch.cat(nfe)}
 
 
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else peak resident set size (Linux/macOS)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
 def write_outputs(out: Path, parts: dict, seconds: float, recipe: Recipe, args: argparse.Namespace, bayesian: bool) -> None:
     images01 = ((parts["images"] + 1) / 2).clamp(0, 1)
     variance01 = parts["variance"] / 4  # Var[(x+1)/2] = Var[x]/4
-    config = {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices}
+    config = {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
+              "peak_memory_mb": parts.get("peak_memory_mb")}
     save_samples(out, SampleSet(images01, variance01 if bayesian else None, float(parts["nfe"].mean()), seconds, config))
     first = slice(0, min(64, len(images01)))
     grids = uncertainty_grids(parts["images"][first], parts["variance"][first], nrow=8)
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         parts = draw(recipe, args.ckpt, range(args.n), args.seed, args.batch_size, device, progress=True)
+        parts["peak_memory_mb"] = peak_memory_mb(device)
         bayesian = load_model(args.ckpt).is_bayesian
         write_outputs(out, parts, time.perf_counter() - start, recipe, args, bayesian)
         return
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     if fabric.is_global_zero:
         merged = {k: v.reshape(-1, *v.shape[2:])[: args.n].cpu() for k, v in gathered.items()}
+        merged["peak_memory_mb"] = peak_memory_mb(fabric.device)  # rank 0
         write_outputs(out, merged, seconds, recipe, args, load_model(args.ckpt).is_bayesian)
     fabric.barrier()
 

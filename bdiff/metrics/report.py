@@ -4,7 +4,7 @@ Quality: Fréchet distance, KID, precision/recall in one feature space.
 Uncertainty usefulness (when the set carries a variance map): FD after dropping
 the most uncertain 20% vs a random 20%, Spearman(uncertainty, distance to the
 nearest real feature), AUROC for finding the worst 20%.
-Cost: NFE, wall time, samples per second.
+Cost: NFE, wall time, samples per second, peak memory (as recorded by the sampler).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def evaluate_sample_set(samples: SampleSet, f_real: Tensor, extractor: nn.Module
         nfe=samples.nfe,
         seconds=samples.seconds,
         samples_per_second=len(samples.images) / samples.seconds if samples.seconds > 0 else None,
+        peak_memory_mb=samples.config.get("peak_memory_mb"),
     )
     if samples.variance is not None and float(samples.variance.max()) > 0:
         out.update(usefulness_from_features(f_real, f_fake, samples.variance))

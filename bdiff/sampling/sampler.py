@@ -78,6 +78,8 @@ class Sampler:
         callbacks: sampler callbacks, run in this order at every hook.
         history: how many earlier steps to keep in ``state.history``.
         max_iterations: hard bound on loop iterations (rejections and extra passes included).
+        propagation: ``tweedie`` (the Jacobian term above) or ``independent_eps`` (drops it,
+            treating eps_hat as independent of x_t; kept for comparison).
 
     Example:
         >>> sampler = Sampler(denoiser, DDIM(), steps=10)
@@ -92,7 +94,11 @@ class Sampler:
         callbacks: Sequence[SamplerCallback] = (),
         history: int = 4,
         max_iterations: int | None = None,
+        propagation: str = "tweedie",
     ) -> None:
+        if propagation not in ("tweedie", "independent_eps"):
+            raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
+        self.propagation = propagation
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if history < 0:
@@ -150,6 +156,8 @@ class Sampler:
             x_next = x_next + sd * z
         # Variance propagation (module docstring): signed amplitudes, coherent across steps.
         v_al = state.prediction.var_aleatoric.clamp(0, 1)
+        if self.propagation == "independent_eps":
+            v_al = torch.ones_like(v_al)  # Jacobian of eps_hat taken as zero
         alpha_t = a_t.to(state.x.dtype).sqrt().reshape(shape)
         amp_x0 = v_al * state.amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
         amp_x0_prev = mem.setdefault("amp_x0_prev", torch.zeros_like(state.x))

@@ -1,0 +1,78 @@
+"""What does uncertainty cost at sampling time? (issue 4: K=8 <= 1.3x the posterior mean alone)
+
+    python benchmarks/uncertainty_cost.py --ckpt runs/bdiff/<id>/checkpoints/last.ckpt
+
+Same stepper, steps and batch, CPU, 2 threads, median of repeated runs:
+  * mean only: the U-Net with the guide's posterior-mean weights, zero variances
+    (what a deterministic sampler would run);
+  * K=8 sampled: 8 weight samples per call in one vmapped call, plus variance propagation;
+  * closed form: the head's exact predictive (K -> infinity), plus variance propagation;
+  * K=8 chains: the Monte Carlo alternative (8 full chains with their own weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+from torch.utils.benchmark import Timer
+
+from bdiff.bayes.predictive import BayesianDenoiser
+from bdiff.checkpoint import load_model
+from bdiff.denoiser import Prediction
+from bdiff.sampling import DPMSolverPP2M, Sampler
+from bdiff.sampling.noise import NoiseSource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PosteriorMean:
+    """The network at the posterior-mean weights, no uncertainty: the baseline."""
+
+    def __init__(self, den: BayesianDenoiser) -> None:
+        self.schedule, self.image_shape, self.net = den.schedule, den.image_shape, den.model.net
+        self.weights = {n: loc for n, (loc, _) in den.model.posterior_loc_scale().items()}
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        eps, log_var = functional_call(self.net, self.weights, (x, t), strict=False)
+        zero = torch.zeros_like(eps)
+        return Prediction(eps, zero, zero)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "uncertainty_cost.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    den = load_model(args.ckpt)
+    x_T = NoiseSource(0, range(args.batch)).draw(den.image_shape)
+    sampled = load_model(args.ckpt, num_samples=8)
+    sampled.mode = "sampled"
+    analytic = load_model(args.ckpt)
+    analytic.mode = "analytic"
+    chains = den.posterior_chains(8)
+    runs = {
+        "mean only": lambda: Sampler(PosteriorMean(den), DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
+        "K=8 sampled + propagation": lambda: Sampler(sampled, DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
+        "closed form + propagation": lambda: Sampler(analytic, DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
+        "K=8 Monte Carlo chains": lambda: Sampler(chains, DPMSolverPP2M(), args.steps).run(x_T.repeat(8, 1, 1, 1), NoiseSource(0, [0])),
+    }
+    times = {name: Timer("fn()", globals={"fn": fn}, num_threads=2).blocked_autorange(min_run_time=5).median for name, fn in runs.items()}
+    base = times["mean only"]
+    rows = [{"variant": k, "seconds": v, "ratio_vs_mean_only": v / base} for k, v in times.items()]
+    print(f"DPM-Solver++(2M), {args.steps} steps, batch {args.batch}")
+    print("| variant | wall time | vs mean only |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['seconds'] * 1e3:.0f} ms | {r['ratio_vs_mean_only']:.2f}x |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
