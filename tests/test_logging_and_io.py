@@ -31,6 +31,9 @@ def test_offline_run_is_written_locally(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    import wandb
+
+    wandb.finish()  # Lightning's WandbLogger reuses a run left open by an earlier test
     logger = AutoWandbLogger(project="test", save_dir=str(tmp_path))
     logger.log_metrics({"loss": 1.0}, step=0)
     logger.log_hyperparams({"config": {"model": {"lr": 1e-3}}})
