@@ -43,6 +43,12 @@ def reference_features(extractor: torch.nn.Module, name: str, cache_dir: Path) -
     return cached_features(f"ref_{name}_digits_train", cache_dir, lambda: extract_features(digits_split("train"), extractor))
 
 
+def reference_for(features: str = "digits", train_if_missing: bool = True, fallback: str | None = None):
+    """(extractor, features of the real digits training split) for the named extractor."""
+    extractor = get_feature_extractor(features, fallback=fallback, train_if_missing=train_if_missing)
+    return extractor, reference_features(extractor, features, default_cache_dir())
+
+
 def calibration_report(ckpt: str, out_dir: Path) -> list[dict[str, Any]]:
     """Calibration of the checkpoint's variances on held-out digits at a grid of t, plus a reliability plot."""
     from bdiff.checkpoint import load_model
@@ -70,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = load_samples(args.samples)  # validates shape, range, dtype, keys
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = get_feature_extractor(args.features, fallback=args.fallback, train_if_missing=args.train_features_if_missing)
-    f_real = reference_features(extractor, args.features, default_cache_dir())
+    extractor, f_real = reference_for(args.features, args.train_features_if_missing, args.fallback)
     metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features, "config": samples.config}
     metrics.update(evaluate_sample_set(samples, f_real, extractor))
     if args.ckpt:

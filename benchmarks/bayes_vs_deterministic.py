@@ -12,18 +12,16 @@ feature space against the real training split.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import reference_features
-from bdiff.metrics.features import default_cache_dir, get_feature_extractor
-from bdiff.metrics.report import evaluate_sample_set, markdown_table
+from bdiff.evaluate import reference_for
+from bdiff.metrics.report import evaluate_sample_set
 from bdiff.sampling.recipe import Recipe
 
-from peers import run_ours  # noqa: E402  (benchmarks/ is the script's folder)
+from peers import run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"dpm++2m-10": {"stepper": "dpmpp_2m", "steps": 10}, "ddim-50": {"stepper": "ddim", "steps": 50}}
@@ -38,8 +36,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     torch.set_num_threads(2)
-    extractor = get_feature_extractor("digits", train_if_missing=True)
-    f_real = reference_features(extractor, "digits", default_cache_dir())
+    extractor, f_real = reference_for("digits")
     rows = []
     for model, ckpt in (("bayesian head", args.bayes), ("deterministic", args.deterministic)):
         denoiser = load_model(ckpt)
@@ -48,11 +45,7 @@ def main() -> None:
             row = {"model": model, "sampler": name, **evaluate_sample_set(samples, f_real, extractor)}
             rows.append(row)
             print(f"{model:14s} {name:12s} FD {row['fd']:.3f} KID {row['kid']:.3f} P {row['precision']:.3f} R {row['recall']:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bayes_vs_deterministic.json").write_text(json.dumps(rows, indent=2, default=str))
-    table = markdown_table(rows, ["model", "sampler", "fd", "kid", "precision", "recall", "nfe"])
-    (args.out / "bayes_vs_deterministic.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, "bayes_vs_deterministic", rows, rows, ["model", "sampler", "fd", "kid", "precision", "recall", "nfe"])
 
 
 if __name__ == "__main__":

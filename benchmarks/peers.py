@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import reference_features  # noqa: E402
-from bdiff.metrics.features import default_cache_dir, get_feature_extractor  # noqa: E402
+from bdiff.evaluate import reference_for  # noqa: E402
 from bdiff.metrics.report import evaluate_sample_set, markdown_table  # noqa: E402
 from bdiff.metrics.samples_file import SampleSet  # noqa: E402
 from bdiff.sampling.noise import NoiseSource  # noqa: E402
@@ -111,8 +110,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     denoiser = load_model(args.ckpt)
-    extractor = get_feature_extractor("digits", train_if_missing=True)
-    f_real = reference_features(extractor, "digits", default_cache_dir())
+    extractor, f_real = reference_for("digits")
     noise = NoiseSource(args.seed, range(args.n))
     x_T = noise.draw(tuple(denoiser.image_shape))
     rows = []
@@ -132,13 +130,19 @@ def main() -> None:
         record("diffusers-ddpm", args.reference_steps,
                run_diffusers("diffusers-ddpm", args.reference_steps, denoiser, x_T, args.seed, args.batch))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps({"ckpt": args.ckpt, "n": args.n, "rows": rows}, indent=2, default=str))
     columns = ["sampler", "budget", "nfe", "fd", "kid", "precision", "recall", "seconds",
                "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance", "auroc_worst_20"]
-    (args.out / "peers.md").write_text(markdown_table(rows, columns) + "\n")
+    write_results(args.out, "peers", {"ckpt": args.ckpt, "n": args.n, "rows": rows}, rows, columns)
     plot(rows, args.out)
-    print(markdown_table(rows, columns))
+
+
+def write_results(out: Path, stem: str, payload: object, rows: list[dict], columns: list[str]) -> None:
+    """Write ``<stem>.json`` (payload) and ``<stem>.md`` (a table of rows) into ``out``; print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    table = markdown_table(rows, columns)
+    (out / f"{stem}.md").write_text(table + "\n")
+    print(table)
 
 
 def plot(rows: list[dict], out: Path) -> None:

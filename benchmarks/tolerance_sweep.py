@@ -10,18 +10,16 @@ Writes benchmarks/results/tolerance_sweep.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import reference_features
-from bdiff.metrics.features import default_cache_dir, get_feature_extractor
-from bdiff.metrics.report import evaluate_sample_set, markdown_table
+from bdiff.evaluate import reference_for
+from bdiff.metrics.report import evaluate_sample_set
 from bdiff.sampling.recipe import Recipe
 
-from peers import run_ours  # noqa: E402  (benchmarks/ is the script's folder)
+from peers import run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,18 +52,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
-    extractor = get_feature_extractor("digits", train_if_missing=True)
-    f_real = reference_features(extractor, "digits", default_cache_dir())
+    extractor, f_real = reference_for("digits")
     rows = []
     for name, spec in GRID.items():
         samples = run_ours(Recipe.from_dict(spec, name=name), den, args.n, args.seed, 1000)
         rows.append({"recipe": name, **evaluate_sample_set(samples, f_real, extractor)})
         print(f"{name:48s} NFE {rows[-1]['nfe']:.2f} FD {rows[-1]['fd']:.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tolerance_sweep.json").write_text(json.dumps(rows, indent=2, default=str))
-    table = markdown_table(rows, ["recipe", "nfe", "fd", "kid", "precision", "recall", "seconds"])
-    (args.out / "tolerance_sweep.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, "tolerance_sweep", rows, rows, ["recipe", "nfe", "fd", "kid", "precision", "recall", "seconds"])
 
 
 if __name__ == "__main__":
