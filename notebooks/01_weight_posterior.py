@@ -1,0 +1,133 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. The weight posterior
+#
+# Which weights did training make uncertain, and how far did they move? For every Bayesian
+# parameter of a trained checkpoint we compare the mean-field posterior N(mu, sigma^2) with its
+# prior, look at the signal-to-noise ratio |mu|/sigma of the individual weights, and read off the
+# KL divergence each layer pays.
+
+# %% tags=["parameters"]
+CKPT = None  # a checkpoint path; None: the newest Bayesian runs/bdiff/*/checkpoints/last.ckpt
+FAST = False  # small mode for CI
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+
+from bdiff.analysis import ema_gap, posterior_snr, posterior_summary, resolve_checkpoint
+from bdiff.checkpoint import load_model, read_checkpoint
+
+torch.manual_seed(0)
+ckpt_path = resolve_checkpoint(CKPT)
+denoiser = load_model(ckpt_path)
+model = denoiser.model
+print(f"checkpoint: {ckpt_path}")
+print(f"Bayesian parameters: {model.bayesian_names or 'none'}")
+rows = posterior_summary(model)
+if not rows:
+    print("This checkpoint has no Bayesian layers (bayes.layers: none): there is no weight posterior to show.")
+
+# %% [markdown]
+# ## Per-layer summary
+#
+# One row per Bayesian parameter: mean prior and posterior std, their ratio (1 = the data
+# taught nothing about the spread, << 1 = the posterior is much tighter than the prior), the
+# median signal-to-noise ratio, the KL in nats and the RMS shift of the means from the
+# deterministic init.
+
+# %%
+header = f"{'parameter':<16}{'numel':>7}{'prior std':>11}{'post std':>11}{'ratio':>9}{'SNR med':>9}{'KL':>11}{'shift/prior':>12}"
+print(header)
+for r in rows:
+    print(
+        f"{r['name']:<16}{r['numel']:>7}{r['prior_std']:>11.3g}{r['posterior_std']:>11.3g}{r['std_ratio']:>9.3g}"
+        f"{r['snr_median']:>9.3g}{r['kl']:>11.4g}{r['shift_in_prior_std']:>12.3g}"
+    )
+if rows:
+    print(f"total KL: {sum(r['kl'] for r in rows):.4g} nats (the model's own kl_divergence(): {float(model.kl_divergence()):.4g})")
+
+# %% [markdown]
+# ## Posterior std against prior std
+#
+# Bars on a log scale: the gap between the two bars of a parameter is how much the data
+# shrank its weights' uncertainty.
+
+# %%
+if rows:
+    names = [r["name"] for r in rows]
+    xs = torch.arange(len(rows)).float()
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.5))
+    ax.bar(xs - 0.2, [r["prior_std"] for r in rows], width=0.4, label="prior std")
+    ax.bar(xs + 0.2, [r["posterior_std"] for r in rows], width=0.4, label="posterior std (mean)")
+    ax.set_xticks(xs.tolist(), names, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("standard deviation")
+    ax.set_title("Posterior vs prior std per Bayesian parameter")
+    ax.legend()
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# ## Signal-to-noise ratio of the weights
+#
+# |mu|/sigma per weight. Weights with SNR well above 1 are pinned down by the data; weights
+# near or below 1 could be pruned or switched sign without the posterior minding much
+# (Blundell et al. 2015, section 5.1).
+
+# %%
+if rows:
+    snr = posterior_snr(model)
+    fig, axes = plt.subplots(1, len(snr), figsize=(3.6 * len(snr), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], snr.items()):
+        values = values.clamp_min(1e-6)
+        bins = torch.logspace(float(values.min().log10()), float(values.max().log10()) + 1e-6, 30)
+        ax.hist(values.numpy(), bins=bins.numpy())
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
+        ax.set_title(f"{name} ({values.numel()} weights)")
+        ax.set_xlabel("|mu| / sigma")
+        ax.set_ylabel("weights")
+    fig.suptitle("Signal-to-noise ratio of the posterior weights")
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# ## How far the means moved, and what the KL costs
+#
+# Left: RMS shift of the posterior means from the deterministic init, in units of the prior
+# std. Right: KL(q||p) per layer (the price each layer pays in the ELBO, divided by the
+# dataset size there). If the checkpoint was trained with EMA, the gap between the EMA means
+# and the raw ones tells whether training had settled.
+
+# %%
+if rows:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7, 2.4 * len(rows)), 3.2))
+    ax1.bar(names, [r["shift_in_prior_std"] for r in rows], color="tab:green")
+    ax1.set_ylabel("RMS(mu - init) / prior std")
+    ax1.set_title("Shift of the posterior means from init")
+    ax2.bar(names, [r["kl"] for r in rows], color="tab:red")
+    ax2.set_ylabel("KL(q || p)  [nats]")
+    ax2.set_title("KL divergence per parameter")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    plt.show()
+
+    gap = ema_gap(read_checkpoint(ckpt_path))
+    if gap is None:
+        print("no current_model_state in the checkpoint (trained without EMA): EMA gap skipped")
+    else:
+        for name, value in gap.items():
+            print(f"EMA vs raw posterior mean, RMS gap for {name}: {value:.3g}")
