@@ -134,3 +134,45 @@ def test_default_subcommand_and_config() -> None:
     assert with_defaults([], "d.yaml") == ["fit", "--config", "d.yaml"]
     assert with_defaults(["--trainer.max_steps=3"], "d.yaml") == ["fit", "--config", "d.yaml", "--trainer.max_steps=3"]
     assert with_defaults(["fit", "--config", "x.yaml"], "d.yaml") == ["fit", "--config", "x.yaml"]
+
+
+def _poisoned_digits(batch_size: int = 64):
+    """Digits whose 3rd training batch (no shuffling) is all NaN."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from bdiff.lit.data import DigitsDataModule
+
+    class NaNBatch(Dataset):
+        def __init__(self, base: Dataset) -> None:
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            x = self.base[i]
+            return torch.full_like(x, float("nan")) if 2 * batch_size <= i < 3 * batch_size else x
+
+    class Poisoned(DigitsDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(NaNBatch(self.train_dataset), batch_size=batch_size, drop_last=True)
+
+    return Poisoned(batch_size=batch_size)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_loss_raises_naming_the_step_or_is_skipped(mode: str, tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from bdiff.lit.module import DiffusionModule
+
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), on_nonfinite=mode)
+    trainer = pl.Trainer(max_steps=5, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_checkpointing=False, limit_val_batches=0)
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match="at step 2"):
+            trainer.fit(model, _poisoned_digits())
+    else:
+        trainer.fit(model, _poisoned_digits())
+        assert model.skipped_batches == 1
+        assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +46,9 @@ class DiffusionModule(pl.LightningModule):
             the datamodule's ``num_train`` at setup.
         warm_start: a bdiff checkpoint whose U-Net weights initialise this model
             (and centre the prior when ``bayes.prior_center: init``).
+        on_nonfinite: a NaN/inf loss ``raise``s an error naming the step, or is ``skip``ped
+            (no optimizer step; counted in ``train/skipped_batches``). A non-finite
+            gradient always raises: a half-applied update would corrupt the weights.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class DiffusionModule(pl.LightningModule):
         kl_warmup_steps: int = 0,
         num_data: int | None = None,
         warm_start: str | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         net, bayes, schedule = _as(UNetConfig, net), _as(BayesConfig, bayes), _as(ScheduleConfig, schedule)
@@ -67,6 +71,8 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if kl_warmup_steps < 0 or lr_warmup_steps < 0:
             raise ValueError("model.kl_warmup_steps and model.lr_warmup_steps must be >= 0")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -79,6 +85,7 @@ class DiffusionModule(pl.LightningModule):
                 "kl_warmup_steps": kl_warmup_steps,
                 "num_data": num_data,
                 "warm_start": warm_start,
+                "on_nonfinite": on_nonfinite,
             }
         )
         self.denoiser = build_denoiser(net, bayes, schedule, warm_start=warm_start)
@@ -87,6 +94,7 @@ class DiffusionModule(pl.LightningModule):
         for name in self.bayes.bayesian_names:
             params[name].requires_grad_(False)
         self.num_data = num_data
+        self.skipped_batches = 0
 
     @property
     def bayes(self) -> BayesianUNet:
@@ -124,14 +132,21 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator else torch.randn_like(x0)
         return self.schedule.q_sample(x0, t, noise), t, noise
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         if self.num_data is None:
             raise RuntimeError("model.num_data is unknown: train with a datamodule or set model.num_data")
+        if not torch.isfinite(batch).all():
+            return self._nonfinite("non-finite values in the input batch", batch_idx)
         x_t, t, noise = self._noised(batch)
         beta = self.kl_weight()
-        loss = self.bayes.negative_elbo(x_t, t, noise, self.num_data, kl_weight=beta)
+        try:
+            loss = self.bayes.negative_elbo(x_t, t, noise, self.num_data, kl_weight=beta)
+        except ValueError as e:  # Pyro's validation refuses a NaN likelihood before we see the loss
+            if "invalid values" not in str(e):
+                raise
+            return self._nonfinite("non-finite network output", batch_idx)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+            return self._nonfinite(f"non-finite training loss {loss.item()}", batch_idx)
         n_pixels = batch[0].numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/nll_per_pixel", -self.bayes.last_loglik.mean() / n_pixels)
@@ -140,8 +155,25 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/kl_per_datum", self.bayes.kl_divergence() / self.num_data)
         return loss
 
+    def _nonfinite(self, what: str, batch_idx: int) -> None:
+        """Raise naming the step, or count the batch and return None (Lightning then skips the update)."""
+        if self.hparams["on_nonfinite"] == "raise":
+            raise FloatingPointError(
+                f"{what} at step {self.global_step} (batch {batch_idx}); "
+                "set model.on_nonfinite: skip to skip such batches"
+            )
+        self.skipped_batches += 1
+        self.log("train/skipped_batches", float(self.skipped_batches))
+        return None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])
+        norms = grad_norm(self, norm_type=2)
+        if not norms:  # a skipped batch: no gradients this step
+            return
+        norm = norms["grad_2.0_norm_total"]
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient norm {norm.item()} at step {self.global_step}")
+        self.log("train/grad_norm", norm)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Held-out denoising error and calibration of the predicted variance, at fixed seeded (t, noise)."""
