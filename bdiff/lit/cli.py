@@ -73,12 +73,14 @@ def with_defaults(argv: Sequence[str], default_config: str | Path) -> list[str]:
 def main(default_config: str | Path, argv: Sequence[str] | None = None, run: bool = True) -> BdiffCLI:
     """Entry point used by ``train.py``."""
     args = with_defaults(sys.argv[1:] if argv is None else argv, default_config)
+    if argv is None:  # run from the shell: LightningCLI reads sys.argv (and warns if given both)
+        sys.argv[1:] = args
     return BdiffCLI(
         DiffusionModule,
         ImageDataModule,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToRun,
-        args=args,
+        args=None if argv is None else args,
         run=run,
         parser_kwargs={"fit": {"description": "Train a Bayesian diffusion model."}},
     )
