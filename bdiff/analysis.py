@@ -39,6 +39,8 @@ __all__ = [
     "side_by_side_extremes",
     "to_unit",
     "image_grid",
+    "show",
+    "reliability_figure",
 ]
 
 
@@ -87,6 +89,7 @@ def resolve_checkpoint(ckpt: str | Path | None, root: str | Path = "runs/bdiff")
 
 
 # -- weight posterior ----------------------------------------------------------------------------
+@torch.no_grad()
 def posterior_snr(model: BayesianUNet) -> dict[str, Tensor]:
     """{parameter_name: |mu| / sigma} of the mean-field posterior, each flattened to (numel,)."""
     return {
@@ -95,6 +98,7 @@ def posterior_snr(model: BayesianUNet) -> dict[str, Tensor]:
     }
 
 
+@torch.no_grad()
 def posterior_summary(model: BayesianUNet) -> list[dict[str, Any]]:
     """One row per Bayesian parameter: how the posterior compares with the prior and the init.
 
@@ -218,18 +222,22 @@ def record_stack(records: Sequence[Mapping[str, Any]], key: str) -> Tensor:
 
 
 def step_trace(records: Sequence[Mapping[str, Any]]) -> Tensor:
-    """Timestep per sample per recorded step, (S, B): row s holds t *after* step s (-1 = finished).
+    """Timestep per sample per recorded step, (S, B): row s holds the t step s started from.
 
-    Prepending the starting t and differencing gives each step's size; a sample whose t stays
-    the same from one row to the next took no step (it finished earlier or was rejected).
+    The Recorder runs after the update and before the step is committed, so its ``t`` is the
+    timestep the prediction was made at; -1 marks a sample that had already finished. A
+    rejected step repeats the same t in the next row.
     """
     return record_stack(records, "t").long()
 
 
-def step_sizes(records: Sequence[Mapping[str, Any]], t_start: int) -> list[Tensor]:
-    """Per sample, the sizes of the steps it actually took: list of B tensors (steps_b,) from t_start."""
+def step_sizes(records: Sequence[Mapping[str, Any]]) -> list[Tensor]:
+    """Per sample, the sizes of the steps it took (the last one ends at t = -1): B tensors (steps_b,).
+
+    Needs a Recorder with ``every=1`` that kept every step (rejected steps give size 0 and are dropped).
+    """
     trace = step_trace(records)
-    full = torch.cat([torch.full_like(trace[:1], t_start), trace])
+    full = torch.cat([trace, torch.full_like(trace[:1], -1)])
     sizes = full[:-1] - full[1:]  # (S, B)
     return [col[col > 0] for col in sizes.T]
 
@@ -314,6 +322,71 @@ def image_grid(
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
             if r == 0 and col_titles is not None:
                 ax.set_title(str(col_titles[c]), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show(fig) -> None:
+    """Show a matplotlib figure inline in a notebook (any backend, Agg included), then close it.
+
+    Outside IPython this falls back to ``plt.show()``.
+    """
+    import matplotlib.pyplot as plt
+
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None:
+        import io
+
+        from IPython.display import Image, display
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        display(Image(data=buf.getvalue(), format="png"))  # PNG output whatever the backend
+        plt.close(fig)
+    else:
+        plt.show()
+
+
+def reliability_figure(curves_by_t: Mapping[int, Mapping[str, tuple[Tensor, Tensor, Tensor]]], title: str | None = None):
+    """One log-log reliability panel per timestep: predicted variance vs observed squared error per bin.
+
+    Args:
+        curves_by_t: t -> (kind -> ``reliability_curve`` output (pred_var, observed, counts), each (bins,)),
+            e.g. ``{t: reliability_at_t(den, x0, t) for t in (50, 250, 750)}``.
+        title: figure title.
+
+    Returns:
+        The ``matplotlib.figure.Figure``; the dashed diagonal is perfect calibration, points
+        above it are over-confident bins. Bins with a zero value cannot be drawn and are left out.
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(curves_by_t)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4), squeeze=False)
+    for ax, (t, curves) in zip(axes[0], curves_by_t.items()):
+        lo, hi = float("inf"), float("-inf")
+        for kind, (pred_var, observed, _counts) in curves.items():
+            keep = (pred_var > 0) & (observed > 0)
+            if not bool(keep.any()):
+                continue
+            x, y = pred_var[keep].numpy(), observed[keep].numpy()
+            ax.plot(x, y, marker="o", markersize=3, label=kind)
+            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+        if lo < hi:
+            ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="calibrated")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(f"t = {t}")
+        ax.set_xlabel("predicted variance (bin mean)")
+        ax.set_ylabel("observed squared error (bin mean)")
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -23,10 +23,16 @@ CKPT = None  # a checkpoint path; None: the newest Bayesian runs/bdiff/*/checkpo
 FAST = False  # small mode for CI
 
 # %%
+import os
+from pathlib import Path
+
+if Path.cwd().name == "notebooks" and Path("../bdiff").is_dir():  # Jupyter started in notebooks/
+    os.chdir("..")  # paths below (configs/, runs/) are relative to the repo root
+
 import matplotlib.pyplot as plt
 import torch
 
-from bdiff.analysis import ema_gap, posterior_snr, posterior_summary, resolve_checkpoint
+from bdiff.analysis import ema_gap, posterior_snr, posterior_summary, resolve_checkpoint, show
 from bdiff.checkpoint import load_model, read_checkpoint
 
 torch.manual_seed(0)
@@ -77,7 +83,7 @@ if rows:
     ax.set_title("Posterior vs prior std per Bayesian parameter")
     ax.legend()
     fig.tight_layout()
-    plt.show()
+    show(fig)
 
 # %% [markdown]
 # ## Signal-to-noise ratio of the weights
@@ -101,7 +107,7 @@ if rows:
         ax.set_ylabel("weights")
     fig.suptitle("Signal-to-noise ratio of the posterior weights")
     fig.tight_layout()
-    plt.show()
+    show(fig)
 
 # %% [markdown]
 # ## How far the means moved, and what the KL costs
@@ -123,7 +129,7 @@ if rows:
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    plt.show()
+    show(fig)
 
     gap = ema_gap(read_checkpoint(ckpt_path))
     if gap is None:

@@ -1,0 +1,158 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3. What the sampler does with the uncertainty
+#
+# The same seeds (so the same starting noise) through the sampler recipes in
+# `configs/sampler/`: plain DPM-Solver++, with precision-weighted blending, with adaptive
+# step sizes, with refinement of uncertain regions, and all of them together. We compare the
+# finished images and uncertainty maps, the blending gains, the step-size traces and the
+# number of denoiser calls (NFE) each sample cost.
+
+# %% tags=["parameters"]
+CKPT = None  # a checkpoint path; None: the newest Bayesian runs/bdiff/*/checkpoints/last.ckpt
+FAST = False  # small mode for CI
+SEED = 0
+
+# %%
+import os
+from pathlib import Path
+
+if Path.cwd().name == "notebooks" and Path("../bdiff").is_dir():  # Jupyter started in notebooks/
+    os.chdir("..")  # paths below (configs/, runs/) are relative to the repo root
+
+import matplotlib.pyplot as plt
+import torch
+
+from bdiff.analysis import image_grid, resolve_checkpoint, show, step_sizes, step_trace, to_unit
+from bdiff.checkpoint import load_model
+from bdiff.sampling.callbacks import Recorder
+from bdiff.sampling.recipe import Recipe
+
+torch.manual_seed(SEED)
+N = 8 if FAST else 16
+RECIPES = ["dpmpp", "dpmpp_blend", "ddim_adaptive", "dpmpp_refine", "uncertainty_full"]
+
+ckpt_path = resolve_checkpoint(CKPT)
+denoiser = load_model(ckpt_path)
+print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_names or 'none'}")
+if not denoiser.is_bayesian:  # blending needs epistemic variance
+    RECIPES = [r for r in RECIPES if r not in ("dpmpp_blend", "uncertainty_full")]
+
+# %% [markdown]
+# ## Run every recipe on the same seeds
+#
+# Each recipe gets a Recorder appended (it records t after every step, and the propagated
+# variance). Sample i depends only on (seed, i), so column i starts from the same noise in
+# every row.
+
+# %%
+results = {}
+for name in RECIPES:
+    recipe = Recipe.from_yaml(Path("configs/sampler") / f"{name}.yaml")
+    denoiser.num_samples = recipe.posterior_samples
+    sampler = recipe.build(denoiser)
+    sampler.callbacks.append(Recorder(keys=("var",), max_samples=N, max_records=1000))
+    results[name] = (sampler, sampler.sample(N, seed=SEED))
+    res = results[name][1]
+    print(
+        f"{name:<18} callbacks={[c['name'] for c in recipe.callbacks]}  mean NFE={res.nfe.float().mean():.1f}  "
+        f"mean var={res.variance.mean():.3g}  {res.seconds:.2f}s"
+    )
+
+# %% [markdown]
+# ## Finished samples and their uncertainty maps
+#
+# Top block: the samples of each recipe; bottom block: their propagated per-pixel variance,
+# on one colour scale for all recipes, so brighter means more uncertain everywhere.
+
+# %%
+k = min(N, 8)
+show(image_grid({name: to_unit(res.images[:k]) for name, (_, res) in results.items()},
+                col_titles=[f"seed {SEED}, #{i}" for i in range(k)], title="Samples (same noise per column)"))
+vmax = max(float(res.variance[:k].mean(1).max()) for _, res in results.values())
+fig = image_grid({name: res.variance[:k] for name, (_, res) in results.items()},
+                 col_titles=[f"#{i}" for i in range(k)], title="Finished uncertainty maps (variance)", cmap="magma")
+for ax in fig.axes:
+    for im in ax.get_images():
+        im.set_clim(0, vmax)
+show(fig)
+
+# %% [markdown]
+# ## How different are the samples?
+#
+# RMS pixel difference of each recipe's samples from plain DPM-Solver++ on the same seeds:
+# how much the uncertainty-driven callbacks actually change the outcome.
+
+# %%
+base = results[RECIPES[0]][1].images
+for name, (_, res) in results.items():
+    diff = (res.images - base).pow(2).flatten(1).mean(1).sqrt()
+    print(f"{name:<18} RMS difference from {RECIPES[0]}: mean {diff.mean():.3f}, max {diff.max():.3f}")
+
+# %% [markdown]
+# ## Blending gains
+#
+# The Kalman gain K (mean over pixels of the active samples) at each step: K = 1 takes the
+# new prediction as is, K < 1 leans on the history of earlier predictions.
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for name, (_, res) in results.items():
+    if "blend" in res.extras:
+        gains = res.extras["blend"]["gain"]
+        ax.plot(range(2, len(gains) + 2), gains, marker="o", label=name)
+ax.set_xlabel("step")
+ax.set_ylabel("mean Kalman gain K")
+ax.set_ylim(0, 1.05)
+ax.set_title("How much each step trusts its new prediction")
+ax.legend()
+fig.tight_layout()
+show(fig)
+
+# %% [markdown]
+# ## Step-size traces and cost
+#
+# Left: t against the loop iteration for every sample (one line per sample, log scale). Fixed-grid
+# recipes give one line; adaptive ones fan out because each sample chooses its own steps, taking
+# big steps while the model is confident (high t) and small ones near the clean image. Right:
+# NFE per sample (refinement passes count as calls); the recipes in `configs/sampler/` are set
+# to the same budget of about 10 calls, so they are compared at equal cost.
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+for c, (name, (sampler, res)) in enumerate(results.items()):
+    trace = step_trace(res.extras["recorder"])  # (S, N): t each step started from
+    full = torch.cat([trace, torch.full_like(trace[:1], -1)]).clamp(min=0)  # and where the last one ended
+    for i in range(full.shape[1]):
+        ax1.plot(full[:, i].numpy(), color=f"C{c}", alpha=0.5, label=name if i == 0 else None)
+ax1.set_xlabel("loop iteration")
+ax1.set_yscale("symlog", linthresh=10)
+ax1.set_ylabel("timestep t (0 = finished)")
+ax1.set_title("Timestep per iteration, per sample")
+ax1.legend(fontsize=7)
+names = list(results)
+nfe = [results[n][1].nfe.float() for n in names]
+means = torch.stack([v.mean() for v in nfe])
+spread = torch.stack([means - torch.stack([v.min() for v in nfe]), torch.stack([v.max() for v in nfe]) - means])
+ax2.bar(range(len(names)), means.numpy(), yerr=spread.numpy(), capsize=4, color=[f"C{i}" for i in range(len(names))])
+ax2.set_xticks(range(len(names)), names, rotation=25, ha="right")
+ax2.set_ylabel("NFE per sample")
+ax2.set_title("Denoiser calls per sample (mean, min-max)")
+fig.tight_layout()
+show(fig)
+
+# %%
+for name, (sampler, res) in results.items():
+    sizes = step_sizes(res.extras["recorder"])
+    print(f"{name:<18} step sizes of sample 0: {sizes[0].tolist()}")
