@@ -1,8 +1,9 @@
 """Every command shown in README.md runs (in a small mode) on this machine.
 
 Commands are read from the README's ``bash`` blocks and inline code spans. Each is
-run for real in a subprocess, rewritten only where it must be: placeholders get
-the session's tiny checkpoint and temp paths, training runs stop after 2 steps,
+run for real in a subprocess, rewritten only where it must be: placeholders (and
+the notebook runner's default checkpoint) get the session's tiny checkpoint and
+temp paths, training runs stop after 2 steps,
 sample counts shrink, and commands that need a GPU, a cluster launcher or a dataset
 download are type-checked with ``--print_config`` instead. The install-and-test
 quickstart command is what CI itself runs, so it is not repeated here.
@@ -61,6 +62,8 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
         if "image_folder" in cmd:
             args += ["--trainer.callbacks=[]", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
         return args
+    if "notebooks/execute.py" in cmd and "--ckpt" not in args:
+        args += ["--ckpt", str(ckpt)]  # a fresh clone has no runs/ for the default to find
     if "bdiff.sample" in cmd:
         swap = {"--accelerator": "cpu", "--devices": "2", "--n": "16"}
         args = [swap.get(args[i - 1], a) if i and args[i - 1] in swap else a for i, a in enumerate(args)]
