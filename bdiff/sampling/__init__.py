@@ -1,9 +1,9 @@
 """Reverse-process samplers. Knows only the Denoiser protocol (never Pyro)."""
 
-from bdiff.sampling.ddim import chain_variance, ddim_sample, ddim_timesteps
+from bdiff.sampling.ddim import chain_variance, ddim_sample
 from bdiff.sampling.sampler import SampleResult, Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, make_stepper
+from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, ddim_timesteps, make_stepper
 
 __all__ = [
     "DDIM",

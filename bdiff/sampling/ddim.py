@@ -1,6 +1,6 @@
-"""A plain deterministic DDIM loop (Song et al. 2021, eta = 0), the training-time preview sampler.
+"""The training-time preview: deterministic DDIM (Song et al. 2021, eta = 0) and a Monte Carlo uncertainty map.
 
-The full callback-based sampler lives beside it. The preview's uncertainty map is
+Both run the :class:`~bdiff.sampling.Sampler` with the DDIM stepper. The preview's uncertainty map is
 the Monte Carlo posterior variance of the final image: the same starting noise
 is run through K chains, each with its own weight sample (a ``chains`` Denoiser
 whose batch is chain-major), and the variance over chains is taken per pixel.
@@ -17,36 +17,19 @@ import torch
 from torch import Tensor
 
 from bdiff.denoiser import Denoiser
-
-
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """``steps`` descending timesteps with "trailing" spacing, starting at T-1 (Lin et al. 2024, Table 2).
-
-    Same grid as diffusers' ``timestep_spacing="trailing"``; the last step goes to x_0 (a_prev = 1).
-    """
-    if steps < 1 or steps > num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)
-    return (grid.round().long() - 1).tolist()
+from bdiff.sampling.noise import NoiseSource
+from bdiff.sampling.sampler import Sampler
+from bdiff.sampling.steppers import DDIM
 
 
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, x_T: Tensor, steps: int = 50, clip: bool = True) -> Tensor:
     """Run DDIM from noise ``x_T`` (B,C,H,W) for ``steps`` steps; returns x_0 (B,C,H,W) in [-1, 1] if ``clip``.
 
-    Uses the posterior-mean noise prediction; one denoiser call per step.
+    The :class:`~bdiff.sampling.Sampler` with the deterministic DDIM stepper, no callbacks:
+    the posterior-mean noise prediction, one denoiser call per step.
     """
-    schedule = denoiser.schedule
-    abar = schedule.alphas_cumprod.cpu()
-    times = ddim_timesteps(schedule.timesteps, steps)
-    x = x_T
-    for i, t in enumerate(times):
-        a_t = abar[t]
-        a_prev = abar[times[i + 1]] if i + 1 < len(times) else torch.ones((), dtype=torch.float64)
-        eps = denoiser.predict(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).eps
-        c_x = float((a_prev / a_t).sqrt())
-        c_e = float((1 - a_prev).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt())
-        x = c_x * x + c_e * eps
+    x = Sampler(denoiser, DDIM(), steps, history=0).run(x_T, NoiseSource(0, range(x_T.shape[0]))).x
     return x.clamp(-1, 1) if clip else x
 
 

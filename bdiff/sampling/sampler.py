@@ -32,10 +32,9 @@ import torch
 from torch import Tensor
 
 from bdiff.denoiser import Denoiser, Prediction
-from bdiff.sampling.ddim import ddim_timesteps
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import Stepper, alpha_bar_at
+from bdiff.sampling.steppers import Stepper, alpha_bar_at, ddim_timesteps
 
 
 class SamplerCallback:

@@ -22,6 +22,17 @@ import torch
 from torch import Tensor
 
 
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """``steps`` descending timesteps with "trailing" spacing, starting at T-1 (Lin et al. 2024, Table 2).
+
+    Same grid as diffusers' ``timestep_spacing="trailing"``; the last step goes to x_0 (a_prev = 1).
+    """
+    if steps < 1 or steps > num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)
+    return (grid.round().long() - 1).tolist()
+
+
 def alpha_bar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
     """a_t for integer t (B,), with a_{-1} = 1 (the clean image). float64 (B,)."""
     ac = alphas_cumprod.to(device=t.device, dtype=torch.float64)
