@@ -137,3 +137,34 @@ if rows:
     else:
         for name, value in gap.items():
             print(f"EMA vs raw posterior mean, RMS gap for {name}: {value:.3g}")
+
+# %% [markdown]
+# ## Effect of the prior scale
+#
+# The prior std of each Bayesian weight is `bayes.prior_scale / sqrt(fan_in)` (a config value).
+# Here we warm-start from this checkpoint and train the posterior a little longer under
+# several prior scales: a tighter prior pulls the posterior std down and costs more KL per
+# image; a looser one lets the data decide. (Short runs: the trend, not converged values.)
+
+# %%
+from bdiff.analysis import prior_scale_sweep
+
+if rows:
+    sweep = prior_scale_sweep(ckpt_path, prior_scales=(0.1, 1.0, 10.0), steps=5 if FAST else 300)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name in dict.fromkeys(r["parameter"] for r in sweep):
+        mine = [r for r in sweep if r["parameter"] == name]
+        scales = [r["prior_scale"] for r in mine]
+        ax1.plot(scales, [r["posterior_std"] for r in mine], "-o", label=f"{name} posterior")
+        ax1.plot(scales, [r["prior_std"] for r in mine], ":", label=f"{name} prior")
+        ax2.plot(scales, [r["kl_per_datum"] for r in mine], "-o", label=name)
+    for ax, ylabel in ((ax1, "mean std"), (ax2, "KL / N  [nats per image]")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bayes.prior_scale")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    ax1.set_title("Posterior vs prior std")
+    ax2.set_title("KL per image")
+    fig.tight_layout()
+    show(fig)

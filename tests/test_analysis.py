@@ -185,3 +185,16 @@ def test_figures_build() -> None:
     fig = reliability_figure({10: {"total": curve}, 500: {"total": curve}})
     assert [ax.get_title() for ax in fig.axes] == ["t = 10", "t = 500"]
     plt.close(fig)
+
+
+def test_prior_scale_sweep_trains_under_each_prior_scale(last_ckpt) -> None:
+    from bdiff.analysis import prior_scale_sweep
+
+    rows = prior_scale_sweep(last_ckpt, prior_scales=(0.1, 10.0), steps=2, batch_size=32)
+    assert {(r["prior_scale"], r["parameter"]) for r in rows} == {
+        (s, p) for s in (0.1, 10.0) for p in ("head.weight", "head.bias")
+    }
+    head = {r["prior_scale"]: r for r in rows if r["parameter"] == "head.weight"}
+    assert head[10.0]["prior_std"] == pytest.approx(100 * head[0.1]["prior_std"])
+    assert all(r["kl_per_datum"] > 0 and r["posterior_std"] > 0 for r in rows)
+    assert head[0.1]["kl_per_datum"] != pytest.approx(head[10.0]["kl_per_datum"])  # the prior scale matters
