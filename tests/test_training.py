@@ -176,3 +176,16 @@ def test_nonfinite_loss_raises_naming_the_step_or_is_skipped(mode: str, tmp_path
         trainer.fit(model, _poisoned_digits())
         assert model.skipped_batches == 1
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_guide_scales_get_their_own_learning_rate() -> None:
+    from bdiff.lit.module import DiffusionModule
+
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), lr=1e-3, lr_warmup_steps=0, guide_scale_lr_mult=30)
+    opt = model.configure_optimizers()["optimizer"]
+    scale_ids = {id(p) for n, p in model.named_parameters() if ".guide.scales." in n}
+    groups = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert groups[max(groups)] == scale_ids
+    assert min(groups) == pytest.approx(1e-3) and max(groups) == pytest.approx(3e-2)
+    with pytest.raises(ValueError, match="guide_scale_lr_mult"):
+        DiffusionModule(guide_scale_lr_mult=0)

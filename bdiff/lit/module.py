@@ -46,6 +46,8 @@ class DiffusionModule(pl.LightningModule):
             the datamodule's ``num_train`` at setup.
         warm_start: a bdiff checkpoint whose U-Net weights initialise this model
             (and centre the prior when ``bayes.prior_center: init``).
+        guide_scale_lr_mult: learning-rate multiplier for the guide's posterior scales (their
+            softplus-unconstrained values start near -7 and move slowly at the base rate).
         on_nonfinite: a NaN/inf loss ``raise``s an error naming the step, or is ``skip``ped
             (no optimizer step; counted in ``train/skipped_batches``). A non-finite
             gradient always raises: a half-applied update would corrupt the weights.
@@ -62,6 +64,7 @@ class DiffusionModule(pl.LightningModule):
         kl_warmup_steps: int = 0,
         num_data: int | None = None,
         warm_start: str | None = None,
+        guide_scale_lr_mult: float = 1.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
@@ -71,6 +74,8 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if kl_warmup_steps < 0 or lr_warmup_steps < 0:
             raise ValueError("model.kl_warmup_steps and model.lr_warmup_steps must be >= 0")
+        if guide_scale_lr_mult <= 0:
+            raise ValueError(f"model.guide_scale_lr_mult must be > 0, got {guide_scale_lr_mult}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
@@ -85,6 +90,7 @@ class DiffusionModule(pl.LightningModule):
                 "kl_warmup_steps": kl_warmup_steps,
                 "num_data": num_data,
                 "warm_start": warm_start,
+                "guide_scale_lr_mult": guide_scale_lr_mult,
                 "on_nonfinite": on_nonfinite,
             }
         )
@@ -191,8 +197,14 @@ class DiffusionModule(pl.LightningModule):
         self.log_dict(metrics, batch_size=batch.shape[0], prog_bar=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        lr = self.hparams["lr"]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        scales = [p for n, p in named if ".guide.scales." in n]
+        others = [p for n, p in named if ".guide.scales." not in n]
+        groups = [{"params": others, "lr": lr}]
+        if scales:
+            groups.append({"params": scales, "lr": lr * self.hparams.get("guide_scale_lr_mult", 1.0), "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams["weight_decay"])
         warmup = self.hparams["lr_warmup_steps"]
         sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / max(1, warmup), total_iters=max(1, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
