@@ -47,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def draw(recipe: Recipe, ckpt: str, indices: range, seed: int, batch_size: int, device: torch.device, progress: bool) -> dict:
-    """Sample the given global indices in chunks; returns images/variance in [-1,1] scale and NFE per sample."""
+def draw(recipe: Recipe, ckpt: str, indices: range, seed: int, batch_size: int, device: torch.device, progress: bool) -> tuple[dict, bool]:
+    """Sample the given global indices in chunks.
+
+    Returns images/variance in [-1,1] scale and NFE per sample, and whether the model is Bayesian.
+    """
     denoiser = load_model(ckpt, map_location=device, num_samples=recipe.posterior_samples)
     sampler = recipe.build(denoiser)
     empty = torch.zeros((0, *denoiser.image_shape))
@@ -59,7 +62,8 @@ def draw(recipe: Recipe, ckpt: str, indices: range, seed: int, batch_size: int, 
         images.append(result.images.cpu())
         variances.append(result.variance.cpu())
         nfe.append(result.nfe.cpu().float())
-    return {"images": torch.cat(images), "variance": torch.cat(variances), "nfe": torch.cat(nfe)}
+    parts = {"images": torch.cat(images), "variance": torch.cat(variances), "nfe": torch.cat(nfe)}
+    return parts, denoiser.is_bayesian
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -95,9 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.accelerator == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
-        parts = draw(recipe, args.ckpt, range(args.n), args.seed, args.batch_size, device, progress=True)
+        parts, bayesian = draw(recipe, args.ckpt, range(args.n), args.seed, args.batch_size, device, progress=True)
         parts["peak_memory_mb"] = peak_memory_mb(device)
-        bayesian = load_model(args.ckpt).is_bayesian
         write_outputs(out, parts, time.perf_counter() - start, recipe, args, bayesian)
         return
     from lightning.fabric import Fabric
@@ -108,14 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     lo = min(args.n, fabric.global_rank * per_rank)
     mine = range(lo, min(args.n, lo + per_rank))
     start = time.perf_counter()
-    parts = draw(recipe, args.ckpt, mine, args.seed, args.batch_size, fabric.device, progress=fabric.is_global_zero)
+    parts, bayesian = draw(recipe, args.ckpt, mine, args.seed, args.batch_size, fabric.device, progress=fabric.is_global_zero)
     padded = {k: _pad(v, per_rank) for k, v in parts.items()}
     gathered = {k: fabric.all_gather(v.to(fabric.device)) for k, v in padded.items()}  # (world, per_rank, ...)
     seconds = time.perf_counter() - start
     if fabric.is_global_zero:
         merged = {k: v.reshape(-1, *v.shape[2:])[: args.n].cpu() for k, v in gathered.items()}
         merged["peak_memory_mb"] = peak_memory_mb(fabric.device)  # rank 0
-        write_outputs(out, merged, seconds, recipe, args, load_model(args.ckpt).is_bayesian)
+        write_outputs(out, merged, seconds, recipe, args, bayesian)
     fabric.barrier()
 
 
