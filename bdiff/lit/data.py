@@ -46,7 +46,7 @@ def _load_image(path: str, mode: str) -> Image.Image:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert(mode)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(
             f"Could not read image file {path!r} ({type(e).__name__}: {e}). "
             "Remove or replace this file; it is not a valid image."
@@ -103,8 +103,8 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}.")
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if not _is_int(seed) or not -(2**63) <= seed < 2**64:  # the range torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = float(val_fraction)
@@ -256,15 +256,36 @@ class _TorchvisionDataModule(ImageDataModule):
             ) from e
 
     def _load_full(self) -> Dataset:
+        name = self.tv_class.__name__
         try:
             ds = self.tv_class(self.root, train=True, download=False, transform=_image_transform(self._resize))
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
             raise FileNotFoundError(
-                f"{self.tv_class.__name__} files not found (or corrupted) in {self._data_dir()!r} ({e}). "
+                f"{name} files not found (or corrupted) in {self._data_dir()!r} ({e}). "
                 "Set download: true (prepare_data(), which the Trainer calls automatically, then downloads "
                 "them), or point root at the folder that contains them."
             ) from e
+        except Exception as e:  # torchvision's parsers assert, or raise Type/Value/IndexError, on malformed files
+            raise ValueError(f"{name} files in {self._data_dir()!r} are malformed ({type(e).__name__}: {e}); "
+                             "delete them and download again") from e
+        self._check_items(ds)
         return _ImagesOnly(ds)
+
+    def _check_items(self, ds: Dataset) -> None:
+        """ValueError unless labels and images agree in number and the first image has the promised shape."""
+        name, where = self.tv_class.__name__, repr(self._data_dir())
+        targets = getattr(ds, "targets", None)
+        if targets is not None and len(targets) != len(ds):  # type: ignore[arg-type]
+            raise ValueError(f"{name} files in {where} hold {len(ds)} images but {len(targets)} labels")  # type: ignore[arg-type]
+        if len(ds) == 0:  # type: ignore[arg-type]
+            return  # setup() names the empty dataset
+        try:
+            shape = tuple(ds[0][0].shape)
+        except Exception as e:
+            raise ValueError(f"{name} files in {where}: the first image cannot be read ({type(e).__name__}: {e})") from e
+        expected = (self._channels, self._image_size, self._image_size)
+        if shape != expected:
+            raise ValueError(f"{name} files in {where} hold images of shape {shape}, expected {expected}")
 
 
 class MNISTDataModule(_TorchvisionDataModule):

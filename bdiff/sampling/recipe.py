@@ -15,6 +15,8 @@ ValueError that names the offending entry.
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,17 +51,20 @@ class Recipe:
         if not isinstance(data, dict):
             raise ValueError(f"sampler recipe {name!r} must be a mapping, got {type(data).__name__}")
         known = {"stepper", "steps", "posterior_samples", "callbacks"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
         if "stepper" not in data or "steps" not in data:
             raise ValueError(f"sampler recipe {name!r} needs 'stepper' and 'steps'")
         stepper = data["stepper"] if isinstance(data["stepper"], dict) else {"name": data["stepper"]}
+        callbacks = data.get("callbacks") or []
+        if not isinstance(callbacks, list):
+            raise ValueError(f"sampler recipe {name!r}: callbacks must be a list, got {callbacks!r}")
         recipe = cls(
             stepper=dict(stepper),
             steps=data["steps"],
             posterior_samples=data.get("posterior_samples", 8),
-            callbacks=[dict(c) if isinstance(c, dict) else {"name": c} for c in data.get("callbacks") or []],
+            callbacks=[dict(c) if isinstance(c, dict) else {"name": c} for c in callbacks],
             name=name,
         )
         recipe.validate()
@@ -70,13 +75,17 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"sampler recipe {str(path)!r} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()), name=path.stem)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"sampler recipe {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from e
+        return cls.from_dict(data, name=path.stem)
 
     def validate(self) -> None:
         """Build every part once so bad options fail before any sampling."""
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"sampler recipe {self.name!r}: steps must be an integer >= 1, got {self.steps!r}")
-        if not isinstance(self.posterior_samples, int) or self.posterior_samples < 1:
+        if isinstance(self.posterior_samples, bool) or not isinstance(self.posterior_samples, int) or self.posterior_samples < 1:
             raise ValueError(
                 f"sampler recipe {self.name!r}: posterior_samples (K) must be an integer >= 1, got {self.posterior_samples!r}"
             )
@@ -86,27 +95,37 @@ class Recipe:
     def build_stepper(self):
         opts = {k: v for k, v in self.stepper.items() if k != "name"}
         name = self.stepper.get("name")
-        if name not in STEPPERS:
+        if not isinstance(name, str) or name not in STEPPERS:
             raise ValueError(f"sampler recipe {self.name!r}: unknown stepper {name!r}; choose one of {sorted(STEPPERS)}")
+        self._check_options(f"stepper {name!r}", STEPPERS[name], opts)
         try:
             return make_stepper(name, **opts)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"sampler recipe {self.name!r}: bad options for stepper {name!r}: {e}") from e
 
     def build_callbacks(self) -> list[SamplerCallback]:
         out = []
         for spec in self.callbacks:
             name = spec.get("name")
-            if name not in CALLBACKS:
+            if not isinstance(name, str) or name not in CALLBACKS:
                 raise ValueError(
                     f"sampler recipe {self.name!r}: unknown callback {name!r}; choose from {sorted(CALLBACKS)}"
                 )
             opts = {k: v for k, v in spec.items() if k != "name"}
+            self._check_options(f"callback {name!r}", CALLBACKS[name], opts)
             try:
                 out.append(CALLBACKS[name](**opts))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise ValueError(f"sampler recipe {self.name!r}: bad options for callback {name!r}: {e}") from e
         return out
+
+    def _check_options(self, what: str, cls: type, opts: dict[str, Any]) -> None:
+        """ValueError naming the option whose value does not fit its default (type, finiteness, length)."""
+        params = inspect.signature(cls).parameters
+        for key, value in opts.items():
+            problem = _option_problem(value, params[key].default) if key in params else None
+            if problem:  # (an unknown key is named by the constructor's TypeError)
+                raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {key}={value!r} {problem}")
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
@@ -115,3 +134,26 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return {"stepper": self.stepper, "steps": self.steps, "posterior_samples": self.posterior_samples,
                 "callbacks": self.callbacks, "name": self.name}
+
+
+def _option_problem(value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot replace an option whose default is ``default``; None if it can (or no default)."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if isinstance(default, int) and not isinstance(value, int):
+            return "must be an integer"
+        return None if math.isfinite(value) else "must be finite"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            return "must be a list"
+        numeric = bool(default) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default)
+        if numeric and len(value) != len(default):
+            return f"must be a list of {len(default)} numbers"
+        problems = [_option_problem(v, default[0]) for v in value] if default else []
+        return next((f"(items {p})" for p in problems if p), None)
+    return None

@@ -24,6 +24,7 @@ for the comparison with Monte Carlo chains.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,13 @@ from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import Stepper, alpha_bar_at, ddim_timesteps
+
+
+def _integer(name: str, value: object, low: int | None = None) -> int:
+    """``value`` as an int; ValueError naming ``name`` if it is not an integer (bools refused) or below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        raise ValueError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
+    return int(value)
 
 
 class SamplerCallback:
@@ -95,13 +103,19 @@ class Sampler:
         max_iterations: int | None = None,
         propagation: str = "tweedie",
     ) -> None:
-        if propagation not in ("tweedie", "independent_eps"):
+        if not isinstance(propagation, str) or propagation not in ("tweedie", "independent_eps"):
             raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
         self.propagation = propagation
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if history < 0:
-            raise ValueError(f"history must be >= 0, got {history}")
+        if not isinstance(stepper, Stepper):
+            raise ValueError(f"stepper must be a Stepper (DDPM, DDIM, DPMSolverPP2M), got {type(stepper).__name__}")
+        steps, history = _integer("steps", steps, 1), _integer("history", history, 0)
+        if max_iterations is not None:
+            max_iterations = _integer("max_iterations", max_iterations, 1)
+        if isinstance(callbacks, SamplerCallback) or not isinstance(callbacks, Sequence):
+            raise ValueError(f"callbacks must be a list of SamplerCallback, got {type(callbacks).__name__}")
+        bad = [type(cb).__name__ for cb in callbacks if not isinstance(cb, SamplerCallback)]
+        if bad:
+            raise ValueError(f"callbacks must be SamplerCallback instances, got {bad}")
         self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
@@ -183,6 +197,22 @@ class Sampler:
         state.rejected += (state.active & ~state.accept).long()
 
     # -- the loop ---------------------------------------------------------------
+    def _check_x_T(self, x_T: Tensor) -> None:
+        """ValueError naming x_T unless it is a finite float batch (B,C,H,W) the denoiser can take."""
+        if not isinstance(x_T, Tensor):
+            raise ValueError(f"x_T must be a torch.Tensor (B,C,H,W), got {type(x_T).__name__}")
+        shape = getattr(self.denoiser, "image_shape", None)
+        expected = f"(B, {', '.join(map(str, shape))})" if shape is not None else "(B,C,H,W)"
+        if x_T.dim() != 4 or x_T.shape[0] < 1 or (shape is not None and tuple(x_T.shape[1:]) != tuple(shape)):
+            raise ValueError(f"x_T must have shape {expected} with B >= 1, got {tuple(x_T.shape)}")
+        params = getattr(self.denoiser, "parameters", None)
+        param = next(iter(params()), None) if callable(params) else None
+        dtype = param.dtype if param is not None else None
+        if not x_T.is_floating_point() or (dtype is not None and x_T.dtype != dtype):
+            raise ValueError(f"x_T has dtype {x_T.dtype}; the denoiser needs {dtype or 'a floating-point dtype'}")
+        if not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T contains NaN or inf")
+
     def init_state(self, x_T: Tensor) -> SamplerState:
         b = x_T.shape[0]
         t = torch.full((b,), int(self.grid[0]), device=x_T.device, dtype=torch.long)
@@ -195,6 +225,7 @@ class Sampler:
     @torch.no_grad()
     def run(self, x_T: Tensor, noise: NoiseSource) -> SamplerState:
         """Run the reverse process from x_T (B,C,H,W); returns the final state."""
+        self._check_x_T(x_T)
         state = self.init_state(x_T)
         self.noise = noise  # per-sample streams, also for callbacks that draw noise
         for cb in self.callbacks:
@@ -221,8 +252,7 @@ class Sampler:
         self, n: int, seed: int = 0, first_index: int = 0, device: torch.device | str = "cpu", clip: bool = True
     ) -> SampleResult:
         """Draw samples ``first_index .. first_index+n-1`` of run ``seed`` (each depends only on (seed, i))."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        n, seed, first_index = _integer("n", n, 1), _integer("seed", seed), _integer("first_index", first_index, 0)
         shape = tuple(self.denoiser.image_shape)
         noise = NoiseSource(seed, range(first_index, first_index + n))
         x_T = noise.draw(shape, device=device)
