@@ -5,16 +5,26 @@
   their uncertainty (per-pixel std over K posterior chains from the same noise),
   saves a PNG (samples | std maps) and logs both grids to W&B.
 * :class:`RunSummary`: at the end of fit, prints where everything went.
+* :class:`ExactResume`: saves the random-number generators and the position in the
+  shuffled epoch in every checkpoint, so a run killed and resumed from a checkpoint
+  continues bit for bit like one that never stopped (added to every fit by
+  :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`).
 """
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from bdiff.sampling import chain_variance, ddim_sample
 from bdiff.viz import save_side_by_side, uncertainty_grids
@@ -74,6 +84,12 @@ class SampleGrid(pl.Callback):
                 )
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}  # a resumed run draws its grids at the same steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", 0))
+
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.every_n_steps == 0:
@@ -117,3 +133,181 @@ class RunSummary(pl.Callback):
                     lines.append(f"  W&B: {run.url}")
         lines.append("  load it with: from bdiff import load_model; m = load_model('<checkpoint>')")
         print("\n".join(lines), flush=True)
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """This process's global RNG states (torch CPU and CUDA, NumPy, Python), as weights-only-loadable objects."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+
+
+class ResumableSampler(Sampler[int]):
+    """A DataLoader's sampler, wrapped so an epoch can be resumed part-way (installed by :class:`ExactResume`).
+
+    The wrapped sampler draws its order from ``generator`` (a RandomSampler's shuffling generator,
+    which the wrapper owns, so the DataLoader's own per-iterator seed draws do not touch it) or is
+    seeded per epoch (DistributedSampler: ``set_epoch``). The wrapper records the generator state at
+    the start of every epoch and can start the next epoch from a given state, skipping its first
+    ``skip`` indices without loading them.
+    """
+
+    def __init__(self, inner: Sampler[int], generator: torch.Generator | None) -> None:
+        self.inner, self.generator = inner, generator
+        self.epoch_start_state: torch.Tensor | None = None
+        self._resume: tuple[torch.Tensor | None, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.inner, "set_epoch", None)):
+            self.inner.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def resume_next_epoch(self, generator_state: torch.Tensor | None, skip: int) -> None:
+        """Start the next ``iter()`` from ``generator_state`` and drop its first ``skip`` indices."""
+        self._resume = (generator_state, skip)
+
+    def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self._resume is not None:
+            (state, skip), self._resume = self._resume, None
+            if state is not None and self.generator is not None:
+                self.generator.set_state(state)
+        if self.generator is not None:
+            self.epoch_start_state = self.generator.get_state()
+        return itertools.islice(iter(self.inner), skip, None)  # RandomSampler draws its permutation lazily
+
+
+def _train_loaders(trainer: pl.Trainer) -> list[DataLoader]:
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    return [dl for dl in loaders if isinstance(dl, DataLoader)]
+
+
+def _resumable_sampler(loader: DataLoader) -> ResumableSampler | None:
+    """The loader's :class:`ResumableSampler`, installed on first use; None if the loader has no batch sampler."""
+    batch_sampler = loader.batch_sampler
+    inner = getattr(batch_sampler, "sampler", None)
+    if inner is None:
+        return None
+    if isinstance(inner, ResumableSampler):
+        return inner
+    generator = None
+    if isinstance(inner, RandomSampler):
+        # The sampler gets a generator of its own, continuing from the loader's current state (the same
+        # first epoch as before); without one it would seed each epoch from the global torch RNG.
+        generator = torch.Generator()
+        if inner.generator is not None:
+            generator.set_state(inner.generator.get_state())
+        else:
+            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        inner.generator = generator
+    wrapped = ResumableSampler(inner, generator)
+    batch_sampler.sampler = wrapped  # type: ignore[union-attr]  # read lazily by BatchSampler.__iter__
+    return wrapped
+
+
+class ExactResume(pl.Callback):
+    """Make a run resumed from a checkpoint continue exactly like one that never stopped.
+
+    Lightning restores weights, optimizers, schedulers, callbacks and loop counters, but not
+
+    * the random number generators: Pyro's weight noise, the diffusion time t and the noise added
+      to x_0 all come from torch's global generator (each rank has its own stream under DDP);
+    * the position inside a shuffled epoch: a plain DataLoader restarts its epoch, and its
+      shuffling generator, from the beginning.
+
+    The training stream is handed from batch to batch: the global RNG states (torch CPU and CUDA,
+    NumPy, Python) are taken at the end of every training batch and put back at the start of the
+    next one, so whatever runs in between (validation, its dataloader's seed draw, sample grids,
+    epoch hooks, a resumed run's start-up) cannot shift it. Every checkpoint stores those states
+    for every rank, and per training DataLoader the shuffling generator's state at the start of
+    the current epoch and the number of batches already trained in it; a resumed epoch replays
+    the same permutation and skips the batches already seen (indices only, nothing is loaded).
+
+    Added to every fit by :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._rng: dict[str, Any] | None = None  # the training stream as the last training batch left it
+        self._to_restore: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._rng is not None:
+            set_rng_states(self._rng)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._rng = collect_rng_states()
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if trainer is None:
+            return {}
+        rng = self._rng if self._rng is not None else collect_rng_states()
+        world = trainer.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank: list[Any] = [None] * world
+            torch.distributed.all_gather_object(per_rank, rng)  # every rank builds the checkpoint dict
+        else:
+            per_rank = [rng]
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch_finished = done >= trainer.num_training_batches
+        loaders = []
+        for loader in _train_loaders(trainer):
+            sampler = _resumable_sampler(loader)
+            gen = None if sampler is None else sampler.generator
+            state = None
+            if gen is not None:  # a finished epoch resumes with the next one, from the generator as it is now
+                state = gen.get_state() if epoch_finished else sampler.epoch_start_state  # type: ignore[union-attr]
+            loaders.append({"generator_state": state, "skip_batches": 0 if epoch_finished else int(done)})
+        return {"rng_per_rank": per_rank, "loaders": loaders}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict or None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = _train_loaders(trainer)
+        samplers = [_resumable_sampler(dl) for dl in loaders]  # installed before the first batch is drawn
+        state, self._to_restore = self._to_restore, None
+        if state is None:
+            return
+        per_rank = state["rng_per_rank"]
+        if len(per_rank) != trainer.world_size:
+            rank_zero_warn(
+                f"ExactResume: the checkpoint was written by {len(per_rank)} process(es), this run has "
+                f"{trainer.world_size}: random streams are restored per rank modulo {len(per_rank)}, not exactly."
+            )
+        self._rng = per_rank[trainer.global_rank % len(per_rank)]  # put back at the first batch
+        if len(state["loaders"]) != len(loaders):
+            rank_zero_warn("ExactResume: the number of training dataloaders changed; the data order is not restored.")
+            return
+        for loader, sampler, saved in zip(loaders, samplers, state["loaders"]):
+            batch_size = getattr(loader.batch_sampler, "batch_size", None)
+            if sampler is None or batch_size is None:
+                rank_zero_warn("ExactResume: a training dataloader without a batch sampler restarts its epoch.")
+                continue
+            sampler.resume_next_epoch(saved["generator_state"], saved["skip_batches"] * batch_size)

@@ -12,16 +12,19 @@ linearly from ~0 to 1 over ``kl_warmup_steps`` (KL warm-up / annealing).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet
 from bdiff.checkpoint import plain_config, build_denoiser
+from bdiff.lit.callbacks import ExactResume
 from bdiff.nets import UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
 
@@ -125,6 +128,23 @@ class DiffusionModule(pl.LightningModule):
             datamodule.setup(stage)
             self.num_data = datamodule.num_train
             self.hparams["num_data"] = self.num_data
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Every fit saves the RNG and data-order state needed to resume bit for bit (see :class:`ExactResume`)."""
+        return [ExactResume()]
+
+    def on_fit_start(self) -> None:
+        """Under DDP, give every rank its own random stream for t, x_t noise and Pyro's weight noise.
+
+        ``seed_everything`` seeds every rank alike, so all ranks would draw the same t, the same
+        noise and the same weight sample for their (different) images. Each rank is reseeded from
+        (global seed, rank) after the model is built and broadcast, so the initial weights stay
+        identical; a single process keeps its stream unchanged.
+        """
+        if self.trainer.world_size > 1:
+            base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            seed = np.random.SeedSequence([base, self.global_rank]).generate_state(1, dtype=np.uint64)[0]
+            torch.manual_seed(int(seed))
 
     def kl_weight(self) -> float:
         """KL warm-up factor in (0, 1] at the current step."""

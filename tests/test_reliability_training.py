@@ -1,0 +1,154 @@
+"""Training reliability (issue 7): exact resume after SIGKILL, crash mid checkpoint write,
+W&B failing mid-run, 2-process DDP on CPU.
+
+Every training here runs ``train.py`` (or a small DDP script) in a subprocess with one
+thread (``OMP_NUM_THREADS=1``): CPU float results then do not depend on how many
+threads a busy machine hands out, and several runs can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+# Not imported from tests.conftest: the training subprocesses import this module (for KillAtStep)
+# and conftest sets torch's thread count on import.
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+class KillAtStep(pl.Callback):
+    """Test-only: SIGKILL this very process at the start of the batch after ``step`` optimizer steps.
+
+    A SIGKILL cannot be caught: no ``finally``, no Lightning teardown, no logger flush runs.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true")
+    env.update(extra)
+    return env
+
+
+def _train(run: Path, *extra: str, callbacks: list[dict[str, Any]], csv: str = "csv",
+           timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python train.py fit --config configs/debug.yaml`` with a CSV logger (every step) in ``run/<csv>``."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": csv}}
+    args = [
+        sys.executable, "train.py", "fit", "--config", str(CONFIGS / "debug.yaml"),
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger={json.dumps(logger)}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _loss_curve(run: Path, csv_name: str = "csv") -> dict[int, dict[str, str]]:
+    """{step: {metric: value}} from the CSV logger's metrics.csv (one row per logging call)."""
+    (path,) = (run / csv_name).glob("version_*/metrics.csv")
+    out: dict[int, dict[str, str]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            out.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v not in ("", None)})
+    return out
+
+
+def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor (and number) in a nested checkpoint structure, keyed by its path."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = torch.tensor(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+CKPT_EVERY = 5  # the debug config's digits loader gives 25 batches per epoch
+
+
+def _callbacks(ckpt_dir: Path, kill_at: int | None = None) -> list[dict[str, Any]]:
+    cbs: list[dict[str, Any]] = [
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": CKPT_EVERY, "save_top_k": -1,
+                          "save_last": True, "filename": "{step}"},
+        },
+    ]
+    if kill_at is not None:
+        cbs.append({"class_path": "tests.test_reliability_training.KillAtStep", "init_args": {"step": kill_at}})
+    return cbs
+
+
+@pytest.mark.parametrize(
+    ("n_steps", "kill_at"),
+    [pytest.param(60, 37, id="mid-epoch"), pytest.param(30, 27, id="end-of-epoch")],
+)
+def test_resume_after_sigkill_is_exact(n_steps: int, kill_at: int, tmp_path: Path) -> None:
+    """Train ``n_steps`` straight vs. SIGKILL at step ``kill_at`` + resume from the last checkpoint.
+
+    Checkpoints every 5 steps, so the resumed run redoes the steps after the last one. mid-epoch:
+    killed at 37, resumed from 35, inside epoch 1 (after an epoch boundary and a validation).
+    end-of-epoch: resumed from 25, the last batch of epoch 0, whose validation the straight run
+    did after the checkpoint and the resumed run does not repeat. The resumed run must restore
+    weights, guide locs/scales, AdamW and LR-scheduler state, the EMA copy, the global torch RNG
+    (Pyro's weight noise, t, x_t noise) and the dataloader's place in its shuffled epoch. With one
+    thread and the same ops in the same order, CPU arithmetic is deterministic, so everything
+    must agree *bitwise*, and the logged metrics after the resume point must be the same numbers.
+    """
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    steps = f"--trainer.max_steps={n_steps}"
+    done = _train(straight, steps, callbacks=_callbacks(straight / "ckpt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    died = _train(killed, steps, callbacks=_callbacks(killed / "ckpt", kill_at))
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    last = killed / "ckpt" / "last.ckpt"
+    resume_step = torch.load(last, weights_only=True)["global_step"]
+    assert resume_step == kill_at // CKPT_EVERY * CKPT_EVERY
+    assert not (killed / "ckpt" / f"step={n_steps}.ckpt").exists()
+
+    resumed = _train(killed, steps, f"--ckpt_path={last}", callbacks=_callbacks(killed / "ckpt"), csv="resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = torch.load(straight / "ckpt" / f"step={n_steps}.ckpt", weights_only=True)
+    b = torch.load(killed / "ckpt" / f"step={n_steps}.ckpt", weights_only=True)
+    assert any(".guide.locs." in k for k in a["state_dict"]) and any(".guide.scales." in k for k in a["state_dict"])
+    # state_dict: EMA weights (EMAWeightAveraging writes the average there); current_model_state: raw weights
+    for part in ("state_dict", "current_model_state", "averaging_state", "optimizer_states", "lr_schedulers"):
+        ta, tb = _tensors(a[part]), _tensors(b[part])
+        assert ta.keys() == tb.keys() and ta, part
+        diffs = {k: (ta[k].double() - tb[k].double()).abs().max().item() for k in ta if ta[k].numel()}
+        assert max(diffs.values()) == 0.0, (part, {k: v for k, v in diffs.items() if v > 0})
+
+    curve_a, curve_b = _loss_curve(straight), _loss_curve(killed, "resumed")
+    after = sorted(s for s in curve_a if s >= resume_step)
+    assert after == sorted(curve_b) and after[-1] == n_steps - 1
+    for step in after:
+        assert "train/loss" in curve_a[step] and curve_a[step] == curve_b[step], step
