@@ -68,6 +68,10 @@ class VarianceWeightedBlending(SamplerCallback):
         if "x0" not in mem:
             mem.update(x0=state.x0.clone(), p=state.x0_var.clone(), v=v_now, seen=state.active.clone())
             return
+        if state.restarts is not None:  # a sample sent back for another pass starts a fresh filter
+            fresh = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
+            mem["seen"] = mem["seen"] & ~fresh
+            mem["restarts"] = state.restarts.clone()
         seen = mem["seen"] & state.active
         p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
         gain = torch.where(_bcast(seen, r), p_prior / (p_prior + r).clamp(min=1e-20), torch.ones_like(r))

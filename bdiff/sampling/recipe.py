@@ -25,6 +25,7 @@ import yaml
 
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
+from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.steppers import STEPPERS, make_stepper
 
@@ -33,6 +34,7 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "adaptive": AdaptiveStepSize,
     "refine": UncertainRegionRefinement,
     "recorder": Recorder,
+    "critic": CriticCorrection,
 }
 
 

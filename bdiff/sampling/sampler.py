@@ -51,6 +51,9 @@ class SamplerCallback:
     name: str = "callback"
     needs_bayes: bool = False  # True: refuses a denoiser without epistemic variance
 
+    def check(self, denoiser: Denoiser) -> None:
+        """Raise ValueError if this callback cannot work with ``denoiser`` (called before any sampling)."""
+
     def on_start(self, state: SamplerState, sampler: Sampler) -> None: ...
 
     def before_model(self, state: SamplerState, sampler: Sampler) -> None: ...
@@ -124,6 +127,7 @@ class Sampler:
                     f"sampler callback {cb.name!r} needs a Bayesian denoiser (epistemic variance), "
                     "but this checkpoint has no Bayesian layers (bayes.layers: none)"
                 )
+            cb.check(denoiser)
         self.history = history
         self.grid = torch.tensor(ddim_timesteps(denoiser.schedule.timesteps, steps) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
@@ -195,6 +199,13 @@ class Sampler:
         state.t[rows] = state.t_next[rows]
         state.t_next[rows] = self.next_on_grid(state.t[rows])
         state.rejected += (state.active & ~state.accept).long()
+        # A sample sent back to a noisier t starts its multistep memory afresh (first-order step).
+        restarted = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
+        if restarted.any():
+            mem["a_prev"][restarted] = float("nan")
+            mem["x0_prev"][restarted] = 0
+            mem["amp_x0_prev"][restarted] = 0
+            mem["restarts"] = state.restarts.clone()
 
     # -- the loop ---------------------------------------------------------------
     def _check_x_T(self, x_T: Tensor) -> None:
@@ -220,6 +231,7 @@ class Sampler:
         return SamplerState(
             x=x_T.clone(), t=t, t_next=self.next_on_grid(t), active=t >= 0, amp=torch.zeros_like(x_T),
             nfe=zeros.clone(), rejected=zeros.clone(), flags=torch.zeros(b, dtype=torch.bool, device=x_T.device),
+            restarts=zeros.clone(),
         )
 
     @torch.no_grad()

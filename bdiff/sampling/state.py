@@ -32,6 +32,10 @@ class SamplerState:
         nfe: sequential denoiser calls per sample so far (extra passes included).
         rejected: rejected steps per sample.
         flags: samples flagged by a callback for another pass.
+        restarts: how often each sample was sent back to a noisier t for another pass. A
+            callback that restarts a sample (sets a larger ``t_next`` after the update) adds 1;
+            the sampler then clears the stepper's multistep memory for it, and callbacks with
+            per-sample memory (blending) start afresh.
         history: earlier steps' {"t", "x0", "x0_var"} (bounded by the sampler's ``history``).
         extras: free space for callbacks (keyed by callback name).
         memory: the stepper's multistep memory (previous x0, its amplitude, a_prev).
@@ -45,6 +49,7 @@ class SamplerState:
     nfe: Tensor
     rejected: Tensor
     flags: Tensor
+    restarts: Tensor | None = None
     step: int = 0
     prediction: Prediction | None = None
     x0: Tensor | None = None

@@ -1,0 +1,218 @@
+"""Critic-driven error correction: discriminator guidance plus a bounded re-noise/re-denoise loop.
+
+Two things, in one sampler callback:
+
+1. **Correction** (Discriminator Guidance, Kim et al., ICML 2023, eq. 9). A time-conditioned
+   discriminator d(x_t, t) trained on real vs generated x_t has, at its optimum,
+   logit(x_t, t) = log p_data_t(x_t) - log p_model_t(x_t); its gradient is the missing part of
+   the model's score. With score = -eps / sigma_t the corrected noise prediction is
+   eps' = eps - w sigma_t grad logit, so the x0 estimate moves by
+
+       x0' = x0 + w (1 - a_t) / sqrt(a_t) * grad_x logit(x_t, t)        for t in ``t_range``.
+
+2. **Consistency loop**. When a sample is about to finish, the critic scores the clean image
+   (logit at ``flag_t``). A sample whose logit is below ``threshold`` is flagged and sent back:
+   re-noised by the forward process to ``t_back`` and denoised again along the sampler's grid,
+   at most ``retries`` times. ``mode="region"`` re-does only the pixels where the critic's
+   gradient magnitude times the propagated posterior std is in the top ``1 - region_quantile``
+   of the image; the other pixels are pinned to the previous result by forward-noising it at
+   every step (RePaint, Lugmayr et al. 2022). Every extra denoiser call lands in ``nfe``;
+   critic evaluations are counted separately (``extras["critic"]["critic_calls"]``).
+
+Recommended order: blend -> adaptive -> refine -> critic -> recorder (the correction then acts on
+the blended x0 and the final check sees the refined image). An ``adaptive`` budget covers the
+extra passes too: a sample out of budget jumps to the clean image after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bdiff.critic import Critic, load_critic
+from bdiff.denoiser import Denoiser
+from bdiff.sampling.sampler import Sampler, SamplerCallback
+from bdiff.sampling.state import SamplerState
+from bdiff.sampling.steppers import alpha_bar_at
+
+MAX_RETRIES = 10
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class CriticCorrection(SamplerCallback):
+    """Discriminator guidance and critic-flagged re-denoising (see module docstring).
+
+    Args:
+        critic: a critic checkpoint path (``python -m bdiff.lit.critic_module fit ...``) or a :class:`Critic`.
+        weight: guidance weight w (0 turns the correction off; the loop still runs).
+        t_range: [lo, hi] timesteps where the correction is applied.
+        retries: R, the most extra passes per sample (0 turns the loop off).
+        threshold: a finished sample with logit below this is flagged (0 = "D < 1/2").
+        t_back: the timestep a flagged sample is re-noised to.
+        flag_t: the timestep at which the critic scores a finished image.
+        mode: ``sample`` (re-do the whole image) or ``region`` (re-do only the flagged pixels).
+        region_quantile: in region mode, pixels above this quantile of |grad| * std are re-done.
+        max_nfe: a flagged sample goes back only if its denoiser calls so far plus the pass
+            (the grid steps from t_back down) stay within this budget (None: no budget).
+    """
+
+    name = "critic"
+
+    def __init__(
+        self,
+        critic: str | Path | Critic,
+        weight: float = 1.0,
+        t_range: Sequence[int] = (0, 999),
+        retries: int = 1,
+        threshold: float = 0.0,
+        t_back: int = 300,
+        flag_t: int = 0,
+        mode: str = "sample",
+        region_quantile: float = 0.7,
+        max_nfe: int | None = None,
+    ) -> None:
+        if weight < 0:
+            raise ValueError(f"critic weight must be >= 0, got {weight}")
+        if len(t_range) != 2 or not 0 <= t_range[0] <= t_range[1]:
+            raise ValueError(f"critic t_range must be [lo, hi] with 0 <= lo <= hi, got {list(t_range)}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"critic retries must be an integer in [0, {MAX_RETRIES}] (the loop is bounded), got {retries!r}")
+        if t_back < 1 or flag_t < 0:
+            raise ValueError(f"critic needs t_back >= 1 and flag_t >= 0, got t_back={t_back}, flag_t={flag_t}")
+        if mode not in ("sample", "region"):
+            raise ValueError(f"critic mode must be 'sample' or 'region', got {mode!r}")
+        if not 0 < region_quantile < 1:
+            raise ValueError(f"critic region_quantile must be in (0, 1), got {region_quantile}")
+        if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
+            raise ValueError(f"critic max_nfe must be a positive integer or null, got {max_nfe!r}")
+        self.max_nfe = max_nfe
+        self._critic_source = critic
+        self._critic: Critic | None = critic if isinstance(critic, Critic) else None
+        self.weight, self.t_range, self.retries, self.threshold = float(weight), tuple(t_range), retries, float(threshold)
+        self.t_back, self.flag_t, self.mode, self.region_quantile = t_back, flag_t, mode, region_quantile
+
+    @property
+    def critic(self) -> Critic:
+        """The critic, loaded from its checkpoint on first use (so a recipe parses without it)."""
+        if self._critic is None:
+            self._critic = load_critic(self._critic_source)  # type: ignore[arg-type]
+        return self._critic
+
+    def check(self, denoiser: Denoiser) -> None:
+        self.critic.check_compatible(tuple(denoiser.image_shape), denoiser.schedule)
+        if self.t_back >= denoiser.schedule.timesteps or self.t_range[1] >= denoiser.schedule.timesteps:
+            raise ValueError(
+                f"critic t_back={self.t_back} and t_range={list(self.t_range)} must lie below the schedule's "
+                f"{denoiser.schedule.timesteps} steps"
+            )
+
+    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
+        self.critic.to(state.x.device)
+        b = state.x.shape[0]
+        zeros = torch.zeros(b, dtype=torch.long, device=state.x.device)
+        state.extras[self.name] = {
+            "retries": zeros.clone(), "flagged": torch.zeros(b, dtype=torch.bool, device=state.x.device),
+            "critic_calls": zeros.clone(), "final_logit": torch.full((b,), float("nan"), device=state.x.device),
+            "first_logit": torch.full((b,), float("nan"), device=state.x.device),
+            "keep": None, "mask": None, "repairing": torch.zeros(b, dtype=torch.bool, device=state.x.device),
+        }
+
+    # -- 1. discriminator guidance ---------------------------------------------------------------
+    def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
+        if self.weight == 0:
+            return
+        lo, hi = self.t_range
+        rows = (state.active & (state.t >= lo) & (state.t <= hi)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        t = state.t[rows]
+        _, grad = self.critic.logit_and_grad(state.x[rows], t)
+        a = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, t)
+        state.x0[rows] = state.x0[rows] + self.weight * _bcast((1 - a) / a.sqrt(), grad) * grad
+        state.extras[self.name]["critic_calls"][rows] += 1
+
+    # -- 2. the consistency loop ------------------------------------------------------------------
+    def after_update(self, state: SamplerState, sampler: Sampler) -> None:
+        mem = state.extras[self.name]
+        ending = state.active & state.accept & (state.t_next < 0)
+        if mem["repairing"].any():
+            self._pin_unflagged_pixels(state, sampler, ending)
+        rows = ending.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        x_final = state.x_next[rows].clamp(-1, 1)
+        flag_t = torch.full_like(rows, self.flag_t)
+        logit, grad = self.critic.logit_and_grad(x_final, flag_t)
+        mem["critic_calls"][rows] += 1
+        mem["final_logit"][rows] = logit.to(mem["final_logit"].dtype)
+        first = torch.isnan(mem["first_logit"][rows])
+        mem["first_logit"][rows[first]] = logit[first].to(mem["first_logit"].dtype)
+        bad = (logit < self.threshold) & (mem["retries"][rows] < self.retries)
+        if self.max_nfe is not None:
+            bad &= state.nfe[rows] + self.pass_cost(sampler) <= self.max_nfe
+        mem["flagged"][rows[logit < self.threshold]] = True
+        mem["repairing"][rows] = False
+        if not bad.any():
+            return
+        back = rows[bad]
+        self._restart(state, sampler, back, x_final[bad], grad[bad])
+
+    def pass_cost(self, sampler: Sampler) -> int:
+        """Denoiser calls of one extra pass: from t_back down the sampler's grid to the clean image."""
+        grid = sampler.grid
+        return 1 + int(((grid >= 0) & (grid < self.t_back)).sum())
+
+    def _restart(self, state: SamplerState, sampler: Sampler, rows: Tensor, x_final: Tensor, grad: Tensor) -> None:
+        """Re-noise ``rows`` to t_back (forward process) and send them back along the grid."""
+        mem = state.extras[self.name]
+        a_back = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, torch.full_like(rows, self.t_back))
+        z = sampler.noise.draw(tuple(x_final.shape[1:]), rows, x_final.device).to(x_final.dtype)
+        state.x_next[rows] = _bcast(a_back.sqrt(), x_final) * x_final + _bcast((1 - a_back).sqrt(), x_final) * z
+        state.memory["amp_next"][rows] = _bcast(a_back.sqrt(), x_final) * state.memory["amp_next"][rows]
+        state.t_next[rows] = self.t_back
+        state.restarts[rows] += 1
+        state.flags[rows] = True
+        mem["retries"][rows] += 1
+        if self.mode == "region":
+            if mem["keep"] is None:
+                mem["keep"], mem["mask"] = torch.zeros_like(state.x), torch.zeros_like(state.x)
+            std = state.memory["amp_next"][rows].abs() + 1e-12  # propagated posterior std of the image
+            score = grad.abs() / grad.abs().flatten(1).mean(1).clamp(min=1e-12).reshape(-1, 1, 1, 1)
+            score = score * std / std.flatten(1).mean(1).reshape(-1, 1, 1, 1)
+            thresh = torch.quantile(score.flatten(1), self.region_quantile, dim=1)
+            mem["mask"][rows] = (score >= _bcast(thresh, score)).to(state.x.dtype)  # flat score: whole image
+            mem["keep"][rows] = x_final
+            mem["repairing"][rows] = True
+
+    def _pin_unflagged_pixels(self, state: SamplerState, sampler: Sampler, ending: Tensor) -> None:
+        """Region mode: pixels outside the mask follow the forward-noised previous result (RePaint)."""
+        mem = state.extras[self.name]
+        rows = (mem["repairing"] & state.active & state.accept).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        keep, mask = mem["keep"][rows], mem["mask"][rows]
+        s = state.t_next[rows]
+        a_s = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, s)
+        z = sampler.noise.draw(tuple(keep.shape[1:]), rows, keep.device).to(keep.dtype)
+        z = torch.where(_bcast(s >= 0, z).bool(), z, torch.zeros_like(z))
+        known = _bcast(a_s.sqrt(), keep) * keep + _bcast((1 - a_s).sqrt(), keep) * z
+        state.x_next[rows] = mask * state.x_next[rows] + (1 - mask) * known
+
+
+def flag_summary(extras: dict) -> dict[str, float]:
+    """Share of samples flagged, retries and critic calls per sample, from ``SampleResult.extras``."""
+    mem = extras.get(CriticCorrection.name)
+    if mem is None:
+        return {}
+    return {
+        "flagged_share": float(mem["flagged"].float().mean()),
+        "retries_mean": float(mem["retries"].float().mean()),
+        "critic_calls_mean": float(mem["critic_calls"].float().mean()),
+        "final_logit_mean": float(mem["final_logit"].nanmean()),
+    }
