@@ -41,6 +41,43 @@ class KillAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class CrashDuringCheckpointWrite(pl.Callback):
+    """Test-only: at ``step``, the next write of a file named like ``last.ckpt`` stops half-way and
+    the process SIGKILLs itself (no exception handler, no ``finally`` runs: like the OOM killer).
+
+    The writer below :class:`~bdiff.lit.checkpoint_io.AtomicCheckpointIO` (Lightning's
+    ``TorchCheckpointIO.save_checkpoint``, which it calls for the bytes) is replaced from that
+    step on; this hook runs before ``ModelCheckpoint``'s, which Lightning always calls last.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        import io as _io
+
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        original = TorchCheckpointIO.save_checkpoint
+
+        def half_then_die(io_self: Any, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if "last" not in Path(path).name:
+                return original(io_self, checkpoint, path, storage_options)
+            buffer = _io.BytesIO()
+            torch.save(checkpoint, buffer)
+            data = buffer.getvalue()
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        TorchCheckpointIO.save_checkpoint = half_then_die  # type: ignore[method-assign]
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true")
     env.update(extra)
@@ -152,3 +189,36 @@ def test_resume_after_sigkill_is_exact(n_steps: int, kill_at: int, tmp_path: Pat
     assert after == sorted(curve_b) and after[-1] == n_steps - 1
     for step in after:
         assert "train/loss" in curve_a[step] and curve_a[step] == curve_b[step], step
+
+
+def test_kill_during_checkpoint_write_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL half-way through writing ``last.ckpt`` (step 10): the step-5 ``last.ckpt`` is intact and
+    loads; the half-written temporary file is left on disk (nothing could clean it) but is never taken
+    for a checkpoint: ``--ckpt_path=last`` resumes from step 5, trains to the end, and the next save
+    removes the leftover.
+    """
+    from bdiff import load_model
+    from bdiff.checkpoint import read_checkpoint
+
+    run, ckpt_dir = tmp_path / "run", tmp_path / "run" / "ckpt"
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": 5, "save_top_k": 0, "save_last": True}}
+    crash = {"class_path": "tests.test_reliability_training.CrashDuringCheckpointWrite", "init_args": {"step": 10}}
+    died = _train(run, "--trainer.max_steps=20", callbacks=[checkpoint, crash])
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    partial = [n for n in names if n.endswith(".partial")]
+    assert "last.ckpt" in names and len(names) == 2 and len(partial) == 1, names
+    assert partial[0].startswith(".last.ckpt.")
+    with pytest.raises(Exception):  # the crash really happened mid-write
+        torch.load(ckpt_dir / partial[0], weights_only=True)
+    assert read_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 5
+    load_model(ckpt_dir / "last.ckpt")
+
+    resumed = _train(run, "--trainer.max_steps=20", "--ckpt_path=last", callbacks=[checkpoint], csv="resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {ckpt_dir / 'last.ckpt'}" in resumed.stderr + resumed.stdout
+    assert min(_loss_curve(run, "resumed")) == 5  # continued from step 5, not from scratch
+    assert read_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 20
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # the leftover is gone

@@ -1,13 +1,20 @@
 """Checkpoint writing that never leaves a half-written file under a checkpoint's name.
 
-Lightning's ``TorchCheckpointIO`` writes straight to the target path, so a crash
-mid-write leaves a truncated ``last.ckpt`` that looks like a good one. We write
-to a temporary file in the same folder, fsync it, then ``os.replace`` it into
-place (atomic on POSIX and Windows): readers see the old file or the new one.
+Lightning's ``TorchCheckpointIO`` serialises to memory and writes through an fsspec
+transaction whose temporary file lives in the system temp folder: committing it is a
+``shutil.move``, which is a copy (not atomic) when that folder is on another filesystem,
+and nothing is fsynced. We write to a temporary file in the checkpoint's own folder,
+fsync it, ``os.replace`` it into place (atomic on POSIX and Windows) and fsync the
+folder, so readers see the old file or the new one, also after a crash or power loss.
+
+A process killed mid-write (SIGKILL, OOM killer) leaves its temporary file behind as
+``.<name>.<random>.partial``. Lightning never takes it for a checkpoint (``ckpt_path="last"``
+only considers ``last*.ckpt``), and the next successful save of the same name removes it.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +22,20 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,13 +47,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote filesystems: keep Lightning's own behaviour
             return super().save_checkpoint(checkpoint, path, storage_options)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        prefix = f".{target.name}."
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=target.parent)
         os.close(fd)
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        for stale in target.parent.glob(f"{glob.escape(prefix)}*.partial"):  # left by a writer that was killed
+            stale.unlink(missing_ok=True)
