@@ -222,3 +222,91 @@ def test_kill_during_checkpoint_write_keeps_last_good_checkpoint(tmp_path: Path)
     assert min(_loss_curve(run, "resumed")) == 5  # continued from step 5, not from scratch
     assert read_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 20
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # the leftover is gone
+
+
+# ------------------------------------------------------------------------------------------------
+# W&B failing
+
+
+def _fit_with_wandb(tmp_path: Path, steps: int = 8) -> tuple[pl.Trainer, Any, list[str]]:
+    """Train a tiny model in-process with an offline AutoWandbLogger in ``tmp_path``; returns the W&B warnings."""
+    import warnings
+
+    from bdiff.lit.data import DigitsDataModule
+    from bdiff.lit.module import DiffusionModule
+    from bdiff.lit.wandb import AutoWandbLogger
+    from bdiff.nets import UNetConfig
+
+    logger = AutoWandbLogger(project="bdiff-test", save_dir=str(tmp_path), mode="offline")
+    trainer = pl.Trainer(max_steps=steps, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), lr_warmup_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DigitsDataModule(batch_size=64))
+    return trainer, logger, [str(w.message) for w in caught if "W&B" in str(w.message)]
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """W&B in offline mode writing under tmp_path (conftest disables it process-wide); runs finished after."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wandb.finish()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine two threads spin-wait: 20x slower
+    yield wandb
+    torch.set_num_threads(threads)
+    wandb.finish()
+
+
+def test_wandb_failing_mid_run_continues_offline(wandb_offline: Any, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """The W&B run's ``log`` raises from its 4th call on (as when its service process dies): training
+    finishes all steps, one warning says so and where the rest goes, and the metrics of every later
+    step land in a new offline run."""
+    from wandb.sdk.wandb_run import Run
+
+    original, calls = Run.log, {}
+
+    def flaky(self: Run, data: dict, *args: Any, **kwargs: Any) -> None:
+        calls.setdefault(self.id, []).append(data.get("trainer/global_step"))
+        if len(calls) == 1 and len(calls[self.id]) > 3:
+            raise ConnectionResetError("connection to the W&B service was reset (injected)")
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", flaky)
+    trainer, logger, warned = _fit_with_wandb(tmp_path)
+    assert trainer.global_step == 8
+    assert len(warned) == 1 and "Training continues; W&B now logs offline to" in warned[0], warned
+    assert "ConnectionResetError" in warned[0] and "log_metrics at step 3" in warned[0]
+    assert logger.failures and not logger.switched_off
+    first, second = calls.values()
+    assert first == [0, 1, 2, 3]  # step 3 failed in the first run ...
+    assert second == [3, 4, 5, 6, 7]  # ... and was logged again, with every later step, offline
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_wandb_unreachable_then_failing_switches_off(wandb_offline: Any, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """``wandb.init`` fails (W&B unreachable) and so does the offline fallback (e.g. disk full):
+    training still finishes all steps, with one warning that W&B is switched off."""
+    import wandb
+
+    real_init = wandb.init
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mode") != "disabled":
+            raise wandb.errors.CommError("api.wandb.ai is unreachable (injected)")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    trainer, logger, warned = _fit_with_wandb(tmp_path)
+    assert trainer.global_step == 8
+    assert logger.switched_off and len(logger.failures) == 2
+    assert len(warned) == 1 and "switched off for the rest of this run" in warned[0], warned
+    assert "CommError" in warned[0] and "could not be started" in warned[0]

@@ -123,7 +123,9 @@ class RunSummary(pl.Callback):
         if config.exists():
             lines.append(f"  config: {config}")
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if getattr(logger, "switched_off", False):
+                lines.append(f"  W&B: switched off after failures: {'; '.join(logger.failures)}")  # type: ignore[attr-defined]
+            elif isinstance(logger, WandbLogger):
                 run = logger.experiment
                 mode = getattr(getattr(run, "settings", None), "mode", "")
                 run_path = Path(run.dir).parent if getattr(run, "dir", None) else None
