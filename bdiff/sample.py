@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampler call (and in memory at once)")
     p.add_argument("--devices", type=int, default=1, help="processes/devices to spread the work over")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "gpu", "auto"], help="cpu, cuda, auto")
+    p.add_argument("--critic", default=None,
+                   help="critic checkpoint for the recipe's critic callback (overrides the path in the YAML)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
@@ -150,6 +152,8 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = Recipe.from_yaml(args.config)  # validated before any work
+    if args.critic is not None:
+        recipe = recipe.with_critic(args.critic)
     if args.devices == 1:
         device = torch.device("cuda" if args.accelerator in ("cuda", "gpu") else "cpu")
         if args.accelerator == "auto":

@@ -11,6 +11,7 @@ quickstart command is what CI itself runs, so it is not repeated here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -44,6 +45,7 @@ def readme_commands() -> list[str]:
     return out
 
 
+CRITIC = "runs/critic/digits/checkpoints/last.ckpt"
 NEEDS_HARDWARE_OR_NETWORK = ("--trainer.accelerator gpu", "torchrun", "srun", "configs/mnist.yaml", "configs/cifar10.yaml")
 
 
@@ -62,6 +64,14 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
         if "image_folder" in cmd:
             args += ["--trainer.callbacks=[]", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
         return args
+    if "bdiff.lit.critic_module" in cmd:  # small, and every output in tmp (not the repo's runs/critic)
+        checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(tmp / "critic" / "checkpoints"), "save_last": True}}
+        return [*args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp / 'runs'}",
+                f"--trainer.logger.init_args.save_dir={tmp / 'runs'}", f"--data.cache_dir={tmp / 'fakes'}",
+                f"--trainer.callbacks=[{json.dumps(checkpoint)}]"]
+    args = [str(tmp / "critic" / "checkpoints" / "last.ckpt") if a == CRITIC else a for a in args]
     if "notebooks/execute.py" in cmd and "--ckpt" not in args:
         args += ["--ckpt", str(ckpt)]  # a fresh clone has no runs/ for the default to find
     if "bdiff.sample" in cmd:
@@ -85,7 +95,8 @@ COMMANDS = readme_commands()
 
 def test_readme_shows_the_commands_we_expect() -> None:
     joined = "\n".join(COMMANDS)
-    for needed in ("python train.py", "bdiff.sample", "bdiff.evaluate", "feature_module cache", "notebooks/execute.py"):
+    for needed in ("python train.py", "bdiff.sample", "bdiff.evaluate", "feature_module cache", "notebooks/execute.py",
+                   "critic_module fit", "--critic"):
         assert needed in joined, needed
 
 

@@ -133,6 +133,14 @@ class Recipe:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
         return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks())
 
+    def with_critic(self, path: str | Path) -> Recipe:
+        """The same recipe with its critic callback reading ``path`` (ValueError if it has none)."""
+        if not any(c.get("name") == "critic" for c in self.callbacks):
+            raise ValueError(f"sampler recipe {self.name!r} has no critic callback for --critic to set")
+        callbacks = [dict(c, critic=str(path)) if c.get("name") == "critic" else dict(c) for c in self.callbacks]
+        data = {k: v for k, v in self.as_dict().items() if k != "name"}
+        return Recipe.from_dict({**data, "callbacks": callbacks}, name=self.name)
+
     def as_dict(self) -> dict[str, Any]:
         return {"stepper": self.stepper, "steps": self.steps, "posterior_samples": self.posterior_samples,
                 "callbacks": self.callbacks, "name": self.name}
