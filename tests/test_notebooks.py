@@ -33,6 +33,7 @@ def test_notebooks_exist_with_parameters_cell() -> None:
         "02_uncertainty_through_the_reverse_process.py",
         "03_what_the_sampler_does.py",
         "04_ranking.py",
+        "05_critic.py",
     ]
     for path in NOTEBOOKS:
         nb = jupytext.read(path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -114,6 +115,30 @@ class CriticModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def train_critic(
+    diffusion_ckpt: str | Path,
+    out_dir: str | Path,
+    sampler: str = "configs/sampler/dpmpp.yaml",
+    max_epochs: int = 60,
+    critic: CriticConfig | None = None,
+    seed: int = 0,
+) -> Path:
+    """Train a critic in-process (no logger) and return its ``last.ckpt`` under ``out_dir``.
+
+    The same training as ``python -m bdiff.lit.critic_module fit --config configs/critic/digits.yaml``,
+    for notebooks and scripts; the real digits are the default split.
+    """
+    pl.seed_everything(seed, verbose=False)
+    out_dir = Path(out_dir)
+    data = CriticDataModule(str(diffusion_ckpt), sampler=sampler, cache_dir=str(out_dir / "fakes"))
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, callbacks=[checkpoint],
+                         check_val_every_n_epoch=max(1, max_epochs // 5), enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=out_dir)
+    trainer.fit(CriticModule(critic or CriticConfig()), datamodule=data)
+    return Path(checkpoint.last_model_path)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

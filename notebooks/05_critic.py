@@ -1,0 +1,134 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 5. What the critic sees, and what it changes
+#
+# The posterior variance says where the *model* is unsure; a critic trained on real data says
+# where the *result* looks wrong. Here: how well the critic tells real from generated images at
+# each noise level, which samples it flags, where in an image its gradient points (beside the
+# propagated uncertainty map), and what the correction and the re-denoising loop do to a batch
+# drawn from the same noise.
+
+# %% tags=["parameters"]
+CKPT = None  # a diffusion checkpoint; None: the newest Bayesian runs/bdiff/*/checkpoints/last.ckpt
+CRITIC = None  # a critic checkpoint; None: runs/critic/digits/checkpoints/last.ckpt, else a short one is trained
+FAST = False  # small mode for CI
+SEED = 0
+
+# %%
+import os
+import tempfile
+from pathlib import Path
+
+if Path.cwd().name == "notebooks" and Path("../bdiff").is_dir():  # Jupyter started in notebooks/
+    os.chdir("..")  # paths below (configs/, runs/) are relative to the repo root
+
+import matplotlib.pyplot as plt
+import torch
+from sklearn.metrics import roc_auc_score
+
+from bdiff.analysis import image_grid, resolve_checkpoint, show, to_unit
+from bdiff.checkpoint import load_model
+from bdiff.critic import load_critic
+from bdiff.evaluate import digits_split
+from bdiff.sampling.critic import flag_summary
+from bdiff.sampling.recipe import Recipe
+
+torch.manual_seed(SEED)
+N = 48 if FAST else 500
+
+ckpt_path = resolve_checkpoint(CKPT)
+denoiser = load_model(ckpt_path)
+if CRITIC is None and Path("runs/critic/digits/checkpoints/last.ckpt").is_file() and not FAST:
+    CRITIC = "runs/critic/digits/checkpoints/last.ckpt"
+if CRITIC is None:  # train a short one against this checkpoint (about a minute; FAST: a few seconds)
+    from bdiff.lit.critic_module import train_critic
+
+    CRITIC = train_critic(ckpt_path, tempfile.mkdtemp(prefix="bdiff-critic-"), max_epochs=1 if FAST else 20,
+                          sampler="configs/sampler/ddim.yaml" if FAST else "configs/sampler/dpmpp.yaml")
+critic = load_critic(CRITIC)
+print(f"diffusion checkpoint: {ckpt_path}\ncritic: {CRITIC}")
+
+# %% [markdown]
+# ## How well does it tell real from generated, per noise level?
+# AUROC of the critic's logit on held-out real digits against fresh samples (DPM-Solver++, 10 steps),
+# both forward-noised to t. At t near 999 everything is noise (AUROC 0.5); the critic's
+# gradient matters where it still separates the two.
+
+# %%
+plain = Recipe.from_yaml("configs/sampler/dpmpp.yaml")
+fakes = plain.build(denoiser).sample(N, seed=SEED + 1).images
+real = digits_split("val") * 2 - 1
+real = real[: len(fakes)]
+ts = [0, 50, 100, 200, 300, 500, 700, 900]
+aurocs = []
+g = torch.Generator().manual_seed(SEED)
+for t in ts:
+    x = torch.cat([real, fakes])
+    tt = torch.full((len(x),), t, dtype=torch.long)
+    x_t = critic.schedule.q_sample(x, tt, torch.randn(x.shape, generator=g))
+    logit = critic(x_t, tt)
+    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fakes))])
+    aurocs.append(roc_auc_score(labels.numpy(), logit.numpy()))
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(ts, aurocs, "-o")
+ax.axhline(0.5, color="grey", lw=0.8)
+ax.set_xlabel("t")
+ax.set_ylabel("AUROC real vs generated")
+fig.tight_layout()
+show(fig)
+
+# %% [markdown]
+# ## The samples it likes least and most
+# The critic's logit at t=0 on finished samples: the 8 it finds least real, and the 8 most real.
+
+# %%
+logit0 = critic(fakes, torch.zeros(len(fakes), dtype=torch.long))
+order = logit0.argsort()
+show(image_grid({"least real": to_unit(fakes[order[:8]]), "most real": to_unit(fakes[order.flip(0)[:8]])},
+                title="critic logit at t=0 on finished samples"))
+print(f"share the critic calls fake (logit < 0): {(logit0 < 0).float().mean():.2f}")
+
+# %% [markdown]
+# ## Where in an image: the critic's gradient beside the propagated uncertainty
+# For the flagged samples, |d logit / dx| at t=0 and the per-pixel std the sampler propagated.
+# Region mode re-does the pixels where their product is large.
+
+# %%
+result = plain.build(denoiser).sample(N, seed=SEED + 1)
+_, grad = critic.logit_and_grad(result.images, torch.zeros(N, dtype=torch.long))
+flagged = order[:8]
+rows = {"sample": to_unit(result.images[flagged]), "|gradient|": grad[flagged].abs(), "std": result.variance[flagged].sqrt()}
+show(image_grid(rows, cmap={"sample": "gray", "|gradient|": "magma", "std": "magma"}, title="least-real samples"))
+
+# %% [markdown]
+# ## What the correction and the loop change, from the same noise
+# Same 10-call budget: plain DPM-Solver++(2M), with the critic's correction, and with correction
+# plus the re-denoising loop (configs/sampler/dpmpp_critic.yaml).
+
+# %%
+spec = Recipe.from_yaml("configs/sampler/dpmpp_critic.yaml").with_critic(CRITIC).as_dict()
+spec.pop("name")
+guided_only = {**spec, "steps": 10, "callbacks": [dict(spec["callbacks"][0], retries=0)]}
+runs = {
+    "plain": plain,
+    "correction": Recipe.from_dict(guided_only, name="correction"),
+    "correction + loop": Recipe.from_dict(spec, name="loop"),
+}
+outs = {name: r.build(denoiser).sample(N, seed=SEED + 1) for name, r in runs.items()}
+for name, out in outs.items():
+    scores = critic(out.images, torch.zeros(N, dtype=torch.long))
+    summary = flag_summary(out.extras)
+    print(f"{name:18s} mean NFE {out.nfe.float().mean():.2f}  critic logit {scores.mean():+.2f}  "
+          f"flagged {summary.get('flagged_share', float('nan')):.2f}")
+show(image_grid({name: to_unit(o.images[:10]) for name, o in outs.items()}, title="same noise, 10 calls each"))
