@@ -48,6 +48,14 @@ def resolve_wandb_mode(mode: WandbMode | None) -> WandbMode:
     return "online" if has_wandb_credentials() else "offline"
 
 
+def _new_run(**init: Any) -> Any:
+    """``wandb.init`` for a fallback run. It becomes the current ``wandb.run`` (so ``wandb.finish()``
+    ends it as usual) unless a broken run could not be finished and still holds that place."""
+    import wandb
+
+    return wandb.init(**init, **({"reinit": "create_new"} if wandb.run is not None else {}))
+
+
 class AutoWandbLogger(WandbLogger):
     """``WandbLogger`` that falls back to offline mode when no credentials are found, and that
     never stops training when W&B fails (see the module docstring).
@@ -84,23 +92,20 @@ class AutoWandbLogger(WandbLogger):
 
     def _fall_back(self, what: str, error: BaseException) -> None:
         """After a failure: finish the broken run if it lets us, continue in a new offline run, else switch off."""
-        import wandb
-
         failure = f"{what}: {type(error).__name__}: {error}"
         self.failures.append(failure)
         broken, self._experiment = self._experiment, None
         if broken is not None:
             try:
-                broken.finish(exit_code=1, quiet=True)
+                broken.finish(exit_code=1)
             except Exception:
                 pass
         if len(self.failures) > 1:  # the offline run we fell back to failed as well
             self._switch_off(f"W&B failed again, in the offline run it fell back to ({failure})")
             return
         init = {k: v for k, v in self._wandb_init.items() if k not in ("id", "resume")}
-        init.update(mode="offline", reinit="create_new")
         try:
-            self._experiment = wandb.init(**init)
+            self._experiment = _new_run(mode="offline", **{k: v for k, v in init.items() if k != "mode"})
             self._experiment.define_metric("trainer/global_step")
             self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         except Exception as e:
@@ -115,11 +120,9 @@ class AutoWandbLogger(WandbLogger):
         )
 
     def _switch_off(self, reason: str) -> None:
-        import wandb
-
         self._switched_off = True
         try:  # a disabled run accepts every call and does nothing, so code using .experiment keeps working
-            self._experiment = wandb.init(mode="disabled", reinit="create_new")
+            self._experiment = _new_run(mode="disabled")
         except Exception:
             self._experiment = None
         rank_zero_warn(
