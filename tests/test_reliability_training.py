@@ -144,34 +144,36 @@ def _callbacks(ckpt_dir: Path, kill_at: int | None = None) -> list[dict[str, Any
 
 
 @pytest.mark.parametrize(
-    ("n_steps", "kill_at"),
-    [pytest.param(60, 37, id="mid-epoch"), pytest.param(30, 27, id="end-of-epoch")],
+    ("n_steps", "kill_at", "workers"),
+    [pytest.param(60, 37, 0, id="mid-epoch"), pytest.param(30, 27, 2, id="end-of-epoch-2-workers")],
 )
-def test_resume_after_sigkill_is_exact(n_steps: int, kill_at: int, tmp_path: Path) -> None:
+def test_resume_after_sigkill_is_exact(n_steps: int, kill_at: int, workers: int, tmp_path: Path) -> None:
     """Train ``n_steps`` straight vs. SIGKILL at step ``kill_at`` + resume from the last checkpoint.
 
     Checkpoints every 5 steps, so the resumed run redoes the steps after the last one. mid-epoch:
     killed at 37, resumed from 35, inside epoch 1 (after an epoch boundary and a validation).
     end-of-epoch: resumed from 25, the last batch of epoch 0, whose validation the straight run
-    did after the checkpoint and the resumed run does not repeat. The resumed run must restore
+    did after the checkpoint and the resumed run does not repeat; with 2 dataloader worker
+    processes (as configs/mnist.yaml), whose iterator draws indices before any hook runs. The
+    resumed run must restore
     weights, guide locs/scales, AdamW and LR-scheduler state, the EMA copy, the global torch RNG
     (Pyro's weight noise, t, x_t noise) and the dataloader's place in its shuffled epoch. With one
     thread and the same ops in the same order, CPU arithmetic is deterministic, so everything
     must agree *bitwise*, and the logged metrics after the resume point must be the same numbers.
     """
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    steps = f"--trainer.max_steps={n_steps}"
-    done = _train(straight, steps, callbacks=_callbacks(straight / "ckpt"))
+    steps = (f"--trainer.max_steps={n_steps}", f"--data.init_args.num_workers={workers}")
+    done = _train(straight, *steps, callbacks=_callbacks(straight / "ckpt"))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    died = _train(killed, steps, callbacks=_callbacks(killed / "ckpt", kill_at))
+    died = _train(killed, *steps, callbacks=_callbacks(killed / "ckpt", kill_at))
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     last = killed / "ckpt" / "last.ckpt"
     resume_step = torch.load(last, weights_only=True)["global_step"]
     assert resume_step == kill_at // CKPT_EVERY * CKPT_EVERY
     assert not (killed / "ckpt" / f"step={n_steps}.ckpt").exists()
 
-    resumed = _train(killed, steps, f"--ckpt_path={last}", callbacks=_callbacks(killed / "ckpt"), csv="resumed")
+    resumed = _train(killed, *steps, f"--ckpt_path={last}", callbacks=_callbacks(killed / "ckpt"), csv="resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a = torch.load(straight / "ckpt" / f"step={n_steps}.ckpt", weights_only=True)

@@ -293,10 +293,20 @@ class ExactResume(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = _train_loaders(trainer)
-        samplers = [_resumable_sampler(dl) for dl in loaders]  # installed before the first batch is drawn
+        samplers = [_resumable_sampler(dl) for dl in loaders]
         state, self._to_restore = self._to_restore, None
-        if state is None:
-            return
+        if state is not None:
+            self._restore(trainer, loaders, samplers, state)
+        if any(dl.num_workers > 0 for dl in loaders):
+            # A worker-backed iterator draws its indices as soon as it is created, which Lightning did
+            # before any hook ran: start the epoch's iterator again, now through the wrapped samplers.
+            # (Single-process iterators read the sampler lazily, at the first batch.)
+            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
+
+    def _restore(self, trainer: pl.Trainer, loaders: list[DataLoader], samplers: list[ResumableSampler | None],
+                 state: dict[str, Any]) -> None:
         per_rank = state["rng_per_rank"]
         if len(per_rank) != trainer.world_size:
             rank_zero_warn(
