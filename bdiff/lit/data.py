@@ -260,6 +260,8 @@ class _TorchvisionDataModule(ImageDataModule):
         try:
             ds = self.tv_class(self.root, train=True, download=False, transform=_image_transform(self._resize))
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
+            if "not found" not in str(e).lower():  # e.g. a truncated file: the data cannot take its declared shape
+                raise ValueError(f"{name} files in {self._data_dir()!r} are malformed ({e}); delete them and download again") from e
             raise FileNotFoundError(
                 f"{name} files not found (or corrupted) in {self._data_dir()!r} ({e}). "
                 "Set download: true (prepare_data(), which the Trainer calls automatically, then downloads "
