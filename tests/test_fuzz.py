@@ -34,7 +34,7 @@ import pytest
 import torch
 import torchvision.datasets.mnist
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -314,7 +314,8 @@ ELEMENTS = st.floats(-2, 2, width=16) | st.sampled_from([np.nan, np.inf, -np.inf
 @st.composite
 def random_array(draw: st.DrawFn, shape: st.SearchStrategy[tuple[int, ...]] | None = None) -> np.ndarray:
     """Any small array: odd shapes (empty ones too), dtypes, NaN/inf and out-of-range values."""
-    s = draw(shape if shape is not None else hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=3))
+    empty_images = st.sampled_from([(2, 0, 3, 3), (2, 1, 0, 3), (0, 1, 3, 3)])
+    s = draw(shape if shape is not None else empty_images | hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=3))
     values = np.resize(np.asarray(draw(st.lists(ELEMENTS, min_size=1, max_size=6)), dtype=np.float64), s)
     dtype = draw(st.one_of(st.just(np.float32), KINDS))
     with np.errstate(invalid="ignore", over="ignore"):
@@ -386,8 +387,9 @@ def test_save_samples_from_random_values(broken: set[str], data: st.DataObject) 
            "seed": st.integers(-(2**63), 2**64 - 1)},
     bad={"batch_size": st.one_of(JUNK, st.integers(-2, 0)), "num_workers": st.one_of(JUNK, st.integers(-3, -1)),
          "val_fraction": st.one_of(JUNK, st.floats(-1, 0), st.floats(1, 2)),
-         "seed": st.one_of(NOT_INT, st.integers(2**64, 2**80), st.integers(-(2**80), -(2**63) - 1))},
+         "seed": st.one_of(st.integers(2**64, 2**80), st.integers(-(2**80), -(2**63) - 1), st.sampled_from([1.5, "0", None, True]))},
 ))
+@example(case=({"seed"}, {"batch_size": 8, "num_workers": 0, "val_fraction": 0.1, "seed": 2**64}))  # once an overflow in setup()
 def test_digits_arguments(case: tuple[set[str], dict]) -> None:
     broken, a = case
     dm = expect_clear(lambda: DigitsDataModule(**a), broken)
