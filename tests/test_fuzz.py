@@ -33,7 +33,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.mnist
-import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -64,7 +63,7 @@ NOT_INT = st.one_of(
 JUNK = st.one_of(NOT_INT, st.integers(-3, 3))
 
 
-def BROKEN(names: Any) -> st.SearchStrategy[set[str]]:  # noqa: N802
+def broken_names(names: Any) -> st.SearchStrategy[set[str]]:
     """A third of the time nothing, else one or two of ``names``."""
     some = st.lists(st.sampled_from(sorted(names)), min_size=1, max_size=2, unique=True).map(set)
     return st.one_of(st.just(set()), some, some)
@@ -73,7 +72,7 @@ def BROKEN(names: Any) -> st.SearchStrategy[set[str]]:  # noqa: N802
 @st.composite
 def args_with_bad(draw: st.DrawFn, valid: dict[str, st.SearchStrategy], bad: dict[str, st.SearchStrategy]) -> tuple[set[str], dict]:
     """Valid values for every argument, then junk for at most two of them; returns (broken names, values)."""
-    broken = draw(BROKEN(bad))
+    broken = draw(broken_names(bad))
     return broken, {k: draw(bad[k] if k in broken else v) for k, v in valid.items()}
 
 
@@ -337,7 +336,7 @@ BAD_ARRAY = {
 
 
 @settings(FUZZ, max_examples=80)
-@given(broken=BROKEN(BAD_ARRAY), data=st.data())
+@given(broken=broken_names(BAD_ARRAY), data=st.data())
 def test_load_samples_from_random_arrays(broken: set[str], data: st.DataObject) -> None:
     arrays: dict[str, Any] = valid_arrays()
     for key in broken:
@@ -363,7 +362,7 @@ BAD_VALUE = {
 
 
 @settings(FUZZ, max_examples=60)
-@given(broken=BROKEN(BAD_VALUE), data=st.data())
+@given(broken=broken_names(BAD_VALUE), data=st.data())
 def test_save_samples_from_random_values(broken: set[str], data: st.DataObject) -> None:
     good = valid_arrays()
     values: dict[str, Any] = {"images": _tensor(good["images"]), "variance": _tensor(good["variance"]), "nfe": 5.0,

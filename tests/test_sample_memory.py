@@ -9,6 +9,7 @@ same for N = 400 as for N = 100, and the streamed file equals the one-shot one.
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+import bdiff.sample
+from bdiff.bayes import BayesConfig
 from bdiff.checkpoint import build_denoiser
 from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
 from bdiff.nets import UNetConfig
-from bdiff.bayes import BayesConfig
 from bdiff.schedule import ScheduleConfig
-import bdiff.sample
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -53,8 +54,11 @@ def live_tensor_bytes() -> int:
     """Bytes of all tensor storages reachable from Python objects (each storage counted once)."""
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated reduce_op object warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if obj.device.type == "cpu" and not obj.is_sparse:
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
