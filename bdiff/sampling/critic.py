@@ -34,15 +34,12 @@ from torch import Tensor
 
 from bdiff.critic import Critic, load_critic
 from bdiff.denoiser import Denoiser
+from bdiff.sampling.callbacks import _bcast
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import alpha_bar_at
 
 MAX_RETRIES = 10
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class CriticCorrection(SamplerCallback):
@@ -119,7 +116,6 @@ class CriticCorrection(SamplerCallback):
         state.extras[self.name] = {
             "retries": zeros.clone(), "flagged": torch.zeros(b, dtype=torch.bool, device=state.x.device),
             "critic_calls": zeros.clone(), "final_logit": torch.full((b,), float("nan"), device=state.x.device),
-            "first_logit": torch.full((b,), float("nan"), device=state.x.device),
             "keep": None, "mask": None, "repairing": torch.zeros(b, dtype=torch.bool, device=state.x.device),
         }
 
@@ -151,8 +147,6 @@ class CriticCorrection(SamplerCallback):
         logit, grad = self.critic.logit_and_grad(x_final, flag_t)
         mem["critic_calls"][rows] += 1
         mem["final_logit"][rows] = logit.to(mem["final_logit"].dtype)
-        first = torch.isnan(mem["first_logit"][rows])
-        mem["first_logit"][rows[first]] = logit[first].to(mem["first_logit"].dtype)
         bad = (logit < self.threshold) & (mem["retries"][rows] < self.retries)
         if self.max_nfe is not None:
             bad &= state.nfe[rows] + self.pass_cost(sampler) <= self.max_nfe
@@ -200,7 +194,7 @@ class CriticCorrection(SamplerCallback):
         s = state.t_next[rows]
         a_s = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, s)
         z = sampler.noise.draw(tuple(keep.shape[1:]), rows, keep.device).to(keep.dtype)
-        z = torch.where(_bcast(s >= 0, z).bool(), z, torch.zeros_like(z))
+        z = torch.where(_bcast(s >= 0, z), z, torch.zeros_like(z))
         known = _bcast(a_s.sqrt(), keep) * keep + _bcast((1 - a_s).sqrt(), keep) * z
         state.x_next[rows] = mask * state.x_next[rows] + (1 - mask) * known
 
