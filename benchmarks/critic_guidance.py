@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import run_diffusers, write_results  # noqa: E402
+from peers import run_diffusers, run_ours, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import digits_split, reference_for  # noqa: E402
@@ -42,6 +41,7 @@ from bdiff.metrics.samples_file import SampleSet  # noqa: E402
 from bdiff.sampling.critic import flag_summary  # noqa: E402
 from bdiff.sampling.noise import NoiseSource  # noqa: E402
 from bdiff.sampling.recipe import Recipe  # noqa: E402
+from bdiff.sampling.sampler import SampleResult  # noqa: E402
 
 RECIPES = {5: ROOT / "configs/sampler/dpmpp_adaptive_critic.yaml", 10: ROOT / "configs/sampler/dpmpp_critic.yaml"}
 
@@ -66,22 +66,18 @@ def variants(path: Path, critic: str, nfe: int) -> dict[str, Recipe]:
     return {name: Recipe.from_dict({k: v for k, v in spec.items() if k != "name"}, name=name) for name, spec in out.items()}
 
 
-def run(recipe: Recipe, denoiser, n: int, seed: int, batch: int) -> tuple[SampleSet, dict, torch.Tensor]:
-    sampler = recipe.build(denoiser)
-    images, variances, nfe, summaries = [], [], [], []
-    start = time.perf_counter()
-    for lo in range(0, n, batch):
-        r = sampler.sample(min(batch, n - lo), seed=seed, first_index=lo)
-        images.append(r.images)
-        variances.append(r.variance)
-        nfe.append(r.nfe.float())
-        summaries.append((min(batch, n - lo), flag_summary(r.extras)))
-    seconds = time.perf_counter() - start
-    nfe_all = torch.cat(nfe)
+def run(recipe: Recipe, denoiser, n: int, seed: int, batch: int) -> tuple[SampleSet, dict]:
+    """:func:`peers.run_ours` plus the critic's flag summary (weighted over chunks) and the max NFE."""
+    summaries, nfe = [], []
+
+    def keep(r: SampleResult) -> None:
+        summaries.append((len(r.nfe), flag_summary(r.extras)))
+        nfe.append(r.nfe)
+
+    samples = run_ours(recipe, denoiser, n, seed, batch, on_chunk=keep)
     summary = {k: sum(w * s[k] for w, s in summaries) / n for k in summaries[0][1]} if summaries[0][1] else {}
-    summary["nfe_max"] = float(nfe_all.max())
-    samples = SampleSet((torch.cat(images) + 1) / 2, torch.cat(variances) / 4, float(nfe_all.mean()), seconds, recipe.as_dict())
-    return samples, summary, nfe_all
+    summary["nfe_max"] = float(torch.cat(nfe).max())
+    return samples, summary
 
 
 def main() -> None:
@@ -121,7 +117,7 @@ def main() -> None:
                 rows.append({"seed": seed, "budget": nfe, "sampler": name, "nfe_max": float(nfe), **filters(s),
                              "nn_train_median": nn_median(s.images), **evaluate_sample_set(s, f_real, extractor)})
             for name, recipe in variants(RECIPES[nfe], args.critic, nfe).items():
-                s, summary, _ = run(recipe, denoiser, args.n, seed, args.batch)
+                s, summary = run(recipe, denoiser, args.n, seed, args.batch)
                 rows.append({"seed": seed, "budget": nfe, "sampler": name, **summary, **filters(s),
                              "nn_train_median": nn_median(s.images), **evaluate_sample_set(s, f_real, extractor)})
             for r in rows[-(3 + len(variants(RECIPES[nfe], args.critic, nfe))):]:

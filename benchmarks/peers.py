@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +30,7 @@ from bdiff.metrics.report import evaluate_sample_set, markdown_table  # noqa: E4
 from bdiff.metrics.samples_file import SampleSet  # noqa: E402
 from bdiff.sampling.noise import NoiseSource  # noqa: E402
 from bdiff.sampling.recipe import Recipe  # noqa: E402
+from bdiff.sampling.sampler import SampleResult  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -68,12 +70,16 @@ def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int,
     return SampleSet(images, None, float(steps), seconds, {"sampler": name, "steps": steps})
 
 
-def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int) -> SampleSet:
+def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
+             on_chunk: Callable[[SampleResult], None] | None = None) -> SampleSet:
+    """``n`` samples with ``recipe`` in chunks of ``batch``; ``on_chunk`` sees each chunk's full result (extras)."""
     sampler = recipe.build(denoiser)
     images, variances, nfe = [], [], []
     start = time.perf_counter()
     for lo in range(0, n, batch):
         r = sampler.sample(min(batch, n - lo), seed=seed, first_index=lo)
+        if on_chunk is not None:
+            on_chunk(r)
         images.append(r.images)
         variances.append(r.variance)
         nfe.append(r.nfe.float())
