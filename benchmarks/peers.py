@@ -13,6 +13,7 @@ vs wall time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -37,27 +38,50 @@ SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "bet
 
 
 def diffusers_scheduler(name: str):
+    """A fresh diffusers scheduler; a ``-karras`` suffix turns on its own ``use_karras_sigmas``."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    if name == "diffusers-ddim":
+    base, karras = name.removesuffix("-karras"), name.endswith("-karras")
+    spacing = {"use_karras_sigmas": True} if karras else {"timestep_spacing": "trailing"}
+    if base == "diffusers-ddim" and not karras:
         return DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-    if name == "diffusers-dpm++2m":
-        return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing")
-    if name == "diffusers-unipc":
-        return UniPCMultistepScheduler(**SCHED, timestep_spacing="trailing")
-    if name == "diffusers-ddpm":
+    if base == "diffusers-dpm++2m":
+        return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", solver_order=2, **spacing)
+    if base == "diffusers-unipc":
+        return UniPCMultistepScheduler(**SCHED, **spacing)
+    if base == "diffusers-ddpm" and not karras:
         return DDPMScheduler(**SCHED, clip_sample=False, timestep_spacing="trailing")
     raise ValueError(name)
 
 
+def set_diffusers_timesteps(sched, steps: int, grid: list[int] | None) -> None:
+    """``steps`` timesteps as the scheduler spaces them, or exactly ``grid`` (descending train timesteps).
+
+    DPMSolverMultistepScheduler takes custom timesteps itself. UniPC's set_timesteps does not,
+    so we set its ``timesteps`` and ``sigmas`` (sqrt((1-a)/a) at each, then 0) as its own
+    set_timesteps does for a grid it chose; on the trailing grid this reproduces its FD exactly.
+    """
+    if grid is None:
+        sched.set_timesteps(steps)
+    elif "timesteps" in inspect.signature(sched.set_timesteps).parameters:
+        sched.set_timesteps(timesteps=list(grid))
+    else:
+        sched.set_timesteps(len(grid))
+        ac = sched.alphas_cumprod.double()
+        sigmas = ((1 - ac) / ac).sqrt()[torch.tensor(grid)].float()
+        sched.timesteps = torch.tensor(grid, dtype=torch.long)
+        sched.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
 @torch.no_grad()
-def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int, batch: int) -> SampleSet:
-    """Sample with a diffusers scheduler; model output = our posterior-mean eps."""
+def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int, batch: int,
+                  grid: list[int] | None = None) -> SampleSet:
+    """Sample with a diffusers scheduler (on its own grid, or on ``grid``); model output = our posterior-mean eps."""
     out = []
     start = time.perf_counter()
     for lo in range(0, len(x_T), batch):
         sched = diffusers_scheduler(name)  # stateful: a fresh one per run
-        sched.set_timesteps(steps)
+        set_diffusers_timesteps(sched, steps, grid)
         x = x_T[lo : lo + batch].clone()
         gen = torch.Generator().manual_seed(seed + lo)
         for t in sched.timesteps:
@@ -67,7 +91,7 @@ def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int,
         out.append(x.clamp(-1, 1))
     seconds = time.perf_counter() - start
     images = (torch.cat(out) + 1) / 2
-    return SampleSet(images, None, float(steps), seconds, {"sampler": name, "steps": steps})
+    return SampleSet(images, None, float(len(sched.timesteps)), seconds, {"sampler": name, "steps": steps, "grid": grid})
 
 
 def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,

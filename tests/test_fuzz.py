@@ -113,11 +113,14 @@ SAMPLER_ARGS = args_with_bad(
         "max_iterations": st.one_of(st.none(), st.integers(50, 200)),
         "propagation": st.sampled_from(["tweedie", "independent_eps"]),
         "callbacks": st.lists(st.sampled_from([VarianceWeightedBlending(), Recorder(max_samples=1)]), max_size=2),
+        "spacing": st.sampled_from(["trailing", "karras"]),
+        "rho": st.floats(0.5, 10),
     },
     bad={
         "stepper": JUNK, "steps": st.one_of(JUNK, st.integers(-2, 0), st.integers(101, 10**6)),
         "history": st.one_of(JUNK, st.integers(-3, -1)), "max_iterations": st.one_of(JUNK, st.integers(-2, 0)),
         "propagation": JUNK, "callbacks": st.one_of(JUNK, st.lists(JUNK, min_size=1, max_size=2)),
+        "spacing": JUNK, "rho": st.one_of(JUNK, st.floats(-5, 0)),
     },
 )
 
@@ -127,7 +130,8 @@ SAMPLER_ARGS = args_with_bad(
 def test_sampler_arguments(den, case: tuple[set[str], dict]) -> None:
     broken, a = case
     sampler = expect_clear(lambda: Sampler(den, a["stepper"], a["steps"], a["callbacks"], history=a["history"],
-                                           max_iterations=a["max_iterations"], propagation=a["propagation"]), broken)
+                                           max_iterations=a["max_iterations"], propagation=a["propagation"],
+                                           spacing=a["spacing"], rho=a["rho"]), broken)
     if isinstance(sampler, Sampler):
         try:
             result = sampler.sample(2, seed=0)
@@ -202,6 +206,7 @@ RECIPE_ARGS = args_with_bad(
         "steps": st.integers(1, 6),
         "posterior_samples": st.integers(1, 4),
         "callbacks": st.lists(callback_spec(False), max_size=3),
+        "spacing": st.one_of(st.sampled_from(["trailing", "karras"]), st.builds(lambda r: {"name": "karras", "rho": r}, st.floats(0.5, 10))),
         "colour": st.just(None),
     },
     bad={
@@ -211,6 +216,7 @@ RECIPE_ARGS = args_with_bad(
         "callbacks": st.one_of(st.just(True), st.integers(1, 3), st.floats(allow_nan=True).filter(bool), st.text(min_size=1, max_size=3),
                                st.dictionaries(st.text(max_size=2), st.integers(), min_size=1, max_size=1), st.lists(JUNK, min_size=1, max_size=2),
                                st.lists(callback_spec(True), min_size=1, max_size=2)),
+        "spacing": st.one_of(JUNK, st.builds(lambda r: {"name": "karras", "rho": r}, JUNK)),
         "colour": JUNK,
     },
 )

@@ -59,11 +59,32 @@ def test_samples_do_not_depend_on_chunking_or_devices(last_ckpt: Path, tmp_path:
         ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "adaptive", "max_nfe": 0}]}, "max_nfe"),
         ({"stepper": "ddim", "steps": 5, "callbacks": [{"name": "blend", "speed": 2}]}, "bad options for callback 'blend'"),
         ({"stepper": "ddim", "steps": 5, "colour": "red"}, "unknown key"),
+        ({"stepper": "ddim", "steps": 5, "spacing": "cosine"}, "unknown spacing 'cosine'"),
+        ({"stepper": "ddim", "steps": 5, "spacing": {"name": "karras", "rho": 0}}, "rho must be"),
+        ({"stepper": "ddim", "steps": 5, "spacing": {"name": "karras", "sigma_max": 80}}, "unknown option.*sigma_max.*karras"),
+        ({"stepper": "ddim", "steps": 5, "spacing": {"name": "trailing", "rho": 7}}, "unknown option.*rho.*trailing"),
     ],
 )
 def test_bad_recipes_fail_before_any_work(data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Recipe.from_dict(data)
+
+
+def test_recipe_spacing_reaches_the_sampler_and_round_trips() -> None:
+    from bdiff.sampling.steppers import karras_timesteps
+    from bdiff.schedule import NoiseSchedule
+
+    class Den:
+        schedule, image_shape, is_bayesian = NoiseSchedule(), (1, 4, 4), True
+
+    recipe = Recipe.from_dict({"stepper": "dpmpp_2m", "steps": 6, "spacing": {"name": "karras", "rho": 5}})
+    sampler = recipe.build(Den())
+    assert sampler.grid.tolist() == karras_timesteps(Den.schedule.alphas_cumprod, 6, 5.0) + [-1]
+    again = Recipe.from_dict({k: v for k, v in recipe.as_dict().items() if k != "name"})
+    assert again.build(Den()).grid.tolist() == sampler.grid.tolist()
+    default = Recipe.from_dict({"stepper": "ddim", "steps": 4}).build(Den())
+    assert default.grid.tolist() == [999, 749, 499, 249, -1]  # trailing unless told otherwise
+    assert Recipe.from_dict({"stepper": "ddim", "steps": 4, "spacing": "karras"}).build(Den()).rho == 7.0
 
 
 def test_bayesian_only_callback_refuses_deterministic_model() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
-from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler
+from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.steppers import alpha_bar_at
+from bdiff.sampling.steppers import alpha_bar_at, karras_timesteps
 from bdiff.schedule import NoiseSchedule
 
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -99,6 +99,39 @@ def test_sampler_with_dpmpp_2m_matches_diffusers(steps: int) -> None:
     torch.testing.assert_close(ours, _diffusers_loop(ref, den, x_T.clone()), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20])
+def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
+    from diffusers import UniPCMultistepScheduler
+
+    ref = UniPCMultistepScheduler(**SCHED, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                                  final_sigmas_type="zero", timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    den = ToyDenoiser()
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    state = Sampler(den, UniPC(), steps).run(x_T, noise)
+    expected = _diffusers_loop(ref, den, x_T.clone())
+    torch.testing.assert_close(state.x, expected, rtol=1e-4, atol=1e-4)
+    assert state.nfe.tolist() == [steps] * 3  # the corrector reuses the next step's model call
+    if steps >= 3:  # the corrector matters: DPM-Solver++(2M) alone (UniPC's predictor) lands elsewhere
+        plain = Sampler(den, DPMSolverPP2M(), steps).run(x_T, noise).x
+        assert (plain - expected).abs().max() > 1e-3
+
+
+def test_unipc_corrector_is_undone_by_a_restart_and_skips_the_first_step() -> None:
+    den = ToyDenoiser()
+    c_now, c_t, c_p = UniPC().corrector(*(torch.tensor([v], dtype=torch.float64) for v in (0.5, 0.1, float("nan"))))
+    assert c_p.item() == 0 and c_now.item() == pytest.approx(-c_t.item()) and c_now.item() != 0  # first-order corrector
+    sampler = Sampler(den, UniPC(), 4)
+    noise = NoiseSource(0, range(2))
+    state = sampler.init_state(noise.draw((1, 4, 4)))
+    sampler.noise = noise
+    state.active = state.t >= 0
+    x_before = state.x.clone()
+    sampler._predict(state)  # first model call: nothing to correct yet
+    torch.testing.assert_close(state.x, x_before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("steps", [1, 4, 10, 25])
 def test_sampler_with_ddim_matches_diffusers(steps: int) -> None:
     from diffusers import DDIMScheduler
@@ -111,6 +144,48 @@ def test_sampler_with_ddim_matches_diffusers(steps: int) -> None:
     state = Sampler(den, DDIM(), steps).run(x_T, noise)
     torch.testing.assert_close(state.x, _diffusers_loop(ref, den, x_T.clone(), eta=0.0), rtol=1e-4, atol=1e-4)
     assert state.nfe.tolist() == [steps] * 3
+
+
+@pytest.mark.parametrize("steps", [1, 5, 10, 25])
+def test_karras_grid_matches_diffusers_karras_sigmas(steps: int) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    ref.set_timesteps(steps)
+    sampler = Sampler(ToyDenoiser(), DDIM(), steps, spacing="karras")
+    assert sampler.grid.tolist() == ref.timesteps.tolist() + [-1]
+    assert karras_timesteps(NoiseSchedule("linear").alphas_cumprod, steps) == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("rho", [3.0, 5.0])
+def test_sampler_on_a_karras_grid_matches_diffusers_on_the_same_timesteps(rho: float) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    den = ToyDenoiser()
+    grid = karras_timesteps(den.schedule.alphas_cumprod, 8, rho)
+    assert grid[0] == 999 and grid[-1] == 0 and grid == sorted(set(grid), reverse=True)
+    ref = DPMSolverMultistepScheduler(
+        **SCHED, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, final_sigmas_type="zero"
+    )
+    ref.set_timesteps(timesteps=grid)
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    ours = Sampler(den, DPMSolverPP2M(), 8, spacing="karras", rho=rho).run(x_T, noise).x
+    torch.testing.assert_close(ours, _diffusers_loop(ref, den, x_T.clone()), rtol=1e-4, atol=1e-4)
+    # a smaller rho puts more of the grid at high noise
+    assert karras_timesteps(den.schedule.alphas_cumprod, 8, 3.0)[4] > karras_timesteps(den.schedule.alphas_cumprod, 8, 7.0)[4]
+
+
+def test_bad_spacing_is_refused_before_sampling() -> None:
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        Sampler(ToyDenoiser(), DDIM(), 5, spacing="cosine")
+    for rho in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="rho"):
+            Sampler(ToyDenoiser(), DDIM(), 5, spacing="karras", rho=rho)
+    cosine = ToyDenoiser()
+    cosine.schedule = NoiseSchedule("cosine")  # sigma_max ~ 3e4: ten Karras steps crowd into t ~ 999
+    with pytest.raises(ValueError, match="repeats timesteps.*fewer steps or spacing 'trailing'"):
+        Sampler(cosine, DDIM(), 10, spacing="karras")
 
 
 def test_samples_depend_only_on_seed_and_index() -> None:

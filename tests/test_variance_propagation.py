@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
-from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler
+from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
 from bdiff.sampling.noise import NoiseSource
 from bdiff.schedule import NoiseSchedule
 
@@ -43,7 +43,7 @@ class GaussianDenoiser:
         return Prediction(eps, (TAU * g(t)) ** 2 * torch.ones_like(x), var_al)
 
 
-@pytest.mark.parametrize("stepper", [DDIM(), DPMSolverPP2M(), DDIM(eta=1.0), DDPM()], ids=lambda s: f"{s.name}")
+@pytest.mark.parametrize("stepper", [DDIM(), DPMSolverPP2M(), UniPC(), DDIM(eta=1.0), DDPM()], ids=lambda s: f"{s.name}")
 @pytest.mark.parametrize("steps", [5, 20])
 def test_propagated_variance_matches_monte_carlo_chains(stepper, steps: int) -> None:
     chains = 4000

@@ -3,7 +3,7 @@
 from bdiff.sampling.ddim import chain_variance, ddim_sample
 from bdiff.sampling.sampler import SampleResult, Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, ddim_timesteps, make_stepper
+from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, UniPC, ddim_timesteps, karras_timesteps, make_stepper
 
 __all__ = [
     "DDIM",
@@ -14,8 +14,10 @@ __all__ = [
     "SamplerCallback",
     "SamplerState",
     "Stepper",
+    "UniPC",
     "chain_variance",
     "ddim_sample",
     "ddim_timesteps",
+    "karras_timesteps",
     "make_stepper",
 ]

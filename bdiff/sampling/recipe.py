@@ -4,6 +4,7 @@ Example (``configs/sampler/dpmpp_blend.yaml``)::
 
     stepper: {name: dpmpp_2m}
     steps: 10
+    spacing: trailing             # or {name: karras, rho: 7} (optional, default trailing)
     posterior_samples: 8          # K weight samples per prediction
     callbacks:                    # run in this order at every hook
       - {name: blend, strength: 1.0}
@@ -27,7 +28,7 @@ from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
-from bdiff.sampling.steppers import STEPPERS, make_stepper
+from bdiff.sampling.steppers import SPACINGS, STEPPERS, make_stepper
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
     "blend": VarianceWeightedBlending,
@@ -47,18 +48,21 @@ class Recipe:
     posterior_samples: int = 8
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     name: str = "recipe"
+    spacing: dict[str, Any] = field(default_factory=lambda: {"name": "trailing"})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
             raise ValueError(f"sampler recipe {name!r} must be a mapping, got {type(data).__name__}")
-        known = {"stepper", "steps", "posterior_samples", "callbacks"}
+        known = {"stepper", "steps", "spacing", "posterior_samples", "callbacks"}
         unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
         if "stepper" not in data or "steps" not in data:
             raise ValueError(f"sampler recipe {name!r} needs 'stepper' and 'steps'")
         stepper = data["stepper"] if isinstance(data["stepper"], dict) else {"name": data["stepper"]}
+        spacing = data.get("spacing", "trailing")
+        spacing = dict(spacing) if isinstance(spacing, dict) else {"name": spacing}
         callbacks = data.get("callbacks") or []
         if not isinstance(callbacks, list):
             raise ValueError(f"sampler recipe {name!r}: callbacks must be a list, got {callbacks!r}")
@@ -68,6 +72,7 @@ class Recipe:
             posterior_samples=data.get("posterior_samples", 8),
             callbacks=[dict(c) if isinstance(c, dict) else {"name": c} for c in callbacks],
             name=name,
+            spacing=spacing,
         )
         recipe.validate()
         return recipe
@@ -91,8 +96,24 @@ class Recipe:
             raise ValueError(
                 f"sampler recipe {self.name!r}: posterior_samples (K) must be an integer >= 1, got {self.posterior_samples!r}"
             )
+        self.spacing_options()
         self.build_stepper()
         self.build_callbacks()
+
+    def spacing_options(self) -> dict[str, Any]:
+        """The Sampler's ``spacing``/``rho`` keyword arguments from the recipe's ``spacing`` entry."""
+        name = self.spacing.get("name")
+        if not isinstance(name, str) or name not in SPACINGS:
+            raise ValueError(f"sampler recipe {self.name!r}: unknown spacing {name!r}; choose one of {list(SPACINGS)}")
+        opts = {k: v for k, v in self.spacing.items() if k != "name"}
+        allowed = {"rho"} if name == "karras" else set()
+        unknown = sorted(set(opts) - allowed, key=str)
+        if unknown:
+            raise ValueError(f"sampler recipe {self.name!r}: unknown option(s) {unknown} for spacing {name!r}")
+        rho = opts.get("rho", 7.0)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
+            raise ValueError(f"sampler recipe {self.name!r}: spacing rho must be a finite number > 0, got {rho!r}")
+        return {"spacing": name, "rho": float(rho)}
 
     def build_stepper(self):
         opts = {k: v for k, v in self.stepper.items() if k != "name"}
@@ -131,7 +152,7 @@ class Recipe:
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
-        return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks())
+        return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks(), **self.spacing_options())
 
     def with_critic(self, path: str | Path) -> Recipe:
         """The same recipe with its critic callback reading ``path`` (ValueError if it has none)."""
@@ -142,8 +163,8 @@ class Recipe:
         return Recipe.from_dict({**data, "callbacks": callbacks}, name=self.name)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stepper": self.stepper, "steps": self.steps, "posterior_samples": self.posterior_samples,
-                "callbacks": self.callbacks, "name": self.name}
+        return {"stepper": self.stepper, "steps": self.steps, "spacing": self.spacing,
+                "posterior_samples": self.posterior_samples, "callbacks": self.callbacks, "name": self.name}
 
 
 def _option_problem(value: Any, default: Any) -> str | None:

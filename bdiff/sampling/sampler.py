@@ -35,7 +35,7 @@ from torch import Tensor
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import Stepper, alpha_bar_at, ddim_timesteps
+from bdiff.sampling.steppers import SPACINGS, Stepper, alpha_bar_at, grid_timesteps
 
 
 def _integer(name: str, value: object, low: int | None = None) -> int:
@@ -84,7 +84,11 @@ class Sampler:
     Args:
         denoiser: anything with ``schedule`` and ``predict(x_t, t) -> Prediction``.
         stepper: a :class:`Stepper` (DDPM, DDIM, DPM-Solver++ 2M).
-        steps: number of grid steps (trailing spacing, the last one to the clean image).
+        steps: number of grid steps (the last one to the clean image).
+        spacing: where the grid's timesteps lie: ``trailing`` (uniform in t, from T-1; the
+            default of diffusers' peers) or ``karras`` (Karras et al. 2022 noise levels, more
+            steps at high noise as ``rho`` falls; :func:`~bdiff.sampling.steppers.karras_timesteps`).
+        rho: the Karras exponent (ignored for ``trailing``).
         callbacks: sampler callbacks, run in this order at every hook.
         history: how many earlier steps to keep in ``state.history``.
         max_iterations: hard bound on loop iterations (rejections and extra passes included).
@@ -105,7 +109,13 @@ class Sampler:
         history: int = 4,
         max_iterations: int | None = None,
         propagation: str = "tweedie",
+        spacing: str = "trailing",
+        rho: float = 7.0,
     ) -> None:
+        if not isinstance(spacing, str) or spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho < float("inf"):
+            raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
         if not isinstance(propagation, str) or propagation not in ("tweedie", "independent_eps"):
             raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
         self.propagation = propagation
@@ -129,7 +139,8 @@ class Sampler:
                 )
             cb.check(denoiser)
         self.history = history
-        self.grid = torch.tensor(ddim_timesteps(denoiser.schedule.timesteps, steps) + [-1])
+        self.spacing, self.rho = spacing, float(rho)
+        self.grid = torch.tensor(grid_timesteps(denoiser.schedule.alphas_cumprod, steps, spacing, self.rho) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
 
     # -- grid -----------------------------------------------------------------
@@ -154,6 +165,44 @@ class Sampler:
         tt = state.t.clamp(min=0)
         state.x0 = schedule.eps_to_x0(state.x, tt, state.prediction.eps)
         state.x0_var = schedule.x0_variance(tt, state.prediction.var_epistemic)
+        if self.stepper.corrects:
+            self._correct(state)
+
+    def _correct(self, state: SamplerState) -> None:
+        """A corrector stepper (UniPC) moves x_t with the model output just evaluated there.
+
+        Rows whose previous step started from a known point (not the first step, not just
+        restarted) get x += c_t m_t + c_prev m_prev + c_now m_now; the x0 estimate m_now stays
+        that of the uncorrected x, as in UniPC. The propagated amplitude moves alongside, with
+        the x0 amplitude of the uncorrected point (kept for the step's update).
+        """
+        mem = state.memory
+        if "a_prev" not in mem:
+            return
+        a_now = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t)
+        a_p = mem.setdefault("a_prev2", torch.full_like(mem["a_prev"], float("nan")))
+        c_now, c_t, c_p = self.stepper.corrector(a_now, mem["a_prev"], a_p)
+        rows = state.active & torch.isfinite(c_now) & torch.isfinite(c_t)
+        if not rows.any():
+            return
+        shape = (-1,) + (1,) * (state.x.dim() - 1)
+        c_now, c_t, c_p = (torch.nan_to_num(c).to(state.x.dtype).reshape(shape) for c in (c_now, c_t, c_p))
+        x0_p = mem.setdefault("x0_prev2", torch.zeros_like(state.x))
+        amp_x0_p = mem.setdefault("amp_x0_prev2", torch.zeros_like(state.x))
+        amp_x0_now = self._amp_x0(state, state.amp)
+        mask = rows.reshape(shape)
+        state.x = torch.where(mask, state.x + c_now * state.x0 + c_t * mem["x0_prev"] + c_p * x0_p, state.x)
+        mem["amp_uncorrected"] = state.amp.clone()
+        state.amp = torch.where(mask, state.amp + c_now * amp_x0_now + c_t * mem["amp_x0_prev"] + c_p * amp_x0_p, state.amp)
+
+    def _amp_x0(self, state: SamplerState, amp: Tensor) -> Tensor:
+        """Signed amplitude of the x0 estimate's weight-posterior perturbation (module docstring). (B,C,H,W)."""
+        v_al = state.prediction.var_aleatoric.clamp(0, 1)
+        if self.propagation == "independent_eps":
+            v_al = torch.ones_like(v_al)  # Jacobian of eps_hat taken as zero
+        a_t = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t)
+        alpha_t = a_t.to(state.x.dtype).sqrt().reshape((-1,) + (1,) * (state.x.dim() - 1))
+        return v_al * amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
 
     def _update(self, state: SamplerState, noise: NoiseSource) -> None:
         ac = self.denoiser.schedule.alphas_cumprod
@@ -171,12 +220,9 @@ class Sampler:
             z = torch.zeros_like(state.x)
             z[rows] = noise.draw(tuple(state.x.shape[1:]), rows, state.x.device).to(state.x.dtype)
             x_next = x_next + sd * z
-        # Variance propagation (module docstring): signed amplitudes, coherent across steps.
-        v_al = state.prediction.var_aleatoric.clamp(0, 1)
-        if self.propagation == "independent_eps":
-            v_al = torch.ones_like(v_al)  # Jacobian of eps_hat taken as zero
-        alpha_t = a_t.to(state.x.dtype).sqrt().reshape(shape)
-        amp_x0 = v_al * state.amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
+        # Variance propagation (module docstring): signed amplitudes, coherent across steps; the
+        # x0 estimate was evaluated at the uncorrected point where a corrector moved x.
+        amp_x0 = self._amp_x0(state, mem.pop("amp_uncorrected", state.amp))
         amp_x0_prev = mem.setdefault("amp_x0_prev", torch.zeros_like(state.x))
         mem["amp_next"] = a * state.amp + b * (w_cur * amp_x0 + w_prev * amp_x0_prev)
         mem["amp_x0"] = amp_x0
@@ -191,6 +237,10 @@ class Sampler:
             entry = {"t": torch.where(ok, state.t, -2), "x0": state.x0.clone(), "x0_var": state.x0_var.clone()}
             state.history.append(entry)  # t = -2 marks rows that took no step
             del state.history[: -self.history]
+        if self.stepper.corrects:  # the corrector needs one more step of history
+            for key, prev in (("x0_prev2", "x0_prev"), ("amp_x0_prev2", "amp_x0_prev")):
+                mem.setdefault(key, torch.zeros_like(state.x))[rows] = mem[prev][rows]
+            mem.setdefault("a_prev2", torch.full_like(mem["a_prev"], float("nan")))[rows] = mem["a_prev"][rows]
         mem["x0_prev"][rows] = state.x0[rows]
         mem["amp_x0_prev"][rows] = mem["amp_x0"][rows]
         mem["a_prev"][rows] = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t[rows])
@@ -203,6 +253,8 @@ class Sampler:
         restarted = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
         if restarted.any():
             mem["a_prev"][restarted] = float("nan")
+            if "a_prev2" in mem:
+                mem["a_prev2"][restarted] = float("nan")
             mem["x0_prev"][restarted] = 0
             mem["amp_x0_prev"][restarted] = 0
             mem["restarts"] = state.restarts.clone()

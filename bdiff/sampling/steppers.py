@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,45 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)
     return (grid.round().long() - 1).tolist()
+
+
+def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> list[int]:
+    """``steps`` descending timesteps at Karras et al.'s noise levels (2022, eq. 5), from T-1 down to 0.
+
+    sigma_i = (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with
+    sigma_t = sqrt((1-a_t)/a_t) of the training schedule; each sigma_i is mapped to a timestep by
+    linear interpolation in log sigma and rounded. The same grid as diffusers'
+    ``use_karras_sigmas=True`` (checked in the tests); larger ``rho`` spends more steps at low
+    noise; one step is [T-1]. ValueError if two steps round to the same timestep (too many steps for the schedule).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"karras spacing needs steps >= 1, got {steps!r}")
+    if not rho > 0:
+        raise ValueError(f"karras rho must be > 0, got {rho!r}")
+    ac = alphas_cumprod.detach().to("cpu", torch.float64)
+    log_sigmas = (0.5 * ((1 - ac) / ac).log()).numpy()  # increasing in t
+    s_min, s_max = float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1]))
+    ramp = np.linspace(0, 1, steps)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    t = np.interp(np.log(sigmas), log_sigmas, np.arange(len(ac))).round().astype(int).tolist()
+    if len(set(t)) != len(t):
+        raise ValueError(
+            f"karras spacing with {steps} steps repeats timesteps {t} (the schedule's sigma_max is {s_max:.3g}); "
+            "use fewer steps or spacing 'trailing'"
+        )
+    return t
+
+
+SPACINGS = ("trailing", "karras")
+
+
+def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", rho: float = 7.0) -> list[int]:
+    """The sampler's descending timestep grid: ``trailing`` (:func:`ddim_timesteps`) or ``karras``."""
+    if spacing == "trailing":
+        return ddim_timesteps(len(alphas_cumprod), steps)
+    if spacing == "karras":
+        return karras_timesteps(alphas_cumprod, steps, rho)
+    raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
 
 
 def alpha_bar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
@@ -59,6 +99,7 @@ class Stepper:
 
     name: str = "base"
     uses_history: bool = False
+    corrects: bool = False  # True: ``corrector(a_s, a_t, a_p)`` corrects x after each model call (UniPC)
 
     def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
         raise NotImplementedError
@@ -126,11 +167,52 @@ class DPMSolverPP2M(Stepper):
         return StepCoefficients(a, b, 1 + half_over_r, -half_over_r, zero)
 
 
-STEPPERS: dict[str, type[Stepper]] = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}
+class UniPC(DPMSolverPP2M):
+    """UniPC (Zhao et al. 2023, "UniPC", B(h) = e^h - 1 ("bh2"), order 2, data prediction).
+
+    The predictor UniP-2 is DPM-Solver++(2M) itself (same coefficients). The corrector UniC
+    reuses the model output m_s that the next step evaluates anyway at the predicted x_s, so it
+    costs no extra denoiser call: with t the previous step's start and p the one before,
+
+        x_s <- x_s - alpha_s B(h) [ (rho_0 - 1/2) D1 + rho_1 (m_s - m_t) ],   D1 = (m_p - m_t) / r,
+        h = lambda_s - lambda_t,  r = (lambda_p - lambda_t) / h,
+
+    with (rho_0, rho_1) solving UniPC's order-2 system (paper eq. 8 / Alg. 2); after a
+    first-order step (no p) the correction is - alpha_s B(h) (m_s - m_t) / 2. m_s stays the
+    model output of the uncorrected x_s, as in the paper and diffusers'
+    ``UniPCMultistepScheduler`` (matched in the tests).
+    """
+
+    name = "unipc"
+    corrects = True
+
+    def corrector(self, a_s: Tensor, a_t: Tensor, a_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Weights (c_s, c_t, c_p), each (B,) float64: x_s += c_s m_s + c_t m_t + c_p m_p.
+
+        a_s: a at the point just evaluated; a_t: the previous step's start; a_p: the step
+        before that, NaN where the previous step was first-order (then c_p = 0).
+        """
+        lam = lambda a: -torch.log(self._sigma_over_alpha(a))  # noqa: E731  (log alpha/sigma)
+        h = lam(a_s) - lam(a_t)
+        scale = a_s.sqrt() * torch.expm1(-h)  # alpha_s B(h)
+        phi_1 = torch.expm1(-h) / -h - 1
+        b1 = phi_1 / torch.expm1(-h)
+        b2 = 2 * (phi_1 / -h - 0.5) / torch.expm1(-h)
+        r = (lam(a_p) - lam(a_t)) / h
+        second = torch.isfinite(r)
+        r = torch.where(second, r, torch.full_like(r, -1.0))  # placeholder where unused
+        rho_0 = (b1 - b2) / (1 - r)
+        rho_1 = b1 - rho_0
+        c_s = torch.where(second, -scale * rho_1, -0.5 * scale)
+        c_p = torch.where(second, -scale * (rho_0 - 0.5) / r, torch.zeros_like(h))
+        return c_s, -c_s - c_p, c_p
+
+
+STEPPERS: dict[str, type[Stepper]] = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M, "unipc": UniPC}
 
 
 def make_stepper(name: str, **kwargs: object) -> Stepper:
-    """A stepper by name (``ddpm``, ``ddim``, ``dpmpp_2m``) with its keyword options."""
+    """A stepper by name (``ddpm``, ``ddim``, ``dpmpp_2m``, ``unipc``) with its keyword options."""
     if name not in STEPPERS:
         raise ValueError(f"unknown stepper {name!r}; choose one of {sorted(STEPPERS)}")
     return STEPPERS[name](**kwargs)
