@@ -81,7 +81,7 @@ SWEEP = {  # seed-1 tuning runs: (NFE, recipe)
        for q, j, tr in ((0.8, 50, (50, 400)), (0.8, 150, (50, 400)), (0.8, 200, (50, 400)), (0.9, 100, (50, 400)),
                         (0.7, 100, (50, 400)), (0.5, 100, (50, 400)), (0.8, 100, (400, 600)), (0.8, 100, (500, 700)))},
     **{f"dpmpp_2m 8 + refine 2 passes jump {j}, karras rho 5": (10, refine(8, K5, 0.8, j, (50, 600), 2, "dpmpp_2m")) for j in (50, 100)},
-    **{f"{st} + adaptive tol {tol}": (nfe, adaptive(st, tol, nfe))
+    **{f"{st} + adaptive tol {tol} @ {nfe} NFE": (nfe, adaptive(st, tol, nfe))
        for st in ("dpmpp_2m", "unipc") for nfe, tols in ((5, (0.3, 0.4, 0.5)), (10, (0.15, 0.2, 0.3))) for tol in tols},
 }
 

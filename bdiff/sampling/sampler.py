@@ -83,7 +83,7 @@ class Sampler:
 
     Args:
         denoiser: anything with ``schedule`` and ``predict(x_t, t) -> Prediction``.
-        stepper: a :class:`Stepper` (DDPM, DDIM, DPM-Solver++ 2M).
+        stepper: a :class:`Stepper` (DDPM, DDIM, DPM-Solver++ 2M, UniPC).
         steps: number of grid steps (the last one to the clean image).
         spacing: where the grid's timesteps lie: ``trailing`` (uniform in t, from T-1; the
             default of diffusers' peers) or ``karras`` (Karras et al. 2022 noise levels, more
@@ -120,7 +120,7 @@ class Sampler:
             raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
         self.propagation = propagation
         if not isinstance(stepper, Stepper):
-            raise ValueError(f"stepper must be a Stepper (DDPM, DDIM, DPMSolverPP2M), got {type(stepper).__name__}")
+            raise ValueError(f"stepper must be a Stepper (DDPM, DDIM, DPMSolverPP2M, UniPC), got {type(stepper).__name__}")
         steps, history = _integer("steps", steps, 1), _integer("history", history, 0)
         if max_iterations is not None:
             max_iterations = _integer("max_iterations", max_iterations, 1)

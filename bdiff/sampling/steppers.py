@@ -5,13 +5,17 @@ Every stepper moves x_t to x_s (s < t; s = -1 means the final image, a_s = 1) as
     x_s = a * x_t + b * D + noise_std * z,      D = w_cur * x0_hat(t) + w_prev * x0_hat(t_prev)
 
 with per-sample coefficients. Writing them this way lets the sampler propagate
-variance generically (:mod:`bdiff.sampling.propagation`) and lets tests compare
+variance generically (:mod:`bdiff.sampling.sampler`) and lets tests compare
 each stepper with diffusers' ``step`` on identical inputs.
 
 * DDPM ancestral (Ho et al. 2020, eq. 7; posterior q(x_s | x_t, x0) for any s < t).
 * DDIM (Song et al. 2021, eq. 12), with ``eta``.
 * DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), data prediction,
   second-order multistep with a first-order first step and (optionally) last step.
+* UniPC (Zhao et al. 2023), order 2, bh2: DPM-Solver++(2M) as predictor plus a corrector,
+  also linear in (x_t, x0 estimates), applied by the sampler after each model call.
+
+Timestep grids: trailing (:func:`ddim_timesteps`) or Karras (:func:`karras_timesteps`).
 """
 
 from __future__ import annotations
