@@ -196,7 +196,9 @@ class UniPC(DPMSolverPP2M):
         a_s: a at the point just evaluated; a_t: the previous step's start; a_p: the step
         before that, NaN where the previous step was first-order (then c_p = 0).
         """
-        lam = lambda a: -torch.log(self._sigma_over_alpha(a))  # noqa: E731  (log alpha/sigma)
+        def lam(a: Tensor) -> Tensor:  # log(alpha / sigma)
+            return -torch.log(self._sigma_over_alpha(a))
+
         h = lam(a_s) - lam(a_t)
         scale = a_s.sqrt() * torch.expm1(-h)  # alpha_s B(h)
         phi_1 = torch.expm1(-h) / -h - 1
