@@ -277,3 +277,24 @@ def test_bad_critic_checkpoints_are_refused_with_the_file_named(last_ckpt: Path,
 
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         recipe.build(load_model(last_ckpt))
+
+
+def test_critic_data_draws_its_samples_once_in_prepare_data(last_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under DDP only local rank 0 runs prepare_data; every rank's setup must then read the cache."""
+    from bdiff.lit import critic_data
+
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("stepper: {name: ddim}\nsteps: 2\nposterior_samples: 2\n")
+    cache = tmp_path / "fakes"
+    critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=str(cache)).prepare_data()
+    assert len(list(cache.glob("*.pt"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("drew samples again although prepare_data had cached them")
+
+    monkeypatch.setattr(critic_data, "generate_fakes", refuse)
+    other_rank = critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=str(cache))
+    other_rank.setup("fit")
+    labels = torch.cat([y for _, y in other_rank.train_dataloader()])
+    assert set(labels.tolist()) == {0.0, 1.0} and int((labels == 0).sum()) == int((labels == 1).sum())
+    critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=None).prepare_data()  # nothing to share

@@ -126,12 +126,27 @@ class CriticDataModule(LightningDataModule):
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
         return images
 
+    def _split_sizes(self, stage: str | None = None) -> tuple[int, int]:
+        """(train, val) sizes of the real split, which the generated images match."""
+        self.real.setup(stage)
+        return len(self.real.train_dataset), len(self.real.val_dataset)  # type: ignore[arg-type]
+
+    def prepare_data(self) -> None:
+        """Draw and cache the generated images once per node, before any rank's ``setup``.
+
+        Lightning runs this on local rank 0 only and makes the other ranks wait, so under DDP
+        the samples are drawn once and every rank's ``setup`` reads the cache. Without a cache
+        directory there is nothing to share, and each rank draws them itself in ``setup``.
+        """
+        self.real.prepare_data()
+        if self.cache_dir is not None:
+            self.fakes(sum(self._split_sizes("fit")))
+
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
-        self.real.setup(stage)
+        n_train, n_val = self._split_sizes(stage)
         real_train, real_val = self.real.train_dataset, self.real.val_dataset
-        n_train, n_val = len(real_train), len(real_val)  # type: ignore[arg-type]
         fake = self.fakes(n_train + n_val)
         self._train = ConcatDataset([_Labelled(real_train, 1.0), _Labelled(TensorDataset(fake[:n_train]), 0.0)])
         self._val = ConcatDataset([_Labelled(real_val, 1.0), _Labelled(TensorDataset(fake[n_train:]), 0.0)])
