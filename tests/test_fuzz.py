@@ -42,7 +42,7 @@ from bdiff.checkpoint import load_model
 from bdiff.lit.data import DigitsDataModule, ImageFolderDataModule, MNISTDataModule
 from bdiff.metrics.samples_file import SampleSet, load_samples, save_samples
 from bdiff.sample import main, parse_args
-from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler
+from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
 from bdiff.sampling.callbacks import Recorder, VarianceWeightedBlending
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import Recipe
@@ -107,7 +107,7 @@ def den(ckpt: Path):
 # ------------------------------------------------------------------------------ sampler
 SAMPLER_ARGS = args_with_bad(
     valid={
-        "stepper": st.sampled_from([DDIM(), DDPM(), DPMSolverPP2M(), DDIM(eta=0.5)]),
+        "stepper": st.sampled_from([DDIM(), DDPM(), DPMSolverPP2M(), UniPC(), DDIM(eta=0.5)]),
         "steps": st.integers(1, 6),
         "history": st.integers(0, 5),
         "max_iterations": st.one_of(st.none(), st.integers(50, 200)),
@@ -202,7 +202,7 @@ def callback_spec(draw: st.DrawFn, junk_option: bool) -> dict:
 
 RECIPE_ARGS = args_with_bad(
     valid={
-        "stepper": st.one_of(st.sampled_from(["ddim", "ddpm", "dpmpp_2m"]), st.builds(lambda eta: {"name": "ddim", "eta": eta}, st.floats(0, 1))),
+        "stepper": st.one_of(st.sampled_from(["ddim", "ddpm", "dpmpp_2m", "unipc"]), st.builds(lambda eta: {"name": "ddim", "eta": eta}, st.floats(0, 1))),
         "steps": st.integers(1, 6),
         "posterior_samples": st.integers(1, 4),
         "callbacks": st.lists(callback_spec(False), max_size=3),
