@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
-from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
+from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, SamplerCallback, UniPC
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.steppers import alpha_bar_at, karras_timesteps
 from bdiff.schedule import NoiseSchedule
@@ -118,18 +118,55 @@ def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
         assert (plain - expected).abs().max() > 1e-3
 
 
-def test_unipc_corrector_is_undone_by_a_restart_and_skips_the_first_step() -> None:
-    den = ToyDenoiser()
+def test_unipc_first_order_corrector_weights() -> None:
     c_now, c_t, c_p = UniPC().corrector(*(torch.tensor([v], dtype=torch.float64) for v in (0.5, 0.1, float("nan"))))
-    assert c_p.item() == 0 and c_now.item() == pytest.approx(-c_t.item()) and c_now.item() != 0  # first-order corrector
-    sampler = Sampler(den, UniPC(), 4)
-    noise = NoiseSource(0, range(2))
-    state = sampler.init_state(noise.draw((1, 4, 4)))
-    sampler.noise = noise
-    state.active = state.t >= 0
-    x_before = state.x.clone()
-    sampler._predict(state)  # first model call: nothing to correct yet
-    torch.testing.assert_close(state.x, x_before, rtol=0, atol=0)
+    assert c_p.item() == 0 and c_now.item() == pytest.approx(-c_t.item()) and c_now.item() != 0
+
+
+class _ShrinkX0(SamplerCallback):
+    """Edits every prediction after the model call: x0 -> 0.8 x0."""
+
+    def after_prediction(self, state, sampler) -> None:
+        state.x0 = 0.8 * state.x0
+
+
+class _ShrunkDenoiser(ToyDenoiser):
+    """The same edit made inside the model: what a diffusers scheduler would receive."""
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        x0 = 0.8 * self.schedule.eps_to_x0(x, t, self.eps(x, t))
+        return Prediction(self.schedule.x0_to_eps(x, t, x0), torch.zeros_like(x), torch.ones_like(x))
+
+
+@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+def test_steppers_see_predictions_as_callbacks_left_them(stepper) -> None:
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    edited = Sampler(ToyDenoiser(), stepper, 6, [_ShrinkX0()]).run(x_T, noise).x
+    inside = Sampler(_ShrunkDenoiser(), stepper, 6).run(x_T, noise).x
+    torch.testing.assert_close(edited, inside, rtol=1e-4, atol=1e-4)
+
+
+class _RejectOnce(SamplerCallback):
+    """Rejects every sample's step once, at the third iteration (the step is then retried)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def after_update(self, state, sampler) -> None:
+        if state.step == 2 and not self.done:
+            state.accept[:] = False
+            self.done = True
+
+
+@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+def test_a_rejected_and_retried_step_lands_where_an_accepted_one_does(stepper) -> None:
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    plain = Sampler(ToyDenoiser(), stepper, 6).run(x_T, noise)
+    retried = Sampler(ToyDenoiser(), stepper, 6, [_RejectOnce()]).run(x_T, noise)
+    torch.testing.assert_close(retried.x, plain.x, rtol=0, atol=1e-6)
+    assert retried.nfe.tolist() == [7] * 3 and retried.rejected.tolist() == [1] * 3
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 25])
@@ -179,7 +216,7 @@ def test_sampler_on_a_karras_grid_matches_diffusers_on_the_same_timesteps(rho: f
 def test_bad_spacing_is_refused_before_sampling() -> None:
     with pytest.raises(ValueError, match="spacing must be one of"):
         Sampler(ToyDenoiser(), DDIM(), 5, spacing="cosine")
-    for rho in (0.0, -1.0, float("nan"), float("inf"), True):
+    for rho in (0.0, -1.0, 1e-3, 1e17, float("nan"), float("inf"), True, "7"):
         with pytest.raises(ValueError, match="rho"):
             Sampler(ToyDenoiser(), DDIM(), 5, spacing="karras", rho=rho)
     cosine = ToyDenoiser()

@@ -137,6 +137,8 @@ class CriticDataModule(LightningDataModule):
         Lightning runs this on local rank 0 only and makes the other ranks wait, so under DDP
         the samples are drawn once and every rank's ``setup`` reads the cache. Without a cache
         directory there is nothing to share, and each rank draws them itself in ``setup``.
+        The other ranks wait at a barrier meanwhile: for a very large real set, raise the DDP
+        strategy's ``timeout`` or fill the cache first with one process.
         """
         self.real.prepare_data()
         if self.cache_dir is not None:

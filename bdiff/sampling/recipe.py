@@ -28,7 +28,7 @@ from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
-from bdiff.sampling.steppers import SPACINGS, STEPPERS, make_stepper
+from bdiff.sampling.steppers import SPACINGS, STEPPERS, check_rho, make_stepper
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
     "blend": VarianceWeightedBlending,
@@ -61,7 +61,8 @@ class Recipe:
         if "stepper" not in data or "steps" not in data:
             raise ValueError(f"sampler recipe {name!r} needs 'stepper' and 'steps'")
         stepper = data["stepper"] if isinstance(data["stepper"], dict) else {"name": data["stepper"]}
-        spacing = data.get("spacing", "trailing")
+        spacing = data.get("spacing")
+        spacing = "trailing" if spacing is None else spacing  # null: the default, as for callbacks
         spacing = dict(spacing) if isinstance(spacing, dict) else {"name": spacing}
         callbacks = data.get("callbacks") or []
         if not isinstance(callbacks, list):
@@ -110,10 +111,11 @@ class Recipe:
         unknown = sorted(set(opts) - allowed, key=str)
         if unknown:
             raise ValueError(f"sampler recipe {self.name!r}: unknown option(s) {unknown} for spacing {name!r}")
-        rho = opts.get("rho", 7.0)
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
-            raise ValueError(f"sampler recipe {self.name!r}: spacing rho must be a finite number > 0, got {rho!r}")
-        return {"spacing": name, "rho": float(rho)}
+        try:
+            rho = check_rho(opts.get("rho", 7.0))
+        except ValueError as e:
+            raise ValueError(f"sampler recipe {self.name!r}: spacing {e}") from e
+        return {"spacing": name, "rho": rho}
 
     def build_stepper(self):
         opts = {k: v for k, v in self.stepper.items() if k != "name"}

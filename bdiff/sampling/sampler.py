@@ -35,7 +35,7 @@ from torch import Tensor
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import SPACINGS, Stepper, alpha_bar_at, grid_timesteps
+from bdiff.sampling.steppers import SPACINGS, Stepper, alpha_bar_at, check_rho, grid_timesteps
 
 
 def _integer(name: str, value: object, low: int | None = None) -> int:
@@ -114,8 +114,7 @@ class Sampler:
     ) -> None:
         if not isinstance(spacing, str) or spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho < float("inf"):
-            raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+        rho = check_rho(rho)
         if not isinstance(propagation, str) or propagation not in ("tweedie", "independent_eps"):
             raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
         self.propagation = propagation
@@ -139,7 +138,7 @@ class Sampler:
                 )
             cb.check(denoiser)
         self.history = history
-        self.spacing, self.rho = spacing, float(rho)
+        self.spacing, self.rho = spacing, rho
         self.grid = torch.tensor(grid_timesteps(denoiser.schedule.alphas_cumprod, steps, spacing, self.rho) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
 
@@ -165,35 +164,30 @@ class Sampler:
         tt = state.t.clamp(min=0)
         state.x0 = schedule.eps_to_x0(state.x, tt, state.prediction.eps)
         state.x0_var = schedule.x0_variance(tt, state.prediction.var_epistemic)
-        if self.stepper.corrects:
-            self._correct(state)
 
-    def _correct(self, state: SamplerState) -> None:
-        """A corrector stepper (UniPC) moves x_t with the model output just evaluated there.
+    def _corrected(self, state: SamplerState, amp_x0: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t and its amplitude after a corrector stepper's correction (UniPC); new tensors.
 
-        Rows whose previous step started from a known point (not the first step, not just
-        restarted) get x += c_t m_t + c_prev m_prev + c_now m_now; the x0 estimate m_now stays
-        that of the uncorrected x, as in UniPC. The propagated amplitude moves alongside, with
-        the x0 amplitude of the uncorrected point (kept for the step's update).
+        Uses the model output just evaluated at x_t (after the ``after_prediction`` callbacks,
+        as a scheduler would receive it): x += c_now m_now + c_t m_t + c_p m_prev, the amplitude
+        alongside with the x0 amplitudes ``amp_x0`` (B,C,H,W) of the same point. Only pixels that
+        came straight from the previous predictor step are corrected: not the first step, not a
+        restarted sample, not pixels a callback rewrote after that step (refinement, pinning).
+        The estimate m_now stays that of the uncorrected x, as in UniPC. Nothing is written to
+        ``state``, so a rejected and retried step is not corrected twice.
         """
         mem = state.memory
-        if "a_prev" not in mem:
-            return
+        if "fresh" not in mem:
+            return state.x, state.amp
         a_now = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t)
-        a_p = mem.setdefault("a_prev2", torch.full_like(mem["a_prev"], float("nan")))
-        c_now, c_t, c_p = self.stepper.corrector(a_now, mem["a_prev"], a_p)
+        c_now, c_t, c_p = self.stepper.corrector(a_now, mem["a_prev"], mem["a_prev2"])
         rows = state.active & torch.isfinite(c_now) & torch.isfinite(c_t)
-        if not rows.any():
-            return
         shape = (-1,) + (1,) * (state.x.dim() - 1)
+        mask = mem["fresh"] & rows.reshape(shape)
         c_now, c_t, c_p = (torch.nan_to_num(c).to(state.x.dtype).reshape(shape) for c in (c_now, c_t, c_p))
-        x0_p = mem.setdefault("x0_prev2", torch.zeros_like(state.x))
-        amp_x0_p = mem.setdefault("amp_x0_prev2", torch.zeros_like(state.x))
-        amp_x0_now = self._amp_x0(state, state.amp)
-        mask = rows.reshape(shape)
-        state.x = torch.where(mask, state.x + c_now * state.x0 + c_t * mem["x0_prev"] + c_p * x0_p, state.x)
-        mem["amp_uncorrected"] = state.amp.clone()
-        state.amp = torch.where(mask, state.amp + c_now * amp_x0_now + c_t * mem["amp_x0_prev"] + c_p * amp_x0_p, state.amp)
+        x = torch.where(mask, state.x + c_now * state.x0 + c_t * mem["x0_prev"] + c_p * mem["x0_prev2"], state.x)
+        amp = torch.where(mask, state.amp + c_now * amp_x0 + c_t * mem["amp_x0_prev"] + c_p * mem["amp_x0_prev2"], state.amp)
+        return x, amp
 
     def _amp_x0(self, state: SamplerState, amp: Tensor) -> Tensor:
         """Signed amplitude of the x0 estimate's weight-posterior perturbation (module docstring). (B,C,H,W)."""
@@ -213,19 +207,22 @@ class Sampler:
         shape = (-1,) + (1,) * (state.x.dim() - 1)
         a, b, w_cur, w_prev, sd = (v.to(state.x.dtype).reshape(shape) for v in (c.a, c.b, c.w_cur, c.w_prev, c.noise_std))
         x0_prev = mem.setdefault("x0_prev", torch.zeros_like(state.x))
+        # Variance propagation (module docstring): signed amplitudes, coherent across steps. The
+        # x0 amplitude is that of the point the model saw, before any corrector moves x.
+        amp_x0 = self._amp_x0(state, state.amp)
+        x, amp = self._corrected(state, amp_x0) if self.stepper.corrects else (state.x, state.amp)
         d = w_cur * state.x0 + w_prev * x0_prev
-        x_next = a * state.x + b * d
+        x_next = a * x + b * d
         if bool((c.noise_std > 0).any()):
             rows = (state.active & (c.noise_std > 0)).nonzero().squeeze(1)
             z = torch.zeros_like(state.x)
             z[rows] = noise.draw(tuple(state.x.shape[1:]), rows, state.x.device).to(state.x.dtype)
             x_next = x_next + sd * z
-        # Variance propagation (module docstring): signed amplitudes, coherent across steps; the
-        # x0 estimate was evaluated at the uncorrected point where a corrector moved x.
-        amp_x0 = self._amp_x0(state, mem.pop("amp_uncorrected", state.amp))
         amp_x0_prev = mem.setdefault("amp_x0_prev", torch.zeros_like(state.x))
-        mem["amp_next"] = a * state.amp + b * (w_cur * amp_x0 + w_prev * amp_x0_prev)
+        mem["amp_next"] = a * amp + b * (w_cur * amp_x0 + w_prev * amp_x0_prev)
         mem["amp_x0"] = amp_x0
+        if self.stepper.corrects:
+            mem["x_predicted"] = x_next.clone()  # to tell which pixels callbacks rewrite after the step
         state.x_next = x_next
         state.accept = state.active.clone()
 
@@ -237,10 +234,12 @@ class Sampler:
             entry = {"t": torch.where(ok, state.t, -2), "x0": state.x0.clone(), "x0_var": state.x0_var.clone()}
             state.history.append(entry)  # t = -2 marks rows that took no step
             del state.history[: -self.history]
-        if self.stepper.corrects:  # the corrector needs one more step of history
+        if self.stepper.corrects:  # the corrector needs one more step of history, and which pixels it may move
             for key, prev in (("x0_prev2", "x0_prev"), ("amp_x0_prev2", "amp_x0_prev")):
                 mem.setdefault(key, torch.zeros_like(state.x))[rows] = mem[prev][rows]
             mem.setdefault("a_prev2", torch.full_like(mem["a_prev"], float("nan")))[rows] = mem["a_prev"][rows]
+            fresh = mem.setdefault("fresh", torch.zeros_like(state.x, dtype=torch.bool))
+            fresh[rows] = state.x_next[rows] == mem["x_predicted"][rows]
         mem["x0_prev"][rows] = state.x0[rows]
         mem["amp_x0_prev"][rows] = mem["amp_x0"][rows]
         mem["a_prev"][rows] = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t[rows])
@@ -253,8 +252,9 @@ class Sampler:
         restarted = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
         if restarted.any():
             mem["a_prev"][restarted] = float("nan")
-            if "a_prev2" in mem:
+            if "fresh" in mem:
                 mem["a_prev2"][restarted] = float("nan")
+                mem["fresh"][restarted] = False
             mem["x0_prev"][restarted] = 0
             mem["amp_x0_prev"][restarted] = 0
             mem["restarts"] = state.restarts.clone()

@@ -49,8 +49,7 @@ def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> li
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"karras spacing needs steps >= 1, got {steps!r}")
-    if not rho > 0:
-        raise ValueError(f"karras rho must be > 0, got {rho!r}")
+    rho = check_rho(rho)
     ac = alphas_cumprod.detach().to("cpu", torch.float64)
     log_sigmas = (0.5 * ((1 - ac) / ac).log()).numpy()  # increasing in t
     s_min, s_max = float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1]))
@@ -66,6 +65,15 @@ def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> li
 
 
 SPACINGS = ("trailing", "karras")
+RHO_RANGE = (0.1, 100.0)  # Karras et al. use 7; outside this the grid degenerates or overflows
+
+
+def check_rho(rho: object) -> float:
+    """``rho`` as a float; ValueError unless it is a real number in :data:`RHO_RANGE`."""
+    lo, hi = RHO_RANGE
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not lo <= rho <= hi:
+        raise ValueError(f"karras rho must be a number in [{lo:g}, {hi:g}] (Karras et al. use 7), got {rho!r}")
+    return float(rho)
 
 
 def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", rho: float = 7.0) -> list[int]:
