@@ -1,6 +1,6 @@
 """What does uncertainty cost at sampling time? (issue 4: K=8 <= 1.3x the posterior mean alone)
 
-    python benchmarks/uncertainty_cost.py --ckpt runs/bdiff/<id>/checkpoints/last.ckpt
+    python benchmarks/uncertainty_cost.py --ckpt runs/bdiff/<id>/checkpoints/last.ckpt [--stepper unipc]
 
 Same stepper, steps and batch, CPU, 2 threads, median of repeated runs:
   * mean only: the U-Net with the guide's posterior-mean weights, zero variances
@@ -23,7 +23,7 @@ from torch.utils.benchmark import Timer
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
-from bdiff.sampling import DPMSolverPP2M, Sampler
+from bdiff.sampling import Sampler, make_stepper
 from bdiff.sampling.noise import NoiseSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,12 @@ def main() -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "uncertainty_cost.json")
+    p.add_argument("--stepper", default="dpmpp_2m", choices=["dpmpp_2m", "unipc", "ddim"])
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/uncertainty_cost[_<stepper>].json")
     args = p.parse_args()
+    suffix = "" if args.stepper == "dpmpp_2m" else f"_{args.stepper}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"uncertainty_cost{suffix}.json"
+    stepper = make_stepper(args.stepper)
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
     x_T = NoiseSource(0, range(args.batch)).draw(den.image_shape)
@@ -58,20 +62,20 @@ def main() -> None:
     analytic.mode = "analytic"
     chains = den.posterior_chains(8)
     runs = {
-        "mean only": lambda: Sampler(PosteriorMean(den), DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
-        "K=8 sampled + propagation": lambda: Sampler(sampled, DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
-        "closed form + propagation": lambda: Sampler(analytic, DPMSolverPP2M(), args.steps).run(x_T, NoiseSource(0, [0])),
-        "K=8 Monte Carlo chains": lambda: Sampler(chains, DPMSolverPP2M(), args.steps).run(x_T.repeat(8, 1, 1, 1), NoiseSource(0, [0])),
+        "mean only": lambda: Sampler(PosteriorMean(den), stepper, args.steps).run(x_T, NoiseSource(0, [0])),
+        "K=8 sampled + propagation": lambda: Sampler(sampled, stepper, args.steps).run(x_T, NoiseSource(0, [0])),
+        "closed form + propagation": lambda: Sampler(analytic, stepper, args.steps).run(x_T, NoiseSource(0, [0])),
+        "K=8 Monte Carlo chains": lambda: Sampler(chains, stepper, args.steps).run(x_T.repeat(8, 1, 1, 1), NoiseSource(0, [0])),
     }
     times = {name: Timer("fn()", globals={"fn": fn}, num_threads=2).blocked_autorange(min_run_time=5).median for name, fn in runs.items()}
     base = times["mean only"]
     rows = [{"variant": k, "seconds": v, "ratio_vs_mean_only": v / base} for k, v in times.items()]
-    print(f"DPM-Solver++(2M), {args.steps} steps, batch {args.batch}")
+    print(f"{args.stepper}, {args.steps} steps, batch {args.batch}")
     print("| variant | wall time | vs mean only |\n|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['seconds'] * 1e3:.0f} ms | {r['ratio_vs_mean_only']:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"stepper": args.stepper, "batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
