@@ -2,11 +2,14 @@
 
     python -m bdiff.evaluate --samples samples.npz [--ckpt last.ckpt] [--out-dir eval] [--wandb-project bdiff]
 
-Prints a Markdown table and writes ``metrics.json``, ``metrics.md`` and (with
-``--ckpt``) ``reliability.png`` into ``--out-dir``. Features come from an
-extractor chosen by name (``digits``: a small classifier trained on the real
-digits by ``python -m bdiff.lit.feature_module cache``; ``inception``: the
-standard FID network when torch-fidelity and its weights are installed).
+Prints Markdown tables and writes ``metrics.json``, ``metrics.md`` and (with
+``--ckpt``) ``reliability.png`` into ``--out-dir``. Quality is reported in every
+feature space named by ``--features`` (default: ``digits``, a small CNN classifier
+trained on the real digits by ``python -m bdiff.lit.feature_module cache``;
+``digits_mlp``, a fully connected classifier from another seed; ``pixels``, the raw
+64 pixels); ``inception`` is the standard FID network when torch-fidelity and its
+weights are installed. The first space is the primary one: its numbers are also the
+top-level ``fd``/``kid``/... keys and the uncertainty-usefulness metrics use it.
 Reference features come from the real training split and are cached.
 """
 
@@ -20,9 +23,9 @@ from typing import Any
 import torch
 
 from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
-from bdiff.metrics.features import default_cache_dir, get_feature_extractor
+from bdiff.metrics.features import DIGITS_SPACES, default_cache_dir, get_feature_extractor
 from bdiff.metrics.frechet import cached_features, extract_features
-from bdiff.metrics.report import evaluate_sample_set, markdown_table
+from bdiff.metrics.report import evaluate_sample_set, markdown_table, quality_in_spaces
 from bdiff.metrics.samples_file import load_samples
 
 CALIBRATION_T = (10, 50, 100, 250, 500, 750, 950)
@@ -49,6 +52,12 @@ def reference_for(features: str = "digits", train_if_missing: bool = True, fallb
     return extractor, reference_features(extractor, features, default_cache_dir())
 
 
+def references_for(spaces: tuple[str, ...] | list[str] = DIGITS_SPACES, train_if_missing: bool = True,
+                   fallback: str | None = None) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """{space: (extractor, features of the real digits training split)} for every named space."""
+    return {name: reference_for(name, train_if_missing, fallback) for name in spaces}
+
+
 def calibration_report(ckpt: str, out_dir: Path) -> list[dict[str, Any]]:
     """Calibration of the checkpoint's variances on held-out digits at a grid of t, plus a reliability plot."""
     from bdiff.checkpoint import load_model
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bdiff.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--samples", required=True, help="samples.npz written by python -m bdiff.sample")
     p.add_argument("--ckpt", help="checkpoint, for calibration on held-out data")
-    p.add_argument("--features", default="digits", help="feature extractor: digits or inception")
+    p.add_argument("--features", nargs="+", default=list(DIGITS_SPACES),
+                   help="feature spaces (the first is the primary one): digits, digits_mlp, pixels, inception")
     p.add_argument("--fallback", default=None, help="extractor to use if --features is unavailable")
     p.add_argument("--train-features-if-missing", action="store_true",
                    help="train the digits feature net (seconds on a CPU) if its cached weights are missing")
@@ -76,9 +86,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = load_samples(args.samples)  # validates shape, range, dtype, keys
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor, f_real = reference_for(args.features, args.train_features_if_missing, args.fallback)
-    metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features, "config": samples.config}
+    references = references_for(args.features, args.train_features_if_missing, args.fallback)
+    extractor, f_real = references[args.features[0]]
+    metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features[0], "config": samples.config}
     metrics.update(evaluate_sample_set(samples, f_real, extractor))
+    metrics["spaces"] = quality_in_spaces(samples.images, references)
     if args.ckpt:
         metrics["calibration"] = calibration_report(args.ckpt, out_dir)
 
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance",
                            "auroc_worst_20") if c in metrics]
     md = markdown_table([metrics], columns)
+    space_rows = [{"features": name, **row} for name, row in metrics["spaces"].items()]
+    md += "\n\n" + markdown_table(space_rows, ["features", "fd", "kid", "precision", "recall", "confidence"])
     if "calibration" in metrics:
         md += "\n\n" + markdown_table(metrics["calibration"], ["t", "mse", "z2_total", "z2_aleatoric", "z2_epistemic",
                                                                "nll_total", "mean_var_epistemic"])
@@ -99,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from bdiff.lit.wandb import resolve_wandb_mode
 
         run = wandb.init(project=args.wandb_project, mode=resolve_wandb_mode(None), job_type="evaluate", config=samples.config)
-        run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat.update({f"{space}/{k}": v for space, row in metrics["spaces"].items() for k, v in row.items()})
+        run.log(flat)
         run.finish()
     return metrics
 

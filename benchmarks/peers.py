@@ -37,20 +37,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
-def diffusers_scheduler(name: str):
-    """A fresh diffusers scheduler; a ``-karras`` suffix turns on its own ``use_karras_sigmas``."""
+GRIDS = ("leading", "linspace", "trailing", "karras")
+"""Every timestep grid diffusers offers: its three ``timestep_spacing`` values and ``use_karras_sigmas``."""
+
+
+def diffusers_scheduler(name: str, grid: str = "trailing"):
+    """A fresh diffusers scheduler on one of :data:`GRIDS`; a ``-karras`` suffix on ``name`` means ``grid="karras"``."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    base, karras = name.removesuffix("-karras"), name.endswith("-karras")
-    spacing = {"use_karras_sigmas": True} if karras else {"timestep_spacing": "trailing"}
+    base, karras = name.removesuffix("-karras"), name.endswith("-karras") or grid == "karras"
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
+    spacing = {"use_karras_sigmas": True} if karras else {"timestep_spacing": grid}
     if base == "diffusers-ddim" and not karras:
-        return DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        return DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=True, **spacing)
     if base == "diffusers-dpm++2m":
         return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", solver_order=2, **spacing)
     if base == "diffusers-unipc":
         return UniPCMultistepScheduler(**SCHED, **spacing)
     if base == "diffusers-ddpm" and not karras:
-        return DDPMScheduler(**SCHED, clip_sample=False, timestep_spacing="trailing")
+        return DDPMScheduler(**SCHED, clip_sample=False, **spacing)
     raise ValueError(name)
 
 
@@ -75,12 +81,13 @@ def set_diffusers_timesteps(sched, steps: int, grid: list[int] | None) -> None:
 
 @torch.no_grad()
 def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int, batch: int,
-                  grid: list[int] | None = None) -> SampleSet:
-    """Sample with a diffusers scheduler (on its own grid, or on ``grid``); model output = our posterior-mean eps."""
+                  grid: list[int] | None = None, spacing: str = "trailing") -> SampleSet:
+    """Sample with a diffusers scheduler (on its ``spacing`` grid, or on explicit timesteps ``grid``);
+    model output = our posterior-mean eps."""
     out = []
     start = time.perf_counter()
     for lo in range(0, len(x_T), batch):
-        sched = diffusers_scheduler(name)  # stateful: a fresh one per run
+        sched = diffusers_scheduler(name, spacing)  # stateful: a fresh one per run
         set_diffusers_timesteps(sched, steps, grid)
         x = x_T[lo : lo + batch].clone()
         gen = torch.Generator().manual_seed(seed + lo)
@@ -91,7 +98,8 @@ def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int,
         out.append(x.clamp(-1, 1))
     seconds = time.perf_counter() - start
     images = (torch.cat(out) + 1) / 2
-    return SampleSet(images, None, float(len(sched.timesteps)), seconds, {"sampler": name, "steps": steps, "grid": grid})
+    config = {"sampler": name, "steps": steps, "grid": grid, "spacing": spacing}
+    return SampleSet(images, None, float(len(sched.timesteps)), seconds, config)
 
 
 def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,

@@ -115,3 +115,48 @@ def test_bad_bayes_config() -> None:
         make("head", prior_scale=0.0)
     with pytest.raises(ValueError, match="predictive_samples"):
         make("head", predictive_samples=0)
+
+
+def _head_grads(objective: str, **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of the deterministic loss w.r.t. the head's eps rows, log_var rows and the stem."""
+    m = make("none", objective=objective, **kw)
+    torch.nn.init.normal_(m.net.head.weight, std=0.1)  # a non-zero variance head, so the NLL term acts
+    x, t, n = batch()
+    m.negative_elbo(x, t, n, num_data=100).backward()
+    g = m.net.head.weight.grad
+    c = g.shape[0] // 2
+    return g[:c], g[c:], m.net.stem.weight.grad
+
+
+def test_objectives_send_each_term_where_the_docstring_says() -> None:
+    """mse: no gradient to the variance head; hybrid: the mean sees exactly mse's gradient on the
+    head's eps rows (stop-gradient), the variance rows see the NLL's; nll: both rows see the NLL."""
+    mse_eps, mse_var, _ = _head_grads("mse")
+    hyb_eps, hyb_var, _ = _head_grads("hybrid")
+    nll_eps, nll_var, _ = _head_grads("nll")
+    assert mse_var.abs().max() == 0 and mse_eps.abs().max() > 0
+    torch.testing.assert_close(hyb_eps, mse_eps)
+    torch.testing.assert_close(hyb_var, nll_var)
+    assert (nll_eps - mse_eps).abs().max() > 1e-3  # the NLL reweights the mean's errors by 1/sigma^2
+
+
+def test_objective_logliks_are_gaussian_log_densities() -> None:
+    from bdiff.bayes.model import objective_loglik
+
+    g = torch.Generator().manual_seed(3)
+    noise, eps, log_var = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    normal = torch.distributions.Normal
+    exact = normal(eps, log_var.mul(0.5).exp()).log_prob(noise).flatten(1).sum(1)
+    simple = normal(eps, torch.ones_like(eps)).log_prob(noise).flatten(1).sum(1)
+    torch.testing.assert_close(objective_loglik(noise, eps, log_var, "nll"), exact)
+    torch.testing.assert_close(objective_loglik(noise, eps, log_var, "mse"), simple)
+    torch.testing.assert_close(objective_loglik(noise, eps, log_var, "hybrid"), simple + exact)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"objective": "vlb"}, "bayes.objective"), ({"objective": "hybrid", "nll_beta": 0.5}, "nll_beta")],
+)
+def test_bad_objective_is_a_clear_error(kw, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        BayesConfig(**kw).validate()

@@ -21,6 +21,8 @@ def test_evaluate_writes_json_markdown_and_reliability_plot(last_ckpt: Path, tmp
     for key in ("fd", "kid", "precision", "recall", "nfe", "seconds", "auroc_worst_20", "fd_drop_uncertain", "peak_memory_mb"):
         assert key in metrics, key
     assert metrics["fd"] > 0 and 0 <= metrics["precision"] <= 1 and metrics["peak_memory_mb"] > 0
+    assert set(metrics["spaces"]) == {"digits", "digits_mlp", "pixels"}  # three feature spaces, built differently
+    assert metrics["spaces"]["digits"]["fd"] == metrics["fd"] and 0 < metrics["spaces"]["digits_mlp"]["confidence"] <= 1
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 60
     assert "| fd |" in (tmp_path / "eval" / "metrics.md").read_text().replace("| n | fd |", "| fd |")
     assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0

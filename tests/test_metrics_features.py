@@ -111,7 +111,7 @@ def test_corrupt_cache_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_name_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="'fidnet'.*digits, inception"):
+    with pytest.raises(ValueError, match="'fidnet'.*digits, digits_mlp, pixels, inception"):
         get_feature_extractor("fidnet")
     with pytest.raises(ValueError, match="fallback"):
         get_feature_extractor("inception", fallback="resnet")
@@ -202,3 +202,42 @@ def test_inception_features_when_available() -> None:
         pytest.skip(f"FID Inception weights not cached at {inception_weights_path()}")
     ext = get_feature_extractor("inception")
     assert ext.num_features == 2048 and ext(torch.rand(2, 1, 8, 8)).shape == (2, 2048)
+
+
+def test_second_feature_space_is_a_differently_built_classifier(cache_dir: Path) -> None:
+    """``digits_mlp``: a fully connected net from another seed, written by ``cache --arch mlp``; its
+    features and its confidence are usable, and differ from the CNN's."""
+    from sklearn.datasets import load_digits
+
+    path = main(["cache", "--cache-dir", str(cache_dir), "--max-epochs", "2", "--arch", "mlp"])
+    assert path == cache_dir / "digits_mlp.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["arch"] == "mlp" and payload["meta"]["val_accuracy"] > 0.8
+    mlp, cnn = (get_feature_extractor(n, cache_dir=cache_dir) for n in ("digits_mlp", "digits"))
+    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) for m in mlp.net.modules())
+    real = torch.as_tensor(load_digits().images[:200], dtype=torch.float32).unsqueeze(1) / 16.0
+    assert mlp(real).shape == (200, 64)
+    assert mlp.confidence(real).mean() > mlp.confidence(torch.rand(200, 1, 8, 8)).mean()
+    assert cnn.is_classifier and mlp.is_classifier
+
+
+def test_pixel_space_and_quality_in_every_space(cache_dir: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from bdiff.metrics.report import quality_in_spaces
+
+    pixels = get_feature_extractor("pixels")
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(pixels(x), x.flatten(1))
+    assert not pixels.is_classifier and pixels.num_features == 64
+    with pytest.raises(ValueError, match="pixel features"):
+        pixels(torch.rand(2, 1, 4, 4))
+    real = torch.as_tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    cnn = get_feature_extractor("digits", cache_dir=cache_dir)
+    refs = {"digits": (cnn, cnn(real[:900])), "pixels": (pixels, pixels(real[:900]))}
+    good = quality_in_spaces(real[900:], refs)
+    bad = quality_in_spaces(torch.rand(897, 1, 8, 8), refs)
+    assert set(good) == {"digits", "pixels"} and "confidence" in good["digits"] and "confidence" not in good["pixels"]
+    for space in refs:  # held-out real digits are far closer to the real ones than noise is, in every space
+        assert good[space]["fd"] * 5 < bad[space]["fd"]
+    assert good["digits"]["confidence"] > bad["digits"]["confidence"]

@@ -4,7 +4,7 @@ Generative model for one minibatch of B noised images out of N training images
 (Blundell et al. 2015, "Weight Uncertainty in Neural Networks"):
 
     w_j ~ N(m_j, s_j^2)                       for every Bayesian parameter j
-    eps | x_t, t, w ~ N(eps_w(x_t, t), exp(log_var_w(x_t, t)))   per pixel
+    noise | x_t, t, w ~ likelihood chosen by ``BayesConfig.objective`` (see :func:`objective_loglik`)
 
 with the likelihood inside ``pyro.plate("data", N, subsample=...)`` so it is
 scaled by N/B. The guide is Pyro's ``AutoNormal`` (mean-field Normal, one
@@ -41,6 +41,7 @@ from bdiff.bayes.select import fan_in_std, select_parameters, site_name
 from bdiff.nets import UNet
 
 LOG_2PI = math.log(2 * math.pi)
+OBJECTIVES = ("hybrid", "nll", "mse")
 
 
 @dataclass
@@ -56,10 +57,15 @@ class BayesConfig:
             weights the model was built from).
         guide_init_scale: initial posterior std of every Bayesian weight (1e-3 to 1e-4
             keeps the first steps close to the deterministic network).
-        nll_beta: 0 gives the exact Gaussian likelihood. beta > 0 is the beta-NLL of
-            Seitzer et al. 2022: each pixel's log-likelihood is weighted by
-            stop_grad(sigma^(2 beta)), so the mean is not starved where the predicted
-            variance is large (beta=1 gives the mean MSE-like gradients).
+        objective: the likelihood the weights see (:func:`objective_loglik`): ``hybrid``
+            (default; L_simple for the mean, NLL with a stop-gradient on the mean for the
+            variance head, Nichol & Dhariwal 2021), ``nll`` (exact heteroscedastic Gaussian,
+            or beta-NLL with ``nll_beta``) or ``mse`` (L_simple only: a plain DDPM; the
+            variance head is never trained and stays at variance 1).
+        nll_beta: only with ``objective: nll``. 0 gives the exact Gaussian likelihood.
+            beta > 0 is the beta-NLL of Seitzer et al. 2022: each pixel's log-likelihood is
+            weighted by stop_grad(sigma^(2 beta)), so the mean is not starved where the
+            predicted variance is large (beta=1 gives the mean MSE-like gradients).
         predictive_samples: K, weight samples per posterior-predictive call.
         predictive: ``auto`` (closed form when only the head is Bayesian, else sampled),
             ``sampled`` or ``analytic``.
@@ -69,6 +75,7 @@ class BayesConfig:
     prior_scale: float = 1.0
     prior_center: Literal["zero", "init"] = "zero"
     guide_init_scale: float = 1e-3
+    objective: Literal["hybrid", "nll", "mse"] = "hybrid"
     nll_beta: float = 0.0
     predictive_samples: int = 8
     predictive: Literal["auto", "sampled", "analytic"] = "auto"
@@ -80,8 +87,15 @@ class BayesConfig:
             raise ValueError(f"bayes.prior_center must be 'zero' or 'init', got {self.prior_center!r}")
         if not 0 < self.guide_init_scale < 1:
             raise ValueError(f"bayes.guide_init_scale must be in (0, 1), got {self.guide_init_scale}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"bayes.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0 <= self.nll_beta <= 1:
             raise ValueError(f"bayes.nll_beta must be in [0, 1], got {self.nll_beta}")
+        if self.nll_beta and self.objective != "nll":
+            raise ValueError(
+                f"bayes.nll_beta={self.nll_beta} only applies to bayes.objective: nll (beta-NLL), but the "
+                f"objective is {self.objective!r}; set nll_beta: 0 or objective: nll"
+            )
         if self.predictive_samples < 1:
             raise ValueError(f"bayes.predictive_samples (K) must be >= 1, got {self.predictive_samples}")
         if self.predictive not in ("auto", "sampled", "analytic"):
@@ -146,6 +160,39 @@ def gaussian_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, beta: float = 0
     return ll.flatten(1).sum(1)
 
 
+def objective_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, objective: str, beta: float = 0.0) -> Tensor:
+    """The per-image log-likelihood the weights are trained on: (B,C,H,W) x 3 -> (B,).
+
+    * ``nll``: log N(noise; eps, exp(log_var)) (beta-NLL when ``beta > 0``). Exact, but each
+      pixel's error is weighted by 1/sigma^2, so the easy high-noise pixels dominate and the
+      mean is starved where the noise is hard to predict (Seitzer et al. 2022); on the
+      digits this costs 4x in FD (BENCHMARKS.md, "Denoiser quality").
+    * ``mse``: log N(noise; eps, I), i.e. L_simple of Ho et al. 2020 up to a constant. The
+      log_var output gets no gradient (its zero-initialised head weights stay 0: variance 1).
+    * ``hybrid``: log N(noise; eps, I) + log N(noise; stop_grad(eps), exp(log_var)) -- the
+      L_hybrid split of Nichol & Dhariwal 2021: the mean is trained by L_simple, the variance
+      head by the exact NLL around the (fixed) mean.
+
+    Why the weight posterior is still an ELBO's: each of the two terms is a proper Gaussian
+    log-density of the observed noise, so ``nll``/``mse`` are ordinary likelihoods and the
+    ``hybrid`` factor is a composite likelihood (a product of two Gaussian densities of the same
+    observation, one with unit variance for the mean, one with the head's variance for the log
+    variance). The variational objective -E_q[log factor] + KL(q || p) is then the ELBO of the
+    generalised (Gibbs) posterior p(w) exp(log factor) (Bissiri et al. 2016; Knoblauch et al.
+    2019); the stop-gradient only decides which parameters each term's gradient reaches, so
+    the mean's weights see a fixed-variance Gaussian likelihood and the variance head's
+    weights see the exact NLL.
+    """
+    if objective == "nll":
+        return gaussian_loglik(noise, eps, log_var, beta)
+    simple = gaussian_loglik(noise, eps, torch.zeros_like(log_var))
+    if objective == "mse":
+        return simple
+    if objective == "hybrid":
+        return simple + gaussian_loglik(noise, eps.detach(), log_var)
+    raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+
+
 class BayesianUNet(nn.Module):
     """A U-Net with a Pyro weight posterior over chosen parameters.
 
@@ -200,8 +247,8 @@ class BayesianUNet(nn.Module):
         with poutine.scale(scale=kl_weight):
             weights = self.prior()
         eps, log_var = functional_call(self.net, weights, (x_t, t), strict=False)
-        loglik = gaussian_loglik(noise, eps, log_var, self.config.nll_beta)
-        self.last_loglik = loglik.detach()  # read by the training loop for logging the NLL
+        loglik = objective_loglik(noise, eps, log_var, self.config.objective, self.config.nll_beta)
+        self.last_loglik = loglik.detach()  # read by the training loop for logging the objective
         subsample = torch.arange(x_t.shape[0], device=x_t.device)
         with pyro.plate("data", num_data, subsample=subsample):
             pyro.factor("noise_loglik", loglik)

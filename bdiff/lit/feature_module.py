@@ -8,6 +8,8 @@ Two commands::
     # the feature cache that get_feature_extractor("digits") reads:
     # train in-process and write ~/.cache/bdiff/features/digits.pt ($BDIFF_CACHE/features/digits.pt)
     python -m bdiff.lit.feature_module cache [--cache-dir DIR] [--max-epochs 20] [--seed 0] [--split-seed 0]
+    # the second feature space, get_feature_extractor("digits_mlp"): an MLP from seed 1 -> digits_mlp.pt
+    python -m bdiff.lit.feature_module cache --arch mlp
     # ... or export a checkpoint of a `fit` run instead of training again
     python -m bdiff.lit.feature_module cache --from-ckpt runs/features/digits/version_0/checkpoints/last.ckpt
 
@@ -41,6 +43,10 @@ from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
 from bdiff.metrics.features import default_cache_dir, save_feature_net
 
 DIGITS_FILE = "digits.pt"
+FEATURE_FILES = {"cnn": DIGITS_FILE, "mlp": "digits_mlp.pt"}
+"""Cache file per architecture: ``get_feature_extractor("digits")`` reads the CNN, ``"digits_mlp"`` the MLP."""
+DEFAULT_SEEDS = {"cnn": 0, "mlp": 1}
+"""Initial-weight seed per architecture: the second feature space differs in architecture *and* seed."""
 
 
 def _as_config(value: FeatureNetConfig | dict[str, Any]) -> FeatureNetConfig:
@@ -190,10 +196,10 @@ def accuracy(net: FeatureNet, loader: DataLoader) -> float:
 
 
 def _export(net: FeatureNet, data: LabelledDigitsDataModule, cache_dir: Path | None, source: str) -> Path:
-    """Measure val accuracy and write ``<cache_dir>/digits.pt``; returns its path."""
+    """Measure val accuracy and write ``<cache_dir>/digits.pt`` (``digits_mlp.pt`` for an MLP); returns its path."""
     data.setup("validate")
     val_acc = accuracy(net, data.val_dataloader())
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DIGITS_FILE
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[net.config.arch]
     meta = {
         "dataset": "sklearn digits",
         "val_accuracy": val_acc,
@@ -207,9 +213,10 @@ def _export(net: FeatureNet, data: LabelledDigitsDataModule, cache_dir: Path | N
 def train_digits_feature_net(
     cache_dir: Path | None = None,
     max_epochs: int = 20,
-    seed: int = 0,
+    seed: int | None = None,
     accelerator: str = "cpu",
     split_seed: int = 0,
+    arch: str = "cnn",
 ) -> Path:
     """Train the digits feature net with a Lightning Trainer and write ``<cache_dir>/digits.pt``.
 
@@ -219,10 +226,11 @@ def train_digits_feature_net(
         max_epochs: epochs over the 1617 training digits (20: ~99% val accuracy in ~4 s on
             2 CPU cores; 2 epochs already give ~98%).
         seed: seeds the initial weights and dropout (global RNG state is restored afterwards);
-            the batch order follows ``split_seed``.
+            the batch order follows ``split_seed``. Default: 0 for the CNN, 1 for the MLP.
         accelerator: Lightning accelerator; the net is tiny, CPU is the fastest.
         split_seed: seed of the train/val split; keep it equal to the diffusion run's
             ``data.seed`` (default 0) so the feature net never trains on its held-out digits.
+        arch: ``cnn`` (writes ``digits.pt``) or ``mlp`` (writes ``digits_mlp.pt``).
 
     Returns:
         The path of the written ``digits.pt``. The Lightning checkpoint (best val accuracy,
@@ -230,10 +238,13 @@ def train_digits_feature_net(
     """
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+    if arch not in FEATURE_FILES:
+        raise ValueError(f"arch must be one of {', '.join(FEATURE_FILES)}, got {arch!r}")
     data = LabelledDigitsDataModule(seed=split_seed)
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="bdiff-features-") as tmp:
-        torch.manual_seed(seed)
-        module = FeatureClassifierModule(FeatureNetConfig(in_channels=data.channels, image_size=data.image_size))
+        torch.manual_seed(DEFAULT_SEEDS[arch] if seed is None else seed)
+        config = FeatureNetConfig(in_channels=data.channels, image_size=data.image_size, arch=arch)  # type: ignore[arg-type]
+        module = FeatureClassifierModule(config)
         best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max", save_top_k=1, filename="best")
         trainer = pl.Trainer(
             max_epochs=max_epochs,
@@ -249,7 +260,7 @@ def train_digits_feature_net(
         trainer.fit(module, datamodule=data)
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    return _export(module.net.cpu(), data, cache_dir, source=f"train_digits_feature_net(max_epochs={max_epochs})")
+    return _export(module.net.cpu(), data, cache_dir, source=f"train_digits_feature_net(max_epochs={max_epochs}, arch={arch!r})")
 
 
 def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> Path:
@@ -288,7 +299,9 @@ def _cache_main(argv: Sequence[str]) -> Path:
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
     parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and dropout")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights and dropout (default: 0 cnn, 1 mlp)")
+    parser.add_argument("--arch", choices=tuple(FEATURE_FILES), default="cnn",
+                        help="cnn: the digits features (digits.pt); mlp: the second feature space (digits_mlp.pt)")
     parser.add_argument("--split-seed", type=int, default=0, help="train/val split seed (= the diffusion data.seed)")
     parser.add_argument("--from-ckpt", type=Path, default=None, help="export this fit checkpoint instead of training")
     args = parser.parse_args(list(argv))
@@ -296,7 +309,7 @@ def _cache_main(argv: Sequence[str]) -> Path:
         path = export_checkpoint(args.from_ckpt, args.cache_dir)
     else:
         path = train_digits_feature_net(
-            args.cache_dir, max_epochs=args.max_epochs, seed=args.seed, split_seed=args.split_seed
+            args.cache_dir, max_epochs=args.max_epochs, seed=args.seed, split_seed=args.split_seed, arch=args.arch
         )
     meta = torch.load(path, weights_only=True)["meta"]
     print(f"wrote {path} (val accuracy {meta['val_accuracy']:.4f})")

@@ -175,6 +175,7 @@ class DiffusionModule(pl.LightningModule):
             return self._nonfinite(f"non-finite training loss {loss.item()}", batch_idx)
         n_pixels = batch[0].numel()
         self.log("train/loss", loss, prog_bar=True)
+        # The likelihood term of the chosen objective (bayes.objective); val/gaussian_nll_* is the exact NLL.
         self.log("train/nll_per_pixel", -self.bayes.last_loglik.mean() / n_pixels)
         self.log("train/kl_weight", beta)
         if self.bayes.is_bayesian and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:

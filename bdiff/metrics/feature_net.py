@@ -5,6 +5,11 @@ features of a classifier; the standard one is Inception-v3 (Szegedy et al. 2016)
 ImageNet at 299x299. For 8x8 digits an ImageNet net sees almost nothing, so, as is common for
 MNIST-scale data, we train a small in-domain classifier and use its penultimate layer.
 
+Two architectures, so that a score cannot be fooled by one feature space: ``arch="cnn"``
+(convolutions, BatchNorm, pooling; the ``digits`` features) and ``arch="mlp"`` (a fully
+connected net on the raw pixels, no convolution or normalisation; the ``digits_mlp``
+features, trained from another seed).
+
 ``FeatureNet(x) -> logits (N, 10)`` and ``FeatureNet.features(x) -> (N, D)``, for images
 ``x`` of shape ``(N, C, H, W)``, float in ``[0, 1]``. :class:`FeatureExtractor` wraps a frozen
 net so that its ``forward`` returns features and it has ``num_features``: the form
@@ -17,6 +22,7 @@ Plain ``nn.Module`` s: training lives in :mod:`bdiff.lit.feature_module`, loadin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +39,8 @@ class FeatureNetConfig:
         width: channels of the first conv; later convs have ``2 * width``.
         num_features: D, the size of the penultimate (feature) layer.
         dropout: dropout before the classifier layer (training only).
+        arch: ``cnn`` (conv-BN-ReLU body) or ``mlp`` (two hidden fully connected layers of
+            ``8 * width`` units on the flattened pixels).
     """
 
     in_channels: int = 1
@@ -41,6 +49,7 @@ class FeatureNetConfig:
     width: int = 32
     num_features: int = 64
     dropout: float = 0.1
+    arch: Literal["cnn", "mlp"] = "cnn"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -54,13 +63,17 @@ class FeatureNetConfig:
             raise ValueError(f"feature net num_classes must be >= 2, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"feature net dropout must be in [0, 1), got {self.dropout}")
+        if self.arch not in ("cnn", "mlp"):
+            raise ValueError(f"feature net arch must be 'cnn' or 'mlp', got {self.arch!r}")
 
 
 class FeatureNet(nn.Module):
-    """Small CNN classifier: conv-BN-ReLU x3 with one 2x max-pool, 2x2 average pool, MLP.
+    """Small classifier whose penultimate layer gives the features.
 
-    Shapes (defaults, 1x8x8 digits): (N,1,8,8) -> (N,32,8,8) -> (N,64,4,4) -> (N,64,2,2)
-    -> features (N,64) -> logits (N,10). Any ``image_size >= 4`` works (the adaptive pool
+    ``arch="cnn"``: conv-BN-ReLU x3 with one 2x max-pool, 2x2 average pool, MLP. Shapes
+    (defaults, 1x8x8 digits): (N,1,8,8) -> (N,32,8,8) -> (N,64,4,4) -> (N,64,2,2)
+    -> features (N,64) -> logits (N,10). ``arch="mlp"``: (N,1,8,8) -> (N,64) -> (N,256)
+    -> (N,256) -> features (N,64) -> logits (N,10). Any ``image_size >= 4`` works (the adaptive pool
     fixes the flattened size), but a net only makes sense for the size it was trained on,
     so inputs of another shape are refused.
 
@@ -75,12 +88,29 @@ class FeatureNet(nn.Module):
         config.validate()
         self.config = config
         self.num_features = config.num_features
+        if config.arch == "mlp":
+            pixels, hidden = config.in_channels * config.image_size**2, 8 * config.width
+            self.body = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(pixels, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, config.num_features),
+                nn.ReLU(),
+            )
+        else:
+            self.body = self._cnn_body(config)
+        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.num_features, config.num_classes))
+
+    @staticmethod
+    def _cnn_body(config: FeatureNetConfig) -> nn.Sequential:
         w = config.width
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
-        self.body = nn.Sequential(
+        return nn.Sequential(
             *conv(config.in_channels, w),
             *conv(w, 2 * w),
             nn.MaxPool2d(2),
@@ -90,7 +120,6 @@ class FeatureNet(nn.Module):
             nn.Linear(2 * w * 4, config.num_features),
             nn.ReLU(),
         )
-        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.num_features, config.num_classes))
 
     def check_input(self, x: Tensor) -> None:
         """Raise ValueError unless ``x`` is a float (N, C, H, W) batch of the trained C and size."""
@@ -165,6 +194,19 @@ class FeatureExtractor(nn.Module):
         """x (N, C, H, W) float in [0, 1] -> features (N, num_features)."""
         check_unit_range(x)
         return self.extract(x)
+
+    @property
+    def is_classifier(self) -> bool:
+        """True when the wrapped net also gives class logits (``net(x)``), e.g. a :class:`FeatureNet`."""
+        return isinstance(self.net, FeatureNet)
+
+    @torch.no_grad()
+    def confidence(self, x: Tensor) -> Tensor:
+        """Max softmax probability of the classifier: (N, C, H, W) in [0, 1] -> (N,). Only for classifiers."""
+        if not self.is_classifier:
+            raise TypeError(f"feature extractor {self.name!r} is not a classifier")
+        check_unit_range(x)
+        return torch.softmax(self.net(x), dim=-1).amax(-1)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_features={self.num_features}"

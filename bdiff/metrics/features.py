@@ -1,9 +1,17 @@
-"""Feature extractors for FID/KID, chosen by name: ``get_feature_extractor("digits" | "inception")``.
+"""Feature extractors for FID/KID, chosen by name: ``get_feature_extractor(name)``.
 
 * ``"digits"``: our small CNN (:mod:`bdiff.metrics.feature_net`) trained on sklearn's 8x8
   digits, read from the feature cache ``<cache_dir>/digits.pt`` (default
   ``$BDIFF_CACHE/features``, else ``~/.cache/bdiff/features``). Create the file with
   ``python -m bdiff.lit.feature_module cache``.
+* ``"digits_mlp"``: a second classifier, built differently (fully connected on the pixels, no
+  convolution or normalisation, another seed), read from ``<cache_dir>/digits_mlp.pt``
+  (``python -m bdiff.lit.feature_module cache --arch mlp``).
+* ``"pixels"``: the raw pixels (64-d for the digits): no learned feature at all.
+
+One feature space can saturate or be blind to a failure (the digits CNN hid a 4x gap in
+sample quality), so :data:`DIGITS_SPACES` -- three spaces built differently -- is what the
+evaluator and the benchmarks report.
 * ``"inception"``: the standard FID Inception-v3 (Heusel et al. 2017; TF-ported weights of
   Szegedy et al. 2016) through torchmetrics' ``NoTrainInceptionV3``, which needs the
   ``torch-fidelity`` package and its weights file. Never downloaded here: when either is
@@ -33,8 +41,11 @@ from torch import Tensor
 
 from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
 
-FEATURE_EXTRACTORS = ("digits", "inception")
+FEATURE_EXTRACTORS = ("digits", "digits_mlp", "pixels", "inception")
 """Names :func:`get_feature_extractor` knows."""
+DIGITS_SPACES = ("digits", "digits_mlp", "pixels")
+"""The feature spaces every digits quality number is reported in."""
+CLASSIFIER_FILES = {"digits": ("digits.pt", "cnn"), "digits_mlp": ("digits_mlp.pt", "mlp")}
 
 FORMAT, VERSION = "bdiff-feature-net", 1
 CACHE_COMMAND = "python -m bdiff.lit.feature_module cache"
@@ -94,22 +105,44 @@ def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu")
     return net.eval(), dict(payload.get("meta", {}))
 
 
-def _digits(cache_dir: Path | None, train_if_missing: bool, device: str | torch.device) -> FeatureExtractor:
+def _digits(
+    name: str, cache_dir: Path | None, train_if_missing: bool, device: str | torch.device
+) -> FeatureExtractor:
+    """A cached digits classifier (``digits``: the CNN, ``digits_mlp``: the MLP) as an extractor."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = cache_dir / "digits.pt"
+    file, arch = CLASSIFIER_FILES[name]
+    path = cache_dir / file
     if not path.is_file():
+        command = CACHE_COMMAND + ("" if arch == "cnn" else f" --arch {arch}")
         if not train_if_missing:
             raise FileNotFoundError(
-                f"the digits feature net {str(path)!r} is missing. Create it with: "
-                f"{CACHE_COMMAND} --cache-dir {cache_dir} (a few seconds on a CPU), or pass train_if_missing=True."
+                f"the {name} feature net {str(path)!r} is missing. Create it with: "
+                f"{command} --cache-dir {cache_dir} (a few seconds on a CPU), or pass train_if_missing=True."
             )
         # The one exception to the layering (bdiff/metrics never imports Lightning): only this
         # fallback trains, so Lightning is imported lazily here and nowhere else in metrics.
         from bdiff.lit.feature_module import train_digits_feature_net
 
-        train_digits_feature_net(cache_dir)
+        if arch == "cnn":
+            train_digits_feature_net(cache_dir)
+        else:
+            train_digits_feature_net(cache_dir, arch=arch)
     net, _ = load_feature_net(path)
-    return FeatureExtractor(net, name="digits").to(device)
+    return FeatureExtractor(net, name=name).to(device)
+
+
+class PixelFeatureExtractor(FeatureExtractor):
+    """The flattened pixels as features: (N, C, H, W) in [0, 1] -> (N, C*H*W). Nothing learned."""
+
+    def __init__(self, image_shape: tuple[int, int, int]) -> None:
+        c, h, w = image_shape
+        super().__init__(torch.nn.Flatten(), name="pixels", num_features=c * h * w)
+        self.image_shape = tuple(image_shape)
+
+    def extract(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"pixel features were set up for {self.image_shape} images, got {tuple(x.shape[1:])}")
+        return x.flatten(1)
 
 
 class InceptionFeatureExtractor(FeatureExtractor):
@@ -167,19 +200,22 @@ def get_feature_extractor(
     device: str | torch.device = "cpu",
     fallback: str | None = None,
     inception_weights: Path | None = None,
+    image_shape: tuple[int, int, int] = (1, 8, 8),
 ) -> FeatureExtractor:
     """A frozen feature extractor by name: images (N, C, H, W) in [0, 1] -> features (N, D).
 
     Args:
-        name: ``"digits"`` (D=64, 1x8x8 images) or ``"inception"`` (D=2048, any size, 1 or 3 channels).
-        cache_dir: folder holding ``digits.pt`` (default :func:`default_cache_dir`).
-        train_if_missing: train the digits net (a few seconds on CPU) when ``digits.pt`` is missing,
+        name: ``"digits"`` / ``"digits_mlp"`` (D=64, 1x8x8 images), ``"pixels"`` (D=C*H*W of
+            ``image_shape``) or ``"inception"`` (D=2048, any size, 1 or 3 channels).
+        cache_dir: folder holding ``digits.pt`` / ``digits_mlp.pt`` (default :func:`default_cache_dir`).
+        train_if_missing: train the digits net (a few seconds on CPU) when its file is missing,
             instead of raising FileNotFoundError.
         device: where the extractor lives.
         fallback: ``"digits"``: if the inception extractor is unavailable (torch-fidelity or
             its weights missing), warn and return the digits extractor. ``None``: raise.
         inception_weights: the FID Inception weights file (default: torch hub's cache,
             where torch-fidelity downloads it).
+        image_shape: (C, H, W) of the images, for ``"pixels"``.
 
     Raises:
         ValueError: unknown ``name`` or ``fallback``.
@@ -196,8 +232,10 @@ def get_feature_extractor(
     if fallback is not None and (fallback not in FEATURE_EXTRACTORS or fallback == name):
         others = [n for n in FEATURE_EXTRACTORS if n != name]
         raise ValueError(f"fallback must be None or one of {', '.join(others)}, got {fallback!r}")
-    if name == "digits":
-        return _digits(cache_dir, train_if_missing, device)
+    if name in CLASSIFIER_FILES:
+        return _digits(name, cache_dir, train_if_missing, device)
+    if name == "pixels":
+        return PixelFeatureExtractor(image_shape).to(device)
     try:
         return _inception(inception_weights, device)
     except (ImportError, FileNotFoundError) as e:

@@ -1,6 +1,8 @@
 """One place that turns a sample set into the evaluation numbers (used by the CLI and benchmarks).
 
-Quality: Fréchet distance, KID, precision/recall in one feature space.
+Quality: Fréchet distance, KID, precision/recall (and, for a classifier's features, its mean
+confidence) in one feature space, or in several (:func:`quality_in_spaces`): a claim about
+sample quality should hold in every space the evaluator has.
 Uncertainty usefulness (when the set carries a variance map): FD after dropping
 the most uncertain 20% vs a random 20%, Spearman(uncertainty, distance to the
 nearest real feature), AUROC for finding the worst 20%.
@@ -9,8 +11,10 @@ Cost: NFE, wall time, samples per second, peak memory (as recorded by the sample
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from bdiff.metrics.frechet import extract_features, frechet_distance_from_features, kernel_inception_distance_from_features
@@ -48,10 +52,35 @@ def usefulness_from_features(f_real: Tensor, f_fake: Tensor, variance: Tensor, d
     }
 
 
+def classifier_confidence(images: Tensor, extractor: nn.Module, batch_size: int = 1000) -> float | None:
+    """Mean max-softmax probability of a classifier extractor on images (N,C,H,W) in [0, 1]; None otherwise."""
+    if not getattr(extractor, "is_classifier", False):
+        return None
+    return float(torch.cat([extractor.confidence(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).mean())
+
+
+def quality_in_spaces(images: Tensor, references: Mapping[str, tuple[nn.Module, Tensor]]) -> dict[str, dict[str, Any]]:
+    """FD, KID, precision/recall (and classifier confidence) of images (N,C,H,W) in [0, 1] in every space.
+
+    ``references`` maps a space's name to (extractor, real features (N_real, D)).
+    """
+    out = {}
+    for name, (extractor, f_real) in references.items():
+        row: dict[str, Any] = quality_from_features(f_real, extract_features(images, extractor))
+        confidence = classifier_confidence(images, extractor)
+        if confidence is not None:
+            row["confidence"] = confidence
+        out[name] = row
+    return out
+
+
 def evaluate_sample_set(samples: SampleSet, f_real: Tensor, extractor: nn.Module) -> dict[str, Any]:
     """Every metric for one sample set against real features (N_real, D)."""
     f_fake = extract_features(samples.images, extractor)
     out: dict[str, Any] = {"n": len(samples.images), **quality_from_features(f_real, f_fake)}
+    confidence = classifier_confidence(samples.images, extractor)
+    if confidence is not None:
+        out["confidence"] = confidence
     out.update(
         nfe=samples.nfe,
         seconds=samples.seconds,

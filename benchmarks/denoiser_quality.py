@@ -1,0 +1,145 @@
+"""Denoiser quality: the posterior-mean network of each checkpoint, sampled by diffusers' own schedulers.
+
+    python benchmarks/denoiser_quality.py \
+        --ckpt hybrid@0=runs/.../last.ckpt hybrid@1=... ddpm@0=... ddpm@1=... \
+        --baseline ddpm [--n 2000] [--seeds 0] [--nfe 20 50] [--stem denoiser_quality]
+
+This isolates the *network* (objective, size, steps) from our sampler: every model is sampled
+with the same diffusers DPM-Solver++(2M) on every grid diffusers offers (leading, linspace,
+trailing, Karras sigmas), from the same per-sample noise (sample i depends only on (seed, i)).
+Quality is reported in three feature spaces built differently (``bdiff.metrics.features``:
+the digits CNN classifier, a fully connected classifier from another seed, raw pixels), with
+KID, precision/recall and the classifier's confidence. Calibration of the predicted variances:
+z^2 = E[(eps - eps_hat)^2 / Var] on the held-out digits per t (ideal 1).
+
+Labels are ``name@training_seed``; with ``--baseline NAME`` every model's best-grid FD is also
+divided by the baseline's at the same training seed, per space and NFE. Writes
+``benchmarks/results/<stem>.json`` and ``<stem>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdiff.checkpoint import load_model
+from bdiff.evaluate import digits_split, references_for
+from bdiff.metrics.calibration import calibration_at_t
+from bdiff.metrics.features import DIGITS_SPACES
+from bdiff.metrics.report import markdown_table, quality_in_spaces
+from bdiff.sampling.noise import NoiseSource
+
+from peers import GRIDS, run_diffusers, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_T = (10, 50, 100, 250, 500, 750)
+SOLVER = "diffusers-dpm++2m"
+
+
+def parse_ckpts(items: list[str]) -> dict[str, Path]:
+    """``name@seed=path`` -> {label: path}, with a clear error for a malformed item or a missing file."""
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or "@" not in label:
+            raise SystemExit(f"error: --ckpt takes name@training_seed=path, got {item!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"error: checkpoint {path!r} (for {label}) does not exist")
+        out[label] = Path(path)
+    return out
+
+
+def sample_rows(label: str, ckpt: Path, args: argparse.Namespace, references: dict) -> list[dict[str, Any]]:
+    """One row per (sampling seed, NFE, grid): quality in every space."""
+    denoiser = load_model(ckpt)
+    rows = []
+    for seed in args.seeds:
+        x_T = NoiseSource(seed, range(args.n)).draw(tuple(denoiser.image_shape))
+        for nfe in args.nfe:
+            for grid in args.grids:
+                samples = run_diffusers(SOLVER, nfe, denoiser, x_T, seed, args.batch, spacing=grid)
+                spaces = quality_in_spaces(samples.images, references)
+                row = {"model": label, "seed": seed, "nfe": nfe, "grid": grid, "seconds": samples.seconds}
+                for space, q in spaces.items():
+                    row.update({f"{space}/{k}": v for k, v in q.items()})
+                rows.append(row)
+                print(f"{label:14s} seed {seed} NFE {nfe:3d} {grid:9s} "
+                      + "  ".join(f"{s} FD {q['fd']:.3f} P {q['precision']:.2f}" for s, q in spaces.items()), flush=True)
+    return rows
+
+
+def calibration_rows(label: str, ckpt: Path) -> list[dict[str, Any]]:
+    """z^2 of the total and aleatoric variance on the held-out digits, per t."""
+    denoiser = load_model(ckpt)
+    x0 = digits_split("val") * 2 - 1
+    rows = calibration_at_t(denoiser, x0, CALIBRATION_T, torch.Generator().manual_seed(0))
+    return [{"model": label, **{k: r.get(k) for k in ("t", "mse", "z2_total", "z2_aleatoric", "mean_var_epistemic")}}
+            for r in rows]
+
+
+def best_grid_summary(rows: list[dict[str, Any]], spaces: tuple[str, ...], baseline: str | None) -> list[dict[str, Any]]:
+    """Per (model, sampling seed, NFE): the best grid's FD in each space (the peer at its strongest), and
+    the ratio to the baseline at the same training seed."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["model"], r["seed"], r["nfe"])
+        entry = best.setdefault(key, {"model": r["model"], "seed": r["seed"], "nfe": r["nfe"]})
+        for s in spaces:
+            fd = r[f"{s}/fd"]
+            if fd < entry.get(f"{s}/fd", float("inf")):
+                entry[f"{s}/fd"], entry[f"{s}/grid"] = fd, r["grid"]
+                entry[f"{s}/precision"] = r[f"{s}/precision"]
+    summary = list(best.values())
+    if baseline:
+        for e in summary:
+            train_seed = e["model"].split("@", 1)[1]
+            ref = best.get((f"{baseline}@{train_seed}", e["seed"], e["nfe"]))
+            if ref is None:
+                continue
+            for s in spaces:
+                e[f"{s}/fd_ratio"] = e[f"{s}/fd"] / ref[f"{s}/fd"]
+                e[f"{s}/precision_gap"] = e[f"{s}/precision"] - ref[f"{s}/precision"]
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", nargs="+", required=True, help="name@training_seed=path to a checkpoint")
+    p.add_argument("--baseline", default=None, help="model name to divide by (same training seed)")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
+    p.add_argument("--nfe", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--grids", nargs="+", default=list(GRIDS), choices=GRIDS)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--stem", default="denoiser_quality")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    ckpts = parse_ckpts(args.ckpt)
+    references = references_for(DIGITS_SPACES)
+    rows, calibration = [], []
+    for label, path in ckpts.items():
+        rows += sample_rows(label, path, args, references)
+        calibration += calibration_rows(label, path)
+    summary = best_grid_summary(rows, DIGITS_SPACES, args.baseline)
+
+    columns = ["model", "seed", "nfe"]
+    for s in DIGITS_SPACES:
+        columns += [f"{s}/fd", f"{s}/grid", f"{s}/precision"] + ([f"{s}/fd_ratio"] if args.baseline else [])
+    payload = {"ckpts": {k: str(v) for k, v in ckpts.items()}, "n": args.n, "solver": SOLVER,
+               "summary": summary, "rows": rows, "calibration": calibration}
+    write_results(args.out, args.stem, payload, summary, columns)
+    cal = markdown_table(calibration, ["model", "t", "mse", "z2_total", "z2_aleatoric", "mean_var_epistemic"])
+    detail_cols = ["model", "seed", "nfe", "grid"] + [f"{s}/{k}" for s in DIGITS_SPACES for k in ("fd", "precision", "recall")]
+    detail_cols += ["digits/confidence", "digits_mlp/confidence"]
+    with open(args.out / f"{args.stem}.md", "a") as f:
+        f.write("\n## Every grid\n\n" + markdown_table(rows, detail_cols) + "\n\n## Calibration (held-out digits)\n\n" + cal + "\n")
+    print(cal)
+
+
+if __name__ == "__main__":
+    main()
