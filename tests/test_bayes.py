@@ -140,6 +140,18 @@ def test_objectives_send_each_term_where_the_docstring_says() -> None:
     assert (nll_eps - mse_eps).abs().max() > 1e-3  # the NLL reweights the mean's errors by 1/sigma^2
 
 
+def test_hybrid_trains_the_trunk_as_a_plain_ddpm() -> None:
+    """hybrid: the trunk's gradient is exactly mse's (the variance NLL reaches only the head);
+    hybrid_shared: the NLL also reaches the trunk."""
+    _, _, mse_stem = _head_grads("mse")
+    _, _, hyb_stem = _head_grads("hybrid")
+    _, shared_var, shared_stem = _head_grads("hybrid_shared")
+    _, hyb_var, _ = _head_grads("hybrid")
+    torch.testing.assert_close(hyb_stem, mse_stem)
+    assert (shared_stem - mse_stem).abs().max() > 1e-4
+    torch.testing.assert_close(hyb_var, shared_var)  # the head's variance rows see the same NLL either way
+
+
 def test_objective_logliks_are_gaussian_log_densities() -> None:
     from bdiff.bayes.model import objective_loglik
 
@@ -151,6 +163,7 @@ def test_objective_logliks_are_gaussian_log_densities() -> None:
     torch.testing.assert_close(objective_loglik(noise, eps, log_var, "nll"), exact)
     torch.testing.assert_close(objective_loglik(noise, eps, log_var, "mse"), simple)
     torch.testing.assert_close(objective_loglik(noise, eps, log_var, "hybrid"), simple + exact)
+    torch.testing.assert_close(objective_loglik(noise, eps, log_var, "hybrid_shared"), simple + exact)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ from bdiff.bayes.select import fan_in_std, select_parameters, site_name
 from bdiff.nets import UNet
 
 LOG_2PI = math.log(2 * math.pi)
-OBJECTIVES = ("hybrid", "nll", "mse")
+OBJECTIVES = ("hybrid", "hybrid_shared", "nll", "mse")
 
 
 @dataclass
@@ -58,10 +58,12 @@ class BayesConfig:
         guide_init_scale: initial posterior std of every Bayesian weight (1e-3 to 1e-4
             keeps the first steps close to the deterministic network).
         objective: the likelihood the weights see (:func:`objective_loglik`): ``hybrid``
-            (default; L_simple for the mean, NLL with a stop-gradient on the mean for the
-            variance head, Nichol & Dhariwal 2021), ``nll`` (exact heteroscedastic Gaussian,
-            or beta-NLL with ``nll_beta``) or ``mse`` (L_simple only: a plain DDPM; the
-            variance head is never trained and stays at variance 1).
+            (default; L_simple for the mean, NLL with a stop-gradient on the mean *and* on the
+            trunk features for the variance head: the trunk is trained as a plain DDPM),
+            ``hybrid_shared`` (IDDPM's L_hybrid with weight 1: the variance NLL also trains the
+            trunk; measured worse), ``nll`` (exact heteroscedastic Gaussian, or beta-NLL with
+            ``nll_beta``) or ``mse`` (L_simple only: a plain DDPM; the variance head is never
+            trained and stays at variance 1).
         nll_beta: only with ``objective: nll``. 0 gives the exact Gaussian likelihood.
             beta > 0 is the beta-NLL of Seitzer et al. 2022: each pixel's log-likelihood is
             weighted by stop_grad(sigma^(2 beta)), so the mean is not starved where the
@@ -75,7 +77,7 @@ class BayesConfig:
     prior_scale: float = 1.0
     prior_center: Literal["zero", "init"] = "zero"
     guide_init_scale: float = 1e-3
-    objective: Literal["hybrid", "nll", "mse"] = "hybrid"
+    objective: Literal["hybrid", "hybrid_shared", "nll", "mse"] = "hybrid"
     nll_beta: float = 0.0
     predictive_samples: int = 8
     predictive: Literal["auto", "sampled", "analytic"] = "auto"
@@ -169,9 +171,15 @@ def objective_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, objective: str
       digits this costs 4x in FD (BENCHMARKS.md, "Denoiser quality").
     * ``mse``: log N(noise; eps, I), i.e. L_simple of Ho et al. 2020 up to a constant. The
       log_var output gets no gradient (its zero-initialised head weights stay 0: variance 1).
-    * ``hybrid``: log N(noise; eps, I) + log N(noise; stop_grad(eps), exp(log_var)) -- the
-      L_hybrid split of Nichol & Dhariwal 2021: the mean is trained by L_simple, the variance
-      head by the exact NLL around the (fixed) mean.
+    * ``hybrid`` / ``hybrid_shared``: log N(noise; eps, I) + log N(noise; stop_grad(eps),
+      exp(log_var)) -- the L_hybrid split of Nichol & Dhariwal 2021: the mean is trained by
+      L_simple, the variance by the exact NLL around the (fixed) mean. With ``hybrid`` the
+      caller also computes log_var from detached trunk features
+      (``UNet(..., detach_variance_features=True)``), so the NLL trains only the head: its
+      gradient, 0.5 (1 - err^2/sigma^2) per pixel, is O(1) at every t while L_simple's is tiny
+      at high noise, and when it reaches the trunk (``hybrid_shared``) it starves the mean as
+      the exact NLL does (BENCHMARKS.md). IDDPM damps it with a weight of 0.001 instead; with
+      a Bayesian head that weight would let the KL pin the variance weights to the prior.
 
     Why the weight posterior is still an ELBO's: each of the two terms is a proper Gaussian
     log-density of the observed noise, so ``nll``/``mse`` are ordinary likelihoods and the
@@ -188,7 +196,7 @@ def objective_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, objective: str
     simple = gaussian_loglik(noise, eps, torch.zeros_like(log_var))
     if objective == "mse":
         return simple
-    if objective == "hybrid":
+    if objective in ("hybrid", "hybrid_shared"):
         return simple + gaussian_loglik(noise, eps.detach(), log_var)
     raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
 
@@ -246,7 +254,8 @@ class BayesianUNet(nn.Module):
         """Pyro model: weights from the prior, noise likelihood in a data plate. Returns loglik (B,)."""
         with poutine.scale(scale=kl_weight):
             weights = self.prior()
-        eps, log_var = functional_call(self.net, weights, (x_t, t), strict=False)
+        detach = {"detach_variance_features": self.config.objective == "hybrid"}
+        eps, log_var = functional_call(self.net, weights, (x_t, t), detach, strict=False)
         loglik = objective_loglik(noise, eps, log_var, self.config.objective, self.config.nll_beta)
         self.last_loglik = loglik.detach()  # read by the training loop for logging the objective
         subsample = torch.arange(x_t.shape[0], device=x_t.device)

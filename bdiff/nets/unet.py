@@ -154,7 +154,15 @@ class UNet(nn.Module):
             h = self._run(layers, h, emb)
         return nn.functional.silu(self.out_norm(h))
 
-    def forward(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,C,H,W), (B,) -> eps mean (B,C,H,W), log-variance (B,C,H,W)."""
-        eps, log_var = self.head(self.features(x_t, t)).chunk(2, dim=1)
+    def forward(self, x_t: Tensor, t: Tensor, detach_variance_features: bool = False) -> tuple[Tensor, Tensor]:
+        """(B,C,H,W), (B,) -> eps mean (B,C,H,W), log-variance (B,C,H,W).
+
+        ``detach_variance_features``: the log-variance is computed from features cut off the
+        autograd graph, so a loss on it trains only the head (the trunk stays a plain eps
+        predictor; used by the ``hybrid`` objective). Values are unchanged.
+        """
+        h = self.features(x_t, t)
+        eps, log_var = self.head(h).chunk(2, dim=1)
+        if detach_variance_features:
+            log_var = self.head(h.detach()).chunk(2, dim=1)[1]
         return eps, log_var
