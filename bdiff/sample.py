@@ -15,6 +15,14 @@ assembled from those at the end (:class:`~bdiff.metrics.samples_file.SamplesWrit
 so a run holds one chunk per device (model activations for K weight samples,
 callback state such as a Recorder's records) whatever N is. A failed run leaves
 no partial file and an earlier ``--out`` untouched.
+
+``--wandb-project P`` also logs the run to Weights & Biases (offline without
+credentials, like training): a ``wandb.Table`` ``samples`` with one row per sample
+(image, uncertainty map, mean per-pixel variance, NFE, and the critic's logit when
+the recipe has a critic; the first ``--wandb-rows``), the PNG grid and the mean NFE.
+The run id goes into the samples file's config (``config["wandb"]``) and the last
+line prints how to log ``bdiff-evaluate``'s metrics to the same run. A failing W&B
+call never fails sampling: it continues offline, then switches W&B off.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +45,16 @@ from bdiff.sampling.recipe import Recipe
 from bdiff.viz import save_side_by_side, uncertainty_grids
 
 PREVIEW = 64  # samples shown in the PNG grid
+CRITIC = "critic"  # the critic sampler callback's name (its extras key): bdiff.sampling.critic.CriticCorrection.name
+
+
+def program_name(command: str, module: str) -> str:
+    """``command`` when run as the installed console script (``bdiff-sample``), else ``python -m <module>``."""
+    return command if Path(sys.argv[0]).name == command else f"python -m {module}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bdiff.sample", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=program_name("bdiff-sample", "bdiff.sample"), description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--config", required=True, help="sampler recipe YAML (configs/sampler/*.yaml)")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
@@ -50,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "gpu", "auto"], help="cpu, cuda, auto")
     p.add_argument("--critic", default=None,
                    help="critic checkpoint for the recipe's critic callback (overrides the path in the YAML)")
+    p.add_argument("--wandb-project", default=None,
+                   help="also log to this W&B project: a table with one row per sample, sortable by uncertainty")
+    p.add_argument("--wandb-rows", type=int, default=1000,
+                   help="rows of the W&B samples table (the first samples; memory: rows x image size x 6 bytes)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
@@ -57,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.devices < 1:
         p.error(f"--devices must be >= 1, got {args.devices}")
+    if args.wandb_rows < 0:
+        p.error(f"--wandb-rows must be >= 0, got {args.wandb_rows}")
     if Path(args.out).is_dir():
         p.error(f"--out {args.out!r} is a directory; give a file name such as samples.npz")
     if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
@@ -69,21 +90,34 @@ def chunk_ranges(n: int, batch_size: int) -> list[range]:
     return [range(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
 
 
+def run_config(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings stored in the samples file's config (and the W&B run's config)."""
+    return {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
+            "batch_size": args.batch_size}
+
+
 class SampleOutput:
     """Streams finished chunks, in index order, into the samples file: memory holds one chunk.
 
-    Keeps only what the end needs: the NFE sum and the first 64 samples for the PNG grid.
+    Keeps only what the end needs: the NFE sum, the first 64 samples for the PNG grid and,
+    for the W&B table, the first ``table_rows`` samples with their NFE and critic logit.
     """
 
-    def __init__(self, out: Path, n: int, image_shape: tuple[int, ...], bayesian: bool) -> None:
+    def __init__(self, out: Path, n: int, image_shape: tuple[int, ...], bayesian: bool, table_rows: int = 0) -> None:
         self.out, self.n, self.bayesian = out, n, bayesian
         self.writer = SamplesWriter(out, n, image_shape, with_variance=bayesian)
         self.nfe_sum = 0.0
         self.preview: list[tuple[torch.Tensor, torch.Tensor]] = []  # [-1, 1] scale
         self.kept = 0
+        self.table_rows = min(table_rows, n)
+        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # [0, 1] scale
+        self.rows_kept = 0
+        self.png: Path | None = None
+        self.nfe_mean = math.nan
 
-    def add(self, images: torch.Tensor, variance: torch.Tensor, nfe: torch.Tensor) -> None:
-        """One chunk, images/variance (B,C,H,W) in [-1, 1] scale on the CPU, nfe (B,)."""
+    def add(self, images: torch.Tensor, variance: torch.Tensor, nfe: torch.Tensor,
+            critic_logit: torch.Tensor | None = None) -> None:
+        """One chunk, images/variance (B,C,H,W) in [-1, 1] scale on the CPU, nfe (B,), critic_logit (B,) or None."""
         images01 = ((images + 1) / 2).clamp(0, 1)
         self.writer.write(images01, variance / 4 if self.bayesian else None)  # Var[(x+1)/2] = Var[x]/4
         self.nfe_sum += float(nfe.double().sum())
@@ -91,16 +125,55 @@ class SampleOutput:
             take = min(PREVIEW - self.kept, len(images))
             self.preview.append((images[:take].clone(), variance[:take].clone()))
             self.kept += take
+        if self.rows_kept < self.table_rows:
+            take = min(self.table_rows - self.rows_kept, len(images))
+            logit = critic_logit[:take] if critic_logit is not None else torch.full((take,), math.nan)
+            self.rows.append((images01[:take].half(), variance[:take] / 4, nfe[:take].float(), logit.float()))
+            self.rows_kept += take
 
-    def finish(self, seconds: float, recipe: Recipe, args: argparse.Namespace, peak_mb: float) -> None:
-        nfe = self.nfe_sum / self.n
-        config = {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
-                  "batch_size": args.batch_size, "peak_memory_mb": peak_mb}
-        self.writer.finish(nfe, seconds, config)
+    def finish(self, seconds: float, config: dict[str, Any], peak_mb: float) -> None:
+        nfe = self.nfe_mean = self.nfe_sum / self.n
+        self.writer.finish(nfe, seconds, {**config, "peak_memory_mb": peak_mb})
         images, variance = (torch.cat(parts) for parts in zip(*self.preview))
-        png = save_side_by_side(self.out.with_suffix(".png"), *uncertainty_grids(images, variance, nrow=8))
-        print(f"wrote {self.out} ({self.n} samples, mean NFE {nfe:.2f}, {seconds:.1f} s) and {png}")
+        self.png = save_side_by_side(self.out.with_suffix(".png"), *uncertainty_grids(images, variance, nrow=8))
+        print(f"wrote {self.out} ({self.n} samples, mean NFE {nfe:.2f}, {seconds:.1f} s) and {self.png}")
         print(json.dumps({"nfe_mean": nfe, "seconds": seconds}))
+
+    def wandb_data(self, with_critic: bool) -> dict[str, Any]:
+        """What goes to the W&B run: the per-sample table, the PNG grid and the mean NFE (builds wandb objects)."""
+        import wandb
+
+        from bdiff.wandb_log import sample_table
+
+        data: dict[str, Any] = {"nfe_mean": self.nfe_mean}
+        if self.rows:
+            images, variance, nfe, logit = (torch.cat(parts).float() for parts in zip(*self.rows))
+            data["samples"] = sample_table(images, variance if self.bayesian else None, nfe,
+                                           logit if with_critic else None)
+        if self.png is not None:
+            data["samples_grid"] = wandb.Image(str(self.png), caption="samples | per-pixel std")
+        return data
+
+
+def start_wandb(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """The W&B run of this sampling job (:class:`bdiff.wandb_log.SafeRun`), its folder beside ``--out``."""
+    from bdiff.wandb_log import SafeRun
+
+    return SafeRun(args.wandb_project, dir=Path(args.out).resolve().parent, job_type="sample",
+                   config=json.loads(json.dumps(config)))
+
+
+def finish_wandb(wb: Any, output: SampleOutput, args: argparse.Namespace, with_critic: bool) -> None:
+    """Log the table, grid and NFE, finish the run and print where it went and how to add the evaluation."""
+    logged = wb.log(lambda: output.wandb_data(with_critic), "logging the samples table")
+    run_id, run_dir, offline, url = wb.id, wb.run_dir, wb.offline, getattr(wb.run, "url", None)
+    wb.finish()
+    if run_id is None or not logged or wb.mode == "disabled":
+        return
+    where = f"offline run {run_dir} (upload with `wandb sync {run_dir}`)" if offline else f"run {url or run_id}"
+    print(f"W&B: samples table ({output.rows_kept} of {output.n} samples) logged to {where}. Evaluation metrics go "
+          f"to the same run with: WANDB_RUN_ID={run_id} WANDB_RESUME=allow bdiff-evaluate --samples {args.out} "
+          f"--wandb-project {args.wandb_project}")
 
 
 def draw(recipe: Recipe, args: argparse.Namespace, device: torch.device, fabric: Any = None) -> None:
@@ -110,32 +183,49 @@ def draw(recipe: Recipe, args: argparse.Namespace, device: torch.device, fabric:
     memory holds one round whatever ``--n`` is. Sample i depends only on (seed, i).
     """
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
-    start = time.perf_counter()
-    denoiser = load_model(args.ckpt, map_location=device, num_samples=recipe.posterior_samples)
-    sampler = recipe.build(denoiser)
-    chunks = chunk_ranges(args.n, args.batch_size)
-    output = SampleOutput(Path(args.out), args.n, tuple(denoiser.image_shape), denoiser.is_bayesian) if rank == 0 else None
-    with output.writer if output is not None else contextlib.nullcontext():
-        for j in tqdm(range(math.ceil(len(chunks) / world)), desc="sampling", unit="batch", disable=rank != 0):
-            k = j * world + rank
-            if k < len(chunks):
-                r = sampler.sample(len(chunks[k]), seed=args.seed, first_index=chunks[k].start, device=device)
-                parts = (r.images, r.variance, r.nfe.float())
-                del r  # the callbacks' extras (a Recorder's records) go with it
-            else:  # this rank has no chunk in the last round
-                parts = (torch.zeros(0, *denoiser.image_shape, device=device),) * 2 + (torch.zeros(0, device=device),)
-            if fabric is None:
-                output.add(*(t.cpu() for t in parts))
-                continue
-            gathered = fabric.all_gather(tuple(_pad(t, args.batch_size) for t in parts))  # each (world, batch, ...)
+    config = run_config(recipe, args)
+    with_critic = any(c.get("name") == CRITIC for c in recipe.callbacks)
+    wb = start_wandb(args, config) if rank == 0 and args.wandb_project else None
+    if wb is not None and wb.id is not None and wb.mode != "disabled":
+        config["wandb"] = {"project": args.wandb_project, "run_id": wb.id}
+    start = time.perf_counter()  # the samples file's seconds: sampling only, not W&B's start-up
+    try:
+        denoiser = load_model(args.ckpt, map_location=device, num_samples=recipe.posterior_samples)
+        sampler = recipe.build(denoiser)
+        chunks = chunk_ranges(args.n, args.batch_size)
+        rows = args.wandb_rows if wb is not None else 0
+        output = (SampleOutput(Path(args.out), args.n, tuple(denoiser.image_shape), denoiser.is_bayesian, rows)
+                  if rank == 0 else None)
+        with output.writer if output is not None else contextlib.nullcontext():
+            for j in tqdm(range(math.ceil(len(chunks) / world)), desc="sampling", unit="batch", disable=rank != 0):
+                k = j * world + rank
+                if k < len(chunks):
+                    r = sampler.sample(len(chunks[k]), seed=args.seed, first_index=chunks[k].start, device=device)
+                    logit = r.extras.get(CRITIC, {}).get("final_logit")
+                    logit = torch.full_like(r.nfe, math.nan, dtype=torch.float) if logit is None else logit
+                    parts = (r.images, r.variance, r.nfe.float(), logit.float())
+                    del r  # the callbacks' extras (a Recorder's records) go with it
+                else:  # this rank has no chunk in the last round
+                    parts = ((torch.zeros(0, *denoiser.image_shape, device=device),) * 2
+                             + (torch.zeros(0, device=device),) * 2)
+                if fabric is None:
+                    output.add(*(t.cpu() for t in parts))
+                    continue
+                gathered = fabric.all_gather(tuple(_pad(t, args.batch_size) for t in parts))  # each (world, batch, ...)
+                if output is not None:
+                    for other in range(world):
+                        if j * world + other < len(chunks):
+                            size = len(chunks[j * world + other])
+                            output.add(*(g[other, :size].cpu() for g in gathered))
+                del gathered
             if output is not None:
-                for other in range(world):
-                    if j * world + other < len(chunks):
-                        size = len(chunks[j * world + other])
-                        output.add(*(g[other, :size].cpu() for g in gathered))
-            del gathered
-        if output is not None:
-            output.finish(time.perf_counter() - start, recipe, args, peak_memory_mb(device))
+                output.finish(time.perf_counter() - start, config, peak_memory_mb(device))
+    except BaseException:
+        if wb is not None:
+            wb.finish(exit_code=1)
+        raise
+    if wb is not None and output is not None:
+        finish_wandb(wb, output, args, with_critic)
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

@@ -28,14 +28,15 @@ README = (ROOT / "README.md").read_text()
 
 
 def readme_commands() -> list[str]:
-    """Shell commands in ```bash blocks (continuations joined, comments dropped) and inline `python ...` spans."""
+    """Shell commands in ```bash blocks (continuations joined, comments dropped) and inline `python ...` and
+    `bdiff-... ...` (console command) spans."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 commands.append(line)
-    commands += re.findall(r"(?<!`)`(python [^`]+)`", README)
+    commands += re.findall(r"(?<!`)`((?:python|bdiff-(?:train|sample|evaluate|critic)) [^`]+)`", README)
     out = []
     for cmd in commands:
         cmd = cmd.split("&&")[-1].strip()  # quickstart chains: the last part is the command itself
@@ -55,8 +56,8 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
     cmd = cmd.replace("<config>", "configs/debug.yaml").replace("/path/to/images", str(tmp / "images"))
     cmd = cmd.replace("samples.npz", str(tmp / "samples.npz")).replace("/tmp/04.ipynb", str(tmp / "04.ipynb"))
     args = shlex.split(cmd)
-    if "train.py" in args:
-        args = ["python", *args[args.index("train.py") :]]
+    if "train.py" in args or args[0] == "bdiff-train":  # bdiff-train: the console command of train.py
+        args = ["python", *args[args.index("train.py") :]] if "train.py" in args else args
         if any(marker in cmd for marker in NEEDS_HARDWARE_OR_NETWORK) or "--print_config" in args:
             return [*args, "--print_config"] if "--print_config" not in args else args
         args += ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -64,7 +65,7 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
         if "image_folder" in cmd:
             args += ["--trainer.callbacks=[]", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
         return args
-    if "bdiff.lit.critic_module" in cmd:  # small, and every output in tmp (not the repo's runs/critic)
+    if "bdiff.lit.critic_module" in cmd or args[0] == "bdiff-critic":  # small, every output in tmp (not runs/critic)
         checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(tmp / "critic" / "checkpoints"), "save_last": True}}
         return [*args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
@@ -74,7 +75,7 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
     args = [str(tmp / "critic" / "checkpoints" / "last.ckpt") if a == CRITIC else a for a in args]
     if "notebooks/execute.py" in cmd and "--ckpt" not in args:
         args += ["--ckpt", str(ckpt)]  # a fresh clone has no runs/ for the default to find
-    if "bdiff.sample" in cmd:
+    if "bdiff.sample" in cmd or args[0] == "bdiff-sample":
         swap = {"--accelerator": "cpu", "--devices": "2", "--n": "16"}
         args = [swap.get(args[i - 1], a) if i and args[i - 1] in swap else a for i, a in enumerate(args)]
     return args
@@ -102,13 +103,16 @@ def test_readme_shows_the_commands_we_expect() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs(command: str, last_ckpt: Path, workspace: Path) -> None:
-    if "bdiff.evaluate" in command and not (workspace / "samples.npz").exists():
+    evaluates = "bdiff.evaluate" in command or command.startswith("bdiff-evaluate")
+    if evaluates and not (workspace / "samples.npz").exists():
         subprocess.run([sys.executable, "-m", "bdiff.sample", "--ckpt", str(last_ckpt), "--config",
                         "configs/sampler/dpmpp.yaml", "--n", "16", "--out", str(workspace / "samples.npz")],
                        cwd=ROOT, check=True, capture_output=True)
     args = rewrite(command, last_ckpt, workspace)
     env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "BDIFF_CACHE": str(workspace / "cache"),
            "PYTHONPATH": str(ROOT)}
+    if args[0].startswith("bdiff-"):  # a console command (pyproject [project.scripts]) of this environment
+        args[0] = str(Path(sys.executable).parent / args[0])
     args = [sys.executable if args[0] == "python" else args[0], *args[1:]]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"

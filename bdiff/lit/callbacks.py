@@ -3,7 +3,10 @@
 * :class:`SampleGrid`: every N steps (at validation, so EMA weights are in place)
   and at the end of fit, draws DDIM samples with the posterior-mean network and
   their uncertainty (per-pixel std over K posterior chains from the same noise),
-  saves a PNG (samples | std maps) and logs both grids to W&B.
+  saves a PNG (samples | std maps) and logs both grids to W&B; at the end of fit
+  also a ``wandb.Table`` with one row per sample. Each preview says in one line
+  what it draws, shows a progress bar, and keeps to a time budget
+  (:mod:`bdiff.lit.preview`).
 * :class:`RunSummary`: at the end of fit, prints where everything went.
 * :class:`ExactResume`: saves the random-number generators and the position in the
   shuffled epoch in every checkpoint, so a run killed and resumed from a checkpoint
@@ -15,19 +18,24 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, Sampler
+from tqdm import tqdm
 
-from bdiff.sampling import chain_variance, ddim_sample
+from bdiff.lit.preview import PreviewPlan, PreviewProgress, measure_cost, plan_preview, preview_budget
+from bdiff.sampling import chain_variance, ddim_sample_and_variance
 from bdiff.viz import save_side_by_side, uncertainty_grids
+from bdiff.wandb_log import sample_table
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -40,48 +48,147 @@ def run_dir(trainer: pl.Trainer) -> Path:
 class SampleGrid(pl.Callback):
     """Draw a sample grid plus uncertainty-map grid every ``every_n_steps`` and at the end of fit.
 
+    Each preview prints one line saying what it draws, e.g. ``preview: 64 samples x DDIM-50,
+    uncertainty from 8 posterior chains (est. 12 s, budget 60 s)``, and shows a progress bar
+    when the trainer shows one. It keeps to a time budget: at most ``max_fraction`` of the
+    training wall time so far (less what earlier previews took), or ``min_seconds``, whichever is
+    larger. One timed denoiser call on the preview batch gives the cost; when the estimate is
+    over, the preview gets fewer chains, then the propagated map instead of chains, then fewer
+    steps and samples (the order is in :mod:`bdiff.lit.preview`). The final preview runs on the
+    device training used (Lightning has moved the model to the CPU by then) and is also logged
+    to W&B as a ``wandb.Table``, one row per sample (image, uncertainty map, mean per-pixel
+    variance, NFE), so samples can be sorted by uncertainty.
+
     Args:
         every_n_steps: draw at the first validation after this many steps since the last grid (0: only at the end).
         num_samples: images per grid.
         steps: DDIM steps.
         chains: K posterior chains for the uncertainty map (costs K extra sampling runs, batched).
         seed: the same seed every time, so grids are comparable across training.
+        uncertainty: ``chains`` (variance over K chains, the reference) or ``propagated`` (the
+            sampler's propagated map: no extra denoiser calls).
+        max_fraction: the share of the training wall time previews may take; None: no budget,
+            always draw what is configured.
+        min_seconds: a preview may always take this long.
+        min_samples: the budget never cuts the samples below this.
+        min_steps: the budget never cuts the DDIM steps below this.
+        progress_bar: show a progress bar (only when the trainer shows one).
+        table: log the final preview as a W&B table (when a W&B logger is used).
     """
 
     def __init__(
-        self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50, chains: int = 8, seed: int = 0
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        steps: int = 50,
+        chains: int = 8,
+        seed: int = 0,
+        uncertainty: Literal["chains", "propagated"] = "chains",
+        max_fraction: float | None = 0.1,
+        min_seconds: float = 60.0,
+        min_samples: int = 4,
+        min_steps: int = 10,
+        progress_bar: bool = True,
+        table: bool = True,
     ) -> None:
         if num_samples < 1 or steps < 1 or every_n_steps < 0 or chains < 2:
             raise ValueError("SampleGrid needs num_samples >= 1, steps >= 1, every_n_steps >= 0, chains >= 2")
+        if uncertainty not in ("chains", "propagated"):
+            raise ValueError(f"SampleGrid uncertainty must be 'chains' or 'propagated', got {uncertainty!r}")
+        if max_fraction is not None and not 0 < max_fraction <= 1:
+            raise ValueError(f"SampleGrid max_fraction must be in (0, 1] or null (no budget), got {max_fraction}")
+        if min_seconds < 0 or min_samples < 1 or min_steps < 1:
+            raise ValueError("SampleGrid needs min_seconds >= 0, min_samples >= 1 and min_steps >= 1, got "
+                             f"{min_seconds}, {min_samples}, {min_steps}")
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
-        self.chains = chains
+        self.chains, self.uncertainty = chains, uncertainty
+        self.max_fraction, self.min_seconds = max_fraction, min_seconds
+        self.min_samples, self.min_steps = min_samples, min_steps
+        self.progress_bar, self.table = progress_bar, table
         self._last_step = 0
         self.final_png: Path | None = None
+        self.last_plan: PreviewPlan | None = None  # what the last preview drew
+        self.last_seconds: float | None = None  # and how long it took
+        self._train_start: float | None = None  # perf_counter at the start of training (this process)
+        self._spent = 0.0  # seconds this run's previews took so far
+        self._device: torch.device | None = None  # where training ran
 
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Path:
+    # -- what to draw ------------------------------------------------------------------------------
+    def budget(self) -> float | None:
+        """Seconds the next preview may take (:func:`~bdiff.lit.preview.preview_budget`); None: no budget."""
+        elapsed = 0.0 if self._train_start is None else time.perf_counter() - self._train_start
+        return preview_budget(elapsed, self._spent, self.max_fraction, self.min_seconds)
+
+    def _plan(self, denoiser: Any, x_T: Tensor, chains: Any) -> PreviewPlan:
+        """The plan for this preview; times one denoiser call (and one chains call) when there is a budget."""
+        preferred = self.uncertainty if denoiser.model.is_bayesian else "none"
+        budget = self.budget()
+        if budget is None:
+            return plan_preview(self.num_samples, self.steps, self.chains, preferred, None, None)
+        cost = measure_cost(denoiser, x_T, chains, self.chains if preferred == "chains" else 0)
+        return plan_preview(self.num_samples, self.steps, self.chains, preferred, cost, budget,
+                            self.min_samples, self.min_steps)
+
+    def _sample(self, trainer: pl.Trainer, denoiser: Any, device: torch.device,
+                what: str) -> tuple[Tensor, Tensor, Tensor, PreviewPlan]:
+        """images (N,C,H,W) in [-1, 1], variance (N,C,H,W) on that scale, nfe (N,), and the plan."""
+        generator = torch.Generator().manual_seed(self.seed)
+        x_T = torch.randn((self.num_samples, *denoiser.image_shape), generator=generator).to(device)
+        bayesian = denoiser.model.is_bayesian
+        chains = None
+        if bayesian and self.uncertainty == "chains":
+            chains = denoiser.posterior_chains(self.chains, torch.Generator(device).manual_seed(self.seed))
+        plan = self._plan(denoiser, x_T, chains)
+        rank_zero_info(plan.describe(what))
+        x_T = x_T[: plan.num_samples]  # the first samples of the full grid
+        show = self.progress_bar and getattr(trainer, "progress_bar_callback", None) is not None
+        with tqdm(total=plan.steps * (2 if plan.uncertainty == "chains" else 1), desc=what, unit="step",
+                  leave=False, disable=not show) as bar:
+            progress = [PreviewProgress(bar)]
+            images, variance, nfe = ddim_sample_and_variance(denoiser, x_T, plan.steps, callbacks=progress)
+            if plan.uncertainty == "chains":
+                if plan.chains != self.chains:
+                    chains = denoiser.posterior_chains(plan.chains, torch.Generator(device).manual_seed(self.seed))
+                variance = chain_variance(chains, plan.chains, x_T, plan.steps, callbacks=progress)
+            elif plan.uncertainty == "none":
+                variance = torch.zeros_like(images)
+        return images, variance, nfe, plan
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str, final: bool = False) -> Path:
         denoiser = pl_module.denoiser
         was_training = denoiser.training
+        start = time.perf_counter()
+        device = pl_module.device
+        if final and self._device is not None and self._device != device:
+            device = self._device  # Lightning's teardown moved the model to the CPU; draw where training ran
+            denoiser.to(device)
         denoiser.eval()
-        generator = torch.Generator().manual_seed(self.seed)
-        x_T = torch.randn((self.num_samples, *denoiser.image_shape), generator=generator).to(pl_module.device)
-        images = ddim_sample(denoiser, x_T, self.steps)
-        if denoiser.model.is_bayesian:
-            chains = denoiser.posterior_chains(self.chains, torch.Generator(pl_module.device).manual_seed(self.seed))
-            variance = chain_variance(chains, self.chains, x_T, self.steps)
-        else:
-            variance = torch.zeros_like(images)
-        denoiser.train(was_training)
-        nrow = max(1, int(self.num_samples**0.5))
+        try:
+            what = "preview (final)" if final else "preview"
+            images, variance, nfe, plan = self._sample(trainer, denoiser, device, what)
+        finally:
+            denoiser.train(was_training)
+            if device != pl_module.device:
+                denoiser.to(pl_module.device)
+        nrow = max(1, int(plan.num_samples**0.5))
         samples, uncertainty = uncertainty_grids(images, variance, nrow)
         out = save_side_by_side(run_dir(trainer) / "samples" / f"{tag}.png", samples, uncertainty)
+        maps = {"chains": f"per-pixel std over {plan.chains} posterior chains",
+                "propagated": "propagated per-pixel std", "none": "no uncertainty (deterministic model)"}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
                     key="samples",
                     images=[samples, uncertainty],
-                    caption=[f"DDIM-{self.steps} samples", f"per-pixel std over {self.chains} posterior chains"],
+                    caption=[f"DDIM-{plan.steps} samples", maps[plan.uncertainty]],
                     step=trainer.global_step,
                 )
+                if final and self.table:
+                    log_sample_table(logger, "samples_table", images, None if plan.uncertainty == "none" else variance,
+                                     nfe, step=trainer.global_step)
+        self.last_plan = plan
+        self.last_seconds = time.perf_counter() - start
+        self._spent += self.last_seconds
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -89,6 +196,9 @@ class SampleGrid(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", 0))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start, self._spent, self._device = time.perf_counter(), 0.0, pl_module.device
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,7 +211,30 @@ class SampleGrid(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_fit_end runs after EMAWeightAveraging.on_train_end copied the average into the model.
-        self.final_png = self._draw(trainer, pl_module, "final")
+        self.final_png = self._draw(trainer, pl_module, "final", final=True)
+
+
+def log_sample_table(logger: WandbLogger, key: str, images: Tensor, variance: Tensor | None, nfe: Tensor,
+                     critic_logit: Tensor | None = None, step: int | None = None) -> bool:
+    """Log one W&B table row per sample; never raises. True if it was logged.
+
+    images (N,C,H,W) in [-1, 1] and variance (N,C,H,W) on that scale (None: no uncertainty), nfe (N,),
+    critic_logit (N,). The table holds them on the [0, 1] image scale, as the samples file does.
+    An :class:`~bdiff.lit.wandb.AutoWandbLogger` falls back offline on a failure; another
+    ``WandbLogger`` gets a warning.
+    """
+    images01 = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    var01 = None if variance is None else variance.detach().float().cpu() / 4  # Var[(x+1)/2] = Var[x]/4
+    nfe = nfe.detach().cpu()
+    logit = None if critic_logit is None else critic_logit.detach().float().cpu()
+    if callable(getattr(logger, "log_sample_table", None)):
+        return bool(logger.log_sample_table(key, images01, var01, nfe, logit, step=step))
+    try:
+        logger.log_metrics({key: sample_table(images01, var01, nfe, logit)}, step)
+        return True
+    except Exception as e:
+        rank_zero_warn(f"W&B: the samples table {key!r} was not logged ({type(e).__name__}: {e}); training continues.")
+        return False
 
 
 class RunSummary(pl.Callback):
@@ -133,8 +266,21 @@ class RunSummary(pl.Callback):
                     lines.append(f"  W&B (offline): {run_path}  -> upload with: wandb sync {run_path}")
                 elif getattr(run, "url", None):
                     lines.append(f"  W&B: {run.url}")
+                if mode in ("online", "offline"):
+                    lines.append(f"  {_artifact_line(logger, run, mode)}")
         lines.append("  load it with: from bdiff import load_model; m = load_model('<checkpoint>')")
         print("\n".join(lines), flush=True)
+
+
+def _artifact_line(logger: WandbLogger, run: Any, mode: str) -> str:
+    """One line on whether the checkpoints go to W&B as artifacts (the logger's ``log_model``)."""
+    log_model = getattr(logger, "_log_model", False)
+    if not log_model:
+        why = " (offline run; log_model: true adds them to it for `wandb sync`)" if mode == "offline" else ""
+        return f"W&B checkpoints: not logged as artifacts{why}"
+    name = getattr(logger, "_checkpoint_name", None) or f"model-{getattr(run, 'id', '<run id>')}"
+    when = "as they are saved" if log_model == "all" else "when fit ends"
+    return f"W&B checkpoints: artifact {name} (type model, aliases latest/best), logged {when}"
 
 
 def collect_rng_states() -> dict[str, Any]:

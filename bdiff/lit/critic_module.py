@@ -12,7 +12,6 @@ and the schedule as plain data and loads weights-only (:func:`bdiff.critic.load_
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -145,12 +144,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """LightningCLI over :class:`CriticModule` and :class:`CriticDataModule` (``fit --config ...``)."""
     from bdiff.lit.cli import BdiffCLI, SaveConfigToRun
 
-    args = list(sys.argv[1:] if argv is None else argv)
     return BdiffCLI(
         CriticModule,
         CriticDataModule,
         save_config_callback=SaveConfigToRun,
-        args=args,
+        args=None if argv is None else list(argv),  # None: LightningCLI reads sys.argv (no "given both" warning)
         parser_kwargs={"fit": {"description": "Train a time-conditioned critic against a diffusion checkpoint."}},
     )
 

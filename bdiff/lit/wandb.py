@@ -12,48 +12,28 @@ gone, network or disk error, a bug in a logged object), :class:`AutoWandbLogger`
 once and continues in a fresh *offline* run in ``save_dir`` (what is logged from then
 on is kept; ``wandb sync`` uploads it later); if that fails too, W&B is switched off
 for the rest of the run. Checkpoints and other loggers are not affected either way.
+
+Checkpoints are logged as W&B artifacts (``model-<run id>``, type ``model``, aliases
+``latest`` / ``best``; Lightning's ``WandbLogger(log_model=...)``) by default when the run is
+online; offline they stay on disk only (one line says so; ``log_model: true`` puts them in the
+offline run, and ``wandb sync`` uploads them). At the end of fit
+:class:`~bdiff.lit.callbacks.SampleGrid` logs a ``wandb.Table`` of its final samples
+(:meth:`AutoWandbLogger.log_sample_table`), one row per sample, sortable by uncertainty.
 """
 
 from __future__ import annotations
 
-import netrc
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor
 
-WandbMode = Literal["online", "offline", "disabled"]
+from bdiff.wandb_log import WandbMode, has_wandb_credentials, new_run, resolve_wandb_mode, sample_table
 
-
-def has_wandb_credentials() -> bool:
-    """True when an API key is configured (env var or ~/.netrc from ``wandb login``)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(auth and auth[2])
-
-
-def resolve_wandb_mode(mode: WandbMode | None) -> WandbMode:
-    """Pick the W&B mode: env WANDB_MODE > explicit ``mode`` > credentials (online) > offline."""
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled", "dryrun"):
-        return "offline" if env == "dryrun" else env  # type: ignore[return-value]
-    if mode is not None:
-        return mode
-    return "online" if has_wandb_credentials() else "offline"
-
-
-def _new_run(**init: Any) -> Any:
-    """``wandb.init`` for a fallback run. It becomes the current ``wandb.run`` (so ``wandb.finish()``
-    ends it as usual) unless a broken run could not be finished and still holds that place."""
-    import wandb
-
-    return wandb.init(**init, **({"reinit": "create_new"} if wandb.run is not None else {}))
+__all__ = ["AutoWandbLogger", "WandbMode", "has_wandb_credentials", "resolve_wandb_mode"]
 
 
 class AutoWandbLogger(WandbLogger):
@@ -66,6 +46,9 @@ class AutoWandbLogger(WandbLogger):
         save_dir: where the ``wandb/`` run folder is written.
         mode: ``online``, ``offline`` or ``disabled``; None chooses automatically.
         tags: run tags.
+        log_model: log the ModelCheckpoint files as W&B artifacts: ``auto`` (default) is
+            ``True`` for an online run and ``False`` otherwise; ``True`` logs them when fit ends,
+            ``"all"`` whenever one is saved (Lightning's ``WandbLogger(log_model=...)``).
     """
 
     def __init__(
@@ -75,14 +58,31 @@ class AutoWandbLogger(WandbLogger):
         save_dir: str = "runs",
         mode: WandbMode | None = None,
         tags: list[str] | None = None,
+        log_model: bool | Literal["auto", "all"] = "auto",
     ) -> None:
+        if log_model not in (True, False, "auto", "all"):
+            raise ValueError(f"log_model must be true, false, 'auto' or 'all', got {log_model!r}")
         resolved = resolve_wandb_mode(mode)
-        if resolved == "offline" and mode is None and not os.environ.get("WANDB_MODE"):
-            rank_zero_info("W&B: no credentials found, logging offline (upload later with `wandb sync <run dir>`).")
+        effective = (resolved == "online") if log_model == "auto" else log_model
+        if resolved == "offline":
+            line = []
+            if mode is None and not os.environ.get("WANDB_MODE"):
+                line.append("W&B: no credentials found, logging offline (upload later with `wandb sync <run dir>`).")
+            if log_model == "auto":
+                line.append("W&B offline: checkpoints are not logged as artifacts (they stay in the run's "
+                            "checkpoints/ folder; log_model: true adds them to the offline run for `wandb sync`).")
+            if line:
+                rank_zero_info(" ".join(line))
         os.makedirs(save_dir, exist_ok=True)
-        super().__init__(project=project, name=name, save_dir=save_dir, mode=resolved, tags=tags)
+        super().__init__(project=project, name=name, save_dir=save_dir, mode=resolved, tags=tags, log_model=effective)
+        self.mode: WandbMode = resolved
         self.failures: list[str] = []  # one line per W&B failure survived, e.g. "log_metrics at step 12: OSError: ..."
         self._switched_off = False
+
+    @property
+    def log_model(self) -> bool | str:
+        """What is logged as artifacts after ``auto`` was resolved: False, True or ``"all"``."""
+        return self._log_model
 
     # -- failure handling --------------------------------------------------------------------------
     @property
@@ -105,7 +105,7 @@ class AutoWandbLogger(WandbLogger):
             return
         init = {k: v for k, v in self._wandb_init.items() if k not in ("id", "resume")}
         try:
-            self._experiment = _new_run(mode="offline", **{k: v for k, v in init.items() if k != "mode"})
+            self._experiment = new_run(mode="offline", **{k: v for k, v in init.items() if k != "mode"})
             self._experiment.define_metric("trainer/global_step")
             self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         except Exception as e:
@@ -122,7 +122,7 @@ class AutoWandbLogger(WandbLogger):
     def _switch_off(self, reason: str) -> None:
         self._switched_off = True
         try:  # a disabled run accepts every call and does nothing, so code using .experiment keeps working
-            self._experiment = _new_run(mode="disabled")
+            self._experiment = new_run(mode="disabled")
         except Exception:
             self._experiment = None
         rank_zero_warn(
@@ -165,6 +165,35 @@ class AutoWandbLogger(WandbLogger):
     def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
         self._guard(f"log_image {key!r} at step {step}",
                     lambda: super(AutoWandbLogger, self).log_image(key, images, step, **kwargs))
+
+    @rank_zero_only
+    def log_sample_table(
+        self,
+        key: str,
+        images: Tensor,
+        variance: Tensor | None,
+        nfe: Tensor,
+        critic_logit: Tensor | None = None,
+        step: int | None = None,
+    ) -> bool:
+        """Log :func:`bdiff.wandb_log.sample_table` (one row per sample) under ``key``; True if it was logged
+        (rank zero only: None elsewhere).
+
+        images (N,C,H,W) and variance (N,C,H,W) on the [0, 1] image scale, nfe (N,), critic_logit (N,).
+        A table that cannot be built (a bug in the data) is skipped with a warning and W&B carries on;
+        a failing upload falls back like every other call (offline, then off).
+        """
+        if self._switched_off:
+            return False
+        try:
+            table = sample_table(images, variance, nfe, critic_logit)
+        except Exception as e:
+            rank_zero_warn(f"W&B: the samples table {key!r} could not be built ({type(e).__name__}: {e}); "
+                           "it is skipped, training and the rest of W&B logging continue.")
+            return False
+        self._guard(f"log_sample_table {key!r} at step {step}",
+                    lambda: super(AutoWandbLogger, self).log_metrics({key: table}, step))
+        return not self._switched_off  # the guard logged it (maybe in the fallback run) or switched W&B off
 
     def log_table(self, *args: Any, **kwargs: Any) -> None:
         self._guard("log_table", lambda: super(AutoWandbLogger, self).log_table(*args, **kwargs))

@@ -1,6 +1,6 @@
 """Reverse-process samplers. Knows only the Denoiser protocol (never Pyro)."""
 
-from bdiff.sampling.ddim import chain_variance, ddim_sample
+from bdiff.sampling.ddim import chain_variance, ddim_sample, ddim_sample_and_variance
 from bdiff.sampling.sampler import SampleResult, Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, UniPC, ddim_timesteps, karras_timesteps, make_stepper
@@ -17,6 +17,7 @@ __all__ = [
     "UniPC",
     "chain_variance",
     "ddim_sample",
+    "ddim_sample_and_variance",
     "ddim_timesteps",
     "karras_timesteps",
     "make_stepper",
