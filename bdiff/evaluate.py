@@ -70,8 +70,27 @@ def calibration_report(ckpt: str, out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def log_to_wandb(project: str, metrics: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:
+    """Log the scalar metrics (per feature space as ``<space>/<metric>``) to W&B; never fails the evaluation.
+
+    When the samples file came from ``bdiff.sample --wandb-project`` with the same project, the
+    metrics go into that sampling run (resumed by id), beside its per-sample table.
+    """
+    from bdiff.wandb_log import SafeRun
+
+    linked = config.get("wandb") or {}
+    same_run = {"id": linked["run_id"], "resume": "allow"} if linked.get("run_id") and linked.get("project") == project else {}
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    flat.update({f"{space}/{k}": v for space, row in metrics["spaces"].items() for k, v in row.items()})
+    run = SafeRun(project, dir=out_dir, job_type="evaluate", config=config, **same_run)
+    run.log(lambda: flat, "evaluation metrics")
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m bdiff.evaluate", description=__doc__.splitlines()[0])
+    from bdiff.sample import program_name
+
+    p = argparse.ArgumentParser(prog=program_name("bdiff-evaluate", "bdiff.evaluate"), description=__doc__.splitlines()[0])
     p.add_argument("--samples", required=True, help="samples.npz written by python -m bdiff.sample")
     p.add_argument("--ckpt", help="checkpoint, for calibration on held-out data")
     p.add_argument("--features", nargs="+", default=list(DIGITS_SPACES),
@@ -108,15 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(md)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
     if args.wandb_project:
-        import wandb
-
-        from bdiff.lit.wandb import resolve_wandb_mode
-
-        run = wandb.init(project=args.wandb_project, mode=resolve_wandb_mode(None), job_type="evaluate", config=samples.config)
-        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update({f"{space}/{k}": v for space, row in metrics["spaces"].items() for k, v in row.items()})
-        run.log(flat)
-        run.finish()
+        log_to_wandb(args.wandb_project, metrics, samples.config, out_dir)
     return metrics
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bdiff.evaluate import main as evaluate
 from bdiff.sample import main as sample
@@ -44,3 +45,38 @@ def test_evaluate_refuses_a_bad_samples_file(tmp_path: Path) -> None:
     np.savez(bad, images=np.full((4, 1, 8, 8), 2.0, dtype=np.float32), nfe=10.0, seconds=1.0, config="{}")
     with pytest.raises(ValueError, match="images"):
         evaluate(["--samples", str(bad)])
+
+
+def test_evaluate_logs_into_the_sampling_run(last_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """Metrics of a samples file drawn with --wandb-project go into that sampling run (resumed by id),
+    one scalar per feature space; another project gets a run of its own."""
+    import numpy as np
+
+    import bdiff.wandb_log as wandb_log
+    from bdiff.metrics.samples_file import SampleSet, save_samples
+
+    monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "cache"))
+    made: list[dict] = []
+
+    class FakeRun:
+        def __init__(self, project: str, dir: Path, **init) -> None:
+            made.append({"project": project, **init})
+
+        def log(self, payload, what: str) -> bool:
+            made[-1]["logged"] = payload()
+            return True
+
+        def finish(self) -> None:
+            made[-1]["finished"] = True
+
+    monkeypatch.setattr(wandb_log, "SafeRun", FakeRun)
+    images = torch.as_tensor(np.random.default_rng(0).random((40, 1, 8, 8)), dtype=torch.float32)
+    config = {"wandb": {"project": "bdiff", "run_id": "abc123"}}
+    save_samples(tmp_path / "s.npz", SampleSet(images, None, 10.0, 1.0, config))
+    for project in ("bdiff", "other"):
+        evaluate(["--samples", str(tmp_path / "s.npz"), "--train-features-if-missing", "--wandb-project", project,
+                  "--features", "pixels", "digits"])
+    same, other = made
+    assert same["id"] == "abc123" and same["resume"] == "allow" and same["finished"]
+    assert "id" not in other
+    assert same["logged"]["pixels/fd"] == same["logged"]["fd"] and "digits/confidence" in same["logged"]
