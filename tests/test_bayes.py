@@ -168,8 +168,29 @@ def test_objective_logliks_are_gaussian_log_densities() -> None:
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"objective": "vlb"}, "bayes.objective"), ({"objective": "hybrid", "nll_beta": 0.5}, "nll_beta")],
+    [({"objective": "vlb"}, "bayes.objective"), ({"objective": "hybrid", "nll_beta": 0.5}, "nll_beta"),
+     ({"mean_likelihood_var": 0.0}, "mean_likelihood_var"), ({"objective": "nll", "mean_likelihood_var": 0.1}, "mean_likelihood_var")],
 )
 def test_bad_objective_is_a_clear_error(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         BayesConfig(**kw).validate()
+
+
+def test_mean_likelihood_var_tightens_the_posterior_not_the_gradient_scale() -> None:
+    """sigma_0^2 scales the whole objective: the mean's gradient is L_simple's at any sigma_0^2 for a
+    deterministic net, while with a Bayesian head the data outweigh the KL 1/sigma_0^2 times more."""
+    _, _, stem_1 = _head_grads("hybrid")
+    _, _, stem_01 = _head_grads("hybrid", mean_likelihood_var=0.1)
+    torch.testing.assert_close(stem_01, stem_1)
+    x, t, n = batch()
+    kl_share = []
+    for var in (1.0, 0.01):
+        m = make("head", mean_likelihood_var=var, guide_init_scale=0.05)
+        with torch.no_grad():
+            m.guide.locs.head__weight_unconstrained.normal_(0, 0.05)
+        pyro.set_rng_seed(0)
+        data = m.negative_elbo(x, t, n, num_data=100, kl_weight=1e-6).detach()  # ~likelihood only
+        pyro.set_rng_seed(0)
+        full = m.negative_elbo(x, t, n, num_data=100).detach()
+        kl_share.append(float((full - data) / full.abs()))
+    assert kl_share[1] < kl_share[0] / 10

@@ -64,6 +64,13 @@ class BayesConfig:
             trunk; measured worse), ``nll`` (exact heteroscedastic Gaussian, or beta-NLL with
             ``nll_beta``) or ``mse`` (L_simple only: a plain DDPM; the variance head is never
             trained and stays at variance 1).
+        mean_likelihood_var: sigma_0^2, the fixed noise variance of the mean's Gaussian
+            likelihood in the ``hybrid``/``hybrid_shared``/``mse`` objectives. It sets how much
+            the data outweigh the KL for the weights the mean uses (the posterior's width), not
+            the gradient scale: the loss is sigma_0^2 x the per-image negative ELBO, so learning
+            rates and gradient clipping mean what they mean for a plain DDPM. 1 is L_simple's
+            implicit choice; the maximum-likelihood value is the held-out eps MSE (~0.075 on
+            the digits).
         nll_beta: only with ``objective: nll``. 0 gives the exact Gaussian likelihood.
             beta > 0 is the beta-NLL of Seitzer et al. 2022: each pixel's log-likelihood is
             weighted by stop_grad(sigma^(2 beta)), so the mean is not starved where the
@@ -78,6 +85,7 @@ class BayesConfig:
     prior_center: Literal["zero", "init"] = "zero"
     guide_init_scale: float = 1e-3
     objective: Literal["hybrid", "hybrid_shared", "nll", "mse"] = "hybrid"
+    mean_likelihood_var: float = 1.0
     nll_beta: float = 0.0
     predictive_samples: int = 8
     predictive: Literal["auto", "sampled", "analytic"] = "auto"
@@ -93,6 +101,13 @@ class BayesConfig:
             raise ValueError(f"bayes.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0 <= self.nll_beta <= 1:
             raise ValueError(f"bayes.nll_beta must be in [0, 1], got {self.nll_beta}")
+        if not 0 < self.mean_likelihood_var <= 1e3:
+            raise ValueError(f"bayes.mean_likelihood_var must be in (0, 1000], got {self.mean_likelihood_var}")
+        if self.mean_likelihood_var != 1.0 and self.objective == "nll":
+            raise ValueError(
+                "bayes.mean_likelihood_var only applies to the hybrid/hybrid_shared/mse objectives "
+                "(objective: nll learns the variance); set it to 1.0 or choose another objective"
+            )
         if self.nll_beta and self.objective != "nll":
             raise ValueError(
                 f"bayes.nll_beta={self.nll_beta} only applies to bayes.objective: nll (beta-NLL), but the "
@@ -162,16 +177,18 @@ def gaussian_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, beta: float = 0
     return ll.flatten(1).sum(1)
 
 
-def objective_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, objective: str, beta: float = 0.0) -> Tensor:
+def objective_loglik(
+    noise: Tensor, eps: Tensor, log_var: Tensor, objective: str, beta: float = 0.0, mean_var: float = 1.0
+) -> Tensor:
     """The per-image log-likelihood the weights are trained on: (B,C,H,W) x 3 -> (B,).
 
     * ``nll``: log N(noise; eps, exp(log_var)) (beta-NLL when ``beta > 0``). Exact, but each
       pixel's error is weighted by 1/sigma^2, so the easy high-noise pixels dominate and the
       mean is starved where the noise is hard to predict (Seitzer et al. 2022); on the
       digits this costs 4x in FD (BENCHMARKS.md, "Denoiser quality").
-    * ``mse``: log N(noise; eps, I), i.e. L_simple of Ho et al. 2020 up to a constant. The
+    * ``mse``: log N(noise; eps, mean_var I), i.e. L_simple of Ho et al. 2020 up to scale. The
       log_var output gets no gradient (its zero-initialised head weights stay 0: variance 1).
-    * ``hybrid`` / ``hybrid_shared``: log N(noise; eps, I) + log N(noise; stop_grad(eps),
+    * ``hybrid`` / ``hybrid_shared``: log N(noise; eps, mean_var I) + log N(noise; stop_grad(eps),
       exp(log_var)) -- the L_hybrid split of Nichol & Dhariwal 2021: the mean is trained by
       L_simple, the variance by the exact NLL around the (fixed) mean. With ``hybrid`` the
       caller also computes log_var from detached trunk features
@@ -193,7 +210,7 @@ def objective_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, objective: str
     """
     if objective == "nll":
         return gaussian_loglik(noise, eps, log_var, beta)
-    simple = gaussian_loglik(noise, eps, torch.zeros_like(log_var))
+    simple = gaussian_loglik(noise, eps, torch.full_like(log_var, math.log(mean_var)))
     if objective == "mse":
         return simple
     if objective in ("hybrid", "hybrid_shared"):
@@ -256,7 +273,8 @@ class BayesianUNet(nn.Module):
             weights = self.prior()
         detach = {"detach_variance_features": self.config.objective == "hybrid"}
         eps, log_var = functional_call(self.net, weights, (x_t, t), detach, strict=False)
-        loglik = objective_loglik(noise, eps, log_var, self.config.objective, self.config.nll_beta)
+        cfg = self.config
+        loglik = objective_loglik(noise, eps, log_var, cfg.objective, cfg.nll_beta, cfg.mean_likelihood_var)
         self.last_loglik = loglik.detach()  # read by the training loop for logging the objective
         subsample = torch.arange(x_t.shape[0], device=x_t.device)
         with pyro.plate("data", num_data, subsample=subsample):
@@ -270,7 +288,7 @@ class BayesianUNet(nn.Module):
     def negative_elbo(
         self, x_t: Tensor, t: Tensor, noise: Tensor, num_data: int, kl_weight: float = 1.0
     ) -> Tensor:
-        """Per-image negative ELBO: -(N/B sum_b loglik_b - kl_weight * KL) / N. Scalar.
+        """Per-image negative ELBO: -(N/B sum_b loglik_b - kl_weight * KL) / N, times ``loss_scale``. Scalar.
 
         ``kl_weight`` (KL warm-up) scales the prior and guide terms of the weights.
         """
@@ -278,7 +296,13 @@ class BayesianUNet(nn.Module):
             raise ValueError(f"num_data={num_data} is smaller than the batch ({x_t.shape[0]})")
         model = functools.partial(self.model, kl_weight=kl_weight)
         guide = functools.partial(self._scaled_guide, kl_weight=kl_weight)
-        return self._elbo.differentiable_loss(model, guide, x_t, t, noise, num_data) / num_data
+        return self._elbo.differentiable_loss(model, guide, x_t, t, noise, num_data) / num_data * self.loss_scale
+
+    @property
+    def loss_scale(self) -> float:
+        """sigma_0^2 for the fixed-variance objectives, else 1: a positive factor on the whole objective
+        (same optimum), so the mean's gradients have L_simple's scale whatever ``mean_likelihood_var`` is."""
+        return 1.0 if self.config.objective == "nll" else self.config.mean_likelihood_var
 
     def posterior_loc_scale(self) -> dict[str, tuple[Tensor, Tensor]]:
         """{parameter_name: (loc, scale)} of the mean-field posterior, each shaped like the parameter."""
