@@ -2,7 +2,7 @@
 
     python benchmarks/denoiser_quality.py \
         --ckpt hybrid@0=runs/.../last.ckpt hybrid@1=... ddpm@0=... ddpm@1=... \
-        --baseline ddpm [--n 2000] [--seeds 0] [--nfe 20 50] [--stem denoiser_quality]
+        --baseline ddpm [--n 2000] [--seeds 1] [--nfe 20 50] [--stem denoiser_quality] [--append]
 
 This isolates the *network* (objective, size, steps) from our sampler: every model is sampled
 with the same diffusers DPM-Solver++(2M) on every grid diffusers offers (leading, linspace,
@@ -20,6 +20,7 @@ divided by the baseline's at the same training seed, per space and NFE. Writes
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,23 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--stem", default="denoiser_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--append", action="store_true", help="keep the other models of an earlier <stem>.json")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     ckpts = parse_ckpts(args.ckpt)
     references = references_for(DIGITS_SPACES)
     rows, calibration = [], []
-    for label, path in ckpts.items():
+    previous = args.out / f"{args.stem}.json"
+    if args.append and previous.is_file():  # add models to an earlier run of the same settings
+        old = json.loads(previous.read_text())
+        if old["n"] != args.n:
+            raise SystemExit(f"error: {previous} has n={old['n']}, this run n={args.n}: use another --stem")
+        rows = [r for r in old["rows"] if r["model"] not in ckpts]
+        calibration = [r for r in old["calibration"] if r["model"] not in ckpts]
+        ckpts = {**{k: Path(v) for k, v in old["ckpts"].items() if k not in ckpts}, **ckpts}
+    for label, path in parse_ckpts(args.ckpt).items():
         rows += sample_rows(label, path, args, references)
         calibration += calibration_rows(label, path)
     summary = best_grid_summary(rows, DIGITS_SPACES, args.baseline)
