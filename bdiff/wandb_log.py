@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bdiff.metrics.usefulness import per_sample_uncertainty  # the one reducer the filtering metrics use too
+
 WandbMode = Literal["online", "offline", "disabled"]
 
 #: columns of :func:`sample_table`, in order (the uncertainty and critic columns only when given)
@@ -89,11 +91,6 @@ def uncertainty_maps(variance: Tensor) -> Tensor:
     return ((std - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
-def per_sample_uncertainty(variance: Tensor) -> Tensor:
-    """(N,C,H,W) per-pixel variance -> (N,) mean variance per sample (as :mod:`bdiff.metrics.usefulness`)."""
-    return variance.float().flatten(1).mean(1)
-
-
 def sample_table(
     images: Tensor,
     variance: Tensor | None,
@@ -137,7 +134,7 @@ def sample_table(
     columns = ["index", "image"]
     if variance is not None:
         columns += ["uncertainty_map", "uncertainty"]
-        maps, scores = uncertainty_maps(variance), per_sample_uncertainty(variance)
+        maps, scores = uncertainty_maps(variance), per_sample_uncertainty(variance.float())
     columns.append("nfe")
     if critic_logit is not None:
         columns.append("critic_logit")
@@ -155,6 +152,16 @@ def sample_table(
 
 
 # -- a run for command-line tools ----------------------------------------------------------------
+
+
+def finish_broken_run(run: Any) -> None:
+    """Finish a run that just failed, if it lets us (a failing ``finish`` is ignored); None is a no-op."""
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=1)
+    except Exception:
+        pass
 
 
 def _warn(message: str) -> None:
@@ -209,11 +216,7 @@ class SafeRun:
         failure = f"{what}: {type(error).__name__}: {error}"
         self.failures.append(failure)
         broken, self.run = self.run, None
-        if broken is not None:
-            try:
-                broken.finish(exit_code=1)
-            except Exception:
-                pass
+        finish_broken_run(broken)
         if len(self.failures) == 1 and self.mode != "disabled":
             try:
                 self.run = new_run(mode="offline", **self._init)

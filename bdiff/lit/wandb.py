@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
-from bdiff.wandb_log import WandbMode, has_wandb_credentials, new_run, resolve_wandb_mode, sample_table
+from bdiff.wandb_log import WandbMode, finish_broken_run, has_wandb_credentials, new_run, resolve_wandb_mode, sample_table
 
 __all__ = ["AutoWandbLogger", "WandbMode", "has_wandb_credentials", "resolve_wandb_mode"]
 
@@ -95,11 +95,7 @@ class AutoWandbLogger(WandbLogger):
         failure = f"{what}: {type(error).__name__}: {error}"
         self.failures.append(failure)
         broken, self._experiment = self._experiment, None
-        if broken is not None:
-            try:
-                broken.finish(exit_code=1)
-            except Exception:
-                pass
+        finish_broken_run(broken)
         if len(self.failures) > 1:  # the offline run we fell back to failed as well
             self._switch_off(f"W&B failed again, in the offline run it fell back to ({failure})")
             return
