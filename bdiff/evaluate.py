@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extractor, f_real = references[args.features[0]]
     metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features[0], "config": samples.config}
     metrics.update(evaluate_sample_set(samples, f_real, extractor))
-    metrics["spaces"] = quality_in_spaces(samples.images, references)
+    primary = {k: metrics[k] for k in ("fd", "kid", "kid_std", "precision", "recall", "confidence") if k in metrics}
+    others = {name: ref for name, ref in references.items() if name != args.features[0]}
+    metrics["spaces"] = {args.features[0]: primary, **quality_in_spaces(samples.images, others)}  # primary not twice
     if args.ckpt:
         metrics["calibration"] = calibration_report(args.ckpt, out_dir)
 
