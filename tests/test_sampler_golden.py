@@ -1,0 +1,136 @@
+"""Behaviour preservation: every committed sampler recipe gives the samples it gave when this file was made.
+
+A tiny seeded denoiser (fixed random convolutions, nonzero epistemic and aleatoric maps) and a
+tiny seeded critic run each recipe under ``configs/sampler/`` (plus a few variants that force
+the restart paths) for two samples; images, propagated variance, NFE, rejections, flags and
+the callbacks' summaries are compared with ``tests/data/sampler_golden.pt``.
+
+Regenerate (only when a behaviour change is intended, and say so in the commit):
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.test_sampler_golden
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bdiff.critic import Critic, CriticConfig, CriticNet
+from bdiff.denoiser import Prediction
+from bdiff.sampling.recipe import Recipe
+from bdiff.schedule import NoiseSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "data" / "sampler_golden.pt"
+RECIPES = sorted((ROOT / "configs" / "sampler").glob("*.yaml"))
+MAX_STEPS = 10  # ddpm.yaml's 1000 steps are cut to this; every other recipe runs as committed
+
+# Variants that make the restart paths fire on the tiny critic (every finished sample is flagged).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "unipc_critic_restart": {"stepper": {"name": "unipc"}, "steps": 6, "callbacks": [
+        {"name": "blend"}, {"name": "critic", "weight": 1.0, "threshold": 1e9, "retries": 2, "t_back": 200}]},
+    "dpmpp_critic_region": {"stepper": {"name": "dpmpp_2m"}, "steps": 6, "callbacks": [
+        {"name": "critic", "weight": 0.5, "threshold": 1e9, "retries": 1, "t_back": 300, "mode": "region"},
+        {"name": "recorder", "keys": ["x0", "var"]}]},
+    "ddim_eta_refine": {"stepper": {"name": "ddim", "eta": 0.5}, "steps": 6, "callbacks": [
+        {"name": "refine", "quantile": 0.5, "jump": 80, "t_range": [1, 900], "max_passes": 2}]},
+    "ddpm_adaptive_blend": {"stepper": {"name": "ddpm"}, "steps": 8, "callbacks": [
+        {"name": "blend", "strength": 0.5}, {"name": "adaptive", "tol": 0.3, "max_nfe": 8}]},
+}
+
+
+class TinyDenoiser(nn.Module):
+    """A fixed random two-layer conv net: (x_t, t) -> eps, epistemic and aleatoric variance maps (1x8x8)."""
+
+    image_shape = (1, 8, 8)
+    is_bayesian = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.schedule = NoiseSchedule("linear")
+        self.conv1, self.conv2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+
+    @torch.no_grad()
+    def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
+        """Prediction at x_t (B,1,8,8), t (B,)."""
+        tt = (t.to(x_t.dtype) / self.schedule.timesteps).reshape(-1, 1, 1, 1).expand_as(x_t)
+        h = self.conv2(torch.tanh(self.conv1(torch.cat([x_t, tt], 1))))
+        a = self.schedule.alpha_bar(t, x_t)
+        eps = (1 - a).sqrt() * x_t + 0.3 * torch.tanh(h[:, :1])
+        return Prediction(eps, 1e-3 * torch.sigmoid(h[:, 1:2]), torch.sigmoid(h[:, 2:3]))
+
+
+def tiny_critic(schedule: NoiseSchedule) -> Critic:
+    """A seeded, untrained CriticNet on 1x8x8 images, in eval mode."""
+    torch.manual_seed(1)
+    net = CriticNet(CriticConfig(image_size=8, in_channels=1, width=8, levels=1, dropout=0.0))
+    return Critic(net, schedule, "tiny-seeded").eval().requires_grad_(False)
+
+
+def recipe_data() -> dict[str, dict[str, Any]]:
+    """Every committed recipe (steps capped at MAX_STEPS) and the variants, by name."""
+    import yaml
+
+    out = {}
+    for path in RECIPES:
+        data = yaml.safe_load(path.read_text())
+        data["steps"] = min(data["steps"], MAX_STEPS)
+        out[path.stem] = data
+    return {**out, **VARIANTS}
+
+
+def run_case(name: str, data: dict[str, Any], denoiser: TinyDenoiser, critic: Critic) -> dict[str, Tensor]:
+    """Two samples of seed 5 with the recipe ``data``; the tensors the golden file keeps."""
+    callbacks = [dict(c, critic=critic) if c.get("name") == "critic" else dict(c) for c in data.get("callbacks", [])]
+    recipe = Recipe.from_dict({**data, "callbacks": callbacks}, name=name)
+    result = recipe.build(denoiser).sample(2, seed=5)
+    out = {"images": result.images, "variance": result.variance, "nfe": result.nfe,
+           "rejected": result.rejected, "flags": result.flags}
+    extras = result.extras
+    if "critic" in extras:
+        out.update({f"critic_{k}": extras["critic"][k] for k in ("retries", "flagged", "critic_calls", "final_logit")})
+    if "refine" in extras:
+        out["refine_passes"] = extras["refine"]["passes"]
+    if "blend" in extras:
+        out["blend_gain"] = torch.tensor(extras["blend"]["gain"])
+    if "recorder" in extras:
+        out["recorder_x0"] = torch.stack([r["x0"] for r in extras["recorder"]])
+    return out
+
+
+def run_all() -> dict[str, dict[str, Tensor]]:
+    denoiser = TinyDenoiser()
+    critic = tiny_critic(denoiser.schedule)
+    return {name: run_case(name, data, denoiser, critic) for name, data in recipe_data().items()}
+
+
+@pytest.fixture(scope="module")
+def current() -> dict[str, dict[str, Tensor]]:
+    return run_all()
+
+
+@pytest.mark.parametrize("name", sorted(recipe_data()))
+def test_recipe_gives_the_golden_samples(name: str, current: dict[str, dict[str, Tensor]]) -> None:
+    golden = torch.load(GOLDEN, weights_only=True)
+    assert name in golden, f"no golden tensors for {name!r}; regenerate (module docstring) if the recipe is new"
+    got, want = current[name], golden[name]
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}/{key}: {m}")
+
+
+def test_the_variants_exercise_the_restart_paths(current: dict[str, dict[str, Tensor]]) -> None:
+    assert current["unipc_critic_restart"]["critic_retries"].tolist() == [2, 2]
+    assert current["dpmpp_critic_region"]["critic_retries"].tolist() == [1, 1]
+    assert int(current["ddim_eta_refine"]["refine_passes"].sum()) > 0
+
+
+if __name__ == "__main__":
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(run_all(), GOLDEN)
+    print(f"wrote {GOLDEN}")
