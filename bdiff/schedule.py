@@ -84,15 +84,32 @@ class NoiseSchedule(nn.Module):
         self.timesteps = timesteps
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
-    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        """``a_t`` gathered at integer ``t`` (B,), shaped (B,1,...,1) like ``like``, in ``like``'s dtype."""
-        a = self.alphas_cumprod.to(t.device)[t.long()]
-        return a.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    @staticmethod
+    def broadcast(v: Tensor, like: Tensor) -> Tensor:
+        """Per-sample ``v`` (B,) -> (B,1,...,1) against ``like`` (B,C,H,W); floats take like's dtype, masks stay bool."""
+        v = v.to(like.dtype) if v.is_floating_point() else v
+        return v.reshape(-1, *([1] * (like.dim() - 1)))
 
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Draw x_t ~ q(x_t | x_0): ``sqrt(a) x0 + sqrt(1-a) noise``. All (B,C,H,W); t (B,)."""
-        a = self.alpha_bar(t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    def alpha_bar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """``a_t`` at integer timesteps ``t`` (B,), with ``a_{-1} = 1``.
+
+        t = -1 stands for the clean image past the last reverse step (x_{-1} = x_0), so every
+        formula here holds there too (``q_sample`` is the identity, ``x0_variance`` is 0).
+        Without ``like``: float64 (B,). With ``like`` (B,C,H,W): :meth:`broadcast` to it.
+        """
+        ac = self.alphas_cumprod.to(device=t.device, dtype=torch.float64)
+        t = t.long()
+        a = torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones((), dtype=ac.dtype, device=ac.device))
+        return a if like is None else self.broadcast(a, like)
+
+    def q_sample(self, x: Tensor, t: Tensor, noise: Tensor, s: Tensor | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_s) = N(sqrt(a_t/a_s) x_s, (1 - a_t/a_s) I); x_s = ``x`` (B,C,H,W), t, s (B,).
+
+        ``s`` defaults to -1, the clean image (a_{-1} = 1): the forward process q(x_t | x_0) of
+        Ho et al. 2020, eq. 4, ``sqrt(a_t) x0 + sqrt(1-a_t) noise``.
+        """
+        a = self.alpha_bar(t, x) if s is None else self.broadcast(self.alpha_bar(t) / self.alpha_bar(s), x)
+        return a.sqrt() * x + (1 - a).sqrt() * noise
 
     def eps_to_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x0 = (x_t - sqrt(1-a) eps) / sqrt(a). All (B,C,H,W); t (B,)."""

@@ -14,6 +14,7 @@ from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler, SamplerCallback
 from bdiff.sampling.callbacks import VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection, flag_summary
+from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import Recipe
 from bdiff.schedule import NoiseSchedule
 from tests.conftest import CONFIGS
@@ -84,7 +85,7 @@ def test_guidance_shifts_x0_by_w_sigma2_over_sqrt_alpha_times_the_gradient() -> 
     den, critic = GaussianDenoiser(), gaussian_critic()
     cb = CriticCorrection(critic, weight=0.7, retries=0, t_range=(400, 999))
     sampler = Sampler(den, DDIM(), 4, [cb])
-    state = sampler.init_state(torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
+    state = sampler.init_state(torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)), NoiseSource(0, range(3)))
     cb.on_start(state, sampler)
     sampler._predict(state)
     before = state.x0.clone()
@@ -124,25 +125,35 @@ def test_an_nfe_budget_stops_the_loop_and_good_samples_are_not_sent_back() -> No
 
 
 class MemoryProbe(SamplerCallback):
-    """Records, before every model call, the restart counters and the stepper's a_prev."""
+    """Records the restart counters before every model call."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[list[int], torch.Tensor]] = []
+        self.seen: list[list[int]] = []
 
     def before_model(self, state, sampler) -> None:
-        a_prev = state.memory.get("a_prev")
-        self.seen.append((state.restarts.tolist(), None if a_prev is None else a_prev.clone()))
+        self.seen.append(state.restarts.tolist())
+
+
+class ProbedDPMSolver(DPMSolverPP2M):
+    """DPM-Solver++(2M) that records the a_prev of its memory at every step."""
+
+    def __init__(self) -> None:
+        self.a_prev: list[torch.Tensor] = []
+
+    def step(self, x, amp, x0, amp_x0, a_t, a_s, memory, noise):
+        self.a_prev.append(memory.a.clone())
+        return super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
 
 
 def test_a_restart_resets_the_multistep_memory_and_the_blending_filter() -> None:
     den = GaussianDenoiser(epistemic=1e-3)
-    blend, probe = VarianceWeightedBlending(strength=1.0), MemoryProbe()
+    blend, probe, stepper = VarianceWeightedBlending(strength=1.0), MemoryProbe(), ProbedDPMSolver()
     cb = CriticCorrection(gaussian_critic(constant=-5.0), weight=0.0, retries=1, t_back=500)
-    result = Sampler(den, DPMSolverPP2M(), 10, [blend, cb, probe]).sample(2, seed=3)
-    first_after = next(i for i, (restarts, _) in enumerate(probe.seen) if restarts == [1, 1])
+    result = Sampler(den, stepper, 10, [blend, cb, probe]).sample(2, seed=3)
+    first_after = next(i for i, restarts in enumerate(probe.seen) if restarts == [1, 1])
     assert first_after == 10
-    assert torch.isnan(probe.seen[first_after][1]).all(), "DPM++(2M) must take a first-order step after going back"
-    assert not torch.isnan(probe.seen[first_after + 1][1]).any()
+    assert torch.isnan(stepper.a_prev[first_after]).all(), "DPM++(2M) must take a first-order step after going back"
+    assert not torch.isnan(stepper.a_prev[first_after + 1]).any()
     gains = result.extras["blend"]["gain"]  # one per iteration after the first
     assert gains[first_after - 1] == 1.0, "the blending filter starts afresh: the new prediction is taken as is"
     assert all(g < 1.0 for g in gains[: first_after - 1]) and gains[first_after] < 1.0

@@ -109,7 +109,6 @@ SAMPLER_ARGS = args_with_bad(
     valid={
         "stepper": st.sampled_from([DDIM(), DDPM(), DPMSolverPP2M(), UniPC(), DDIM(eta=0.5)]),
         "steps": st.integers(1, 6),
-        "history": st.integers(0, 5),
         "max_iterations": st.one_of(st.none(), st.integers(50, 200)),
         "propagation": st.sampled_from(["tweedie", "independent_eps"]),
         "callbacks": st.lists(st.sampled_from([VarianceWeightedBlending(), Recorder(max_samples=1)]), max_size=2),
@@ -118,7 +117,7 @@ SAMPLER_ARGS = args_with_bad(
     },
     bad={
         "stepper": JUNK, "steps": st.one_of(JUNK, st.integers(-2, 0), st.integers(101, 10**6)),
-        "history": st.one_of(JUNK, st.integers(-3, -1)), "max_iterations": st.one_of(JUNK, st.integers(-2, 0)),
+        "max_iterations": st.one_of(JUNK, st.integers(-2, 0)),
         "propagation": JUNK, "callbacks": st.one_of(JUNK, st.lists(JUNK, min_size=1, max_size=2)),
         "spacing": JUNK, "rho": st.one_of(JUNK, st.floats(-5, 0)),
     },
@@ -129,7 +128,7 @@ SAMPLER_ARGS = args_with_bad(
 @given(case=SAMPLER_ARGS)
 def test_sampler_arguments(den, case: tuple[set[str], dict]) -> None:
     broken, a = case
-    sampler = expect_clear(lambda: Sampler(den, a["stepper"], a["steps"], a["callbacks"], history=a["history"],
+    sampler = expect_clear(lambda: Sampler(den, a["stepper"], a["steps"], a["callbacks"],
                                            max_iterations=a["max_iterations"], propagation=a["propagation"],
                                            spacing=a["spacing"], rho=a["rho"]), broken)
     if isinstance(sampler, Sampler):

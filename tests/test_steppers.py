@@ -8,7 +8,7 @@ import torch
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, SamplerCallback, UniPC
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.steppers import alpha_bar_at, karras_timesteps
+from bdiff.sampling.steppers import karras_timesteps
 from bdiff.schedule import NoiseSchedule
 
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -29,21 +29,15 @@ class ToyDenoiser:
         return Prediction(self.eps(x, t), torch.zeros_like(x), torch.ones_like(x))
 
 
-def one_step(stepper, x, t: int, s: int, x0_prev=None, t_prev=None, z=None) -> torch.Tensor:
-    """Apply our stepper's linear form once (what Sampler._update computes)."""
+def one_step(stepper, x, t: int, s: int, z=None) -> torch.Tensor:
+    """One ``Stepper.step`` from a sample's first step (empty memory), as the Sampler takes it."""
     sched = NoiseSchedule("linear")
     tt = torch.full((x.shape[0],), t)
-    ac = sched.alphas_cumprod
-    a_prev = alpha_bar_at(ac, torch.full_like(tt, t_prev)) if t_prev is not None else torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
-    c = stepper.coefficients(alpha_bar_at(ac, tt), alpha_bar_at(ac, torch.full_like(tt, s)), a_prev)
     x0 = sched.eps_to_x0(x, tt, ToyDenoiser().eps(x, tt))
-    d = c.w_cur.float()[:, None, None, None] * x0
-    if x0_prev is not None:
-        d = d + c.w_prev.float()[:, None, None, None] * x0_prev
-    out = c.a.float()[:, None, None, None] * x + c.b.float()[:, None, None, None] * d
-    if z is not None:
-        out = out + c.noise_std.float()[:, None, None, None] * z
-    return out
+    a_t, a_s = sched.alpha_bar(tt), sched.alpha_bar(torch.full_like(tt, s))
+    zero = torch.zeros_like(x)
+    noise = lambda rows: z * rows.reshape(-1, 1, 1, 1) if z is not None else zero  # noqa: E731
+    return stepper.step(x, zero, x0, zero, a_t, a_s, stepper.memory(x), noise).x_next
 
 
 @pytest.mark.parametrize("steps", [10, 50])

@@ -16,18 +16,14 @@ from torch import Tensor
 
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import alpha_bar_at
+from bdiff.schedule import NoiseSchedule
 
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    """(B,) -> (B,1,...,1) broadcastable against ``like``; floats take like's dtype, masks stay bool."""
-    v = v.to(like.dtype) if v.is_floating_point() else v
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
+_bcast = NoiseSchedule.broadcast
 
 
 def x0_posterior_variance(state: SamplerState, sampler: Sampler) -> Tensor:
     """Var[x0 | x_t] per pixel from the aleatoric head: (1-a)/a * E_q[sigma^2]. (B,C,H,W)."""
-    return sampler.denoiser.schedule.x0_variance(state.t.clamp(min=0), state.prediction.var_aleatoric)
+    return sampler.schedule.x0_variance(state.t, state.prediction.var_aleatoric)
 
 
 class VarianceWeightedBlending(SamplerCallback):
@@ -61,6 +57,11 @@ class VarianceWeightedBlending(SamplerCallback):
     def on_start(self, state: SamplerState, sampler: Sampler) -> None:
         state.extras[self.name] = {"gain": []}
 
+    def on_restart(self, state: SamplerState, rows: Tensor, sampler: Sampler) -> None:
+        mem = state.extras[self.name]
+        if "seen" in mem:  # a sample sent back for another pass starts a fresh filter
+            mem["seen"][rows] = False
+
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
         mem = state.extras[self.name]
         v_now = x0_posterior_variance(state, sampler)
@@ -68,10 +69,6 @@ class VarianceWeightedBlending(SamplerCallback):
         if "x0" not in mem:
             mem.update(x0=state.x0.clone(), p=state.x0_var.clone(), v=v_now, seen=state.active.clone())
             return
-        if state.restarts is not None:  # a sample sent back for another pass starts a fresh filter
-            fresh = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
-            mem["seen"] = mem["seen"] & ~fresh
-            mem["restarts"] = state.restarts.clone()
         seen = mem["seen"] & state.active
         p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
         gain = torch.where(_bcast(seen, r), p_prior / (p_prior + r).clamp(min=1e-20), torch.ones_like(r))
@@ -115,14 +112,13 @@ class AdaptiveStepSize(SamplerCallback):
         self.tol, self.max_nfe, self.fine_steps, self.sigma_floor = tol, max_nfe, fine_steps, sigma_floor
 
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
-        schedule = sampler.denoiser.schedule
-        ac = schedule.alphas_cumprod.to(state.x.device)
+        schedule = sampler.schedule
         fine = torch.linspace(schedule.timesteps - 1, 0, self.fine_steps, device=state.x.device).round().long()
         cand = torch.cat([fine, fine.new_tensor([-1])])  # (M,)
         std_x0 = (x0_posterior_variance(state, sampler) + state.x0_var).clamp(min=0).sqrt()
         rms = std_x0.flatten(1).pow(2).mean(1).sqrt()  # (B,)
-        a_t = alpha_bar_at(ac, state.t)[:, None]  # (B,1)
-        a_s = alpha_bar_at(ac, cand)[None, :]  # (1,M)
+        a_t = schedule.alpha_bar(state.t)[:, None]  # (B,1)
+        a_s = schedule.alpha_bar(cand)[None, :]  # (1,M)
         b = a_s.sqrt() - (1 - a_s).sqrt() * (a_t / (1 - a_t)).sqrt()  # DDIM's x0 coefficient
         allowed = self.tol * ((1 - a_s) + self.sigma_floor**2).sqrt()
         below = cand[None, :] < state.t[:, None]
@@ -165,18 +161,15 @@ class UncertainRegionRefinement(SamplerCallback):
         if not todo.any():
             return
         rows = todo.nonzero().squeeze(1)
-        schedule = sampler.denoiser.schedule
+        schedule = sampler.schedule
         std = (x0_posterior_variance(state, sampler) + state.x0_var)[rows].sqrt()
         thresh = torch.quantile(std.flatten(1), self.quantile, dim=1)
         mask = (std > _bcast(thresh, std)).to(state.x.dtype)
         t_up = (s[rows] + self.jump).clamp(max=schedule.timesteps - 1)
-        a_s, a_up = alpha_bar_at(schedule.alphas_cumprod, s[rows]), alpha_bar_at(schedule.alphas_cumprod, t_up)
         x_s = state.x_next[rows]
-        z = sampler.noise.draw(tuple(x_s.shape[1:]), rows, x_s.device).to(x_s.dtype)
-        x_up = _bcast((a_up / a_s).sqrt(), x_s) * x_s + _bcast((1 - a_up / a_s).sqrt(), x_s) * z
+        x_up = schedule.q_sample(x_s, t_up, state.draw(rows), s[rows])  # q(x_up | x_s)
         eps = sampler.denoiser.predict(x_up, t_up).eps
-        x0 = schedule.eps_to_x0(x_up, t_up, eps)
-        x_back = _bcast(a_s.sqrt(), x0) * x0 + _bcast((1 - a_s).sqrt(), x0) * eps
+        x_back = schedule.q_sample(schedule.eps_to_x0(x_up, t_up, eps), s[rows], eps)  # DDIM (eta 0) back to s
         state.x_next[rows] = mask * x_back + (1 - mask) * x_s
         state.nfe[rows] += 1
         mem["passes"][rows] += 1

@@ -28,18 +28,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from bdiff.critic import Critic, load_critic
 from bdiff.denoiser import Denoiser
-from bdiff.sampling.callbacks import _bcast
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import alpha_bar_at
+from bdiff.schedule import NoiseSchedule
 
 MAX_RETRIES = 10
+_bcast = NoiseSchedule.broadcast
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """What the sampler needs of a critic (:class:`bdiff.critic.Critic` is one)."""
+
+    def logit_and_grad(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Logit d(x_t, t) (B,) of x_t (B,C,H,W) being real, and its gradient in x_t (B,C,H,W)."""
+        ...
+
+    def check_compatible(self, image_shape: tuple[int, ...], schedule: NoiseSchedule) -> None:
+        """ValueError unless trained for these images and this schedule."""
+        ...
+
+    def to(self, device: Any) -> Any: ...
+
+
+def load_critic(path: str | Path) -> Critic:
+    """A critic checkpoint, read by :func:`bdiff.critic.load_critic` (imported here only when a recipe names a file)."""
+    from bdiff.critic import load_critic as load
+
+    return load(path)
 
 
 class CriticCorrection(SamplerCallback):
@@ -90,7 +112,7 @@ class CriticCorrection(SamplerCallback):
             raise ValueError(f"critic max_nfe must be a positive integer or null, got {max_nfe!r}")
         self.max_nfe = max_nfe
         self._critic_source = critic
-        self._critic: Critic | None = critic if isinstance(critic, Critic) else None
+        self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic
         self.weight, self.t_range, self.retries, self.threshold = float(weight), tuple(t_range), retries, float(threshold)
         self.t_back, self.flag_t, self.mode, self.region_quantile = t_back, flag_t, mode, region_quantile
 
@@ -129,8 +151,8 @@ class CriticCorrection(SamplerCallback):
             return
         t = state.t[rows]
         _, grad = self.critic.logit_and_grad(state.x[rows], t)
-        a = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, t)
-        state.x0[rows] = state.x0[rows] + self.weight * _bcast((1 - a) / a.sqrt(), grad) * grad
+        a = sampler.schedule.alpha_bar(t, grad)
+        state.x0[rows] = state.x0[rows] + self.weight * (1 - a) / a.sqrt() * grad
         state.extras[self.name]["critic_calls"][rows] += 1
 
     # -- 2. the consistency loop ------------------------------------------------------------------
@@ -138,7 +160,7 @@ class CriticCorrection(SamplerCallback):
         mem = state.extras[self.name]
         ending = state.active & state.accept & (state.t_next < 0)
         if mem["repairing"].any():
-            self._pin_unflagged_pixels(state, sampler, ending)
+            self._pin_unflagged_pixels(state, sampler)
         rows = ending.nonzero().squeeze(1)
         if rows.numel() == 0:
             return
@@ -163,39 +185,31 @@ class CriticCorrection(SamplerCallback):
         return 1 + int(((grid >= 0) & (grid < self.t_back)).sum())
 
     def _restart(self, state: SamplerState, sampler: Sampler, rows: Tensor, x_final: Tensor, grad: Tensor) -> None:
-        """Re-noise ``rows`` to t_back (forward process) and send them back along the grid."""
+        """Send the finished images ``x_final`` of ``rows`` back to t_back (:meth:`Sampler.restart`)."""
         mem = state.extras[self.name]
-        a_back = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, torch.full_like(rows, self.t_back))
-        z = sampler.noise.draw(tuple(x_final.shape[1:]), rows, x_final.device).to(x_final.dtype)
-        state.x_next[rows] = _bcast(a_back.sqrt(), x_final) * x_final + _bcast((1 - a_back).sqrt(), x_final) * z
-        state.memory["amp_next"][rows] = _bcast(a_back.sqrt(), x_final) * state.memory["amp_next"][rows]
-        state.t_next[rows] = self.t_back
-        state.restarts[rows] += 1
+        state.x_next[rows] = x_final
+        sampler.restart(state, rows, self.t_back)
         state.flags[rows] = True
         mem["retries"][rows] += 1
         if self.mode == "region":
             if mem["keep"] is None:
                 mem["keep"], mem["mask"] = torch.zeros_like(state.x), torch.zeros_like(state.x)
-            std = state.memory["amp_next"][rows].abs() + 1e-12  # propagated posterior std of the image
-            score = grad.abs() / grad.abs().flatten(1).mean(1).clamp(min=1e-12).reshape(-1, 1, 1, 1)
-            score = score * std / std.flatten(1).mean(1).reshape(-1, 1, 1, 1)
+            std = state.amp_next[rows].abs() + 1e-12  # propagated posterior std of the image
+            score = grad.abs() / _bcast(grad.abs().flatten(1).mean(1).clamp(min=1e-12), grad)
+            score = score * std / _bcast(std.flatten(1).mean(1), std)
             thresh = torch.quantile(score.flatten(1), self.region_quantile, dim=1)
             mem["mask"][rows] = (score >= _bcast(thresh, score)).to(state.x.dtype)  # flat score: whole image
             mem["keep"][rows] = x_final
             mem["repairing"][rows] = True
 
-    def _pin_unflagged_pixels(self, state: SamplerState, sampler: Sampler, ending: Tensor) -> None:
+    def _pin_unflagged_pixels(self, state: SamplerState, sampler: Sampler) -> None:
         """Region mode: pixels outside the mask follow the forward-noised previous result (RePaint)."""
         mem = state.extras[self.name]
         rows = (mem["repairing"] & state.active & state.accept).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         keep, mask = mem["keep"][rows], mem["mask"][rows]
-        s = state.t_next[rows]
-        a_s = alpha_bar_at(sampler.denoiser.schedule.alphas_cumprod, s)
-        z = sampler.noise.draw(tuple(keep.shape[1:]), rows, keep.device).to(keep.dtype)
-        z = torch.where(_bcast(s >= 0, z), z, torch.zeros_like(z))
-        known = _bcast(a_s.sqrt(), keep) * keep + _bcast((1 - a_s).sqrt(), keep) * z
+        known = sampler.schedule.q_sample(keep, state.t_next[rows], state.draw(rows))  # keep itself at t_next = -1
         state.x_next[rows] = mask * state.x_next[rows] + (1 - mask) * known
 
 

@@ -36,7 +36,7 @@ def ddim_sample_and_variance(
     final image (Tweedie propagation, no extra denoiser call; zero for a deterministic denoiser).
     ``callbacks`` (e.g. a progress counter) see every step.
     """
-    state = Sampler(denoiser, DDIM(), steps, callbacks=list(callbacks), history=0).run(
+    state = Sampler(denoiser, DDIM(), steps, callbacks=list(callbacks)).run(
         x_T, NoiseSource(0, range(x_T.shape[0]))
     )
     return (state.x.clamp(-1, 1) if clip else state.x), state.var, state.nfe

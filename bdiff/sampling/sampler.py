@@ -35,7 +35,7 @@ from torch import Tensor
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import SPACINGS, Stepper, alpha_bar_at, check_rho, grid_timesteps
+from bdiff.sampling.steppers import SPACINGS, Memory, Stepper, StepOut, check_rho, grid_timesteps
 
 
 def _integer(name: str, value: object, low: int | None = None) -> int:
@@ -55,6 +55,9 @@ class SamplerCallback:
         """Raise ValueError if this callback cannot work with ``denoiser`` (called before any sampling)."""
 
     def on_start(self, state: SamplerState, sampler: Sampler) -> None: ...
+
+    def on_restart(self, state: SamplerState, rows: Tensor, sampler: Sampler) -> None:
+        """Samples ``rows`` (K,) were just sent back by :meth:`Sampler.restart` (per-sample memory starts afresh)."""
 
     def before_model(self, state: SamplerState, sampler: Sampler) -> None: ...
 
@@ -90,7 +93,6 @@ class Sampler:
             steps at high noise as ``rho`` falls; :func:`~bdiff.sampling.steppers.karras_timesteps`).
         rho: the Karras exponent (ignored for ``trailing``).
         callbacks: sampler callbacks, run in this order at every hook.
-        history: how many earlier steps to keep in ``state.history``.
         max_iterations: hard bound on loop iterations (rejections and extra passes included).
         propagation: ``tweedie`` (the Jacobian term above) or ``independent_eps`` (drops it,
             treating eps_hat as independent of x_t; kept for comparison).
@@ -106,7 +108,6 @@ class Sampler:
         stepper: Stepper,
         steps: int,
         callbacks: Sequence[SamplerCallback] = (),
-        history: int = 4,
         max_iterations: int | None = None,
         propagation: str = "tweedie",
         spacing: str = "trailing",
@@ -120,7 +121,7 @@ class Sampler:
         self.propagation = propagation
         if not isinstance(stepper, Stepper):
             raise ValueError(f"stepper must be a Stepper (DDPM, DDIM, DPMSolverPP2M, UniPC), got {type(stepper).__name__}")
-        steps, history = _integer("steps", steps, 1), _integer("history", history, 0)
+        steps = _integer("steps", steps, 1)
         if max_iterations is not None:
             max_iterations = _integer("max_iterations", max_iterations, 1)
         if isinstance(callbacks, SamplerCallback) or not isinstance(callbacks, Sequence):
@@ -137,7 +138,7 @@ class Sampler:
                     "but this checkpoint has no Bayesian layers (bayes.layers: none)"
                 )
             cb.check(denoiser)
-        self.history = history
+        self.schedule = denoiser.schedule
         self.spacing, self.rho = spacing, rho
         self.grid = torch.tensor(grid_timesteps(denoiser.schedule.alphas_cumprod, steps, spacing, self.rho) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
@@ -150,114 +151,68 @@ class Sampler:
         idx = below.float().argmax(dim=1)  # first True (the grid is descending)
         return torch.where(below.any(1), grid[idx], torch.full_like(t, -1))
 
+    def restart(self, state: SamplerState, rows: Tensor, t_back: int) -> None:
+        """Send samples ``rows`` (K,) back to the noisier ``t_back`` for another pass (call it after the update).
+
+        Their proposed x_next is re-noised by the forward process q(x_{t_back} | x_{t_next})
+        (:meth:`NoiseSchedule.q_sample`), its amplitude scaled alike; the stepper's memory for them
+        is cleared when the step is committed (the next step is first order) and every callback's
+        ``on_restart`` runs.
+        """
+        s, t_up = state.t_next[rows], torch.full_like(rows, t_back)
+        state.x_next[rows] = self.schedule.q_sample(state.x_next[rows], t_up, state.draw(rows), s)
+        ratio = self.schedule.alpha_bar(t_up) / self.schedule.alpha_bar(s)
+        state.amp_next[rows] = self.schedule.broadcast(ratio, state.amp_next).sqrt() * state.amp_next[rows]
+        state.t_next[rows] = t_back
+        state.restarts[rows] += 1
+        state.restarted[rows] = True
+        for cb in self.callbacks:
+            cb.on_restart(state, rows, self)
+
     # -- one step ---------------------------------------------------------------
     def _predict(self, state: SamplerState) -> None:
+        """The Prediction at the active rows of (x, t), the x0 estimate and its epistemic variance."""
         rows = state.active.nonzero().squeeze(1)
-        x, t = state.x[rows], state.t[rows]
-        pred = self.denoiser.predict(x, t)
+        pred = self.denoiser.predict(state.x[rows], state.t[rows])
         full = [torch.zeros_like(state.x) for _ in range(3)]
         for buf, part in zip(full, pred):
             buf[rows] = part.to(buf.dtype)
         state.prediction = Prediction(*full)
         state.nfe[rows] += 1
-        schedule = self.denoiser.schedule
-        tt = state.t.clamp(min=0)
-        state.x0 = schedule.eps_to_x0(state.x, tt, state.prediction.eps)
-        state.x0_var = schedule.x0_variance(tt, state.prediction.var_epistemic)
+        state.x0 = self.schedule.eps_to_x0(state.x, state.t, state.prediction.eps)
+        state.x0_var = self.schedule.x0_variance(state.t, state.prediction.var_epistemic)
 
-    def _corrected(self, state: SamplerState, amp_x0: Tensor) -> tuple[Tensor, Tensor]:
-        """x_t and its amplitude after a corrector stepper's correction (UniPC); new tensors.
-
-        Uses the model output just evaluated at x_t (after the ``after_prediction`` callbacks,
-        as a scheduler would receive it): x += c_now m_now + c_t m_t + c_p m_prev, the amplitude
-        alongside with the x0 amplitudes ``amp_x0`` (B,C,H,W) of the same point. Only pixels that
-        came straight from the previous predictor step are corrected: not the first step, not a
-        restarted sample, not pixels a callback rewrote after that step (refinement, pinning).
-        The estimate m_now stays that of the uncorrected x, as in UniPC. Nothing is written to
-        ``state``, so a rejected and retried step is not corrected twice.
-        """
-        mem = state.memory
-        if "fresh" not in mem:
-            return state.x, state.amp
-        a_now = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t)
-        c_now, c_t, c_p = self.stepper.corrector(a_now, mem["a_prev"], mem["a_prev2"])
-        rows = state.active & torch.isfinite(c_now) & torch.isfinite(c_t)
-        shape = (-1,) + (1,) * (state.x.dim() - 1)
-        mask = mem["fresh"] & rows.reshape(shape)
-        c_now, c_t, c_p = (torch.nan_to_num(c).to(state.x.dtype).reshape(shape) for c in (c_now, c_t, c_p))
-        x = torch.where(mask, state.x + c_now * state.x0 + c_t * mem["x0_prev"] + c_p * mem["x0_prev2"], state.x)
-        amp = torch.where(mask, state.amp + c_now * amp_x0 + c_t * mem["amp_x0_prev"] + c_p * mem["amp_x0_prev2"], state.amp)
-        return x, amp
-
-    def _amp_x0(self, state: SamplerState, amp: Tensor) -> Tensor:
+    def _amp_x0(self, state: SamplerState) -> Tensor:
         """Signed amplitude of the x0 estimate's weight-posterior perturbation (module docstring). (B,C,H,W)."""
         v_al = state.prediction.var_aleatoric.clamp(0, 1)
         if self.propagation == "independent_eps":
             v_al = torch.ones_like(v_al)  # Jacobian of eps_hat taken as zero
-        a_t = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t)
-        alpha_t = a_t.to(state.x.dtype).sqrt().reshape((-1,) + (1,) * (state.x.dim() - 1))
-        return v_al * amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
+        alpha_t = self.schedule.alpha_bar(state.t, state.x).sqrt()
+        return v_al * state.amp / alpha_t - state.x0_var.clamp(min=0).sqrt()
 
-    def _update(self, state: SamplerState, noise: NoiseSource) -> None:
-        ac = self.denoiser.schedule.alphas_cumprod
-        a_t, a_s = alpha_bar_at(ac, state.t), alpha_bar_at(ac, state.t_next)
-        mem = state.memory
-        a_prev = mem.setdefault("a_prev", torch.full_like(a_t, float("nan")))
-        c = self.stepper.coefficients(a_t, a_s, a_prev)
-        shape = (-1,) + (1,) * (state.x.dim() - 1)
-        a, b, w_cur, w_prev, sd = (v.to(state.x.dtype).reshape(shape) for v in (c.a, c.b, c.w_cur, c.w_prev, c.noise_std))
-        x0_prev = mem.setdefault("x0_prev", torch.zeros_like(state.x))
-        # Variance propagation (module docstring): signed amplitudes, coherent across steps. The
-        # x0 amplitude is that of the point the model saw, before any corrector moves x.
-        amp_x0 = self._amp_x0(state, state.amp)
-        x, amp = self._corrected(state, amp_x0) if self.stepper.corrects else (state.x, state.amp)
-        d = w_cur * state.x0 + w_prev * x0_prev
-        x_next = a * x + b * d
-        if bool((c.noise_std > 0).any()):
-            rows = (state.active & (c.noise_std > 0)).nonzero().squeeze(1)
+    def _propose(self, state: SamplerState, memory: Memory) -> Memory:
+        """The stepper's step from (x, t) to t_next into ``state.x_next``/``amp_next``; the memory if it is taken."""
+        def noise(need: Tensor) -> Tensor:
+            rows = (state.active & need).nonzero().squeeze(1)
             z = torch.zeros_like(state.x)
-            z[rows] = noise.draw(tuple(state.x.shape[1:]), rows, state.x.device).to(state.x.dtype)
-            x_next = x_next + sd * z
-        amp_x0_prev = mem.setdefault("amp_x0_prev", torch.zeros_like(state.x))
-        mem["amp_next"] = a * amp + b * (w_cur * amp_x0 + w_prev * amp_x0_prev)
-        mem["amp_x0"] = amp_x0
-        if self.stepper.corrects:
-            mem["x_predicted"] = x_next.clone()  # to tell which pixels callbacks rewrite after the step
-        state.x_next = x_next
-        state.accept = state.active.clone()
+            z[rows] = state.draw(rows)
+            return z
 
-    def _commit(self, state: SamplerState) -> None:
+        a_t, a_s = self.schedule.alpha_bar(state.t), self.schedule.alpha_bar(state.t_next)
+        out: StepOut = self.stepper.step(state.x, state.amp, state.x0, self._amp_x0(state), a_t, a_s, memory, noise)
+        state.x_next, state.amp_next, state.accept = out.x_next, out.amp_next, state.active.clone()
+        return out.memory
+
+    def _commit(self, state: SamplerState, memory: Memory, proposed: Memory) -> Memory:
+        """Accepted samples move to (x_next, t_next); the stepper memory after this iteration."""
         ok = state.accept & state.active
         rows = ok.nonzero().squeeze(1)
-        mem = state.memory
-        if self.history:
-            entry = {"t": torch.where(ok, state.t, -2), "x0": state.x0.clone(), "x0_var": state.x0_var.clone()}
-            state.history.append(entry)  # t = -2 marks rows that took no step
-            del state.history[: -self.history]
-        if self.stepper.corrects:  # the corrector needs one more step of history, and which pixels it may move
-            for key, prev in (("x0_prev2", "x0_prev"), ("amp_x0_prev2", "amp_x0_prev")):
-                mem.setdefault(key, torch.zeros_like(state.x))[rows] = mem[prev][rows]
-            mem.setdefault("a_prev2", torch.full_like(mem["a_prev"], float("nan")))[rows] = mem["a_prev"][rows]
-            fresh = mem.setdefault("fresh", torch.zeros_like(state.x, dtype=torch.bool))
-            fresh[rows] = state.x_next[rows] == mem["x_predicted"][rows]
-        mem["x0_prev"][rows] = state.x0[rows]
-        mem["amp_x0_prev"][rows] = mem["amp_x0"][rows]
-        mem["a_prev"][rows] = alpha_bar_at(self.denoiser.schedule.alphas_cumprod, state.t[rows])
         state.x[rows] = state.x_next[rows]
-        state.amp[rows] = mem["amp_next"][rows]
+        state.amp[rows] = state.amp_next[rows]
         state.t[rows] = state.t_next[rows]
         state.t_next[rows] = self.next_on_grid(state.t[rows])
         state.rejected += (state.active & ~state.accept).long()
-        # A sample sent back to a noisier t starts its multistep memory afresh (first-order step).
-        restarted = state.restarts != mem.setdefault("restarts", torch.zeros_like(state.restarts))
-        if restarted.any():
-            mem["a_prev"][restarted] = float("nan")
-            if "fresh" in mem:
-                mem["a_prev2"][restarted] = float("nan")
-                mem["fresh"][restarted] = False
-            mem["x0_prev"][restarted] = 0
-            mem["amp_x0_prev"][restarted] = 0
-            mem["restarts"] = state.restarts.clone()
+        return memory.where(ok, proposed).where(state.restarted, self.stepper.memory(state.x))
 
     # -- the loop ---------------------------------------------------------------
     def _check_x_T(self, x_T: Tensor) -> None:
@@ -276,40 +231,41 @@ class Sampler:
         if not bool(torch.isfinite(x_T).all()):
             raise ValueError("x_T contains NaN or inf")
 
-    def init_state(self, x_T: Tensor) -> SamplerState:
+    def init_state(self, x_T: Tensor, noise: NoiseSource) -> SamplerState:
+        """Every sample at the grid's first timestep, with its random stream from ``noise``."""
         b = x_T.shape[0]
         t = torch.full((b,), int(self.grid[0]), device=x_T.device, dtype=torch.long)
         zeros = torch.zeros(b, device=x_T.device, dtype=torch.long)
+        no = torch.zeros(b, dtype=torch.bool, device=x_T.device)
         return SamplerState(
             x=x_T.clone(), t=t, t_next=self.next_on_grid(t), active=t >= 0, amp=torch.zeros_like(x_T),
-            nfe=zeros.clone(), rejected=zeros.clone(), flags=torch.zeros(b, dtype=torch.bool, device=x_T.device),
-            restarts=zeros.clone(),
+            nfe=zeros.clone(), rejected=zeros.clone(), flags=no.clone(), restarts=zeros.clone(), restarted=no.clone(),
+            noise=noise,
         )
+
+    def _hook(self, name: str, state: SamplerState) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(state, self)
 
     @torch.no_grad()
     def run(self, x_T: Tensor, noise: NoiseSource) -> SamplerState:
-        """Run the reverse process from x_T (B,C,H,W); returns the final state."""
+        """Run the reverse process from x_T (B,C,H,W) with per-sample streams ``noise``; returns the final state."""
         self._check_x_T(x_T)
-        state = self.init_state(x_T)
-        self.noise = noise  # per-sample streams, also for callbacks that draw noise
-        for cb in self.callbacks:
-            cb.on_start(state, self)
+        state = self.init_state(x_T, noise)
+        memory = self.stepper.memory(x_T)  # local: one Sampler can run several jobs at once
+        self._hook("on_start", state)
         while not state.finished:
             if state.step >= self.max_iterations:
                 raise RuntimeError(f"sampler stopped after max_iterations={self.max_iterations} iterations")
-            state.active = state.t >= 0
-            for cb in self.callbacks:
-                cb.before_model(state, self)
+            state.active, state.restarted = state.t >= 0, torch.zeros_like(state.restarted)
+            self._hook("before_model", state)
             self._predict(state)
-            for cb in self.callbacks:
-                cb.after_prediction(state, self)
-            self._update(state, noise)
-            for cb in self.callbacks:
-                cb.after_update(state, self)
-            self._commit(state)
+            self._hook("after_prediction", state)
+            proposed = self._propose(state, memory)
+            self._hook("after_update", state)
+            memory = self._commit(state, memory, proposed)
             state.step += 1
-        for cb in self.callbacks:
-            cb.on_end(state, self)
+        self._hook("on_end", state)
         return state
 
     def sample(

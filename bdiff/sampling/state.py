@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bdiff.denoiser import Prediction
+from bdiff.sampling.noise import NoiseSource
 
 
 @dataclass
@@ -20,25 +22,23 @@ class SamplerState:
         t_next: the timestep each sample steps to next (-1 = the clean image). Callbacks
             may change it after the prediction (step-size control).
         active: samples taking a step this iteration (t >= 0).
+        amp: signed amplitude of the propagated posterior perturbation of x_t; ``var = amp**2``.
+        nfe: sequential denoiser calls per sample so far (extra passes included).
+        rejected: rejected steps per sample.
+        flags: samples flagged by a callback for another pass.
+        restarts: how often :meth:`Sampler.restart` sent each sample back to a noisier t.
+        restarted: samples sent back during this iteration (their stepper memory is cleared
+            when the step is committed).
+        noise: the per-sample random streams (:meth:`draw`), for the stepper and callbacks alike.
         step: iteration counter (0-based).
         prediction: the denoiser's Prediction at (x, t) (rows of inactive samples are zero).
         x0: x0 estimate used by the update (callbacks may replace it, e.g. blending).
         x0_var: epistemic variance of ``x0`` (same scale as x).
-        x_next: the proposed x at t_next, set by the update; callbacks may change it.
+        x_next, amp_next: the proposed x at t_next and its amplitude, set by the update;
+            callbacks may change them.
         accept: per-sample mask; a callback may reject a proposed step (the sample stays at
             (x, t) and tries again with the t_next the callback sets).
-        amp: signed amplitude of the propagated posterior perturbation of x_t; ``var = amp**2``.
-        var: propagated posterior variance of x_t.
-        nfe: sequential denoiser calls per sample so far (extra passes included).
-        rejected: rejected steps per sample.
-        flags: samples flagged by a callback for another pass.
-        restarts: how often each sample was sent back to a noisier t for another pass. A
-            callback that restarts a sample (sets a larger ``t_next`` after the update) adds 1;
-            the sampler then clears the stepper's multistep memory for it, and callbacks with
-            per-sample memory (blending) start afresh.
-        history: earlier steps' {"t", "x0", "x0_var"} (bounded by the sampler's ``history``).
         extras: free space for callbacks (keyed by callback name).
-        memory: the stepper's multistep memory (previous x0, its amplitude, a_prev).
     """
 
     x: Tensor
@@ -49,16 +49,17 @@ class SamplerState:
     nfe: Tensor
     rejected: Tensor
     flags: Tensor
-    restarts: Tensor | None = None
+    restarts: Tensor
+    restarted: Tensor
+    noise: NoiseSource
     step: int = 0
     prediction: Prediction | None = None
     x0: Tensor | None = None
     x0_var: Tensor | None = None
     x_next: Tensor | None = None
+    amp_next: Tensor | None = None
     accept: Tensor | None = None
-    history: list[dict[str, Tensor]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def var(self) -> Tensor:
@@ -67,3 +68,9 @@ class SamplerState:
     @property
     def finished(self) -> bool:
         return bool((self.t < 0).all())
+
+    def draw(self, rows: Tensor) -> Tensor:
+        """Standard normal draws (K,C,H,W) from the streams of samples ``rows`` (K,), in x's dtype and device."""
+        if rows.numel() == 0:
+            return self.x.new_zeros((0, *self.x.shape[1:]))
+        return self.noise.draw(tuple(self.x.shape[1:]), rows, self.x.device).to(self.x.dtype)

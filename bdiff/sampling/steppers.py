@@ -20,11 +20,15 @@ Timestep grids: trailing (:func:`ddim_timesteps`) or Karras (:func:`karras_times
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from bdiff.schedule import NoiseSchedule
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -85,14 +89,7 @@ def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing"
     raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
 
 
-def alpha_bar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
-    """a_t for integer t (B,), with a_{-1} = 1 (the clean image). float64 (B,)."""
-    ac = alphas_cumprod.to(device=t.device, dtype=torch.float64)
-    return torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones_like(ac[:1]))
-
-
-@dataclass
-class StepCoefficients:
+class StepCoefficients(NamedTuple):
     """Per-sample coefficients of one step, each (B,) float64 (see module docstring)."""
 
     a: Tensor
@@ -102,19 +99,93 @@ class StepCoefficients:
     noise_std: Tensor
 
 
+@dataclass(frozen=True)
+class Memory:
+    """A multistep stepper's memory of each sample's previous accepted step.
+
+    a: that step's a_t (B,) float64, NaN where there is none (a first step, or just restarted);
+    x0, amp_x0: its x0 estimate and the estimate's signed amplitude (B,C,H,W), 0 where ``a`` is NaN.
+    """
+
+    a: Tensor
+    x0: Tensor
+    amp_x0: Tensor
+
+    @classmethod
+    def empty(cls, x: Tensor) -> Memory:
+        """No previous step for any row of ``x`` (B,C,H,W)."""
+        def blank(name: str) -> Tensor:
+            if name in ("a", "a2"):
+                return torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
+            return torch.full_like(x, float("nan")) if name == "x_pred" else torch.zeros_like(x)
+
+        return cls(**{f.name: blank(f.name) for f in fields(cls)})
+
+    def where(self, rows: Tensor, other: Memory) -> Memory:
+        """``other``'s entries for the samples in ``rows`` (B,) bool, this memory's for the rest."""
+        def pick(mine: Tensor, theirs: Tensor) -> Tensor:
+            return torch.where(NoiseSchedule.broadcast(rows, mine), theirs, mine)
+
+        return type(self)(**{f.name: pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class CorrectorMemory(Memory):
+    """UniPC's memory: :class:`Memory`, the step before it (``a2``, ``x0_2``, ``amp_x0_2``) for the
+    corrector's second order, and the predictor's output ``x_pred`` (B,C,H,W), NaN where none: only
+    pixels still equal to it (no callback rewrote them: refinement, pinning) are corrected."""
+
+    a2: Tensor
+    x0_2: Tensor
+    amp_x0_2: Tensor
+    x_pred: Tensor
+
+
+class StepOut(NamedTuple):
+    """One step's result: x at s and its amplitude (B,C,H,W), and the memory once the step is taken."""
+
+    x_next: Tensor
+    amp_next: Tensor
+    memory: Memory
+
+
+NoiseSampler = Callable[[Tensor], Tensor]  # rows (B,) bool -> standard normal draws (B,C,H,W), 0 elsewhere
+
+
 class Stepper:
-    """Base class: ``coefficients(a_t, a_s, a_prev)`` gives a step's linear form (all (B,) float64).
+    """Base class: ``coefficients(a_t, a_s, a_prev)`` gives a step's linear form (all (B,) float64);
+    :meth:`step` applies it.
 
     ``a_prev`` is a_{t_prev} of the previous step's start (B,), NaN where none
     (first step of a sample); single-step methods ignore it.
     """
 
     name: str = "base"
-    uses_history: bool = False
-    corrects: bool = False  # True: ``corrector(a_s, a_t, a_p)`` corrects x after each model call (UniPC)
 
     def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
         raise NotImplementedError
+
+    def memory(self, x: Tensor) -> Memory:
+        """An empty memory for the batch ``x`` (B,C,H,W)."""
+        return Memory.empty(x)
+
+    def step(
+        self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
+        noise: NoiseSampler,
+    ) -> StepOut:
+        """x_t -> x_s by the linear form of the module docstring, the amplitude alongside (a pure function).
+
+        x, amp, x0, amp_x0: (B,C,H,W), x_t and the x0 estimate with their signed amplitudes;
+        a_t, a_s: (B,) float64 alpha-bars of the step's ends; ``noise(rows)`` draws z for the rows
+        whose step is stochastic (as k-diffusion's ``noise_sampler``).
+        """
+        c = self.coefficients(a_t, a_s, memory.a)
+        a, b, w_cur, w_prev, sd = (NoiseSchedule.broadcast(v, x) for v in c)
+        x_next = a * x + b * (w_cur * x0 + w_prev * memory.x0)
+        if bool((c.noise_std > 0).any()):
+            x_next = x_next + sd * noise(c.noise_std > 0)
+        amp_next = a * amp + b * (w_cur * amp_x0 + w_prev * memory.amp_x0)
+        return StepOut(x_next, amp_next, Memory(a_t, x0, amp_x0))
 
 
 class DDPM(Stepper):
@@ -159,7 +230,6 @@ class DPMSolverPP2M(Stepper):
     """
 
     name = "dpmpp_2m"
-    uses_history = True
 
     @staticmethod
     def _sigma_over_alpha(a: Tensor) -> Tensor:
@@ -196,7 +266,36 @@ class UniPC(DPMSolverPP2M):
     """
 
     name = "unipc"
-    corrects = True
+
+    def memory(self, x: Tensor) -> CorrectorMemory:
+        return CorrectorMemory.empty(x)
+
+    def step(
+        self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
+        noise: NoiseSampler,
+    ) -> StepOut:
+        """Correct x_t with the model output just evaluated there (UniC), then predict x_s (UniP-2)."""
+        assert isinstance(memory, CorrectorMemory)
+        x, amp = self.correct(x, amp, x0, amp_x0, a_t, memory)
+        out = super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
+        m = out.memory
+        x_pred = out.x_next.clone()  # callbacks edit x_next in place
+        return out._replace(memory=CorrectorMemory(m.a, m.x0, m.amp_x0, memory.a, memory.x0, memory.amp_x0, x_pred))
+
+    def correct(
+        self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, memory: CorrectorMemory
+    ) -> tuple[Tensor, Tensor]:
+        """x_t and its amplitude after UniC: x += c_t m_t + c_1 m_prev + c_2 m_prev2, amplitudes alike.
+
+        m_t = ``x0`` is the model output at the uncorrected x_t (as in UniPC); only pixels the
+        previous predictor step produced are moved (none on a first step or after a restart).
+        """
+        c_now, c_1, c_2 = self.corrector(a_t, memory.a, memory.a2)
+        mask = (x == memory.x_pred) & NoiseSchedule.broadcast(torch.isfinite(c_now) & torch.isfinite(c_1), x)
+        c_now, c_1, c_2 = (NoiseSchedule.broadcast(torch.nan_to_num(c), x) for c in (c_now, c_1, c_2))
+        x_c = torch.where(mask, x + c_now * x0 + c_1 * memory.x0 + c_2 * memory.x0_2, x)
+        amp_c = torch.where(mask, amp + c_now * amp_x0 + c_1 * memory.amp_x0 + c_2 * memory.amp_x0_2, amp)
+        return x_c, amp_c
 
     def corrector(self, a_s: Tensor, a_t: Tensor, a_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Weights (c_s, c_t, c_p), each (B,) float64: x_s += c_s m_s + c_t m_t + c_p m_p.
