@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="train the digits feature net (seconds on a CPU) if its cached weights are missing")
     p.add_argument("--out-dir", default=None, help="default: next to the samples file")
     p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
     args = p.parse_args(argv)
 
     samples = load_samples(args.samples)  # validates shape, range, dtype, keys
@@ -134,4 +135,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from bdiff.scripts import exit_on_user_error
+
+    exit_on_user_error(main)

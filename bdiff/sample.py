@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also log to this W&B project: a table with one row per sample, sortable by uncertainty")
     p.add_argument("--wandb-rows", type=int, default=1000,
                    help="rows of the W&B samples table (the first samples; memory: rows x image size x 6 bytes)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
@@ -267,4 +268,6 @@ def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    main()
+    from bdiff.scripts import exit_on_user_error
+
+    exit_on_user_error(main)
