@@ -19,6 +19,7 @@ import torch
 
 from bdiff.bayes import BayesConfig, BayesianUNet
 from bdiff.bayes.predictive import BayesianDenoiser
+from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
 
@@ -111,6 +112,8 @@ def load_model(
         denoiser.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(path)!r} does not match the architecture in its own config: {e}") from e
+    if "variance_calibration" in ckpt:  # absent in older checkpoints and with model.variance_calibration_knots: 0
+        denoiser.calibration = VarianceCalibration.from_dict(ckpt["variance_calibration"])
     return denoiser.to(map_location).eval().requires_grad_(False)
 
 

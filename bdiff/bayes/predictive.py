@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from bdiff.bayes.model import BayesianUNet
+from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
 
@@ -89,7 +90,9 @@ def predict_analytic(model: BayesianUNet, x_t: Tensor, t: Tensor) -> Prediction:
 class BayesianDenoiser(nn.Module):
     """A trained Bayesian U-Net plus its schedule, ready for the samplers.
 
-    ``predict(x_t, t)`` returns the posterior predictive :class:`Prediction`.
+    ``predict(x_t, t)`` returns the posterior predictive :class:`Prediction`, with the
+    aleatoric variance rescaled per t by ``calibration`` when one was fitted
+    (:mod:`bdiff.bayes.recalibration`; ``predict_uncalibrated`` skips it).
     A model with no Bayesian layers gives zero epistemic variance.
 
     Example:
@@ -114,6 +117,7 @@ class BayesianDenoiser(nn.Module):
         if self.mode == "analytic" and not set(model.bayesian_names) <= HEAD_NAMES:
             raise ValueError("mode='analytic' needs only the head to be Bayesian; use mode='sampled'")
         self.generator: torch.Generator | None = None
+        self.calibration: VarianceCalibration | None = None
 
     @property
     def is_bayesian(self) -> bool:
@@ -127,7 +131,12 @@ class BayesianDenoiser(nn.Module):
         return (c.in_channels, c.image_size, c.image_size)
 
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
-        """Posterior predictive at x_t (B,C,H,W), integer t (B,)."""
+        """Posterior predictive at x_t (B,C,H,W), integer t (B,), recalibrated if fitted."""
+        pred = self.predict_uncalibrated(x_t, t)
+        return self.calibration.apply(pred, t) if self.calibration is not None else pred
+
+    def predict_uncalibrated(self, x_t: Tensor, t: Tensor) -> Prediction:
+        """Posterior predictive with the variance head's own aleatoric variance."""
         model = self.model
         model.net.check_input(x_t, t)
         if not model.is_bayesian:
@@ -144,7 +153,8 @@ class BayesianDenoiser(nn.Module):
 
     def posterior_chains(self, num_chains: int, generator: torch.Generator | None = None) -> PosteriorChains:
         """A Denoiser for ``num_chains`` reverse chains, each with its own fixed weight sample."""
-        return PosteriorChains(self.model, self.schedule, draw_weights(self.model, num_chains, generator))
+        weights = draw_weights(self.model, num_chains, generator)
+        return PosteriorChains(self.model, self.schedule, weights, self.calibration)
 
 
 class PosteriorChains(nn.Module):
@@ -158,9 +168,15 @@ class PosteriorChains(nn.Module):
     weights, so its epistemic variance is zero.
     """
 
-    def __init__(self, model: BayesianUNet, schedule: NoiseSchedule, weights: dict[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: BayesianUNet,
+        schedule: NoiseSchedule,
+        weights: dict[str, Tensor],
+        calibration: VarianceCalibration | None = None,
+    ) -> None:
         super().__init__()
-        self.model, self.schedule, self.weights = model, schedule, weights
+        self.model, self.schedule, self.weights, self.calibration = model, schedule, weights, calibration
         self.num_chains = next(iter(weights.values())).shape[0] if weights else 1
 
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
@@ -176,4 +192,5 @@ class PosteriorChains(nn.Module):
         xs, ts = x_t.unflatten(0, (k, -1)), t.unflatten(0, (k, -1))
         eps, log_var = vmap(run)(self.weights, xs, ts) if self.weights else net(x_t, t)
         eps, log_var = eps.reshape(x_t.shape), log_var.reshape(x_t.shape)
-        return Prediction(eps, torch.zeros_like(eps), log_var.exp())
+        pred = Prediction(eps, torch.zeros_like(eps), log_var.exp())
+        return self.calibration.apply(pred, t) if self.calibration is not None else pred

@@ -23,6 +23,15 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet
+from bdiff.bayes.recalibration import (
+    FINAL_DRAWS,
+    KnotErrors,
+    VarianceCalibration,
+    default_knots,
+    fit_calibration,
+    knot_errors,
+    merge_knot_errors,
+)
 from bdiff.checkpoint import plain_config, build_denoiser
 from bdiff.lit.callbacks import ExactResume
 from bdiff.nets import UNetConfig
@@ -54,7 +63,13 @@ class DiffusionModule(pl.LightningModule):
         on_nonfinite: a NaN/inf loss ``raise``s an error naming the step, or is ``skip``ped
             (no optimizer step; counted in ``train/skipped_batches``). A non-finite
             gradient always raises: a half-applied update would corrupt the weights.
+        variance_calibration_knots: K > 0 fits a per-t scale of the aleatoric variance on the
+            validation images at every validation (EMA weights in place), at K timestep knots,
+            so held-out z^2 = 1 (:mod:`bdiff.bayes.recalibration`); it is saved in the
+            checkpoint. 0 keeps the variance head's raw output.
     """
+
+    MAX_CALIBRATION_PIXELS = 1 << 17  # per knot: ~2k digits or ~40 RGB 32x32 images' worth
 
     def __init__(
         self,
@@ -69,6 +84,7 @@ class DiffusionModule(pl.LightningModule):
         warm_start: str | None = None,
         guide_scale_lr_mult: float = 1.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        variance_calibration_knots: int = 32,
     ) -> None:
         super().__init__()
         net, bayes, schedule = _as(UNetConfig, net), _as(BayesConfig, bayes), _as(ScheduleConfig, schedule)
@@ -81,6 +97,10 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"model.guide_scale_lr_mult must be > 0, got {guide_scale_lr_mult}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if variance_calibration_knots < 0 or variance_calibration_knots == 1:
+            raise ValueError(
+                f"model.variance_calibration_knots must be 0 (off) or >= 2, got {variance_calibration_knots}"
+            )
         # Plain dicts, so a checkpoint loads with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -95,6 +115,7 @@ class DiffusionModule(pl.LightningModule):
                 "warm_start": warm_start,
                 "guide_scale_lr_mult": guide_scale_lr_mult,
                 "on_nonfinite": on_nonfinite,
+                "variance_calibration_knots": variance_calibration_knots,
             }
         )
         self.denoiser = build_denoiser(net, bayes, schedule, warm_start=warm_start)
@@ -104,6 +125,9 @@ class DiffusionModule(pl.LightningModule):
             params[name].requires_grad_(False)
         self.num_data = num_data
         self.skipped_batches = 0
+        knots = variance_calibration_knots
+        self.calibration_knots = default_knots(schedule.timesteps, knots) if knots else []
+        self._calibration_errors: list[list[KnotErrors]] = []
 
     @property
     def bayes(self) -> BayesianUNet:
@@ -216,6 +240,53 @@ class DiffusionModule(pl.LightningModule):
         if self.bayes.is_bayesian:
             metrics["val/var_epistemic"] = pred.var_epistemic.mean()
         self.log_dict(metrics, batch_size=batch.shape[0], prog_bar=False)
+        self._collect_calibration_errors(batch, batch_idx)
+
+    def _collect_calibration_errors(self, batch: Tensor, batch_idx: int) -> None:
+        """Errors of the uncalibrated predictive at every knot (weights in place: the EMA ones).
+
+        At most MAX_CALIBRATION_PIXELS per knot are kept, so large images cost bounded time and memory.
+        """
+        remaining = self.MAX_CALIBRATION_PIXELS - sum(parts[0].err2.numel() for parts in self._calibration_errors)
+        if not self.calibration_knots or self.trainer.sanity_checking or remaining <= 0:
+            return
+        generator = torch.Generator().manual_seed(20_000 + batch_idx)
+        # Every validation refits cheaply (one noise draw per image and knot, ~3 s on 2 CPU cores for the
+        # digits); the last one of the fit, whose weights the final checkpoint holds, takes FINAL_DRAWS.
+        draws = FINAL_DRAWS if self._last_validation_of_fit() else 1
+        images = batch[: max(1, -(-remaining // (batch[0].numel() * draws)))]
+        self._calibration_errors.append(
+            knot_errors(self.denoiser.predict_uncalibrated, self.schedule, images, self.calibration_knots, generator,
+                        max_pixels=remaining, draws=draws)
+        )
+
+    def _last_validation_of_fit(self) -> bool:
+        """True when this validation runs after the fit's final optimizer step (max_steps or max_epochs)."""
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        return trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs - 1
+
+    def on_validation_epoch_start(self) -> None:
+        self._calibration_errors = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Fit the aleatoric-variance calibration on this validation's errors.
+
+        Under DDP each rank fits on its own share of the validation set (rank zero's is saved).
+        """
+        if not self._calibration_errors:
+            return
+        errors = merge_knot_errors(self._calibration_errors)
+        self._calibration_errors = []
+        self.denoiser.calibration = fit_calibration(self.calibration_knots, errors)
+        log_scale = torch.tensor(self.denoiser.calibration.log_scale)
+        self.log_dict({"val/calibration_log_scale_min": log_scale.min(), "val/calibration_log_scale_max": log_scale.max()})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the fitted variance calibration (plain lists: loads with weights_only=True)."""
+        if self.denoiser.calibration is not None:
+            checkpoint["variance_calibration"] = self.denoiser.calibration.to_dict()
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.hparams["lr"]
@@ -232,6 +303,8 @@ class DiffusionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with a clear message (before load_state_dict)."""
+        if "variance_calibration" in checkpoint:
+            self.denoiser.calibration = VarianceCalibration.from_dict(checkpoint["variance_calibration"])
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("net", "bayes"):
             mine, theirs = self.hparams[key], saved.get(key)
