@@ -6,8 +6,12 @@ kept in float64, images in ``[-1, 1]``.
 
     q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I),   a_t = alphas_cumprod[t]
 
+t = -1 stands for the clean image at the end of the reverse process: ``a_{-1} = 1``
+(:meth:`NoiseSchedule.alpha_bar`). The reverse process's timestep grids (trailing, Karras)
+are at the end of this file.
+
 References: Ho et al. 2020 (DDPM, linear betas); Nichol & Dhariwal 2021
-(improved DDPM, cosine schedule).
+(improved DDPM, cosine schedule); Karras et al. 2022 (EDM noise levels).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -128,3 +133,62 @@ class NoiseSchedule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, timesteps={self.timesteps}"
+
+
+# -- timestep grids of the reverse process ------------------------------------------------------
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """``steps`` descending timesteps with "trailing" spacing, starting at T-1 (Lin et al. 2024, Table 2).
+
+    Same grid as diffusers' ``timestep_spacing="trailing"``; the last step goes to x_0 (a_prev = 1).
+    """
+    if steps < 1 or steps > num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)
+    return (grid.round().long() - 1).tolist()
+
+
+def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> list[int]:
+    """``steps`` descending timesteps at Karras et al.'s noise levels (2022, eq. 5), from T-1 down to 0.
+
+    sigma_i = (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with
+    sigma_t = sqrt((1-a_t)/a_t) of the training schedule; each sigma_i is mapped to a timestep by
+    linear interpolation in log sigma and rounded. The same grid as diffusers'
+    ``use_karras_sigmas=True`` (checked in the tests); larger ``rho`` spends more steps at low
+    noise; one step is [T-1]. ValueError if two steps round to the same timestep (too many steps for the schedule).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"karras spacing needs steps >= 1, got {steps!r}")
+    rho = check_rho(rho)
+    ac = alphas_cumprod.detach().to("cpu", torch.float64)
+    log_sigmas = (0.5 * ((1 - ac) / ac).log()).numpy()  # increasing in t
+    s_min, s_max = float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1]))
+    ramp = np.linspace(0, 1, steps)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    t = np.interp(np.log(sigmas), log_sigmas, np.arange(len(ac))).round().astype(int).tolist()
+    if len(set(t)) != len(t):
+        raise ValueError(
+            f"karras spacing with {steps} steps repeats timesteps {t} (the schedule's sigma_max is {s_max:.3g}); "
+            "use fewer steps or spacing 'trailing'"
+        )
+    return t
+
+
+SPACINGS = ("trailing", "karras")
+RHO_RANGE = (0.1, 100.0)  # Karras et al. use 7; outside this the grid degenerates or overflows
+
+
+def check_rho(rho: object) -> float:
+    """``rho`` as a float; ValueError unless it is a real number in :data:`RHO_RANGE`."""
+    lo, hi = RHO_RANGE
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not lo <= rho <= hi:
+        raise ValueError(f"karras rho must be a number in [{lo:g}, {hi:g}] (Karras et al. use 7), got {rho!r}")
+    return float(rho)
+
+
+def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", rho: float = 7.0) -> list[int]:
+    """The sampler's descending timestep grid: ``trailing`` (:func:`ddim_timesteps`) or ``karras``."""
+    if spacing == "trailing":
+        return ddim_timesteps(len(alphas_cumprod), steps)
+    if spacing == "karras":
+        return karras_timesteps(alphas_cumprod, steps, rho)
+    raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")

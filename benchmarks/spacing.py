@@ -26,7 +26,7 @@ from bdiff.metrics.report import evaluate_sample_set
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import Recipe
 from bdiff.sampling.sampler import SamplerCallback
-from bdiff.sampling.steppers import ddim_timesteps, karras_timesteps
+from bdiff.schedule import ddim_timesteps, karras_timesteps
 
 from peers import run_diffusers, run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -84,9 +85,21 @@ def test_default_cache_dir_follows_bdiff_cache(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_train_if_missing_trains_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """It runs the documented cache command (here in process, with 1 epoch), never importing Lightning itself."""
+    import bdiff.metrics.features as features
+
     real = feature_module.train_digits_feature_net
-    monkeypatch.setattr(feature_module, "train_digits_feature_net", lambda d: real(d, max_epochs=1))
+    ran: list[list[str]] = []
+
+    def run(argv, **kwargs):
+        ran.append(argv)
+        assert argv[1:4] == ["-m", "bdiff.lit.feature_module", "cache"]
+        feature_module.main([*argv[3:], "--max-epochs", "1"])
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(features.subprocess, "run", run)
     ext = get_feature_extractor("digits", cache_dir=tmp_path, train_if_missing=True)
+    assert ran == [features.cache_command(tmp_path, "cnn")]
     assert (tmp_path / "digits.pt").is_file()
     assert ext(torch.rand(2, 1, 8, 8)).shape == (2, 64)
     again = torch.load(real(tmp_path / "again", max_epochs=1), weights_only=True)["state_dict"]

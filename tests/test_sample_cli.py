@@ -71,7 +71,7 @@ def test_bad_recipes_fail_before_any_work(data: dict, message: str) -> None:
 
 
 def test_recipe_spacing_reaches_the_sampler_and_round_trips() -> None:
-    from bdiff.sampling.steppers import karras_timesteps
+    from bdiff.schedule import karras_timesteps
     from bdiff.schedule import NoiseSchedule
 
     class Den:

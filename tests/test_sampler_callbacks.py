@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
+from bdiff.metrics.usefulness import filter_by_uncertainty, rank_by_uncertainty
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler
-from bdiff.sampling.callbacks import (
-    AdaptiveStepSize,
-    Recorder,
-    UncertainRegionRefinement,
-    VarianceWeightedBlending,
-    filter_by_uncertainty,
-    rank_by_uncertainty,
-)
+from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.noise import NoiseSource
 from bdiff.schedule import NoiseSchedule
 

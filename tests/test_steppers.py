@@ -8,8 +8,7 @@ import torch
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, SamplerCallback, UniPC
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.steppers import karras_timesteps
-from bdiff.schedule import NoiseSchedule
+from bdiff.schedule import NoiseSchedule, karras_timesteps
 
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 

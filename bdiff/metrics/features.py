@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -105,6 +107,26 @@ def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu")
     return net.eval(), dict(payload.get("meta", {}))
 
 
+def cache_command(cache_dir: Path, arch: str) -> list[str]:
+    """The argv of :data:`CACHE_COMMAND` that trains the ``arch`` digits classifier into ``cache_dir``."""
+    return [sys.executable, "-m", "bdiff.lit.feature_module", "cache", "--cache-dir", str(cache_dir), "--arch", arch]
+
+
+def train_feature_net(cache_dir: Path, arch: str) -> None:
+    """Train a missing digits classifier by running :data:`CACHE_COMMAND` (a few seconds on a CPU).
+
+    bdiff/metrics never imports Lightning (nor bdiff.lit, which imports metrics): the training
+    lives in :mod:`bdiff.lit.feature_module` and is reached only through its command line, the
+    same command the error messages give, so the file is the one that command writes.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])  # so the command finds bdiff from any folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cache_command(cache_dir, arch), env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.strip().splitlines()[-1:])
+        raise RuntimeError(f"training the digits feature net failed ({' '.join(cache_command(cache_dir, arch)[1:])}): {tail}")
+
+
 def _digits(
     name: str, cache_dir: Path | None, train_if_missing: bool, device: str | torch.device
 ) -> FeatureExtractor:
@@ -119,14 +141,7 @@ def _digits(
                 f"the {name} feature net {str(path)!r} is missing. Create it with: "
                 f"{command} --cache-dir {cache_dir} (a few seconds on a CPU), or pass train_if_missing=True."
             )
-        # The one exception to the layering (bdiff/metrics never imports Lightning): only this
-        # fallback trains, so Lightning is imported lazily here and nowhere else in metrics.
-        from bdiff.lit.feature_module import train_digits_feature_net
-
-        if arch == "cnn":
-            train_digits_feature_net(cache_dir)
-        else:
-            train_digits_feature_net(cache_dir, arch=arch)
+        train_feature_net(cache_dir, arch)
     net, _ = load_feature_net(path)
     return FeatureExtractor(net, name=name).to(device)
 

@@ -31,7 +31,10 @@ from torch import Tensor
 from bdiff.metrics.frechet import frechet_distance_from_features
 from bdiff.metrics.precision_recall import chunked_cdist
 
-__all__ = ["per_sample_uncertainty", "nearest_real_distance", "spearman", "auroc_worst", "fd_after_filtering"]
+__all__ = [
+    "per_sample_uncertainty", "rank_by_uncertainty", "filter_by_uncertainty", "nearest_real_distance", "spearman",
+    "auroc_worst", "fd_after_filtering",
+]
 
 
 def per_sample_uncertainty(variance: Tensor) -> Tensor:
@@ -42,6 +45,19 @@ def per_sample_uncertainty(variance: Tensor) -> Tensor:
     if not torch.isfinite(variance).all() or (variance < 0).any():
         raise ValueError("variance must be finite and >= 0 everywhere")
     return variance.flatten(1).mean(dim=1)
+
+
+def rank_by_uncertainty(variance: Tensor, descending: bool = False) -> Tensor:
+    """Sample order by :func:`per_sample_uncertainty` of (N,C,H,W) variance maps -> indices (N,), most confident first."""
+    return per_sample_uncertainty(variance).argsort(descending=descending)
+
+
+def filter_by_uncertainty(variance: Tensor, keep: float) -> Tensor:
+    """Indices of the ``keep`` fraction of samples with the lowest :func:`per_sample_uncertainty`."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    order = rank_by_uncertainty(variance)
+    return order[: max(1, round(keep * len(order)))]
 
 
 def nearest_real_distance(f_fake: Tensor, f_real: Tensor, chunk_size: int = 1024) -> Tensor:

@@ -3,7 +3,8 @@
 from bdiff.sampling.ddim import chain_variance, ddim_sample, ddim_sample_and_variance
 from bdiff.sampling.sampler import SampleResult, Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, UniPC, ddim_timesteps, karras_timesteps, make_stepper
+from bdiff.sampling.steppers import DDIM, DDPM, DPMSolverPP2M, Stepper, UniPC, make_stepper
+from bdiff.schedule import ddim_timesteps, karras_timesteps
 
 __all__ = [
     "DDIM",

@@ -211,16 +211,3 @@ class Recorder(SamplerCallback):
         entry = {"step": state.step, "t": state.t[:n].cpu().clone()}
         entry.update({k: sources[k][:n].detach().cpu().clone() for k in self.keys})
         records.append(entry)
-
-
-def rank_by_uncertainty(variance: Tensor, descending: bool = False) -> Tensor:
-    """Sample order by mean per-pixel variance (N,C,H,W) -> indices (N,), most confident first."""
-    return variance.flatten(1).mean(1).argsort(descending=descending)
-
-
-def filter_by_uncertainty(variance: Tensor, keep: float) -> Tensor:
-    """Indices of the ``keep`` fraction of samples with the lowest mean variance."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    order = rank_by_uncertainty(variance)
-    return order[: max(1, round(keep * len(order)))]

@@ -44,15 +44,13 @@ _bcast = NoiseSchedule.broadcast
 
 @runtime_checkable
 class Critic(Protocol):
-    """What the sampler needs of a critic (:class:`bdiff.critic.Critic` is one)."""
+    """What the sampler needs of a critic (:class:`bdiff.critic.Critic` is one): ``logit_and_grad(x_t, t)``,
+    the logit d(x_t, t) (B,) of x_t (B,C,H,W) being real and its gradient in x_t (B,C,H,W);
+    ``check_compatible`` (ValueError unless trained for these images and this schedule); ``to(device)``."""
 
-    def logit_and_grad(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Logit d(x_t, t) (B,) of x_t (B,C,H,W) being real, and its gradient in x_t (B,C,H,W)."""
-        ...
+    def logit_and_grad(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def check_compatible(self, image_shape: tuple[int, ...], schedule: NoiseSchedule) -> None:
-        """ValueError unless trained for these images and this schedule."""
-        ...
+    def check_compatible(self, image_shape: tuple[int, ...], schedule: NoiseSchedule) -> None: ...
 
     def to(self, device: Any) -> Any: ...
 
@@ -124,6 +122,7 @@ class CriticCorrection(SamplerCallback):
         return self._critic
 
     def check(self, denoiser: Denoiser) -> None:
+        super().check(denoiser)
         self.critic.check_compatible(tuple(denoiser.image_shape), denoiser.schedule)
         if self.t_back >= denoiser.schedule.timesteps or self.t_range[1] >= denoiser.schedule.timesteps:
             raise ValueError(

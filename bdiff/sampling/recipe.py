@@ -28,7 +28,8 @@ from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
-from bdiff.sampling.steppers import SPACINGS, STEPPERS, check_rho, make_stepper
+from bdiff.sampling.steppers import STEPPERS, make_stepper
+from bdiff.schedule import SPACINGS, check_rho
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
     "blend": VarianceWeightedBlending,

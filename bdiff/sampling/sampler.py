@@ -35,7 +35,8 @@ from torch import Tensor
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
-from bdiff.sampling.steppers import SPACINGS, Memory, Stepper, StepOut, check_rho, grid_timesteps
+from bdiff.sampling.steppers import Memory, Stepper, StepOut
+from bdiff.schedule import check_rho, grid_timesteps
 
 
 def _integer(name: str, value: object, low: int | None = None) -> int:
@@ -53,6 +54,11 @@ class SamplerCallback:
 
     def check(self, denoiser: Denoiser) -> None:
         """Raise ValueError if this callback cannot work with ``denoiser`` (called before any sampling)."""
+        if self.needs_bayes and not getattr(denoiser, "is_bayesian", True):
+            raise ValueError(
+                f"sampler callback {self.name!r} needs a Bayesian denoiser (epistemic variance), "
+                "but this checkpoint has no Bayesian layers (bayes.layers: none)"
+            )
 
     def on_start(self, state: SamplerState, sampler: Sampler) -> None: ...
 
@@ -90,7 +96,7 @@ class Sampler:
         steps: number of grid steps (the last one to the clean image).
         spacing: where the grid's timesteps lie: ``trailing`` (uniform in t, from T-1; the
             default of diffusers' peers) or ``karras`` (Karras et al. 2022 noise levels, more
-            steps at high noise as ``rho`` falls; :func:`~bdiff.sampling.steppers.karras_timesteps`).
+            steps at high noise as ``rho`` falls; :func:`~bdiff.schedule.karras_timesteps`).
         rho: the Karras exponent (ignored for ``trailing``).
         callbacks: sampler callbacks, run in this order at every hook.
         max_iterations: hard bound on loop iterations (rejections and extra passes included).
@@ -113,8 +119,6 @@ class Sampler:
         spacing: str = "trailing",
         rho: float = 7.0,
     ) -> None:
-        if not isinstance(spacing, str) or spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
         rho = check_rho(rho)
         if not isinstance(propagation, str) or propagation not in ("tweedie", "independent_eps"):
             raise ValueError(f"propagation must be 'tweedie' or 'independent_eps', got {propagation!r}")
@@ -124,6 +128,8 @@ class Sampler:
         steps = _integer("steps", steps, 1)
         if max_iterations is not None:
             max_iterations = _integer("max_iterations", max_iterations, 1)
+        self.schedule, self.spacing, self.rho = denoiser.schedule, spacing, rho
+        self.grid = torch.tensor(grid_timesteps(self.schedule.alphas_cumprod, steps, spacing, rho) + [-1])
         if isinstance(callbacks, SamplerCallback) or not isinstance(callbacks, Sequence):
             raise ValueError(f"callbacks must be a list of SamplerCallback, got {type(callbacks).__name__}")
         bad = [type(cb).__name__ for cb in callbacks if not isinstance(cb, SamplerCallback)]
@@ -132,15 +138,7 @@ class Sampler:
         self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
-            if cb.needs_bayes and not getattr(denoiser, "is_bayesian", True):
-                raise ValueError(
-                    f"sampler callback {cb.name!r} needs a Bayesian denoiser (epistemic variance), "
-                    "but this checkpoint has no Bayesian layers (bayes.layers: none)"
-                )
             cb.check(denoiser)
-        self.schedule = denoiser.schedule
-        self.spacing, self.rho = spacing, rho
-        self.grid = torch.tensor(grid_timesteps(denoiser.schedule.alphas_cumprod, steps, spacing, self.rho) + [-1])
         self.max_iterations = max_iterations or 20 * steps + 100
 
     # -- grid -----------------------------------------------------------------
