@@ -239,3 +239,54 @@ def test_bad_arguments_other_modules(tmp_path: Path) -> None:
         DigitsDataModule(batch_size=-1)
     with pytest.raises(ValueError, match="image_size"):
         MNISTDataModule(root=str(tmp_path), image_size=3)
+
+
+# ------------------------------------------------------------------------------ exclude_classes
+def test_digits_exclude_classes_keeps_the_default_split_of_the_seen_classes() -> None:
+    from sklearn.datasets import load_digits
+
+    labels = torch.as_tensor(load_digits().target)
+    full, held = DigitsDataModule(), DigitsDataModule(exclude_classes=[3])
+    full.setup(), held.setup()
+    assert held.hparams["exclude_classes"] == [3]
+    train_idx, val_idx = held.train_dataset.indices, held.val_dataset.indices
+    assert (labels[train_idx] != 3).all() and (labels[val_idx] != 3).all()
+    assert val_idx == [i for i in full.val_dataset.indices if labels[i] != 3]
+    assert train_idx == [i for i in full.train_dataset.indices if labels[i] != 3]
+    assert held.num_train == len(train_idx) < full.num_train
+    heldout = held.heldout_dataset
+    assert len(heldout) == int((labels == 3).sum()) and (labels[heldout.indices] == 3).all()
+    assert len(full.heldout_dataset) == 0
+    x = next(iter(held.train_dataloader()))
+    _check_batch(x, 128, 1, 8)
+
+
+def test_exclude_classes_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a class of sklearn digits"):
+        DigitsDataModule(exclude_classes=[10]).setup()
+    with pytest.raises(ValueError, match="every class"):
+        DigitsDataModule(exclude_classes=list(range(10))).setup()
+    with pytest.raises(ValueError, match="list of class indices or names"):
+        DigitsDataModule(exclude_classes="3")  # type: ignore[arg-type]
+
+
+def test_image_folder_excludes_classes_by_name_or_index(tmp_path: Path) -> None:
+    _write_folder(tmp_path)
+    for excluded in (["dogs"], [1]):
+        dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, channels=1, val_fraction=0.25, seed=1,
+                                   exclude_classes=excluded)
+        dm.setup()
+        paths = lambda ds: [ds.dataset.dataset.samples[i][0] for i in ds.indices]  # noqa: E731
+        assert all("cats" in p for p in paths(dm.train_dataset) + paths(dm.val_dataset))
+        assert sorted(Path(p).name for p in paths(dm.heldout_dataset)) == ["black.png", "gray.png"]
+    with pytest.raises(ValueError, match=r"classes are 0\.\.1 or the names \['cats', 'dogs'\]"):
+        ImageFolderDataModule(root=str(tmp_path), image_size=8, exclude_classes=["birds"]).setup()
+
+
+def test_torchvision_datasets_exclude_classes_by_label(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, "MNIST", n_train=60)
+    dm = MNISTDataModule(root=str(tmp_path), download=False, exclude_classes=[0, "1 - one"])
+    dm.setup()
+    targets = dm.train_dataset.dataset.dataset.targets
+    assert all(int(targets[i]) > 1 for i in dm.train_dataset.indices + dm.val_dataset.indices)
+    assert sorted(dm.heldout_dataset.indices) == [i for i in range(60) if int(targets[i]) <= 1]

@@ -3,6 +3,10 @@
 Every batch from ``train_dataloader()`` / ``val_dataloader()`` is a single float32 tensor
 ``x0`` of shape ``(B, C, H, W)`` with values in ``[-1, 1]`` (class labels are dropped).
 
+``exclude_classes`` (every labelled dataset) removes chosen classes from both splits, after
+the same seeded split as without it, so the seen-class validation images are the default
+run's; ``heldout_dataset`` then holds every image of the excluded classes (never trained on).
+
 Datasets:
 
 * :class:`DigitsDataModule` -- scikit-learn's bundled 8x8 digits (no download, the default).
@@ -92,11 +96,24 @@ class ImageDataModule(LightningDataModule):
     """Base class: seeded train/val split of one image dataset and the two dataloaders.
 
     Subclasses set ``self._image_size`` / ``self._channels`` in ``__init__`` and implement
-    :meth:`_load_full`, which returns the whole (pre-split) dataset of ``(C, H, W)`` tensors.
+    :meth:`_load_full`, which returns the whole (pre-split) dataset of ``(C, H, W)`` tensors,
+    and, for ``exclude_classes``, :meth:`_class_labels`.
     """
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        exclude_classes: list[int | str] | None = None,
+    ) -> None:
         super().__init__()
+        if exclude_classes is not None and (
+            isinstance(exclude_classes, (str, bytes)) or not all(isinstance(c, (int, str)) for c in exclude_classes)
+        ):
+            raise ValueError(f"exclude_classes must be a list of class indices or names, got {exclude_classes!r}.")
+        self.exclude_classes = list(exclude_classes or [])
         if not _is_int(batch_size) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if not _is_int(num_workers) or num_workers < 0:
@@ -113,6 +130,7 @@ class ImageDataModule(LightningDataModule):
         self._channels: int = 0
         self._train: Dataset | None = None
         self._val: Dataset | None = None
+        self._heldout: Dataset | None = None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -141,6 +159,12 @@ class ImageDataModule(LightningDataModule):
         return self._require_setup(self._val)
 
     @property
+    def heldout_dataset(self) -> Dataset:
+        """Every image of ``exclude_classes`` (from both splits; empty without exclusions)."""
+        self._require_setup(self._train)
+        return self._heldout  # type: ignore[return-value]
+
+    @property
     def num_train(self) -> int:
         """Number of training images (the Bayesian KL term is divided by it)."""
         return len(self.train_dataset)  # type: ignore[arg-type]
@@ -153,6 +177,28 @@ class ImageDataModule(LightningDataModule):
     def _describe(self) -> str:
         """Human-readable name of the data source, used in error messages."""
         return type(self).__name__
+
+    def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
+        """(class index of every image of ``full``, class names by index); for ``exclude_classes``."""
+        raise ValueError(f"{self._describe()} has no class labels: exclude_classes cannot be used with it.")
+
+    def _excluded_indices(self, full: Dataset) -> set[int]:
+        """Indices into ``full`` of the images whose class is in ``exclude_classes``."""
+        labels, names = self._class_labels(full)
+        wanted = set()
+        for c in self.exclude_classes:
+            if isinstance(c, str) and c in names:
+                wanted.add(names.index(c))
+            elif isinstance(c, int) and 0 <= c < len(names):
+                wanted.add(c)
+            else:
+                raise ValueError(
+                    f"exclude_classes: {c!r} is not a class of {self._describe()}; "
+                    f"classes are 0..{len(names) - 1} or the names {names}."
+                )
+        if len(wanted) == len(names):
+            raise ValueError(f"exclude_classes removes every class of {self._describe()}: nothing left to train on.")
+        return {i for i, label in enumerate(labels) if label in wanted}
 
     def setup(self, stage: str | None = None) -> None:
         """Load the data and make the seeded train/val split (idempotent; never downloads)."""
@@ -168,8 +214,16 @@ class ImageDataModule(LightningDataModule):
                 f"val_fraction={self.val_fraction}. Add more images (at least 2) or lower val_fraction."
             )
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        self._train = Subset(full, perm[:n_train])
-        self._val = Subset(full, perm[n_train:])
+        excluded = self._excluded_indices(full) if self.exclude_classes else set()
+        train = [i for i in perm[:n_train] if i not in excluded]
+        val = [i for i in perm[n_train:] if i not in excluded]
+        if not train or not val:
+            raise ValueError(
+                f"{self._describe()} without classes {self.exclude_classes} leaves {len(train)} training and "
+                f"{len(val)} validation image(s); both must be >= 1. Exclude fewer classes or raise val_fraction."
+            )
+        self._train, self._val = Subset(full, train), Subset(full, val)
+        self._heldout = Subset(full, sorted(excluded))
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
@@ -194,13 +248,25 @@ class ImageDataModule(LightningDataModule):
 class DigitsDataModule(ImageDataModule):
     """scikit-learn's bundled digits: 1797 images, shape ``(1, 8, 8)``, values 0..16 mapped to [-1, 1]."""
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        exclude_classes: list[int | str] | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
         self.save_hyperparameters()
         self._image_size, self._channels = 8, 1
 
     def _describe(self) -> str:
         return "sklearn digits"
+
+    def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
+        from sklearn.datasets import load_digits
+
+        return load_digits().target.tolist(), [str(d) for d in range(10)]
 
     def _load_full(self) -> Dataset:
         from sklearn.datasets import load_digits
@@ -225,8 +291,9 @@ class _TorchvisionDataModule(ImageDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        exclude_classes: list[int | str] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
         if image_size is not None:
             _check_image_size(image_size)
         self.save_hyperparameters()
@@ -273,6 +340,10 @@ class _TorchvisionDataModule(ImageDataModule):
         self._check_items(ds)
         return _ImagesOnly(ds)
 
+    def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
+        ds = full.dataset  # type: ignore[attr-defined]  (_ImagesOnly around the torchvision dataset)
+        return [int(y) for y in ds.targets], [str(c) for c in ds.classes]
+
     def _check_items(self, ds: Dataset) -> None:
         """ValueError unless labels and images agree in number and the first image has the promised shape."""
         name, where = self.tv_class.__name__, repr(self._data_dir())
@@ -317,7 +388,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Any folder of images laid out as ``root/<class>/<image>.png`` (class labels are ignored).
+    """Any folder of images laid out as ``root/<class>/<image>.png`` (class labels used only by ``exclude_classes``).
 
     Images are resized (shorter side) and center-cropped to ``image_size`` and converted to
     grayscale (``channels=1``) or RGB (``channels=3``): items have shape ``(channels, image_size, image_size)``.
@@ -332,8 +403,9 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        exclude_classes: list[int | str] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
         _check_image_size(image_size)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
@@ -348,6 +420,10 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _describe(self) -> str:
         return f"image folder {self.root!r}"
+
+    def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
+        ds = full.dataset  # type: ignore[attr-defined]  (_ImagesOnly around the ImageFolder)
+        return list(ds.targets), list(ds.classes)
 
     def _load_full(self) -> Dataset:
         layout = "Expected the layout root/<class>/<image>.png with at least one image in a class sub-folder."
