@@ -108,6 +108,8 @@ class CriticCorrection(SamplerCallback):
             raise ValueError(f"critic region_quantile must be in (0, 1), got {region_quantile}")
         if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
             raise ValueError(f"critic max_nfe must be a positive integer or null, got {max_nfe!r}")
+        if not isinstance(critic, (str, Path, Critic)):
+            raise ValueError(f"critic must be a checkpoint path or a Critic, got {type(critic).__name__}")
         self.max_nfe = max_nfe
         self._critic_source = critic
         self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic

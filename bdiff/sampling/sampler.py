@@ -210,7 +210,8 @@ class Sampler:
         state.t[rows] = state.t_next[rows]
         state.t_next[rows] = self.next_on_grid(state.t[rows])
         state.rejected += (state.active & ~state.accept).long()
-        return memory.where(ok, proposed).where(state.restarted, self.stepper.memory(state.x))
+        memory = proposed if bool(ok.all()) else memory.where(ok, proposed)
+        return memory.where(state.restarted, self.stepper.memory(state.x)) if bool(state.restarted.any()) else memory
 
     # -- the loop ---------------------------------------------------------------
     def _check_x_T(self, x_T: Tensor) -> None:
