@@ -123,3 +123,11 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_sampling_functions_are_short() -> None:
+    """No function in bdiff/sampling is longer than 50 lines (a step is read in one screen)."""
+    long = [f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for m, tree in MODULES.items()
+            if m.startswith("bdiff.sampling") for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 50]
+    assert long == []

@@ -234,3 +234,25 @@ def test_bad_sampler_arguments() -> None:
         DDIM(-1.0)
     with pytest.raises(ValueError, match="n must be"):
         Sampler(ToyDenoiser(), DDIM(), 5).sample(0)
+
+
+@pytest.mark.parametrize("stepper", [DDPM(), DDIM(0.5), DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+def test_a_step_is_a_pure_function_and_the_sampler_keeps_no_job_state(stepper) -> None:
+    """Stepper.step leaves its inputs and memory as they were and gives the same output twice;
+    Sampler.run stores nothing on the Sampler (one Sampler can serve several jobs)."""
+    g = torch.Generator().manual_seed(0)
+    x, amp, x0, amp_x0 = (torch.randn(3, 1, 4, 4, generator=g) for _ in range(4))
+    sched = NoiseSchedule("linear")
+    a_t, a_s = sched.alpha_bar(torch.tensor([900, 500, 100])), sched.alpha_bar(torch.tensor([700, 300, -1]))
+    memory = stepper.step(x, amp, x0, amp_x0, sched.alpha_bar(torch.tensor([999, 700, 300])), a_t,
+                          stepper.memory(x), lambda rows: torch.ones_like(x)).memory
+    inputs = [v.clone() for v in (x, amp, x0, amp_x0)]
+    kept = {k: v.clone() for k, v in vars(memory).items()}
+    first, second = (stepper.step(x, amp, x0, amp_x0, a_t, a_s, memory, lambda rows: torch.ones_like(x)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (x, amp, x0, amp_x0)))
+    assert all(torch.equal(v.nan_to_num(), getattr(memory, k).nan_to_num()) for k, v in kept.items())
+    assert torch.equal(first.x_next, second.x_next) and torch.equal(first.amp_next, second.amp_next)
+    sampler = Sampler(ToyDenoiser(), stepper, 4)
+    before = dict(vars(sampler))
+    sampler.run(torch.randn(2, 1, 4, 4, generator=g), NoiseSource(0, [0, 1]))
+    assert vars(sampler).keys() == before.keys() and all(vars(sampler)[k] is v for k, v in before.items())

@@ -47,7 +47,12 @@ def _integer(name: str, value: object, low: int | None = None) -> int:
 
 
 class SamplerCallback:
-    """Hooks into the reverse process. Override any of them; each may change ``state`` in place."""
+    """Hooks into the reverse process; each may change the public fields of ``state`` in place.
+
+    Every iteration: ``before_model``, the denoiser call, ``after_prediction``, the stepper's
+    step, ``after_update``, the commit. ``on_start``/``on_end`` once; ``on_restart`` whenever
+    :meth:`Sampler.restart` sends samples back.
+    """
 
     name: str = "callback"
     needs_bayes: bool = False  # True: refuses a denoiser without epistemic variance

@@ -13,7 +13,10 @@ each stepper with diffusers' ``step`` on identical inputs.
 * DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), data prediction,
   second-order multistep with a first-order first step and (optionally) last step.
 * UniPC (Zhao et al. 2023), order 2, bh2: DPM-Solver++(2M) as predictor plus a corrector,
-  also linear in (x_t, x0 estimates), applied by the sampler after each model call.
+  also linear in (x_t, x0 estimates), applied by its ``step`` to x_t before the predictor.
+
+A step is one pure function, :meth:`Stepper.step`, of typed inputs and a frozen multistep
+:class:`Memory` (UniPC's :class:`CorrectorMemory` adds its corrector's fields).
 
 Timestep grids (trailing, Karras) are the schedule's: :mod:`bdiff.schedule`.
 """
@@ -213,7 +216,8 @@ class UniPC(DPMSolverPP2M):
         noise: NoiseSampler,
     ) -> StepOut:
         """Correct x_t with the model output just evaluated there (UniC), then predict x_s (UniP-2)."""
-        assert isinstance(memory, CorrectorMemory)
+        if not isinstance(memory, CorrectorMemory):
+            raise TypeError(f"UniPC steps with its CorrectorMemory (UniPC().memory(x)), got {type(memory).__name__}")
         x, amp = self.correct(x, amp, x0, amp_x0, a_t, memory)
         out = super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
         m = out.memory
