@@ -55,13 +55,6 @@ class Critic(Protocol):
     def to(self, device: Any) -> Any: ...
 
 
-def load_critic(path: str | Path) -> Critic:
-    """A critic checkpoint, read by :func:`bdiff.critic.load_critic` (imported here only when a recipe names a file)."""
-    from bdiff.critic import load_critic as load
-
-    return load(path)
-
-
 class CriticCorrection(SamplerCallback):
     """Discriminator guidance and critic-flagged re-denoising (see module docstring).
 
@@ -119,7 +112,9 @@ class CriticCorrection(SamplerCallback):
     @property
     def critic(self) -> Critic:
         """The critic, loaded from its checkpoint on first use (so a recipe parses without it)."""
-        if self._critic is None:
+        if self._critic is None:  # a file: bdiff.critic reads it (the network code is imported only then)
+            from bdiff.critic import load_critic
+
             self._critic = load_critic(self._critic_source)  # type: ignore[arg-type]
         return self._critic
 

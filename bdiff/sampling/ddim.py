@@ -1,16 +1,11 @@
 """The training-time preview: deterministic DDIM (Song et al. 2021, eta = 0) and a Monte Carlo uncertainty map.
 
-Both run the :class:`~bdiff.sampling.Sampler` with the DDIM stepper. The preview's uncertainty map is
-the Monte Carlo posterior variance of the final image: the same starting noise
-is run through K chains, each with its own weight sample (a ``chains`` Denoiser
-whose batch is chain-major), and the variance over chains is taken per pixel.
-A first-order propagation that ignores Cov(x_t, eps_hat) is off by orders of
-magnitude on the trained digits model (measured: 100x too large in the
-eps-parameterisation, 2000x too small in the x0-parameterisation); the
-:class:`~bdiff.sampling.Sampler` propagates variance with that covariance
-term (Tweedie's identity) at no extra call: :func:`ddim_sample_and_variance` returns
-that propagated map, the cheap alternative the preview falls back to when K chains do not
-fit its time budget.
+Both run the :class:`~bdiff.sampling.Sampler` with the DDIM stepper. The Monte Carlo map
+(:func:`chain_variance`) runs the same starting noise through K chains, each with its own weight
+sample (a chain-major ``chains`` Denoiser), and takes the per-pixel variance over chains. The
+cheap alternative, when K chains do not fit the preview's time budget, is the Sampler's propagated
+variance (Tweedie's identity, no extra call; :func:`ddim_sample_and_variance`); a first-order
+propagation that ignores Cov(x_t, eps_hat) is off 100x on the digits model.
 """
 
 from __future__ import annotations
