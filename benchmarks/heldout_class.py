@@ -17,10 +17,12 @@ run's 6000 steps halved to fit the CPU budget) and scores every posterior design
   over members, averaged per image) on the seen-class validation images, and the ensemble's
   own ratio/AUROC (what epistemic *should* look like).
 
-Designs (``bdiff.bayes``): ``meanfield_head`` (the trained mean-field head, today's default)
-and ``laplace_head`` (closed-form full-covariance posterior of the head on the same trunk,
-:mod:`bdiff.bayes.laplace`; its prior precision is chosen by held-out log-likelihood on the
-seen-class validation images from a grid, never by the held-out class).
+Designs (``bdiff.bayes``), all on the same trained trunk: ``meanfield_head`` (the trained
+mean-field head, today's default); ``laplace_head`` (closed-form full-covariance posterior of
+the head, :mod:`bdiff.bayes.laplace`; its prior precision is chosen by held-out
+log-likelihood on the seen-class validation images from a grid, never by the held-out class);
+``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
+:mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps).
 
 Training runs are cached under ``--runs`` (a finished run is reused). Writes
 ``benchmarks/results/heldout_class.json`` and ``.md``.
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from bdiff.bayes.head_ensemble import HeadEnsemble
 from bdiff.bayes.laplace import HeadLaplace, default_prior_precision, head_fisher
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
@@ -161,6 +164,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=3, help="deep-ensemble members (deterministic DDPMs)")
     p.add_argument("--ensemble-classes", type=int, nargs="*", default=None,
                    help="held-out classes that get the ensemble reference (default: the first)")
+    p.add_argument("--head-ensemble-steps", type=int, default=1000,
+                   help="training steps of the randomized-prior head ensemble (0: skip that design)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default="heldout_class")
@@ -177,6 +182,11 @@ def main() -> None:
         designs: dict[str, Any] = {"meanfield_head": den.predict_uncalibrated}
         laplace, mult, scores = choose_laplace(den, train_x, seen)
         designs["laplace_head"] = laplace.predict
+        if args.head_ensemble_steps:
+            rpf = HeadEnsemble(den.model, den.schedule, members=8, hidden=16, prior_scale=1.0)
+            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+            rpf.fit(train_x[order].split(128), args.head_ensemble_steps)
+            designs["rpf_head_ensemble_8"] = rpf.predict
         chosen[c] = {"laplace_prior_precision_x_fan_in": mult, "val_ll_per_pixel": scores}
         disagreement = None
         if members:

@@ -60,3 +60,21 @@ def test_directions_without_data_keep_the_prior_variance(denoiser) -> None:
 def test_fisher_needs_images(denoiser) -> None:
     with pytest.raises(ValueError, match="at least one batch"):
         head_fisher(denoiser.model, denoiser.schedule, [])
+
+
+def test_head_ensemble_keeps_the_models_mean_and_its_members_learn(denoiser) -> None:
+    from bdiff.bayes.head_ensemble import HeadEnsemble
+
+    ens = HeadEnsemble(denoiser.model, denoiser.schedule, members=4, hidden=8, prior_scale=1.0)
+    x_t, t = torch.randn(3, 1, 8, 8), torch.tensor([20, 200, 600])
+    with torch.no_grad():
+        pred, base = ens.predict(x_t, t), denoiser.predict_uncalibrated(x_t, t)
+    torch.testing.assert_close(pred.eps, base.eps)
+    assert ens.members_eps(ens.features(x_t, t)).shape == (4, 3, 1, 8, 8)
+    assert (pred.var_epistemic > 0).all()
+    x0 = digits_split("train")[:256] * 2 - 1
+    losses = ens.fit(x0.split(64), steps=60)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert not any(p.requires_grad for p in ens.priors.parameters())
+    with pytest.raises(ValueError, match=">= 2 members"):
+        HeadEnsemble(denoiser.model, denoiser.schedule, members=1)
