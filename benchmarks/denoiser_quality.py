@@ -138,11 +138,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--append", action="store_true", help="keep the other models of an earlier <stem>.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="with --append: recompute only the calibration rows of these checkpoints (no sampling)")
     args = p.parse_args()
+    if args.calibration_only and not args.append:
+        raise SystemExit("error: --calibration-only updates an earlier run: add --append")
     torch.set_num_threads(args.threads)
 
     ckpts = parse_ckpts(args.ckpt)
-    references = references_for(DIGITS_SPACES)
+    references = None if args.calibration_only else references_for(DIGITS_SPACES)
     rows, calibration = [], []
     previous = args.out / f"{args.stem}.json"
     if args.append and previous.is_file():  # add models to an earlier run of the same settings
@@ -152,8 +156,11 @@ def main() -> None:
         rows = [r for r in old["rows"] if r["model"] not in ckpts]
         calibration = [r for r in old["calibration"] if r["model"] not in ckpts]
         ckpts = {**{k: Path(v) for k, v in old["ckpts"].items() if k not in ckpts}, **ckpts}
+        if args.calibration_only:
+            rows = old["rows"]
     for label, path in parse_ckpts(args.ckpt).items():
-        rows += sample_rows(label, path, args, references)
+        if not args.calibration_only:
+            rows += sample_rows(label, path, args, references)
         calibration += calibration_rows(label, path)
     summary = best_grid_summary(rows, DIGITS_SPACES, args.baseline)
 
