@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bdiff.bayes.model import BayesianUNet
+from bdiff.bayes.model import BayesianUNet, posterior_loc_scale
+from bdiff.checkpoint import MODEL_PREFIX
 
 __all__ = [
     "latest_checkpoint",
@@ -140,21 +141,21 @@ def posterior_summary(model: BayesianUNet) -> list[dict[str, Any]]:
     return rows
 
 
-def ema_gap(ckpt: Mapping[str, Any], prefix: str = "denoiser.model.guide.locs.") -> dict[str, float] | None:
+def ema_gap(ckpt: Mapping[str, Any], prefix: str = MODEL_PREFIX) -> dict[str, float] | None:
     """RMS gap between the EMA posterior means (``state_dict``) and the raw ones (``current_model_state``).
 
     Lightning's EMA callback keeps the raw training weights in ``current_model_state``; a small gap
-    means training had settled. Returns ``{site_name: rms gap}`` or None when the checkpoint has
-    no ``current_model_state`` (EMA off).
+    means training had settled. Returns ``{parameter_name: rms gap}`` or None when the checkpoint has
+    no ``current_model_state`` (EMA off). ``prefix``: the BayesianUNet's key prefix in both dicts.
     """
     raw = ckpt.get("current_model_state")
     if not raw:
         return None
-    ema = ckpt["state_dict"]
+    ema, raw_post = posterior_loc_scale(ckpt["state_dict"], prefix), posterior_loc_scale(raw, prefix)
     return {
-        key[len(prefix) :].removesuffix("_unconstrained").replace("__", "."): float((ema[key] - raw[key]).pow(2).mean().sqrt())
-        for key in ema
-        if key.startswith(prefix) and key in raw
+        name: float((loc - raw_post[name][0]).pow(2).mean().sqrt())
+        for name, (loc, _) in ema.items()
+        if name in raw_post
     }
 
 

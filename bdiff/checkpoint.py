@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from bdiff.bayes import BayesConfig, BayesianUNet
+from bdiff.bayes import BayesConfig, BayesianUNet, posterior_loc_scale
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
 
 PREFIX = "denoiser."
+MODEL_PREFIX = PREFIX + "model."  # the BayesianUNet's keys in a checkpoint's state_dict
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -62,12 +63,9 @@ def build_denoiser(
 def _net_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """U-Net weights of a checkpoint; Bayesian ones replaced by their posterior means."""
     state = ckpt["state_dict"]
-    net_prefix = PREFIX + "model.net."
+    net_prefix = MODEL_PREFIX + "net."
     out = {k[len(net_prefix) :]: v for k, v in state.items() if k.startswith(net_prefix)}
-    loc_prefix = PREFIX + "model.guide.locs."
-    for key, value in state.items():
-        if key.startswith(loc_prefix) and key.endswith("_unconstrained"):
-            out[key[len(loc_prefix) : -len("_unconstrained")].replace("__", ".")] = value
+    out.update({name: loc for name, (loc, _) in posterior_loc_scale(state, MODEL_PREFIX).items()})
     return out
 
 

@@ -56,7 +56,7 @@ def train_step_fn(module: DiffusionModule, x0: torch.Tensor):
 
     def step() -> None:
         x_t, t, noise = module._noised(x0)
-        loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data)
+        loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -68,10 +68,11 @@ def test_posterior_summary_empty_for_deterministic_model() -> None:
 
 
 def test_ema_gap() -> None:
-    key = "denoiser.model.guide.locs.head__weight_unconstrained"
-    ckpt = {"state_dict": {key: torch.zeros(4)}, "current_model_state": {key: torch.full((4,), 3.0)}}
+    key = "denoiser.model.guide.locs.head__weight_unconstrained"  # the key format of saved checkpoints
+    scale = {"denoiser.model.guide.scales.head__weight_unconstrained": torch.zeros(4)}
+    ckpt = {"state_dict": {key: torch.zeros(4), **scale}, "current_model_state": {key: torch.full((4,), 3.0), **scale}}
     assert ema_gap(ckpt) == {"head.weight": pytest.approx(3.0)}
-    assert ema_gap({"state_dict": {key: torch.zeros(4)}}) is None
+    assert ema_gap({"state_dict": {key: torch.zeros(4), **scale}}) is None
 
 
 def test_latest_and_resolve_checkpoint(tmp_path: Path, last_ckpt: Path) -> None:

@@ -8,7 +8,15 @@ import pyro
 import pytest
 import torch
 
-from bdiff.bayes import BayesConfig, BayesianUNet, select_parameters
+from bdiff.bayes import (
+    BayesConfig,
+    BayesianUNet,
+    NonFiniteElboError,
+    guide_state_key,
+    posterior_loc_scale,
+    select_parameters,
+)
+from bdiff.bayes.model import parse_guide_state_key
 from bdiff.nets import UNet, UNetConfig
 
 TINY = UNetConfig(base_channels=8, num_heads=2)
@@ -68,8 +76,9 @@ def test_prior_scale_and_center() -> None:
 def test_deterministic_loss_is_per_image_nll() -> None:
     m = make("none")
     x, t, n = batch()
-    loss = m.negative_elbo(x, t, n, num_data=1000)
-    torch.testing.assert_close(loss, -m.last_loglik.mean())
+    loss, loglik = m.negative_elbo(x, t, n, num_data=1000)
+    assert loglik.shape == (x.shape[0],) and not loglik.requires_grad
+    torch.testing.assert_close(loss, -loglik.mean())
 
 
 def test_kl_is_divided_by_dataset_size_monte_carlo() -> None:
@@ -81,8 +90,8 @@ def test_kl_is_divided_by_dataset_size_monte_carlo() -> None:
     pyro.set_rng_seed(0)
     with torch.no_grad():
         for _ in range(400):
-            loss = m.negative_elbo(x, t, n, num_data=num_data, kl_weight=beta)
-            est.append((loss + m.last_loglik.mean()) * num_data / beta)
+            loss, loglik = m.negative_elbo(x, t, n, num_data=num_data, kl_weight=beta)
+            est.append((loss + loglik.mean()) * num_data / beta)
     est = torch.stack(est)
     kl = m.kl_divergence()
     assert abs(est.mean() - kl) < 4 * est.std() / len(est) ** 0.5 + 1e-3 * kl
@@ -91,7 +100,7 @@ def test_kl_is_divided_by_dataset_size_monte_carlo() -> None:
 def test_elbo_trains_guide_and_deterministic_weights() -> None:
     m = make("head")
     x, t, n = batch()
-    m.negative_elbo(x, t, n, num_data=100).backward()
+    m.negative_elbo(x, t, n, num_data=100).loss.backward()
     grads = {k: p.grad for k, p in m.named_parameters()}
     assert grads["guide.locs.head__weight_unconstrained"] is not None
     assert grads["guide.scales.head__weight_unconstrained"] is not None
@@ -110,6 +119,64 @@ def test_models_do_not_share_pyro_params_and_survive_deepcopy() -> None:
     c.load_state_dict(a.state_dict())
 
 
+def test_module_local_params_is_set_by_importing_the_package() -> None:
+    assert pyro.settings.get("module_local_params") is True
+
+
+def test_posterior_from_a_state_dict_matches_the_live_model() -> None:
+    m = make("decoder", guide_init_scale=0.02)
+    with torch.no_grad():
+        m.guide.locs.head__weight_unconstrained.normal_()
+    live = m.posterior_loc_scale()
+    prefix = "denoiser.model."
+    saved = posterior_loc_scale({prefix + k: v for k, v in m.state_dict().items()}, prefix)
+    assert list(saved) == list(live) == m.bayesian_names
+    for name, (loc, scale) in live.items():
+        torch.testing.assert_close(saved[name][0], loc.detach())
+        torch.testing.assert_close(saved[name][1], scale.detach())  # the constrained (softplus) scale
+    assert posterior_loc_scale(m) is not None and posterior_loc_scale(m).keys() == live.keys()
+    assert posterior_loc_scale(m.state_dict(), prefix) == {}  # no key carries the prefix
+
+
+def test_guide_state_keys_are_the_saved_format() -> None:
+    """The keys old checkpoints hold: AutoNormal's ``guide.{locs,scales}.<site>_unconstrained``."""
+    assert guide_state_key("up.0.conv1.weight", "loc") == "guide.locs.up__0__conv1__weight_unconstrained"
+    assert guide_state_key("head.bias", "scale") == "guide.scales.head__bias_unconstrained"
+    m = make("decoder")
+    keys = m.state_dict().keys()
+    for name in m.bayesian_names:
+        for kind in ("loc", "scale"):
+            assert guide_state_key(name, kind) in keys
+            assert parse_guide_state_key(guide_state_key(name, kind)) == (name, kind)
+    assert parse_guide_state_key("net.head.weight") is None
+    assert parse_guide_state_key("prior.head__weight_prior_loc") is None
+    with pytest.raises(ValueError, match="guide.scales.head__weight_unconstrained"):
+        posterior_loc_scale({"guide.locs.head__weight_unconstrained": torch.zeros(2)})
+
+
+def test_nonfinite_likelihood_or_posterior_is_its_own_error() -> None:
+    x, t, n = batch()
+    m = make("head")
+    with torch.no_grad():
+        m.net.stem.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteElboError, match="log-likelihood .* for 4 of 4 images"):
+        m.negative_elbo(x, t, n, num_data=100)
+    m = make("head")
+    with torch.no_grad():
+        m.guide.locs.head__weight_unconstrained[0] = float("nan")  # Pyro refuses it in the guide
+    with pytest.raises(NonFiniteElboError, match=r"posterior parameters \['head.weight'\]"):
+        m.negative_elbo(x, t, n, num_data=100)
+    assert issubclass(NonFiniteElboError, FloatingPointError)
+
+
+def test_posterior_scale_parameters_are_the_guide_scales() -> None:
+    m = make("decoder")
+    named = {id(p): n for n, p in m.named_parameters()}
+    assert sorted(named[id(p)] for p in m.posterior_scale_parameters()) == sorted(
+        guide_state_key(name, "scale") for name in m.bayesian_names
+    )
+
+
 def test_bad_bayes_config() -> None:
     with pytest.raises(ValueError, match="prior_scale"):
         make("head", prior_scale=0.0)
@@ -122,7 +189,7 @@ def _head_grads(objective: str, **kw) -> tuple[torch.Tensor, torch.Tensor, torch
     m = make("none", objective=objective, **kw)
     torch.nn.init.normal_(m.net.head.weight, std=0.1)  # a non-zero variance head, so the NLL term acts
     x, t, n = batch()
-    m.negative_elbo(x, t, n, num_data=100).backward()
+    m.negative_elbo(x, t, n, num_data=100).loss.backward()
     g = m.net.head.weight.grad
     c = g.shape[0] // 2
     return g[:c], g[c:], m.net.stem.weight.grad
@@ -189,8 +256,8 @@ def test_mean_likelihood_var_tightens_the_posterior_not_the_gradient_scale() -> 
         with torch.no_grad():
             m.guide.locs.head__weight_unconstrained.normal_(0, 0.05)
         pyro.set_rng_seed(0)
-        data = m.negative_elbo(x, t, n, num_data=100, kl_weight=1e-6).detach()  # ~likelihood only
+        data = m.negative_elbo(x, t, n, num_data=100, kl_weight=1e-6).loss.detach()  # ~likelihood only
         pyro.set_rng_seed(0)
-        full = m.negative_elbo(x, t, n, num_data=100).detach()
+        full = m.negative_elbo(x, t, n, num_data=100).loss.detach()
         kl_share.append(float((full - data) / full.abs()))
     assert kl_share[1] < kl_share[0] / 10

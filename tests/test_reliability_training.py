@@ -502,7 +502,7 @@ def test_ddp_bayesian_model_draws_weight_noise_per_rank(ddp_runs: Path, one_thre
         model = module(net=UNetConfig(base_channels=8, num_heads=2), bayes=BayesConfig(layers="head"), lr_warmup_steps=0)
         torch.set_rng_state(rank["first"]["rng"])
         x_t, t, noise = model._noised(rank["first"]["batch"])
-        model.bayes.negative_elbo(x_t, t, noise, rank["num_data"], kl_weight=1.0).backward()
+        model.bayes.negative_elbo(x_t, t, noise, rank["num_data"], kl_weight=1.0).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         # NOTES.md: under DDP the data plate must not draw its own subsample (every rank would draw
         # the same): it takes this rank's whole local batch and scales its likelihood by N/B_local.

@@ -178,6 +178,27 @@ def test_nonfinite_loss_raises_naming_the_step_or_is_skipped(mode: str, tmp_path
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_network_output_raises_naming_the_step_or_is_skipped(mode: str) -> None:
+    """A finite batch but a NaN weight: caught as NonFiniteElboError, not by matching Pyro's message."""
+    import warnings
+
+    from bdiff.lit.module import DiffusionModule
+
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), on_nonfinite=mode, num_data=100)
+    with torch.no_grad():
+        model.bayes.net.stem.weight[0, 0, 0, 0] = float("nan")
+    batch = torch.zeros(4, 1, 8, 8)
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match=r"non-finite log-likelihood .* at step 0 \(batch 7\)"):
+            model.training_step(batch, 7)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            assert model.training_step(batch, 7) is None
+        assert model.skipped_batches == 1
+
+
 def test_guide_scales_get_their_own_learning_rate() -> None:
     from bdiff.lit.module import DiffusionModule
 

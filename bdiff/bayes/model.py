@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -35,9 +36,10 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, nn
+from torch.distributions import constraints, transform_to
 from torch.func import functional_call
 
-from bdiff.bayes.select import fan_in_std, select_parameters, site_name
+from bdiff.bayes.select import fan_in_std, parameter_name, select_parameters, site_name
 from bdiff.nets import UNet
 
 LOG_2PI = math.log(2 * math.pi)
@@ -166,6 +168,79 @@ class _AutoNormal(AutoNormal):
         return state
 
 
+# AutoNormal's state-dict format, known here and nowhere else: parameter ``up.0.conv1.weight``'s
+# posterior is saved as ``guide.locs.up__0__conv1__weight_unconstrained`` (the loc itself: real
+# constraint) and ``guide.scales.up__0__conv1__weight_unconstrained`` (softplus^-1 of the scale).
+_GUIDE_FIELDS: dict[str, tuple[str, constraints.Constraint]] = {
+    "loc": ("locs", constraints.real),
+    "scale": ("scales", _AutoNormal.scale_constraint),
+}
+_UNCONSTRAINED = "_unconstrained"
+
+
+def guide_state_key(name: str, kind: Literal["loc", "scale"]) -> str:
+    """Key of parameter ``name``'s posterior ``loc`` or ``scale`` in a :class:`BayesianUNet`'s state dict.
+
+    Example:
+        >>> guide_state_key("head.weight", "scale")
+        'guide.scales.head__weight_unconstrained'
+    """
+    return f"guide.{_GUIDE_FIELDS[kind][0]}.{site_name(name)}{_UNCONSTRAINED}"
+
+
+def parse_guide_state_key(key: str) -> tuple[str, Literal["loc", "scale"]] | None:
+    """Inverse of :func:`guide_state_key`: ``(parameter_name, kind)``, or None for any other key."""
+    for kind, (field, _) in _GUIDE_FIELDS.items():
+        prefix = f"guide.{field}."
+        if key.startswith(prefix) and key.endswith(_UNCONSTRAINED):
+            return parameter_name(key[len(prefix) : -len(_UNCONSTRAINED)]), kind  # type: ignore[return-value]
+    return None
+
+
+def posterior_loc_scale(
+    source: BayesianUNet | Mapping[str, Tensor], prefix: str = ""
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """{parameter_name: (loc, scale)} of the mean-field posterior, from a live model or a saved state dict.
+
+    Args:
+        source: a :class:`BayesianUNet` (its :meth:`~BayesianUNet.posterior_loc_scale`), or a state
+            dict holding one's tensors, e.g. a checkpoint's ``state_dict`` (no model is built).
+        prefix: the BayesianUNet's key prefix inside a state dict (``bdiff.checkpoint.MODEL_PREFIX``
+            for checkpoints written by ``train.py``); ignored for a live model.
+
+    Raises:
+        ValueError: a state dict holds a posterior loc without its scale or the reverse.
+
+    Example:
+        >>> post = posterior_loc_scale(read_checkpoint(path)["state_dict"], MODEL_PREFIX)
+        >>> loc, scale = post["head.weight"]
+    """
+    if isinstance(source, BayesianUNet):
+        return source.posterior_loc_scale()
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, value in source.items():
+        parsed = parse_guide_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if parsed is not None:
+            name, kind = parsed
+            found.setdefault(name, {})[kind] = transform_to(_GUIDE_FIELDS[kind][1])(value)
+    for name, fields in found.items():
+        if len(fields) != 2:
+            missing = ({"loc", "scale"} - fields.keys()).pop()
+            raise ValueError(f"the state dict has no {prefix + guide_state_key(name, missing)!r} (posterior {missing})")
+    return {name: (fields["loc"], fields["scale"]) for name, fields in found.items()}
+
+
+class NonFiniteElboError(FloatingPointError):
+    """The negative ELBO cannot be computed: the log-likelihood or the posterior parameters hold NaN/inf."""
+
+
+class NegativeElbo(NamedTuple):
+    """What :meth:`BayesianUNet.negative_elbo` returns."""
+
+    loss: Tensor  # per-image negative ELBO times ``loss_scale``: scalar, differentiable
+    loglik: Tensor  # per-image log-likelihood of the objective (B,), detached (for logging)
+
+
 def gaussian_loglik(noise: Tensor, eps: Tensor, log_var: Tensor, beta: float = 0.0) -> Tensor:
     """Per-image log N(noise; eps, exp(log_var)), summed over pixels: (B,C,H,W) -> (B,).
 
@@ -231,14 +306,12 @@ class BayesianUNet(nn.Module):
         >>> from bdiff.nets import UNetConfig
         >>> m = BayesianUNet(UNet(UNetConfig()), BayesConfig(layers="head"))
         >>> x = torch.randn(4, 1, 8, 8); t = torch.randint(0, 1000, (4,))
-        >>> loss = m.negative_elbo(x, t, torch.randn_like(x), num_data=1000)
+        >>> loss, loglik = m.negative_elbo(x, t, torch.randn_like(x), num_data=1000)
     """
 
     def __init__(self, net: UNet, config: BayesConfig) -> None:
         super().__init__()
-        config.validate()
-        # Module-local params: no global param store shared between models or tests.
-        pyro.settings.set(module_local_params=True)
+        config.validate()  # Pyro's module_local_params is set once in bdiff/bayes/__init__.py
         self.config = config
         self.net = net
         self.bayesian_names = select_parameters(net, config.layers)
@@ -253,7 +326,6 @@ class BayesianUNet(nn.Module):
             init_scale=config.guide_init_scale,
         )
         self._elbo = TraceMeanField_ELBO(max_plate_nesting=1)
-        self.last_loglik: Tensor | None = None
         self._warm_up_guide()
 
     @property
@@ -268,14 +340,23 @@ class BayesianUNet(nn.Module):
             self.guide(x, torch.zeros(1, dtype=torch.long), x, 1)
 
     def model(self, x_t: Tensor, t: Tensor, noise: Tensor, num_data: int, kl_weight: float = 1.0) -> Tensor:
-        """Pyro model: weights from the prior, noise likelihood in a data plate. Returns loglik (B,)."""
+        """Pyro model: weights from the prior, noise likelihood in a data plate. Returns loglik (B,).
+
+        Raises:
+            NonFiniteElboError: the log-likelihood is NaN/inf for some image (checked here, before
+                Pyro's validation of the factor would refuse it with a ``ValueError``).
+        """
         with poutine.scale(scale=kl_weight):
             weights = self.prior()
         detach = {"detach_variance_features": self.config.objective == "hybrid"}
         eps, log_var = functional_call(self.net, weights, (x_t, t), detach, strict=False)
         cfg = self.config
         loglik = objective_loglik(noise, eps, log_var, cfg.objective, cfg.nll_beta, cfg.mean_likelihood_var)
-        self.last_loglik = loglik.detach()  # read by the training loop for logging the objective
+        finite = torch.isfinite(loglik)
+        if not finite.all():
+            raise NonFiniteElboError(
+                f"non-finite log-likelihood (network output) for {int((~finite).sum())} of {len(loglik)} images"
+            )
         subsample = torch.arange(x_t.shape[0], device=x_t.device)
         with pyro.plate("data", num_data, subsample=subsample):
             pyro.factor("noise_loglik", loglik)
@@ -287,16 +368,35 @@ class BayesianUNet(nn.Module):
 
     def negative_elbo(
         self, x_t: Tensor, t: Tensor, noise: Tensor, num_data: int, kl_weight: float = 1.0
-    ) -> Tensor:
-        """Per-image negative ELBO: -(N/B sum_b loglik_b - kl_weight * KL) / N, times ``loss_scale``. Scalar.
+    ) -> NegativeElbo:
+        """Per-image negative ELBO -(N/B sum_b loglik_b - kl_weight * KL) / N times ``loss_scale``, and loglik (B,).
 
         ``kl_weight`` (KL warm-up) scales the prior and guide terms of the weights.
+
+        Raises:
+            NonFiniteElboError: NaN/inf log-likelihood or posterior parameters.
         """
         if num_data < x_t.shape[0]:
             raise ValueError(f"num_data={num_data} is smaller than the batch ({x_t.shape[0]})")
-        model = functools.partial(self.model, kl_weight=kl_weight)
+        logliks: list[Tensor] = []  # the model's return value, which Pyro's ELBO discards
+
+        def model(*args: object) -> Tensor:
+            logliks.append(self.model(*args, kl_weight=kl_weight))
+            return logliks[-1]
+
         guide = functools.partial(self._scaled_guide, kl_weight=kl_weight)
-        return self._elbo.differentiable_loss(model, guide, x_t, t, noise, num_data) / num_data * self.loss_scale
+        try:
+            loss = self._elbo.differentiable_loss(model, guide, x_t, t, noise, num_data)
+        except ValueError as e:  # the guide's Normal validation refuses NaN locs or scales
+            bad = [
+                name
+                for name, (loc, scale) in self.posterior_loc_scale().items()
+                if not (torch.isfinite(loc).all() and torch.isfinite(scale).all())
+            ]
+            if bad:
+                raise NonFiniteElboError(f"non-finite posterior parameters {bad[:3]}") from e
+            raise
+        return NegativeElbo(loss / num_data * self.loss_scale, logliks[-1].detach())
 
     @property
     def loss_scale(self) -> float:
@@ -310,6 +410,10 @@ class BayesianUNet(nn.Module):
             name: (getattr(self.guide.locs, site_name(name)), getattr(self.guide.scales, site_name(name)))
             for name in self.bayesian_names
         }
+
+    def posterior_scale_parameters(self) -> list[nn.Parameter]:
+        """The trainable (unconstrained) parameters behind the posterior scales, e.g. for their own learning rate."""
+        return list(self.guide.scales.parameters())
 
     def kl_divergence(self) -> Tensor:
         """Closed-form KL(q || p) summed over all Bayesian weights (for logging). Scalar."""

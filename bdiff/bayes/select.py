@@ -76,3 +76,8 @@ def site_name(parameter_name: str) -> str:
     """Pyro sample-site / attribute name for a dotted parameter name (``up.0.conv1.weight`` -> ``up__0__conv1__weight``)."""
     return parameter_name.replace(".", "__")
 
+
+
+def parameter_name(site: str) -> str:
+    """Inverse of :func:`site_name` (``up__0__conv1__weight`` -> ``up.0.conv1.weight``)."""
+    return site.replace("__", ".")

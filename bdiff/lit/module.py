@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from bdiff.bayes import BayesConfig, BayesianUNet
+from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
     KnotErrors,
@@ -190,17 +190,15 @@ class DiffusionModule(pl.LightningModule):
         x_t, t, noise = self._noised(batch)
         beta = self.kl_weight()
         try:
-            loss = self.bayes.negative_elbo(x_t, t, noise, self.num_data, kl_weight=beta)
-        except ValueError as e:  # Pyro's validation refuses a NaN likelihood before we see the loss
-            if "invalid values" not in str(e):
-                raise
-            return self._nonfinite("non-finite network output", batch_idx)
+            loss, loglik = self.bayes.negative_elbo(x_t, t, noise, self.num_data, kl_weight=beta)
+        except NonFiniteElboError as e:  # NaN/inf likelihood or posterior, caught before Pyro's validation
+            return self._nonfinite(str(e), batch_idx)
         if not torch.isfinite(loss):
             return self._nonfinite(f"non-finite training loss {loss.item()}", batch_idx)
         n_pixels = batch[0].numel()
         self.log("train/loss", loss, prog_bar=True)
         # The likelihood term of the chosen objective (bayes.objective); val/gaussian_nll_* is the exact NLL.
-        self.log("train/nll_per_pixel", -self.bayes.last_loglik.mean() / n_pixels)
+        self.log("train/nll_per_pixel", -loglik.mean() / n_pixels)
         self.log("train/kl_weight", beta)
         if self.bayes.is_bayesian and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/kl_per_datum", self.bayes.kl_divergence() / self.num_data)
@@ -290,9 +288,10 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.hparams["lr"]
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        scales = [p for n, p in named if ".guide.scales." in n]
-        others = [p for n, p in named if ".guide.scales." not in n]
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        scale_ids = {id(p) for p in self.bayes.posterior_scale_parameters()}
+        scales = [p for p in trainable if id(p) in scale_ids]
+        others = [p for p in trainable if id(p) not in scale_ids]
         groups = [{"params": others, "lr": lr}]
         if scales:
             groups.append({"params": scales, "lr": lr * self.hparams.get("guide_scale_lr_mult", 1.0), "weight_decay": 0.0})
