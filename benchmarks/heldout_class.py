@@ -21,7 +21,8 @@ Designs (``bdiff.bayes``), all on the same trained trunk: ``meanfield_head`` (th
 mean-field head, today's default); ``laplace_head`` (closed-form full-covariance posterior of
 the head, :mod:`bdiff.bayes.laplace`; its prior precision is chosen by held-out
 log-likelihood on the seen-class validation images from a grid, never by the held-out class);
-``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
+``meanfield_last_block`` (with ``--block-classes``: its own run with the last decoder ResBlock's
+convs and the head mean-field Bayesian, K = 8 sampled weights); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
 :mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps).
 
 Training runs are cached under ``--runs`` (a finished run is reused). Writes
@@ -58,16 +59,20 @@ SUMMARY_T = (50, 100, 250, 500)  # the targets' range t in [50, 500]
 PRIOR_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # x the head's fan_in
 
 
-def train(config: str, exclude: int, seed: int, steps: int, runs: Path, threads: int) -> Path:
-    """Train (or reuse) one run of ``config`` without class ``exclude``; returns its last.ckpt."""
-    run_dir = runs / f"{Path(config).stem}_without{exclude}_seed{seed}_{steps}steps"
+LAST_BLOCK = "[up.4.0.conv1.*,up.4.0.conv2.*,up.4.0.skip.*,head.*]"  # last decoder ResBlock's convs + head
+
+
+def train(config: str, exclude: int, seed: int, steps: int, runs: Path, threads: int,
+          extra: tuple[str, ...] = (), tag: str = "") -> Path:
+    """Train (or reuse) one run of ``config`` (plus ``extra`` overrides) without class ``exclude``; returns its last.ckpt."""
+    run_dir = runs / f"{Path(config).stem}{tag}_without{exclude}_seed{seed}_{steps}steps"
     found = sorted(run_dir.glob("**/checkpoints/last.ckpt"))
     if found and (run_dir / "done").is_file():
         return found[-1]
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / config),
            f"--seed_everything={seed}", f"--data.init_args.exclude_classes=[{exclude}]",
            f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={run_dir}",
-           f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.enable_progress_bar=false"]
+           f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.enable_progress_bar=false", *extra]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads)}
     t0 = time.time()
     print("training:", " ".join(cmd[1:]), flush=True)
@@ -166,6 +171,8 @@ def main() -> None:
                    help="held-out classes that get the ensemble reference (default: the first)")
     p.add_argument("--head-ensemble-steps", type=int, default=1000,
                    help="training steps of the randomized-prior head ensemble (0: skip that design)")
+    p.add_argument("--block-classes", type=int, nargs="*", default=[],
+                   help="held-out classes that also get design (b): the last decoder block + head mean-field (own run)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default="heldout_class")
@@ -188,6 +195,10 @@ def main() -> None:
             rpf.fit(train_x[order].split(128), args.head_ensemble_steps)
             designs["rpf_head_ensemble_8"] = rpf.predict
         chosen[c] = {"laplace_prior_precision_x_fan_in": mult, "val_ll_per_pixel": scores}
+        if c in args.block_classes:  # design (b): the last decoder block + head mean-field Bayesian, its own run
+            block = load_model(train("configs/digits.yaml", c, 0, args.steps, args.runs, args.threads,
+                                     (f"--model.bayes.layers={LAST_BLOCK}",), tag="_lastblock"))
+            designs["meanfield_last_block"] = block.predict_uncalibrated
         disagreement = None
         if members:
             ens = Ensemble([load_model(m) for m in members])
