@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from bdiff.bayes.laplace import _features_at
+from bdiff.bayes.laplace import trunk_features, head_at
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
@@ -85,7 +85,7 @@ class HeadEnsemble(nn.Module):
 
     def features(self, x_t: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
-            return _features_at(self.model.net, self.weights, x_t, t)
+            return trunk_features(self.model.net, self.weights, x_t, t)
 
     def members_eps(self, h: Tensor) -> Tensor:
         """(B,C_h,H,W) -> every member's eps (M,B,C,H,W)."""
@@ -93,10 +93,7 @@ class HeadEnsemble(nn.Module):
 
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
         h = self.features(x_t, t)
-        net = self.model.net
-        w = self.weights.get("head.weight", net.head.weight)
-        b = self.weights.get("head.bias", net.head.bias)
-        eps, log_var = nn.functional.conv2d(h, w, b, padding=1).chunk(2, dim=1)
+        eps, log_var = head_at(self.model.net, self.weights, h)
         with torch.no_grad():
             spread = self.members_eps(h).var(0)
         return Prediction(eps, spread, log_var.exp())

@@ -77,10 +77,8 @@ class HeadLaplace(nn.Module):
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
         """x_t (B,C,H,W), t (B,) -> Prediction with the closed-form epistemic variance."""
         net = self.model.net
-        h = _features_at(net, self.weights, x_t, t)
-        head_w = self.weights.get("head.weight", net.head.weight)
-        head_b = self.weights.get("head.bias", net.head.bias)
-        eps, log_var = F.conv2d(h, head_w, head_b, padding=1).chunk(2, dim=1)
+        h = trunk_features(net, self.weights, x_t, t)
+        eps, log_var = head_at(net, self.weights, h)
         z = torch.einsum("cde,bdp->bcep", self.cov_chol, head_patches(h))
         var_epistemic = z.pow(2).sum(2).reshape(eps.shape)
         return Prediction(eps, var_epistemic, log_var.exp())
@@ -97,12 +95,19 @@ class _Trunk(nn.Module):
         return self.net.features(x_t, t)
 
 
-def _features_at(net: nn.Module, weights: dict[str, Tensor], x_t: Tensor, t: Tensor) -> Tensor:
+def trunk_features(net: nn.Module, weights: dict[str, Tensor], x_t: Tensor, t: Tensor) -> Tensor:
     """The trunk's features (B,C_h,H,W) at the posterior-mean ``weights`` of any Bayesian trunk layers."""
     trunk = {f"net.{k}": v for k, v in weights.items() if not k.startswith("head.")}
     if not trunk:
         return net.features(x_t, t)
     return functional_call(_Trunk(net), trunk, (x_t, t), strict=False)
+
+
+def head_at(net: nn.Module, weights: dict[str, Tensor], h: Tensor) -> tuple[Tensor, Tensor]:
+    """The head at the posterior-mean ``weights`` (its own where not Bayesian): h -> eps, log_var (B,C,H,W) each."""
+    w = weights.get("head.weight", net.head.weight)
+    b = weights.get("head.bias", net.head.bias)
+    return F.conv2d(h, w, b, padding=net.head.padding).chunk(2, dim=1)
 
 
 @torch.no_grad()
@@ -126,10 +131,8 @@ def head_fisher(
         for _ in range(draws):
             t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            h = _features_at(net, weights, schedule.q_sample(x0, t, noise), t)
-            head_w = weights.get("head.weight", net.head.weight)
-            head_b = weights.get("head.bias", net.head.bias)
-            log_var = F.conv2d(h, head_w, head_b, padding=1).chunk(2, dim=1)[1]  # (B,C,H,W)
+            h = trunk_features(net, weights, schedule.q_sample(x0, t, noise), t)
+            log_var = head_at(net, weights, h)[1]  # (B,C,H,W)
             phi = head_patches(h).double()  # (B,D,P)
             precision = torch.exp(-log_var).flatten(2).double()  # (B,C,P)
             part = torch.einsum("bdp,bcp,bep->cde", phi, precision, phi)
