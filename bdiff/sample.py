@@ -2,6 +2,10 @@
 
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt \\
         --config configs/sampler/dpmpp_blend.yaml --n 1000 --seed 0 --out samples.npz
+    python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
+
+``--nfe N`` picks the measured-best recipe for N denoiser calls per sample
+(:mod:`bdiff.sampling.budget`; with ``--critic``, the best one with a critic).
 
 Writes ``samples.npz`` (format: :mod:`bdiff.metrics.samples_file`) and
 ``samples.png`` (the first 64 samples beside their uncertainty maps). Sample i
@@ -41,6 +45,7 @@ from tqdm import tqdm
 
 from bdiff.checkpoint import load_model
 from bdiff.metrics.samples_file import SamplesWriter
+from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe
 from bdiff.viz import save_side_by_side, uncertainty_grids
 
@@ -56,7 +61,11 @@ def program_name(command: str, module: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=program_name("bdiff-sample", "bdiff.sample"), description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--config", required=True, help="sampler recipe YAML (configs/sampler/*.yaml)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="sampler recipe YAML (configs/sampler/*.yaml)")
+    which.add_argument("--nfe", type=int,
+                       help="a budget of denoiser calls per sample: use the measured-best recipe for it "
+                            "(bdiff.sampling.budget; with --critic, the best recipe with a critic)")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npz")
@@ -73,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
+    if args.nfe is not None and args.nfe < 1:
+        p.error(f"--nfe must be >= 1 denoiser calls per sample, got {args.nfe}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.devices < 1:
@@ -242,9 +253,12 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    recipe = Recipe.from_yaml(args.config)  # validated before any work
-    if args.critic is not None:
-        recipe = recipe.with_critic(args.critic)
+    if args.nfe is not None:
+        recipe = recipe_for_budget(args.nfe, critic=args.critic)
+    else:
+        recipe = Recipe.from_yaml(args.config)  # validated before any work
+        if args.critic is not None:
+            recipe = recipe.with_critic(args.critic)
     if args.devices == 1:
         device = torch.device("cuda" if args.accelerator in ("cuda", "gpu") else "cpu")
         if args.accelerator == "auto":

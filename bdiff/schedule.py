@@ -173,7 +173,27 @@ def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> li
     return t
 
 
-SPACINGS = ("trailing", "karras")
+def multistep_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> list[int]:
+    """``steps`` descending timesteps on diffusers' ``leading`` or ``linspace`` grid (multistep solvers).
+
+    The grids of diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler
+    (``timestep_spacing``; Lin et al. 2024, Table 2): ``steps + 1`` points from 0 to T-1
+    (``linspace``: evenly, rounded; ``leading``: multiples of T // (steps + 1)), highest first,
+    the last one (0) dropped because the final step goes to x_0. ``leading`` starts *below* T-1
+    (e.g. t = 830 for 5 steps): it skips the noisiest part of the chain.
+    """
+    if steps < 1 or steps > num_train_timesteps - 1:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps - 1}], got {steps}")
+    if spacing == "linspace":
+        grid = np.linspace(0, num_train_timesteps - 1, steps + 1).round()
+    elif spacing == "leading":
+        grid = np.arange(steps + 1) * (num_train_timesteps // (steps + 1))
+    else:
+        raise ValueError(f"multistep spacing must be 'leading' or 'linspace', got {spacing!r}")
+    return grid.astype(np.int64)[::-1][:-1].tolist()
+
+
+SPACINGS = ("trailing", "leading", "linspace", "karras")
 RHO_RANGE = (0.1, 100.0)  # Karras et al. use 7; outside this the grid degenerates or overflows
 
 
@@ -186,9 +206,12 @@ def check_rho(rho: object) -> float:
 
 
 def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", rho: float = 7.0) -> list[int]:
-    """The sampler's descending timestep grid: ``trailing`` (:func:`ddim_timesteps`) or ``karras``."""
+    """The sampler's descending timestep grid, one of :data:`SPACINGS`: ``trailing`` (:func:`ddim_timesteps`),
+    ``leading`` or ``linspace`` (:func:`multistep_timesteps`), ``karras`` (:func:`karras_timesteps`)."""
     if spacing == "trailing":
         return ddim_timesteps(len(alphas_cumprod), steps)
+    if spacing in ("leading", "linspace"):
+        return multistep_timesteps(len(alphas_cumprod), steps, spacing)
     if spacing == "karras":
         return karras_timesteps(alphas_cumprod, steps, rho)
     raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")

@@ -44,3 +44,25 @@ def last_ckpt(trained) -> Path:
     path = Path(trained.trainer.checkpoint_callback.last_model_path)
     assert path.is_file()
     return path
+
+
+@pytest.fixture(scope="session")
+def critic_run(last_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train a tiny critic against the session's tiny diffusion checkpoint through the real CLI."""
+    from bdiff.lit.critic_module import main
+
+    run = tmp_path_factory.mktemp("critic")
+    recipe = run / "fast.yaml"
+    recipe.write_text("stepper: {name: ddim}\nsteps: 3\nposterior_samples: 2\n")
+    cwd = os.getcwd()
+    os.chdir(run)  # the config's relative paths (runs/critic/...) land in the temp dir
+    try:
+        main([
+            "fit", "--config", str(CONFIGS / "critic" / "digits.yaml"),
+            f"--data.diffusion_ckpt={last_ckpt}", f"--data.sampler={recipe}",
+            "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
+            "--model.critic.width=8",
+        ])
+    finally:
+        os.chdir(cwd)
+    return run / "runs" / "critic"

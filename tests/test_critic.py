@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -219,28 +218,6 @@ def test_critic_net_checks_its_input() -> None:
         net(torch.randn(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="levels"):
         CriticConfig(image_size=6, levels=3).validate()
-
-
-@pytest.fixture(scope="module")
-def critic_run(last_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train a tiny critic against the session's tiny diffusion checkpoint through the real CLI."""
-    from bdiff.lit.critic_module import main
-
-    run = tmp_path_factory.mktemp("critic")
-    recipe = run / "fast.yaml"
-    recipe.write_text("stepper: {name: ddim}\nsteps: 3\nposterior_samples: 2\n")
-    cwd = os.getcwd()
-    os.chdir(run)  # the config's relative paths (runs/critic/...) land in the temp dir
-    try:
-        main([
-            "fit", "--config", str(CONFIGS / "critic" / "digits.yaml"),
-            f"--data.diffusion_ckpt={last_ckpt}", f"--data.sampler={recipe}",
-            "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-            "--model.critic.width=8",
-        ])
-    finally:
-        os.chdir(cwd)
-    return run / "runs" / "critic"
 
 
 def test_critic_trains_through_the_cli_and_loads_weights_only(critic_run: Path, last_ckpt: Path) -> None:

@@ -187,6 +187,29 @@ def test_karras_grid_matches_diffusers_karras_sigmas(steps: int) -> None:
     assert karras_timesteps(NoiseSchedule("linear").alphas_cumprod, steps) == ref.timesteps.tolist()
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("steps", [1, 5, 10, 25])
+def test_every_diffusers_timestep_spacing_matches_its_multistep_grid(spacing: str, steps: int) -> None:
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        ref = cls(**SCHED, timestep_spacing=spacing)
+        ref.set_timesteps(steps)
+        assert Sampler(ToyDenoiser(), DDIM(), steps, spacing=spacing).grid.tolist() == ref.timesteps.tolist() + [-1]
+
+
+def test_leading_grid_sampler_matches_diffusers_unipc() -> None:
+    from diffusers import UniPCMultistepScheduler
+
+    ref = UniPCMultistepScheduler(**SCHED, timestep_spacing="leading")
+    ref.set_timesteps(5)
+    den = ToyDenoiser()
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    ours = Sampler(den, UniPC(), 5, spacing="leading").run(x_T, noise).x
+    torch.testing.assert_close(ours, _diffusers_loop(ref, den, x_T.clone()), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rho", [3.0, 5.0])
 def test_sampler_on_a_karras_grid_matches_diffusers_on_the_same_timesteps(rho: float) -> None:
     from diffusers import DPMSolverMultistepScheduler

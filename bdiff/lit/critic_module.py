@@ -140,6 +140,18 @@ def train_critic(
     return Path(checkpoint.last_model_path)
 
 
+def cached_critic(diffusion_ckpt: str | Path, out_dir: str | Path, sampler: str = "configs/sampler/dpmpp.yaml") -> Path:
+    """``out_dir/checkpoints/last.ckpt``, trained by :func:`train_critic` against ``diffusion_ckpt`` unless one
+    newer than the diffusion checkpoint is already there (notebooks and benchmarks reuse it)."""
+    path = Path(out_dir) / "checkpoints" / "last.ckpt"
+    if path.is_file() and path.stat().st_mtime >= Path(diffusion_ckpt).stat().st_mtime:
+        return path
+    written = train_critic(diffusion_ckpt, out_dir, sampler=sampler)
+    if written.resolve() != path.resolve():
+        raise FileNotFoundError(f"critic training wrote {written}, expected {path}")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """LightningCLI over :class:`CriticModule` and :class:`CriticDataModule` (``fit --config ...``)."""
     from bdiff.lit.cli import BdiffCLI, SaveConfigToRun

@@ -32,7 +32,8 @@ from bdiff.metrics.frechet import frechet_distance_from_features
 from bdiff.metrics.precision_recall import chunked_cdist
 
 __all__ = [
-    "per_sample_uncertainty", "rank_by_uncertainty", "filter_by_uncertainty", "nearest_real_distance", "spearman",
+    "per_sample_uncertainty", "uncertainty_within_clusters", "rank_by_uncertainty", "filter_by_uncertainty",
+    "nearest_real_distance", "spearman",
     "auroc_worst", "fd_after_filtering",
 ]
 
@@ -47,16 +48,45 @@ def per_sample_uncertainty(variance: Tensor) -> Tensor:
     return variance.flatten(1).mean(dim=1)
 
 
-def rank_by_uncertainty(variance: Tensor, descending: bool = False) -> Tensor:
-    """Sample order by :func:`per_sample_uncertainty` of (N,C,H,W) variance maps -> indices (N,), most confident first."""
-    return per_sample_uncertainty(variance).argsort(descending=descending)
+def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int = 100, seed: int = 0) -> Tensor:
+    """(N,) per-sample uncertainty as a rank in [0, 1] *within* the sample's cluster of look-alikes.
+
+    Mean variance grows with content (a digit with more ink has more uncertain pixels), so dropping
+    the most uncertain samples of a batch drops whole modes and distorts it (FD after filtering
+    rises). Ranking within ``clusters`` k-means clusters of the images' pixels (scikit-learn's
+    KMeans; no reference data or feature network needed) compares each sample only with similar
+    ones, so a filter keeps the batch's mix of modes. ``clusters`` is capped at N // 2.
+    images, variance: (N,C,H,W). 100 clusters was chosen on one training run and sampling seed
+    (benchmarks/sampler_claims.py, BENCHMARKS.md "Sampler claims").
+    """
+    from sklearn.cluster import KMeans
+
+    u = per_sample_uncertainty(variance).double()
+    if images.shape[0] != u.shape[0]:
+        raise ValueError(f"images has {images.shape[0]} samples but variance has {u.shape[0]}")
+    k = max(1, min(clusters, len(u) // 2))
+    labels = torch.as_tensor(KMeans(k, n_init=4, random_state=seed).fit_predict(images.flatten(1).double().cpu().numpy()))
+    out = torch.zeros_like(u)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        order = u[members].argsort(stable=True)
+        out[members[order]] = torch.linspace(0, 1, len(members), dtype=torch.float64) if len(members) > 1 else 0.5
+    return out
 
 
-def filter_by_uncertainty(variance: Tensor, keep: float) -> Tensor:
-    """Indices of the ``keep`` fraction of samples with the lowest :func:`per_sample_uncertainty`."""
+def rank_by_uncertainty(variance: Tensor, descending: bool = False, images: Tensor | None = None) -> Tensor:
+    """Sample order by :func:`per_sample_uncertainty` of (N,C,H,W) variance maps -> indices (N,), most confident first.
+
+    With ``images`` (N,C,H,W), by :func:`uncertainty_within_clusters` instead (keeps the mix of modes)."""
+    score = per_sample_uncertainty(variance) if images is None else uncertainty_within_clusters(images, variance)
+    return score.argsort(descending=descending, stable=True)
+
+
+def filter_by_uncertainty(variance: Tensor, keep: float, images: Tensor | None = None) -> Tensor:
+    """Indices of the ``keep`` fraction of samples that :func:`rank_by_uncertainty` ranks most confident."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    order = rank_by_uncertainty(variance)
+    order = rank_by_uncertainty(variance, images=images)
     return order[: max(1, round(keep * len(order)))]
 
 
