@@ -5,7 +5,7 @@
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
 
 ``--nfe N`` picks the measured-best recipe for N denoiser calls per sample
-(:mod:`bdiff.sampling.budget`; with ``--critic``, the best one with a critic).
+(:mod:`bdiff.sampling.budget`).
 
 Writes ``samples.npz`` (format: :mod:`bdiff.metrics.samples_file`) and
 ``samples.png`` (the first 64 samples beside their uncertainty maps). Sample i
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which.add_argument("--config", help="sampler recipe YAML (configs/sampler/*.yaml)")
     which.add_argument("--nfe", type=int,
                        help="a budget of denoiser calls per sample: use the measured-best recipe for it "
-                            "(bdiff.sampling.budget; with --critic, the best recipe with a critic)")
+                            "(bdiff.sampling.budget)")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npz")
@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.nfe is not None and args.nfe < 1:
         p.error(f"--nfe must be >= 1 denoiser calls per sample, got {args.nfe}")
+    if args.nfe is not None and args.critic is not None:
+        p.error("--nfe picks a recipe without a critic (no critic recipe measured better than the same budget "
+                "without one); to sample with a critic, name a recipe: --config configs/sampler/dpmpp_critic.yaml --critic ...")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.devices < 1:
@@ -254,7 +257,7 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.nfe is not None:
-        recipe = recipe_for_budget(args.nfe, critic=args.critic)
+        recipe = recipe_for_budget(args.nfe)
     else:
         recipe = Recipe.from_yaml(args.config)  # validated before any work
         if args.critic is not None:

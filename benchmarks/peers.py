@@ -1,39 +1,26 @@
-"""Peer table: our sampler recipes vs diffusers' DDIM, DPM-Solver++ and UniPC on the same trained network.
+"""Peers and shared helpers for the benchmarks: diffusers' schedulers on our network, our recipes, result files.
 
-    python benchmarks/peers.py --ckpt runs/bdiff/<id>/checkpoints/last.ckpt [--n 2000]
-
-Every sampler starts from the same per-sample noise (sample i depends only on
-(seed, i)) and uses the same posterior-mean network. Metrics in the digits
-feature space against the real training split (``bdiff.metrics``); the
-1000-step ancestral DDPM run is the quality reference. Writes
-``benchmarks/results/peers.json``, ``peers.md`` and plots of FD vs NFE and FD
-vs wall time.
+Every sampler starts from the same per-sample noise (sample i depends only on (seed, i)) and
+uses the same posterior-mean network. ``benchmarks/sampler_claims.py`` runs the peer comparison
+(every diffusers solver on every grid it offers against our recipes, in three feature spaces);
+``benchmarks/denoiser_quality.py`` uses the same runners to compare networks.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from bdiff.metrics.report import markdown_table
+from bdiff.metrics.samples_file import SampleSet
+from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.sampler import SampleResult
 
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import reference_for  # noqa: E402
-from bdiff.metrics.report import evaluate_sample_set, markdown_table  # noqa: E402
-from bdiff.metrics.samples_file import SampleSet  # noqa: E402
-from bdiff.sampling.noise import NoiseSource  # noqa: E402
-from bdiff.sampling.recipe import Recipe  # noqa: E402
-from bdiff.sampling.sampler import SampleResult  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
@@ -120,60 +107,6 @@ def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
     return SampleSet(images01, torch.cat(variances) / 4, float(torch.cat(nfe).mean()), seconds, recipe.as_dict())
 
 
-def recipes_at(nfe: int) -> list[Recipe]:
-    """Our recipes at a budget of ``nfe`` sequential denoiser calls per sample."""
-    specs = {
-        "ours-ddim": {"stepper": "ddim", "steps": nfe},
-        "ours-dpm++2m": {"stepper": "dpmpp_2m", "steps": nfe},
-        "ours-dpm++2m+blend": {"stepper": "dpmpp_2m", "steps": nfe, "callbacks": [{"name": "blend"}]},
-        "ours-ddim+adaptive": {"stepper": "ddim", "steps": nfe, "callbacks": [{"name": "adaptive", "tol": 0.5, "max_nfe": nfe}]},
-        "ours-dpm++2m+refine": {
-            "stepper": "dpmpp_2m", "steps": max(2, nfe - 2),
-            "callbacks": [{"name": "refine", "quantile": 0.8, "jump": 50, "t_range": [50, 600], "max_passes": 2}],
-        },
-    }
-    return [Recipe.from_dict(spec, name=name) for name, spec in specs.items()]
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
-    p.add_argument("--reference-steps", type=int, default=1000, help="ancestral DDPM steps of the quality reference (0: skip)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = p.parse_args()
-    torch.set_num_threads(2)
-
-    denoiser = load_model(args.ckpt)
-    extractor, f_real = reference_for("digits")
-    noise = NoiseSource(args.seed, range(args.n))
-    x_T = noise.draw(tuple(denoiser.image_shape))
-    rows = []
-
-    def record(name: str, budget: int, samples: SampleSet) -> None:
-        row = {"sampler": name, "budget": budget, **evaluate_sample_set(samples, f_real, extractor)}
-        rows.append(row)
-        print(f"{name:24s} budget {budget:4d}  NFE {row['nfe']:6.2f}  FD {row['fd']:.3f}  KID {row['kid']:.3f}  "
-              f"P {row['precision']:.3f} R {row['recall']:.3f}  {row['seconds']:.1f}s", flush=True)
-
-    for nfe in args.nfe:
-        for name in ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc"):
-            record(name, nfe, run_diffusers(name, nfe, denoiser, x_T, args.seed, args.batch))
-        for recipe in recipes_at(nfe):
-            record(recipe.name, nfe, run_ours(recipe, denoiser, args.n, args.seed, args.batch))
-    if args.reference_steps:
-        record("diffusers-ddpm", args.reference_steps,
-               run_diffusers("diffusers-ddpm", args.reference_steps, denoiser, x_T, args.seed, args.batch))
-
-    columns = ["sampler", "budget", "nfe", "fd", "kid", "precision", "recall", "seconds",
-               "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance", "auroc_worst_20"]
-    write_results(args.out, "peers", {"ckpt": args.ckpt, "n": args.n, "rows": rows}, rows, columns)
-    plot(rows, args.out)
-
-
 def write_results(out: Path, stem: str, payload: object, rows: list[dict], columns: list[str]) -> None:
     """Write ``<stem>.json`` (payload) and ``<stem>.md`` (a table of rows) into ``out``; print the table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -181,26 +114,3 @@ def write_results(out: Path, stem: str, payload: object, rows: list[dict], colum
     table = markdown_table(rows, columns)
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
-
-
-def plot(rows: list[dict], out: Path) -> None:
-    """FD vs NFE and FD vs wall time, one line per sampler."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        mine = [r for r in rows if r["sampler"] == name]
-        style = "-o" if name.startswith("ours") else "--s"
-        axes[0].plot([r["nfe"] for r in mine], [r["fd"] for r in mine], style, label=name, ms=4)
-        axes[1].plot([r["seconds"] for r in mine], [r["fd"] for r in mine], style, label=name, ms=4)
-    for ax, xlabel in zip(axes, ("NFE (sequential denoiser calls)", "wall time (s)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("FD (digits features)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "peers_fd.png", dpi=120)
-
-
-if __name__ == "__main__":
-    main()

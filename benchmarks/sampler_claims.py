@@ -55,7 +55,7 @@ PEERS = ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc")
 OUR_GRIDS = {"leading": {"name": "leading"}, "linspace": {"name": "linspace"}, "trailing": {"name": "trailing"},
              "karras5": {"name": "karras", "rho": 5.0}, "karras7": {"name": "karras", "rho": 7.0}}
 TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.25, 0.3), 20: (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
-"""Adaptive step control's tolerances tried per budget (the first sweep had 3 per budget; the best sat at an end)."""
+"""Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
 
@@ -190,24 +190,52 @@ def choose(rows: list[dict]) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
 def summary_table(rows: list[dict], spaces: list[str], choice: dict) -> str:
-    """Markdown: per budget, the chosen recipe's FD ratio to the best peer per space, run and seed."""
+    """Markdown per budget: the best peer per space, then every recipe's FD ratio to it (range over runs and
+    seeds), whether it is <= 0.8x everywhere, its precision minus the best peer's, and the filters' ratios."""
     lines = []
     for nfe, picked in sorted(choice.items(), key=lambda kv: int(kv[0])):
-        mine = [r for r in rows if r["budget"] == int(nfe) and r["family"] != "peer"]
-        lines.append(f"\n### {nfe} NFE (chosen: {picked['winner']})\n")
-        cols = ["sampler", "run", "seed", "nfe", *[f"{s}/ratio" for s in spaces], *[f"{s}/precision" for s in spaces],
-                *[f"{s}/filter_uncertainty_in_clusters" for s in spaces]]
-        lines.append(markdown_table(sorted(mine, key=lambda r: (r["sampler"] != picked["winner"], r["sampler"],
-                                                                  r["run"], r["seed"])), cols))
+        at = [r for r in rows if r["budget"] == int(nfe)]
+        cells = sorted({(r["run"], r["seed"]) for r in at})
+        lines.append(f"\n### {nfe} NFE (chosen on the tuning run: {picked['winner']})\n")
+        lines.append("| best peer (FD) | " + " | ".join(f"{run} seed {seed}" for run, seed in cells) + " |")
+        lines.append("|---|" + "---|" * len(cells))
+        for space in spaces:
+            best = [min((r for r in at if r["family"] == "peer" and (r["run"], r["seed"]) == c),
+                        key=lambda r: r[f"{space}/fd"]) for c in cells]
+            lines.append(f"| {space} | " + " | ".join(f"{b[space + '/fd']:.3g} ({b['sampler']})" for b in best) + " |")
+        lines.append("")
+        head = ["recipe", *[f"{s} FD / best peer" for s in spaces], "<= 0.8x everywhere",
+                *[f"{s} precision - peer's" for s in spaces], *[f"{s} filter (clusters)" for s in spaces]]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "---|" * (len(head) - 1))
+        for name in dict.fromkeys(r["sampler"] for r in at if r["family"] != "peer"):
+            mine = [r for r in at if r["sampler"] == name]
+            ratios = {s: [r[f"{s}/ratio"] for r in mine] for s in spaces}
+            holds = all(v <= 0.8 for vals in ratios.values() for v in vals)
+            dprec = {s: [r[f"{s}/precision"] - next(p for p in at if p["sampler"] == r[f"{s}/best_peer"] and
+                                                       (p["run"], p["seed"]) == (r["run"], r["seed"]))[f"{s}/precision"]
+                         for r in mine] for s in spaces}
+            filt = {s: [r[f"{s}/filter_uncertainty_in_clusters"] for r in mine if f"{s}/filter_uncertainty_in_clusters" in r]
+                    for s in spaces}
+            label = f"**{name}**" if name == picked["winner"] else name
+            lines.append(f"| {label} | " + " | ".join(_span(ratios[s]) for s in spaces) + f" | {'yes' if holds else 'no'} | "
+                         + " | ".join(f"{min(v):+.2f}" + (f"..{max(v):+.2f}" if len(v) > 1 else "") for v in dprec.values())
+                         + " | "
+                         + " | ".join(_span(v) if v else "" for v in filt.values()) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["choose", "report"])
-    p.add_argument("--run", nargs="+", required=True, help="label=checkpoint, one per training run")
-    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("phase", choices=["choose", "report", "summarise"],
+                   help="summarise: rewrite <stem>_summary.md from <stem>.json (no sampling)")
+    p.add_argument("--run", nargs="+", default=[], help="label=checkpoint, one per training run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[])
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
@@ -217,6 +245,14 @@ def main() -> None:
                    help="choose: add to the earlier choose results (same run and seed) instead of replacing them")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.phase == "summarise":
+        stem = args.stem or "sampler_claims"
+        payload = json.loads((RESULTS / f"{stem}.json").read_text())
+        spaces = sorted({k.split("/")[0] for k in payload["rows"][0] if k.endswith("/fd")})
+        (RESULTS / f"{stem}_summary.md").write_text(summary_table(payload["rows"], spaces, payload["choice"]) + "\n")
+        return
+    if not args.run or not args.seeds:
+        p.error("choose and report need --run and --seeds")
     references = references_for()
     spaces = list(references)
     choice_file = RESULTS / "sampler_claims_choice.json"

@@ -44,7 +44,7 @@ from bdiff.sampling.recipe import Recipe
 
 torch.manual_seed(SEED)
 N = 8 if FAST else 16
-RECIPES = ["dpmpp", "dpmpp_blend", "ddim_adaptive", "dpmpp_refine", "uncertainty_full", "unipc_adaptive", "unipc_karras_refine"]
+RECIPES = ["dpmpp", "unipc", "dpmpp_blend", "uncertainty_full", "unipc_adaptive"]
 
 ckpt_path = resolve_checkpoint(CKPT)
 denoiser = load_model(ckpt_path)
@@ -128,8 +128,7 @@ show(fig)
 #
 # Left: t against the loop iteration for every sample (one line per sample, log scale). Fixed-grid
 # recipes give one line; adaptive ones fan out because each sample chooses its own steps, taking
-# big steps while the model is confident (high t) and small ones near the clean image;
-# `unipc_karras_refine` runs on a Karras grid, which spends its steps at high t instead. Right:
+# big steps while the model is confident (high t) and small ones near the clean image. Right:
 # NFE per sample (refinement passes count as calls); the recipes in `configs/sampler/` are set
 # to the same budget of about 10 calls (`unipc_adaptive`: 5), so most compare at equal cost.
 
