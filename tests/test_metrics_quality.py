@@ -302,3 +302,25 @@ def test_save_rejects_bad_sets(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="config"):
         save_samples(tmp_path / "a.npz", SampleSet(good.images, None, 10.0, 1.0, {"f": object()}))
     assert not list(tmp_path.iterdir())  # nothing written for a bad set
+
+
+def test_uncertainty_within_clusters_keeps_the_mix_of_modes_when_filtering() -> None:
+    """Two look-alike groups (all-dark and all-bright images); the bright ones are all more uncertain.
+    A raw ranking drops only bright images; ranking within clusters drops the noisiest of each group."""
+    from bdiff.metrics.usefulness import filter_by_uncertainty, uncertainty_within_clusters
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([0.1 * torch.rand(40, 1, 4, 4, generator=g), 0.9 + 0.1 * torch.rand(40, 1, 4, 4, generator=g)])
+    noise = torch.rand(80, generator=g)
+    variance = (torch.cat([torch.zeros(40), torch.ones(40)]) + 0.5 * noise).view(80, 1, 1, 1).expand(80, 1, 4, 4)
+    bright = torch.arange(80) >= 40
+    raw_kept = filter_by_uncertainty(variance, keep=0.75)
+    assert bright[raw_kept].sum() == 20  # the raw ranking drops 20 bright images and no dark one
+    kept = filter_by_uncertainty(variance, keep=0.75, images=images)
+    assert bright[kept].sum() == 30  # 10 dropped from each group
+    score = uncertainty_within_clusters(images, variance, clusters=2)
+    for group in (bright, ~bright):  # within a group, the order is the order of the variance
+        order = score[group].argsort()
+        assert torch.equal(order, noise[group].argsort())
+    with pytest.raises(ValueError, match="samples"):
+        uncertainty_within_clusters(images[:5], variance)
