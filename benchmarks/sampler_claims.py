@@ -230,10 +230,43 @@ def summary_table(rows: list[dict], spaces: list[str], choice: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], spaces: list[str], choice: dict, path: Path) -> None:
+    """FD vs NFE per feature space: the best peer of each (run, seed) cell, UniPC on diffusers' default
+    (linspace) grid, and the recipe chosen per budget; points are means over the cells, bars their range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(int(b) for b in choice)
+    cells = sorted({(r["run"], r["seed"]) for r in rows})
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 3.4))
+    for ax, space in zip(axes, spaces):
+        lines = {
+            "best diffusers peer (any solver, any grid)": lambda at: min(r[f"{space}/fd"] for r in at if r["family"] == "peer"),
+            "diffusers UniPC, linspace grid": lambda at: next(r[f"{space}/fd"] for r in at if r["sampler"] == "diffusers-unipc, linspace"),
+            "ours, chosen on another run and seed": lambda at: next(r[f"{space}/fd"] for r in at
+                                                                    if r["sampler"] == choice[str(at[0]["budget"])]["winner"]),
+        }
+        for label, value in lines.items():
+            per = [[value([r for r in rows if r["budget"] == b and (r["run"], r["seed"]) == c]) for c in cells] for b in budgets]
+            mean = [sum(v) / len(v) for v in per]
+            err = [[m - min(v) for m, v in zip(mean, per)], [max(v) - m for m, v in zip(mean, per)]]
+            ax.errorbar(budgets, mean, yerr=err, marker="o", capsize=3, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="NFE (denoiser calls per sample)", ylabel="FD", title=f"{space} features")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"2,000 samples; mean and range over {len(cells)} (training run, sampling seed) cells", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("phase", choices=["choose", "report", "summarise"],
-                   help="summarise: rewrite <stem>_summary.md from <stem>.json (no sampling)")
+                   help="summarise: rewrite <stem>_summary.md and the plot <stem>_fd.png from <stem>.json (no sampling)")
     p.add_argument("--run", nargs="+", default=[], help="label=checkpoint, one per training run")
     p.add_argument("--seeds", type=int, nargs="+", default=[])
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -250,6 +283,7 @@ def main() -> None:
         payload = json.loads((RESULTS / f"{stem}.json").read_text())
         spaces = sorted({k.split("/")[0] for k in payload["rows"][0] if k.endswith("/fd")})
         (RESULTS / f"{stem}_summary.md").write_text(summary_table(payload["rows"], spaces, payload["choice"]) + "\n")
+        plot(payload["rows"], spaces, payload["choice"], RESULTS / f"{stem}_fd.png")
         return
     if not args.run or not args.seeds:
         p.error("choose and report need --run and --seeds")
@@ -285,6 +319,7 @@ def main() -> None:
     write_results(RESULTS, stem, payload, rows, columns)
     summary = summary_table(rows, spaces, choice)
     (RESULTS / f"{stem}_summary.md").write_text(summary + "\n")
+    plot(rows, spaces, choice, RESULTS / f"{stem}_fd.png")
     print(summary)
 
 
