@@ -47,6 +47,7 @@ from bdiff.checkpoint import load_model
 from bdiff.metrics.samples_file import SamplesWriter
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.sampler import chunk_ranges
 from bdiff.viz import save_side_by_side, uncertainty_grids
 
 PREVIEW = 64  # samples shown in the PNG grid
@@ -98,11 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         p.error(f"--accelerator {args.accelerator} asked for, but torch sees no CUDA device; use --accelerator cpu")
     return args
-
-
-def chunk_ranges(n: int, batch_size: int) -> list[range]:
-    """Global sample indices 0..n-1 cut into consecutive chunks of at most ``batch_size``."""
-    return [range(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
 
 
 def run_config(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:

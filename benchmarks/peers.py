@@ -95,8 +95,7 @@ def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
     sampler = recipe.build(denoiser)
     images, variances, nfe = [], [], []
     start = time.perf_counter()
-    for lo in range(0, n, batch):
-        r = sampler.sample(min(batch, n - lo), seed=seed, first_index=lo)
+    for _, r in sampler.sample_chunks(n, batch, seed=seed):
         if on_chunk is not None:
             on_chunk(r)
         images.append(r.images)

@@ -100,3 +100,18 @@ def test_bayesian_only_callback_refuses_deterministic_model() -> None:
     with pytest.raises(ValueError, match="needs a Bayesian denoiser"):
         recipe.build(den)
     assert torch.isfinite(Recipe.from_dict({"stepper": "ddim", "steps": 3}).build(den).sample(2).images).all()
+
+
+def test_sample_chunks_cut_the_run_without_changing_any_sample(last_ckpt: Path) -> None:
+    import torch
+
+    from bdiff.checkpoint import load_model
+    from bdiff.sampling.sampler import chunk_ranges
+
+    sampler = Recipe.from_yaml(CONFIGS / "sampler" / "dpmpp.yaml").build(load_model(last_ckpt, num_samples=2))
+    chunks = list(sampler.sample_chunks(7, 3, seed=4))
+    assert [list(r) for r, _ in chunks] == [[0, 1, 2], [3, 4, 5], [6]]
+    whole = sampler.sample(7, seed=4)
+    torch.testing.assert_close(torch.cat([res.images for _, res in chunks]), whole.images, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        chunk_ranges(5, 0)

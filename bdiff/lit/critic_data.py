@@ -54,7 +54,7 @@ def generate_fakes(ckpt: str | Path, recipe: Recipe, n: int, seed: int, batch_si
     """``n`` samples (n,C,H,W) in [-1, 1] from ``ckpt`` with ``recipe``; sample i depends on (seed, i) only."""
     denoiser = load_model(ckpt, num_samples=recipe.posterior_samples)
     sampler = recipe.build(denoiser)
-    parts = [sampler.sample(min(batch_size, n - i), seed=seed, first_index=i).images for i in range(0, n, batch_size)]
+    parts = [result.images for _, result in sampler.sample_chunks(n, batch_size, seed=seed)]
     return torch.cat(parts)
 
 

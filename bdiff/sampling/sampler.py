@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -272,6 +272,16 @@ class Sampler:
         self._hook("on_end", state)
         return state
 
+    def sample_chunks(
+        self, n: int, batch_size: int, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[range, SampleResult]]:
+        """Samples 0..n-1 of run ``seed`` in consecutive chunks (:func:`chunk_ranges`): yields (indices, result).
+
+        Memory holds one chunk; sample i is the same whatever ``batch_size`` is.
+        """
+        for indices in chunk_ranges(n, batch_size):
+            yield indices, self.sample(len(indices), seed=seed, first_index=indices.start, device=device)
+
     def sample(
         self, n: int, seed: int = 0, first_index: int = 0, device: torch.device | str = "cpu", clip: bool = True
     ) -> SampleResult:
@@ -285,3 +295,9 @@ class Sampler:
         seconds = time.perf_counter() - start
         images = state.x.clamp(-1, 1) if clip else state.x
         return SampleResult(images, state.var, state.nfe, state.rejected, state.flags, seconds, state.extras)
+
+
+def chunk_ranges(n: int, batch_size: int) -> list[range]:
+    """Global sample indices 0..n-1 cut into consecutive chunks of at most ``batch_size``."""
+    n, batch_size = _integer("n", n, 1), _integer("batch_size", batch_size, 1)
+    return [range(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
