@@ -22,7 +22,8 @@ mean-field head, today's default); ``laplace_head`` (closed-form full-covariance
 the head, :mod:`bdiff.bayes.laplace`; its prior precision is chosen by held-out
 log-likelihood on the seen-class validation images from a grid, never by the held-out class);
 ``meanfield_last_block`` (with ``--block-classes``: its own run with the last decoder ResBlock's
-convs and the head mean-field Bayesian, K = 8 sampled weights); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
+convs and the head mean-field Bayesian, K = 8 sampled weights); ``meanfield_mid_block`` (with
+``--mid-classes``: its own run with the bottleneck ResBlocks' convs and the head mean-field, K = 8); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
 :mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps).
 
 Training runs are cached under ``--runs`` (a finished run is reused). Writes
@@ -60,6 +61,7 @@ PRIOR_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # x the head's fan_in
 
 
 LAST_BLOCK = "[up.4.0.conv1.*,up.4.0.conv2.*,up.4.0.skip.*,head.*]"  # last decoder ResBlock's convs + head
+MID_BLOCK = "[mid.0.conv1.*,mid.0.conv2.*,mid.2.conv1.*,mid.2.conv2.*,head.*]"  # bottleneck ResBlocks' convs + head
 
 
 def train(config: str, exclude: int, seed: int, steps: int, runs: Path, threads: int,
@@ -173,6 +175,8 @@ def main() -> None:
                    help="training steps of the randomized-prior head ensemble (0: skip that design)")
     p.add_argument("--block-classes", type=int, nargs="*", default=[],
                    help="held-out classes that also get design (b): the last decoder block + head mean-field (own run)")
+    p.add_argument("--mid-classes", type=int, nargs="*", default=[],
+                   help="held-out classes that also get the bottleneck's ResBlock convs + head mean-field (own run)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default="heldout_class")
@@ -199,6 +203,10 @@ def main() -> None:
             block = load_model(train("configs/digits.yaml", c, 0, args.steps, args.runs, args.threads,
                                      (f"--model.bayes.layers={LAST_BLOCK}",), tag="_lastblock"))
             designs["meanfield_last_block"] = block.predict_uncalibrated
+        if c in args.mid_classes:  # the signal lives in the trunk: a posterior on the bottleneck (own run)
+            mid = load_model(train("configs/digits.yaml", c, 0, args.steps, args.runs, args.threads,
+                                   (f"--model.bayes.layers={MID_BLOCK}",), tag="_midblock"))
+            designs["meanfield_mid_block"] = mid.predict_uncalibrated
         disagreement = None
         if members:
             ens = Ensemble([load_model(m) for m in members])
