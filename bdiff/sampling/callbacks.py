@@ -143,7 +143,7 @@ class UncertainRegionRefinement(SamplerCallback):
 
     name = "refine"
 
-    def __init__(self, quantile: float = 0.8, jump: int = 50, t_range: Sequence[int] = (50, 600), max_passes: int = 3) -> None:
+    def __init__(self, quantile: float = 0.8, jump: int = 50, t_range: tuple[int, int] = (50, 600), max_passes: int = 3) -> None:
         if not 0 < quantile < 1:
             raise ValueError(f"refine quantile must be in (0, 1), got {quantile}")
         if jump < 1 or max_passes < 0:

@@ -26,7 +26,6 @@ extra passes too: a sample out of budget jumps to the clean image after a restar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,7 +77,7 @@ class CriticCorrection(SamplerCallback):
         self,
         critic: str | Path | Critic,
         weight: float = 1.0,
-        t_range: Sequence[int] = (0, 999),
+        t_range: tuple[int, int] = (0, 999),
         retries: int = 1,
         threshold: float = 0.0,
         t_back: int = 300,

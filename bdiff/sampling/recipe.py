@@ -11,18 +11,19 @@ Example (``configs/sampler/dpmpp_blend.yaml``)::
 
 Everything is validated before any sampling starts: unknown keys, unknown
 stepper or callback names, non-positive steps/K and bad callback options raise a
-ValueError that names the offending entry.
+ValueError that names the offending entry. Stepper and callback options are checked
+against their constructors' type hints by jsonargparse (LightningCLI's parser).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
@@ -146,12 +147,20 @@ class Recipe:
         return out
 
     def _check_options(self, what: str, cls: type, opts: dict[str, Any]) -> None:
-        """ValueError naming the option whose value does not fit its default (type, finiteness, length)."""
-        params = inspect.signature(cls).parameters
-        for key, value in opts.items():
-            problem = _option_problem(value, params[key].default) if key in params else None
-            if problem:  # (an unknown key is named by the constructor's TypeError)
-                raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {key}={value!r} {problem}")
+        """ValueError naming the option whose value does not fit the constructor's type hints.
+
+        jsonargparse (as in LightningCLI) checks names and types; a non-finite number, which
+        its float type admits, is refused here because no option means anything at inf/nan.
+        """
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, fail_untyped=False)
+        try:
+            parser.parse_object(opts)
+        except ArgumentError as e:
+            raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {' '.join(str(e).split())}") from e
+        bad = next((k for k, v in opts.items() if _has_non_finite(v)), None)
+        if bad is not None:
+            raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {bad}={opts[bad]!r} must be finite")
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
@@ -170,24 +179,8 @@ class Recipe:
                 "posterior_samples": self.posterior_samples, "callbacks": self.callbacks, "name": self.name}
 
 
-def _option_problem(value: Any, default: Any) -> str | None:
-    """Why ``value`` cannot replace an option whose default is ``default``; None if it can (or no default)."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "must be a number"
-        if isinstance(default, int) and not isinstance(value, int):
-            return "must be an integer"
-        return None if math.isfinite(value) else "must be finite"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "must be a string"
-    if isinstance(default, (tuple, list)):
-        if not isinstance(value, (tuple, list)):
-            return "must be a list"
-        numeric = bool(default) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default)
-        if numeric and len(value) != len(default):
-            return f"must be a list of {len(default)} numbers"
-        problems = [_option_problem(v, default[0]) for v in value] if default else []
-        return next((f"(items {p})" for p in problems if p), None)
-    return None
+def _has_non_finite(value: Any) -> bool:
+    """True for inf/nan, also inside lists."""
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
