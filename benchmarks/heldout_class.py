@@ -24,7 +24,14 @@ log-likelihood on the seen-class validation images from a grid, never by the hel
 ``meanfield_last_block`` (with ``--block-classes``: its own run with the last decoder ResBlock's
 convs and the head mean-field Bayesian, K = 8 sampled weights); ``meanfield_mid_block`` (with
 ``--mid-classes``: its own run with the bottleneck ResBlocks' convs and the head mean-field, K = 8); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
-:mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps).
+:mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps);
+``decoder_ensemble_M`` (``--decoder-members`` freshly initialised decoders -- up path with its
+skips, final norm, head -- on the trained model's frozen encoder, bootstrap L_simple for
+``--decoder-ensemble-steps`` steps, :mod:`bdiff.bayes.decoder_ensemble`).
+
+Cost: per design, the median time of one ``predict`` on a batch of 256 over that of one
+deterministic forward of the trained network (timed interleaved, 15 rounds, so machine load
+hits both alike).
 
 Training runs are cached under ``--runs`` (a finished run is reused). Writes
 ``benchmarks/results/heldout_class.json`` and ``.md``.
@@ -44,6 +51,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from bdiff.bayes.decoder_ensemble import DecoderEnsemble
 from bdiff.bayes.head_ensemble import HeadEnsemble
 from bdiff.bayes.laplace import HeadLaplace, default_prior_precision, head_fisher
 from bdiff.checkpoint import load_model
@@ -136,6 +144,22 @@ def score(name: str, predict, schedule, seen: torch.Tensor, held: torch.Tensor,
     return rows
 
 
+@torch.no_grad()
+def cost_ratios(designs: dict[str, Any], net: torch.nn.Module, rounds: int = 15) -> dict[str, float]:
+    """Median seconds of each design's predict on 256 images over one deterministic forward of ``net``."""
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(256, net.config.in_channels, net.config.image_size, net.config.image_size, generator=g), torch.randint(0, 1000, (256,), generator=g)
+    fns = {"deterministic_forward": lambda: net(x_t, t), **{k: (lambda f=f: f(x_t, t)) for k, f in designs.items()}}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}  # the first round warms up
+    return {k: med[k] / med["deterministic_forward"] for k in designs}
+
+
 class Ensemble:
     """Deep ensemble of deterministic denoisers as one Denoiser: eps mean, epistemic = variance over members."""
 
@@ -156,7 +180,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for c, d in keys:
         mine = [r for r in rows if r["heldout_class"] == c and r["design"] == d and r["t"] in SUMMARY_T]
         entry: dict[str, Any] = {"heldout_class": c, "design": d}
-        for k in ("ratio", "auroc", "error_ratio", "spearman_vs_ensemble"):
+        for k in ("ratio", "auroc", "error_ratio", "spearman_vs_ensemble", "cost_vs_forward"):
             vals = sorted(r[k] for r in mine if r.get(k) is not None)
             if vals:
                 entry[f"median_{k}"] = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
@@ -173,6 +197,9 @@ def main() -> None:
                    help="held-out classes that get the ensemble reference (default: the first)")
     p.add_argument("--head-ensemble-steps", type=int, default=1000,
                    help="training steps of the randomized-prior head ensemble (0: skip that design)")
+    p.add_argument("--decoder-ensemble-steps", type=int, default=0,
+                   help="training steps of the decoder-branch ensemble (0: skip that design)")
+    p.add_argument("--decoder-members", type=int, default=4, help="members of the decoder-branch ensemble")
     p.add_argument("--block-classes", type=int, nargs="*", default=[],
                    help="held-out classes that also get design (b): the last decoder block + head mean-field (own run)")
     p.add_argument("--mid-classes", type=int, nargs="*", default=[],
@@ -198,6 +225,13 @@ def main() -> None:
             order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
             rpf.fit(train_x[order].split(128), args.head_ensemble_steps)
             designs["rpf_head_ensemble_8"] = rpf.predict
+        if args.decoder_ensemble_steps:
+            t0 = time.time()
+            dec = DecoderEnsemble(den.model, den.schedule, members=args.decoder_members)
+            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+            dec.fit(train_x[order].split(128), args.decoder_ensemble_steps)
+            print(f"  decoder ensemble trained in {time.time() - t0:.0f} s", flush=True)
+            designs[f"decoder_ensemble_{args.decoder_members}"] = dec.predict
         chosen[c] = {"laplace_prior_precision_x_fan_in": mult, "val_ll_per_pixel": scores}
         if c in args.block_classes:  # design (b): the last decoder block + head mean-field Bayesian, its own run
             block = load_model(train("configs/digits.yaml", c, 0, args.steps, args.runs, args.threads,
@@ -212,12 +246,14 @@ def main() -> None:
             ens = Ensemble([load_model(m) for m in members])
             designs[f"deep_ensemble_{len(members)}"] = ens.predict
             disagreement = {t: per_image(ens.predict, den.schedule, seen, t, seed=1)["epistemic"] for t in TIMESTEPS}
+        costs = cost_ratios(designs, den.model.net)
         for name, predict in designs.items():
             for r in score(name, predict, den.schedule, seen, held, disagreement):
-                rows.append({"heldout_class": c, **r})
+                rows.append({"heldout_class": c, **r, "cost_vs_forward": costs.get(name)})
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     summary = summarise(rows)
-    cols = ["heldout_class", "design", "median_ratio", "median_auroc", "median_error_ratio", "median_spearman_vs_ensemble"]
+    cols = ["heldout_class", "design", "median_ratio", "median_auroc", "median_error_ratio", "median_spearman_vs_ensemble",
+            "median_cost_vs_forward"]
     write_results(ROOT / "benchmarks" / "results", args.stem,
                   {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows,
                    "laplace_selection": chosen}, summary, cols)

@@ -139,20 +139,32 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def features(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Everything but the head: (B,C,H,W), (B,) -> (B, base_channels, H, W) activations."""
+    def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Time embedding, stem, down path and bottleneck.
+
+        (B,C,H,W), (B,) -> bottleneck h (B, C_mid, H', W'), the skip activations (outermost
+        first) and the time embedding (B, 4*base_channels): the inputs of :meth:`decode`.
+        """
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels))
         h = self.stem(x_t)
         skips = [h]
         for layers in self.down:
             h = self._run(layers, h, emb)
             skips.append(h)
-        h = self._run(self.mid, h, emb)
+        return self._run(self.mid, h, emb), skips, emb
+
+    def decode(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
+        """Up path over the skips of :meth:`encode` (not modified), final norm and SiLU -> (B, base_channels, H, W)."""
+        skips = list(skips)
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(layers, h, emb)
         return nn.functional.silu(self.out_norm(h))
+
+    def features(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """Everything but the head: (B,C,H,W), (B,) -> (B, base_channels, H, W) activations."""
+        return self.decode(*self.encode(x_t, t))
 
     def forward(self, x_t: Tensor, t: Tensor, detach_variance_features: bool = False) -> tuple[Tensor, Tensor]:
         """(B,C,H,W), (B,) -> eps mean (B,C,H,W), log-variance (B,C,H,W).

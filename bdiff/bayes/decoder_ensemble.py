@@ -1,0 +1,139 @@
+"""Decoder branches on a frozen encoder: epistemic variance from where the U-Net's skips go.
+
+Every posterior that only reads the trunk's *final* features is blind to an unseen digit class
+(BENCHMARKS.md, "Held-out digit class": feature collapse), while a deep ensemble of whole
+networks is not. This design sits in between, after DECU (Berry et al., UAI 2024: ensembles of
+branches on a frozen pretrained trunk): the trained model's encoder (time embedding, stem, down
+path, bottleneck) is frozen and shared, and M freshly initialised copies of the decoder (up path
+with its skip connections, final norm, head) are trained on it by L_simple, each on its own
+double-or-nothing bootstrap of the data (Osband et al. 2016). The decoders see the encoder's
+full-resolution skips, i.e. near-input features of an unseen image, so independently initialised
+members extrapolate differently there: their spread is the epistemic variance.
+
+``predict`` keeps the trained model's eps and aleatoric variance (sample quality is the trained
+model's); only the epistemic part comes from the members. The encoder runs once per call; the
+members are one ``torch.func.vmap`` over stacked parameters (:func:`torch.func.stack_module_state`
+style), so one call evaluates all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from bdiff.bayes.model import BayesianUNet
+from bdiff.denoiser import Prediction
+from bdiff.nets.unet import UNet
+from bdiff.schedule import NoiseSchedule
+
+DECODER_PREFIXES = ("up.", "out_norm.", "head.")
+
+
+class _Decoder(nn.Module):
+    """``net.decode`` and the head as one forward, so ``functional_call`` can substitute the decoder's weights."""
+
+    def __init__(self, net: UNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
+        return self.net.head(self.net.decode(h, skips, emb))
+
+
+class DecoderEnsemble(nn.Module):
+    """M decoder branches on a trained model's frozen encoder; a Denoiser.
+
+    Args:
+        model: the trained Bayesian U-Net; only its head may be Bayesian (the encoder and the
+            trained decoder are used at their point values).
+        schedule: its noise schedule.
+        members: M >= 2 decoders, each initialised as a fresh U-Net's decoder (seed ``seed + m``).
+        seed: initialisation seed of the first member.
+
+    Raises:
+        ValueError: fewer than two members, or Bayesian layers outside the head.
+    """
+
+    def __init__(self, model: BayesianUNet, schedule: NoiseSchedule, members: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"a decoder ensemble needs >= 2 members, got {members}")
+        outside = [n for n in model.bayesian_names if not n.startswith("head.")]
+        if outside:
+            raise ValueError(
+                f"DecoderEnsemble needs a model whose only Bayesian layers are the head; {outside[:3]} are "
+                "Bayesian too (train with bayes.layers: head, the default)"
+            )
+        self.model, self.schedule, self.members = model, schedule, members
+        self.weights = {name: loc.detach() for name, (loc, _) in model.posterior_loc_scale().items()}
+        self.decoder = _Decoder(model.net)
+        fresh = []
+        with torch.random.fork_rng():
+            for m in range(members):
+                torch.manual_seed(seed + m)
+                fresh.append(dict(UNet(model.net.config).named_parameters()))
+        self.names = [n for n in fresh[0] if n.startswith(DECODER_PREFIXES)]
+        self.stacked = nn.ParameterList(
+            [nn.Parameter(torch.stack([f[n].detach() for f in fresh])) for n in self.names]
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model.net.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def members_eps(self, h: Tensor, skips: list[Tensor], emb: Tensor) -> Tensor:
+        """Encoder outputs -> every member's eps (M,B,C,H,W)."""
+        params = {f"net.{n}": p for n, p in zip(self.names, self.stacked, strict=True)}
+
+        def one(member: dict[str, Tensor]) -> Tensor:
+            return functional_call(self.decoder, member, (h, skips, emb), strict=False)
+
+        out = vmap(one)(params)  # (M,B,2C,H,W)
+        return out[:, :, : self.model.net.config.in_channels]
+
+    def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
+        net = self.model.net
+        with torch.no_grad():
+            h, skips, emb = net.encode(x_t, t)
+            feats = net.decode(h, skips, emb)
+            w, b = self.weights.get("head.weight", net.head.weight), self.weights.get("head.bias", net.head.bias)
+            eps, log_var = nn.functional.conv2d(feats, w, b, padding=net.head.padding).chunk(2, dim=1)
+            spread = self.members_eps(h, skips, emb).var(0)
+        return Prediction(eps, spread, log_var.exp())
+
+    def fit(
+        self,
+        batches: Iterable[Tensor],
+        steps: int,
+        lr: float = 1e-3,
+        generator: torch.Generator | None = None,
+    ) -> list[float]:
+        """Train the members by L_simple with double-or-nothing bootstrap weights; returns the losses.
+
+        ``batches``: an iterable of x0 (B,C,H,W) in [-1,1], cycled until ``steps`` steps are done.
+        """
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        data = list(batches)
+        if not data:
+            raise ValueError("DecoderEnsemble.fit needs at least one batch of images")
+        opt = torch.optim.Adam(self.stacked.parameters(), lr=lr)
+        # One fixed weight (0 or 2) per member and image: each member's own bootstrap resample.
+        boots = [2.0 * torch.randint(0, 2, (self.members, x0.shape[0]), generator=generator).float() for x0 in data]
+        losses: list[float] = []
+        for step in range(steps):
+            x0, boot = data[step % len(data)], boots[step % len(data)]  # (B,C,H,W), (M,B)
+            t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            with torch.no_grad():
+                h, skips, emb = self.model.net.encode(self.schedule.q_sample(x0, t, noise), t)
+            err2 = (self.members_eps(h, skips, emb) - noise).pow(2).flatten(2).mean(2)  # (M,B)
+            loss = (boot * err2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
