@@ -25,6 +25,8 @@ log-likelihood on the seen-class validation images from a grid, never by the hel
 convs and the head mean-field Bayesian, K = 8 sampled weights); ``meanfield_mid_block`` (with
 ``--mid-classes``: its own run with the bottleneck ResBlocks' convs and the head mean-field, K = 8); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
 :mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps);
+``bottleneck_gp`` (a random-feature GP on the bottleneck activations, its posterior variance
+as the epistemic variance, :mod:`bdiff.bayes.bottleneck_gp`; defaults chosen on class 3);
 ``decoder_ensemble_M`` (``--decoder-members`` freshly initialised decoders -- up path with its
 skips, final norm, head -- on the trained model's frozen encoder, bootstrap L_simple for
 ``--decoder-ensemble-steps`` steps, :mod:`bdiff.bayes.decoder_ensemble`).
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.bayes.decoder_ensemble import DecoderEnsemble
 from bdiff.bayes.head_ensemble import HeadEnsemble
 from bdiff.bayes.laplace import HeadLaplace, default_prior_precision, head_fisher
@@ -160,6 +163,39 @@ def cost_ratios(designs: dict[str, Any], net: torch.nn.Module, rounds: int = 15)
     return {k: med[k] / med["deterministic_forward"] for k in designs}
 
 
+@torch.no_grad()
+def draw_epistemic_maps(path: Path, designs: dict[str, Any], schedule, seen: torch.Tensor, held: torch.Tensor,
+                        exclude: int, t: int = 100, n: int = 6) -> None:
+    """Seen-class and held-out images with each design's per-pixel epistemic std at ``t``, one colour scale per design."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x0 = torch.cat([seen[:n], held[:n]])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+    tt = torch.full((len(x0),), t, dtype=torch.long)
+    x_t = schedule.q_sample(x0, tt, noise)
+    fig, axes = plt.subplots(1 + len(designs), 2 * n, figsize=(1.1 * 2 * n, 1.25 * (1 + len(designs))), squeeze=False)
+    for j in range(2 * n):
+        axes[0, j].imshow(x0[j, 0], cmap="gray", vmin=-1, vmax=1)
+        axes[0, j].set_title("seen" if j < n else f"unseen {exclude}", fontsize=7)
+    for i, (name, predict) in enumerate(designs.items(), start=1):
+        std = predict(x_t, tt).var_epistemic.clamp_min(0).sqrt()[:, 0]
+        top = float(torch.quantile(std.flatten(), 0.99))
+        for j in range(2 * n):
+            axes[i, j].imshow(std[j], cmap="magma", vmin=0, vmax=top)
+        axes[i, 0].set_ylabel(name.replace("_", " "), fontsize=6, rotation=0, ha="right", va="center")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"epistemic std of eps at t = {t} (trained without digit {exclude}; one colour scale per row)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class Ensemble:
     """Deep ensemble of deterministic denoisers as one Denoiser: eps mean, epistemic = variance over members."""
 
@@ -207,6 +243,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default="heldout_class")
+    p.add_argument("--figure", action="store_true",
+                   help="also draw benchmarks/results/<stem>.png: seen and unseen digits with each design's epistemic map")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ens_classes = args.classes[:1] if args.ensemble_classes is None else args.ensemble_classes
@@ -220,6 +258,7 @@ def main() -> None:
         designs: dict[str, Any] = {"meanfield_head": den.predict_uncalibrated}
         laplace, mult, scores = choose_laplace(den, train_x, seen)
         designs["laplace_head"] = laplace.predict
+        designs["bottleneck_gp"] = BottleneckGP(den.model, den.schedule).fit(train_x.split(256)).predict
         if args.head_ensemble_steps:
             rpf = HeadEnsemble(den.model, den.schedule, members=8, hidden=16, prior_scale=1.0)
             order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
@@ -246,6 +285,8 @@ def main() -> None:
             ens = Ensemble([load_model(m) for m in members])
             designs[f"deep_ensemble_{len(members)}"] = ens.predict
             disagreement = {t: per_image(ens.predict, den.schedule, seen, t, seed=1)["epistemic"] for t in TIMESTEPS}
+        if args.figure and c == args.classes[0]:
+            draw_epistemic_maps(ROOT / "benchmarks" / "results" / f"{args.stem}.png", designs, den.schedule, seen, held, c)
         costs = cost_ratios(designs, den.model.net)
         for name, predict in designs.items():
             for r in score(name, predict, den.schedule, seen, held, disagreement):

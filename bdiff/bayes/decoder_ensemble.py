@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.nets.unet import UNet
@@ -61,12 +62,7 @@ class DecoderEnsemble(nn.Module):
         super().__init__()
         if members < 2:
             raise ValueError(f"a decoder ensemble needs >= 2 members, got {members}")
-        outside = [n for n in model.bayesian_names if not n.startswith("head.")]
-        if outside:
-            raise ValueError(
-                f"DecoderEnsemble needs a model whose only Bayesian layers are the head; {outside[:3]} are "
-                "Bayesian too (train with bayes.layers: head, the default)"
-            )
+        require_point_trunk(model, "DecoderEnsemble")
         self.model, self.schedule, self.members = model, schedule, members
         self.weights = {name: loc.detach() for name, (loc, _) in model.posterior_loc_scale().items()}
         self.decoder = _Decoder(model.net)

@@ -95,6 +95,16 @@ class _Trunk(nn.Module):
         return self.net.features(x_t, t)
 
 
+def require_point_trunk(model: BayesianUNet, who: str) -> None:
+    """ValueError unless the model's only Bayesian layers are the head (``who`` reads the trunk at its point values)."""
+    outside = [n for n in model.bayesian_names if not n.startswith("head.")]
+    if outside:
+        raise ValueError(
+            f"{who} needs a model whose only Bayesian layers are the head; {outside[:3]} are Bayesian too "
+            "(train with bayes.layers: head, the default)"
+        )
+
+
 def trunk_features(net: nn.Module, weights: dict[str, Tensor], x_t: Tensor, t: Tensor) -> Tensor:
     """The trunk's features (B,C_h,H,W) at the posterior-mean ``weights`` of any Bayesian trunk layers."""
     trunk = {f"net.{k}": v for k, v in weights.items() if not k.startswith("head.")}
