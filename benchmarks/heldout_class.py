@@ -258,7 +258,9 @@ def main() -> None:
         designs: dict[str, Any] = {"meanfield_head": den.predict_uncalibrated}
         laplace, mult, scores = choose_laplace(den, train_x, seen)
         designs["laplace_head"] = laplace.predict
-        designs["bottleneck_gp"] = BottleneckGP(den.model, den.schedule).fit(train_x.split(256)).predict
+        with_gp = load_model(ckpt)
+        with_gp.epistemic_gp = BottleneckGP.fit(with_gp.model, with_gp.schedule, train_x.split(256))
+        designs["bottleneck_gp"] = with_gp.predict_uncalibrated
         if args.head_ensemble_steps:
             rpf = HeadEnsemble(den.model, den.schedule, members=8, hidden=16, prior_scale=1.0)
             order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))

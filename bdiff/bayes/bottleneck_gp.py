@@ -13,20 +13,23 @@ by D random Fourier features phi(h) = sqrt(2/D) cos(W h + b) (Rahimi & Recht 200
 exact Gaussian posterior of the linear model on them (Bayesian linear regression; noise
 variance ``noise`` in units of the GP's prior variance 1). Its posterior variance
 
-    v(h) = noise * phi(h)^T (Phi^T Phi + noise I)^{-1} phi(h)      in (0, 1]
+    v(h) = noise * phi(h)^T (Phi^T Phi + noise I)^{-1} phi(h)      in (0, ~1]
 
-is ~noise/n near many training activations and -> 1 (the prior) far from all of them, and
-does not depend on any target, so it is fitted once from the training images' activations at
-random t (no training of the network; seconds on a CPU).
+is ~noise/n near many training activations and -> 1 (the prior) far from all of them. It does
+not depend on any target, so it is fitted once from the training images' activations at random
+t (no training of the network; seconds on a CPU).
 
-In eps units: eps ~ N(0, I) a priori, so the GP's prior (signal) variance is 1 and v(h) is the
-image's epistemic variance of eps per pixel, on average. It is spread over the pixels like the
-network's aleatoric variance, ``var_epistemic[p] = v(h) * sigma^2[p] / mean_p sigma^2[p]``:
-a map that is large where the network is unsure anyway, whose mean is v(h). (Chosen on the
-held-out class 3 against ``v(h) * sigma^2[p]``, whose per-image mean also carries the aleatoric
-level and separated the unseen class less well: AUROC 0.84-0.88 vs 0.95-0.96 at t = 50-100.)
-``predict`` keeps the trained network's eps and aleatoric variance (its posterior-mean
-weights): sample quality is the network's.
+In eps units: the GP's prior variance at t is the network's mean aleatoric variance at t over
+training images, s(t) (how much of eps the network cannot predict at that noise level; linear
+in log s between 16 knots), so an image's epistemic variance is at most what the network
+already admits to, and is v(h) s(t) on average per pixel. It is spread over the pixels like the
+image's own aleatoric variance:
+
+    var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
+
+(Per-image mean v(h) s(t) was chosen on the held-out class 3 over v(h) sigma^2[p], whose
+per-image mean also carries the image's own aleatoric level and separated the unseen class
+less well: AUROC 0.84-0.88 against 0.95-0.96 at t = 50-100.)
 
 Written by hand (a few lines of linear algebra): Pyro's ``contrib.gp`` models recompute their
 training-side factors at every call, and no maintained torch library ships SNGP's layer.
@@ -36,115 +39,142 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.model import BayesianUNet
+from bdiff.bayes.recalibration import VarianceCalibration, default_knots
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
 
+SIGNAL_KNOTS = 16  # timestep knots of the prior variance s(t)
+SIGNAL_IMAGES = 256  # training images that set s(t)
 
-class BottleneckGP(nn.Module):
-    """A random-feature GP on a trained model's bottleneck activations; a Denoiser.
 
-    Args:
-        model: the trained Bayesian U-Net; only its head may be Bayesian (used at its posterior mean).
-        schedule: its noise schedule.
-        features: D, the number of random Fourier features.
-        lengthscale: the RBF lengthscale as a multiple of the median distance between
-            standardised training activations (the median heuristic).
+def random_fourier_basis(dim: int, features: int, lengthscale: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Frequencies (dim, D) ~ N(0, 1/lengthscale^2) and phases (D,) ~ U(0, 2 pi) of an RBF kernel's random features."""
+    g = torch.Generator().manual_seed(seed)
+    freqs = torch.randn(dim, features, generator=g, dtype=torch.float64) / lengthscale
+    return freqs, 2 * math.pi * torch.rand(features, generator=g, dtype=torch.float64)
+
+
+@dataclass
+class BottleneckGP:
+    """A fitted random-feature GP over bottleneck activations (build it with :meth:`fit`).
+
+    Attributes:
+        center, scale: (d,) standardisation of the flattened bottleneck activations.
+        lengthscale: the RBF lengthscale in standardised units.
+        seed: seed of the random features (regenerated, not stored).
+        covariance: (D, D) noise * (Phi^T Phi + noise I)^{-1}.
+        signal: s(t), the GP's prior variance per t (as knots of log values).
         noise: the GP's noise variance relative to its prior variance.
-        seed: seed of the random features and of the (t, noise) draws in :meth:`fit`.
-
-    Call :meth:`fit` once before :meth:`predict`.
     """
 
-    def __init__(
-        self,
+    center: Tensor
+    scale: Tensor
+    lengthscale: float
+    seed: int
+    covariance: Tensor
+    signal: VarianceCalibration
+    noise: float
+
+    def __post_init__(self) -> None:
+        freqs, phases = random_fourier_basis(self.center.numel(), self.covariance.shape[0], self.lengthscale, self.seed)
+        self.freqs, self.phases = freqs.float(), phases.float()
+
+    @classmethod
+    @torch.no_grad()
+    def fit(
+        cls,
         model: BayesianUNet,
         schedule: NoiseSchedule,
+        images: Iterable[Tensor],
         features: int = 2048,
         lengthscale: float = 0.5,
         noise: float = 0.1,
+        draws: int = 8,
         seed: int = 0,
-    ) -> None:
-        super().__init__()
-        require_point_trunk(model, "BottleneckGP")
-        if features < 1 or lengthscale <= 0 or noise <= 0:
-            raise ValueError(
-                f"BottleneckGP needs features >= 1, lengthscale > 0 and noise > 0, got {features}, {lengthscale}, {noise}"
-            )
-        self.model, self.schedule = model, schedule
-        self.num_features, self.lengthscale_mult, self.noise, self.seed = features, lengthscale, noise, seed
-        self.weights = {name: loc.detach() for name, (loc, _) in model.posterior_loc_scale().items()}
-        for name in ("center", "scale", "freqs", "phases", "covariance"):
-            self.register_buffer(name, torch.empty(0))
+    ) -> BottleneckGP:
+        """Fit on training images: ``draws`` noisings of each at t ~ U{0..T-1}.
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c = self.model.net.config
-        return (c.in_channels, c.image_size, c.image_size)
-
-    @property
-    def fitted(self) -> bool:
-        return self.covariance.numel() > 0
-
-    @torch.no_grad()
-    def bottleneck(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """(B,C,H,W), (B,) -> flattened bottleneck activations (B, d)."""
-        return self.model.net.encode(x_t, t)[0].flatten(1)
-
-    def random_features(self, h: Tensor) -> Tensor:
-        """(N, d) activations -> (N, D) random Fourier features of the standardised activations."""
-        z = (h.to(self.freqs.dtype) - self.center) / self.scale
-        return math.sqrt(2.0 / self.num_features) * torch.cos(z @ self.freqs + self.phases)
-
-    @torch.no_grad()
-    def fit(self, images: Iterable[Tensor], draws: int = 8) -> BottleneckGP:
-        """Fit the GP on training images: ``draws`` noisings per image at t ~ U{0..T-1}.
-
-        ``images``: batches x0 (B,C,H,W) in [-1,1]. Returns self.
+        Args:
+            model: a trained U-Net whose only Bayesian layers are the head (used at its posterior mean).
+            images: batches x0 (B,C,H,W) in [-1,1] on the model's device.
+            features: D random Fourier features.
+            lengthscale: the RBF lengthscale as a multiple of the median distance between
+                standardised training activations (the median heuristic).
+            noise: the GP's noise variance relative to its prior variance.
         """
-        g = torch.Generator().manual_seed(self.seed)
-        acts = []
+        require_point_trunk(model, "the bottleneck GP")
+        if features < 1 or lengthscale <= 0 or noise <= 0 or draws < 1:
+            raise ValueError(
+                "the bottleneck GP needs features >= 1, lengthscale > 0, noise > 0 and draws >= 1, got "
+                f"{features}, {lengthscale}, {noise}, {draws}"
+            )
+        g = torch.Generator().manual_seed(seed)
+        kept, acts = [], []
         for x0 in images:
+            kept.append(x0[: max(0, SIGNAL_IMAGES - sum(len(k) for k in kept))])
             for _ in range(draws):
-                t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=g)
-                noise = torch.randn(x0.shape, generator=g)
-                acts.append(self.bottleneck(self.schedule.q_sample(x0, t, noise), t).double())
+                t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=g).to(x0.device)
+                x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
+                acts.append(model.net.encode(x_t, t)[0].flatten(1).double().cpu())
         if not acts:
-            raise ValueError("BottleneckGP.fit needs at least one batch of images")
+            raise ValueError("the bottleneck GP needs at least one batch of training images")
         h = torch.cat(acts)  # (N, d)
-        self.center, self.scale = h.mean(0), h.std(0).clamp_min(1e-6)
-        z = (h - self.center) / self.scale
+        center, scale = h.mean(0), h.std(0).clamp_min(1e-6)
+        z = (h - center) / scale
         pick = torch.randperm(len(z), generator=g)[:2000]
-        median = torch.cdist(z[pick], z[pick]).median().clamp_min(1e-6)
-        ell = self.lengthscale_mult * median
-        self.freqs = torch.randn(z.shape[1], self.num_features, generator=g, dtype=torch.float64) / ell
-        self.phases = 2 * math.pi * torch.rand(self.num_features, generator=g, dtype=torch.float64)
-        phi = self.random_features(h)
-        precision = phi.T @ phi + self.noise * torch.eye(self.num_features, dtype=torch.float64)
-        self.covariance = self.noise * torch.cholesky_inverse(torch.linalg.cholesky(precision))
-        for name in ("center", "scale", "freqs", "phases", "covariance"):  # float64 only while fitting
-            setattr(self, name, getattr(self, name).float())
-        return self
+        ell = lengthscale * float(torch.cdist(z[pick], z[pick]).median().clamp_min(1e-6))
+        freqs, phases = random_fourier_basis(z.shape[1], features, ell, seed + 1)
+        phi = math.sqrt(2.0 / features) * torch.cos(z @ freqs + phases)
+        precision = phi.T @ phi + noise * torch.eye(features, dtype=torch.float64)
+        covariance = noise * torch.cholesky_inverse(torch.linalg.cholesky(precision))
+        signal = _mean_aleatoric(model, schedule, torch.cat(kept), g)
+        return cls(center.float(), scale.float(), ell, seed + 1, covariance.float(), signal, noise)
 
     def gp_variance(self, h: Tensor) -> Tensor:
-        """(B, d) activations -> the GP's posterior variance (B,) in units of its prior variance."""
-        if not self.fitted:
-            raise RuntimeError("BottleneckGP.predict before fit: call .fit(training images) first")
-        phi = self.random_features(h)
+        """(B, d) flattened bottleneck activations -> v(h) (B,), in units of the GP's prior variance."""
+        if self.covariance.device != h.device:
+            for name in ("center", "scale", "freqs", "phases", "covariance"):
+                setattr(self, name, getattr(self, name).to(h.device))
+        z = (h.float() - self.center) / self.scale
+        phi = math.sqrt(2.0 / self.covariance.shape[0]) * torch.cos(z @ self.freqs + self.phases)
         return ((phi @ self.covariance) * phi).sum(1).clamp_min(0)
 
-    @torch.no_grad()
-    def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
-        net = self.model.net
-        h, skips, emb = net.encode(x_t, t)
-        w, b = self.weights.get("head.weight", net.head.weight), self.weights.get("head.bias", net.head.bias)
-        eps, log_var = nn.functional.conv2d(net.decode(h, skips, emb), w, b, padding=net.head.padding).chunk(2, dim=1)
-        aleatoric = log_var.exp()
-        v = self.gp_variance(h.flatten(1)).to(eps.dtype)[:, None, None, None]
+    def epistemic(self, h: Tensor, t: Tensor, aleatoric: Tensor) -> Tensor:
+        """Epistemic variance of eps (B,C,H,W) from the bottleneck h (B,C',H',W'), t (B,) and the aleatoric map (B,C,H,W)."""
+        v = (self.gp_variance(h.flatten(1)) * self.signal.scale(t).to(h.device)).to(aleatoric.dtype)
         shape = aleatoric / aleatoric.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-        return Prediction(eps, v * shape, aleatoric)
+        return v[:, None, None, None] * shape
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loads with ``torch.load(weights_only=True)``)."""
+        return {"center": self.center.cpu(), "scale": self.scale.cpu(), "lengthscale": self.lengthscale,
+                "seed": self.seed, "covariance": self.covariance.cpu(), "signal": self.signal.to_dict(),
+                "noise": self.noise}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BottleneckGP:
+        return cls(d["center"], d["scale"], float(d["lengthscale"]), int(d["seed"]), d["covariance"],
+                   VarianceCalibration.from_dict(d["signal"]), float(d["noise"]))
+
+
+def _mean_aleatoric(model: BayesianUNet, schedule: NoiseSchedule, x0: Tensor, g: torch.Generator) -> VarianceCalibration:
+    """s(t): the mean aleatoric variance of eps over images x0 at the head's posterior mean, at 16 knots."""
+    net, post = model.net, model.posterior_loc_scale()
+    w = post["head.weight"][0] if "head.weight" in post else net.head.weight
+    b = post["head.bias"][0] if "head.bias" in post else net.head.bias
+    knots, logs = default_knots(schedule.timesteps, SIGNAL_KNOTS), []
+    for k in knots:
+        t = torch.full((len(x0),), k, dtype=torch.long, device=x0.device)
+        x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
+        log_var = F.conv2d(net.features(x_t, t), w, b, padding=net.head.padding).chunk(2, dim=1)[1]
+        logs.append(float(log_var.exp().mean().log()))
+    return VarianceCalibration(tuple(knots), tuple(logs))

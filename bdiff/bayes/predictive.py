@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.bayes.model import BayesianUNet
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.denoiser import Prediction
@@ -48,11 +49,16 @@ def _summarise(eps: Tensor, log_var: Tensor) -> Prediction:
     return Prediction(eps.mean(0), var_epistemic, log_var.exp().mean(0))
 
 
-def predict_with_weights(model: BayesianUNet, x_t: Tensor, t: Tensor, weights: dict[str, Tensor]) -> Prediction:
-    """Evaluate the U-Net for K given weight sets {name: (K, *shape)} in one vmapped call."""
+def predict_with_weights(
+    model: BayesianUNet, x_t: Tensor, t: Tensor, weights: dict[str, Tensor], features: Tensor | None = None
+) -> Prediction:
+    """Evaluate the U-Net for K given weight sets {name: (K, *shape)} in one vmapped call.
+
+    ``features``: the trunk's ``net.features(x_t, t)`` when already computed (head-only posteriors).
+    """
     net = model.net
     if set(weights) <= HEAD_NAMES:
-        h = net.features(x_t, t)
+        h = net.features(x_t, t) if features is None else features
         head_weights = {name.removeprefix("head."): w for name, w in weights.items()}
 
         def run_head(w: dict[str, Tensor]) -> Tensor:
@@ -68,15 +74,18 @@ def predict_with_weights(model: BayesianUNet, x_t: Tensor, t: Tensor, weights: d
     return _summarise(eps, log_var)
 
 
-def predict_analytic(model: BayesianUNet, x_t: Tensor, t: Tensor) -> Prediction:
-    """Closed-form predictive when only ``head.weight`` / ``head.bias`` are Bayesian."""
+def predict_analytic(model: BayesianUNet, x_t: Tensor, t: Tensor, features: Tensor | None = None) -> Prediction:
+    """Closed-form predictive when only ``head.weight`` / ``head.bias`` are Bayesian.
+
+    ``features``: the trunk's ``net.features(x_t, t)`` when already computed.
+    """
     if not set(model.bayesian_names) <= HEAD_NAMES:
         raise ValueError(
             f"the analytic predictive needs only the head to be Bayesian, not {model.bayesian_names[:3]}...; "
             "use predictive='sampled'"
         )
     net, post = model.net, model.posterior_loc_scale()
-    h = net.features(x_t, t)
+    h = net.features(x_t, t) if features is None else features
     w_mu, w_s = post.get("head.weight", (net.head.weight, torch.zeros_like(net.head.weight)))
     b_mu, b_s = post.get("head.bias", (net.head.bias, torch.zeros_like(net.head.bias)))
     pad = net.head.padding
@@ -93,7 +102,10 @@ class BayesianDenoiser(nn.Module):
     ``predict(x_t, t)`` returns the posterior predictive :class:`Prediction`, with the
     aleatoric variance rescaled per t by ``calibration`` when one was fitted
     (:mod:`bdiff.bayes.recalibration`; ``predict_uncalibrated`` skips it).
-    A model with no Bayesian layers gives zero epistemic variance.
+    A model with no Bayesian layers gives zero epistemic variance. With ``epistemic_gp`` set
+    (:mod:`bdiff.bayes.bottleneck_gp`, fitted during training with ``model.epistemic_gp: true``)
+    the epistemic variance also holds the bottleneck GP's, which notices images unlike the
+    training data; the head's own is added to it.
 
     Example:
         >>> den = BayesianDenoiser(bayes_unet, schedule, num_samples=8)
@@ -118,11 +130,12 @@ class BayesianDenoiser(nn.Module):
             raise ValueError("mode='analytic' needs only the head to be Bayesian; use mode='sampled'")
         self.generator: torch.Generator | None = None
         self.calibration: VarianceCalibration | None = None
+        self.epistemic_gp: BottleneckGP | None = None
 
     @property
     def is_bayesian(self) -> bool:
-        """False when no layer carries a weight posterior (zero epistemic variance)."""
-        return self.model.is_bayesian
+        """False when no layer carries a weight posterior and no bottleneck GP is fitted (zero epistemic variance)."""
+        return self.model.is_bayesian or self.epistemic_gp is not None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -139,14 +152,21 @@ class BayesianDenoiser(nn.Module):
         """Posterior predictive with the variance head's own aleatoric variance."""
         model = self.model
         model.net.check_input(x_t, t)
-        if not model.is_bayesian:
-            eps, log_var = model.net(x_t, t)
-            return Prediction(eps, torch.zeros_like(eps), log_var.exp())
         analytic = self.mode == "analytic" or (self.mode == "auto" and set(model.bayesian_names) <= HEAD_NAMES)
-        if analytic:
-            return predict_analytic(model, x_t, t)
-        weights = draw_weights(model, self.num_samples, self.generator)
-        return predict_with_weights(model, x_t, t, weights)
+        gp, h, features = self.epistemic_gp, None, None
+        if gp is not None:  # the trunk once: its bottleneck feeds the GP, its features the head
+            h, skips, emb = model.net.encode(x_t, t)
+            features = model.net.decode(h, skips, emb)
+        if not model.is_bayesian:
+            eps, log_var = model.net.head(model.net.features(x_t, t) if features is None else features).chunk(2, dim=1)
+            pred = Prediction(eps, torch.zeros_like(eps), log_var.exp())
+        elif analytic:
+            pred = predict_analytic(model, x_t, t, features)
+        else:
+            pred = predict_with_weights(model, x_t, t, draw_weights(model, self.num_samples, self.generator), features)
+        if gp is None:
+            return pred
+        return pred._replace(var_epistemic=pred.var_epistemic + gp.epistemic(h, t, pred.var_aleatoric))
 
     def forward(self, x_t: Tensor, t: Tensor) -> Prediction:
         return self.predict(x_t, t)

@@ -23,6 +23,8 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
+from bdiff.bayes.bottleneck_gp import BottleneckGP
+from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
     KnotErrors,
@@ -67,9 +69,16 @@ class DiffusionModule(pl.LightningModule):
             validation images at every validation (EMA weights in place), at K timestep knots,
             so held-out z^2 = 1 (:mod:`bdiff.bayes.recalibration`); it is saved in the
             checkpoint. 0 keeps the variance head's raw output.
+        epistemic_gp: at every validation (EMA weights in place, before the calibration's
+            errors are collected) fit the bottleneck GP on up to 2,048 training images
+            (:mod:`bdiff.bayes.bottleneck_gp`): an epistemic variance that notices images unlike
+            the training data, which the head's posterior alone does not (BENCHMARKS.md,
+            "Held-out digit class"). Saved in the checkpoint; needs a point trunk (only the head
+            may be Bayesian).
     """
 
     MAX_CALIBRATION_PIXELS = 1 << 17  # per knot: ~2k digits or ~40 RGB 32x32 images' worth
+    EPISTEMIC_GP_IMAGES = 2048  # training images the bottleneck GP is fitted on (x 8 noisings)
 
     def __init__(
         self,
@@ -85,6 +94,7 @@ class DiffusionModule(pl.LightningModule):
         guide_scale_lr_mult: float = 1.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         variance_calibration_knots: int = 32,
+        epistemic_gp: bool = False,
     ) -> None:
         super().__init__()
         net, bayes, schedule = _as(UNetConfig, net), _as(BayesConfig, bayes), _as(ScheduleConfig, schedule)
@@ -116,9 +126,12 @@ class DiffusionModule(pl.LightningModule):
                 "guide_scale_lr_mult": guide_scale_lr_mult,
                 "on_nonfinite": on_nonfinite,
                 "variance_calibration_knots": variance_calibration_knots,
+                "epistemic_gp": epistemic_gp,
             }
         )
         self.denoiser = build_denoiser(net, bayes, schedule, warm_start=warm_start)
+        if epistemic_gp:
+            require_point_trunk(self.denoiser.model, "model.epistemic_gp")
         # The net's copies of the Bayesian weights are only initial means: the guide owns them.
         params = dict(self.bayes.net.named_parameters())
         for name in self.bayes.bayesian_names:
@@ -267,6 +280,21 @@ class DiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._calibration_errors = []
+        if self.hparams.get("epistemic_gp") and not self.trainer.sanity_checking:
+            with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
+                images = self._training_images()
+            self.denoiser.epistemic_gp = BottleneckGP.fit(self.bayes, self.schedule, images)
+
+    def _training_images(self) -> list[Tensor]:
+        """Batches of the first EPISTEMIC_GP_IMAGES training images (at most), on this module's device.
+
+        Read from the datamodule's dataset, not the training loader: iterating that loader
+        would advance its shuffling and the resumable sampler of :class:`ExactResume`.
+        """
+        dataset = self.trainer.datamodule.train_dataset
+        n = min(len(dataset), self.EPISTEMIC_GP_IMAGES)
+        images = torch.stack([dataset[i] for i in range(n)]).to(self.device)
+        return list(images.split(256))
 
     def on_validation_epoch_end(self) -> None:
         """Fit the aleatoric-variance calibration on this validation's errors.
@@ -285,6 +313,8 @@ class DiffusionModule(pl.LightningModule):
         """Store the fitted variance calibration (plain lists: loads with weights_only=True)."""
         if self.denoiser.calibration is not None:
             checkpoint["variance_calibration"] = self.denoiser.calibration.to_dict()
+        if self.denoiser.epistemic_gp is not None:
+            checkpoint["bottleneck_gp"] = self.denoiser.epistemic_gp.to_dict()
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.hparams["lr"]
@@ -304,6 +334,8 @@ class DiffusionModule(pl.LightningModule):
         """Refuse a checkpoint of another architecture with a clear message (before load_state_dict)."""
         if "variance_calibration" in checkpoint:
             self.denoiser.calibration = VarianceCalibration.from_dict(checkpoint["variance_calibration"])
+        if "bottleneck_gp" in checkpoint:
+            self.denoiser.epistemic_gp = BottleneckGP.from_dict(checkpoint["bottleneck_gp"])
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("net", "bayes"):
             mine, theirs = self.hparams[key], saved.get(key)
