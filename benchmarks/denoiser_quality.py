@@ -73,11 +73,12 @@ def sample_rows(label: str, ckpt: Path, args: argparse.Namespace, references: di
     return rows
 
 
-def calibration_rows(label: str, ckpt: Path) -> list[dict[str, Any]]:
+def calibration_rows(label: str, ckpt: Path, denoiser=None) -> list[dict[str, Any]]:
     """z^2 per t on the held-out digits: of the variance head as trained, and after the per-t
     recalibration (bdiff.bayes.recalibration) fitted on the *other* half of the held-out digits
-    (two-fold cross-fitting, so no image is scored by a calibration fitted on it)."""
-    denoiser = load_model(ckpt)
+    (two-fold cross-fitting, so no image is scored by a calibration fitted on it).
+    ``denoiser``: score this one (e.g. with a bottleneck GP attached) instead of loading ``ckpt``."""
+    denoiser = load_model(ckpt) if denoiser is None else denoiser
     denoiser.calibration = None  # the stored one was fitted on all of these images
     x0 = digits_split("val") * 2 - 1
     rows = calibration_at_t(denoiser, x0, CALIBRATION_T, torch.Generator().manual_seed(0))

@@ -7,13 +7,16 @@ the training digits with the final EMA weights (what ``model.epistemic_gp: true`
 validation). Per budget (5, 10, 20 NFE): the ``--nfe`` recipe (:mod:`bdiff.sampling.budget`) and
 the same recipe plus variance-weighted blending, each with the head's epistemic variance alone
 (``head``) and with the GP's added (``gp``). Per feature space (``bdiff.evaluate.references_for``):
-FD, precision, recall; blending's mean Kalman gain; and the ranking only epistemic can serve:
+FD, precision, recall; blending's mean Kalman gain; the calibration of the total variance on
+held-out digits (z^2 per t after the per-t recalibration, cross-fitted as in ``denoiser_quality.py``); and the ranking only epistemic can serve:
 AUROC of each sample's propagated uncertainty (mean of its variance map) for the 20% of samples
 farthest from any real digit (nearest-real distance in that space), and, in classifier spaces,
-for the 20% the classifier is least confident on. Nothing here is tuned (blend strength 1, the
+for the 20% the classifier is least confident on; and filtering: FD after dropping the 20% most
+uncertain over FD after dropping a random 20% (ranked raw, and within clusters of look-alikes as
+``bdiff.metrics.usefulness.uncertainty_within_clusters``). Nothing here is tuned (blend strength 1, the
 GP's settings from the held-out-class benchmark), so every run and seed is a report.
 
-Writes ``benchmarks/results/epistemic_sampler.json`` and ``.md``.
+Writes ``benchmarks/results/epistemic_sampler.json`` and ``.md`` (and ``_calibration.md``).
 """
 
 from __future__ import annotations
@@ -26,16 +29,24 @@ from typing import Any
 import torch
 
 from bdiff.bayes.bottleneck_gp import BottleneckGP
+from bdiff.bayes.recalibration import FINAL_DRAWS, default_knots, fit_calibration, knot_errors
 from bdiff.checkpoint import load_model
 from bdiff.evaluate import digits_split, references_for
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import quality_from_features
-from bdiff.metrics.usefulness import auroc_worst, nearest_real_distance, per_sample_uncertainty
+from bdiff.metrics.usefulness import (
+    auroc_worst,
+    fd_after_filtering,
+    nearest_real_distance,
+    per_sample_uncertainty,
+    uncertainty_within_clusters,
+)
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from denoiser_quality import calibration_rows  # noqa: E402  (benchmarks/ is the script's folder)
+from peers import run_ours, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,11 +64,15 @@ def score(images: torch.Tensor, variance: torch.Tensor, references: dict) -> dic
     """Quality and ranking metrics of samples (N,C,H,W) in [0,1] with their variance maps, per space."""
     row: dict[str, float] = {}
     u = per_sample_uncertainty(variance)
+    u_cluster = uncertainty_within_clusters(images, variance)
     for space, (extractor, f_real) in references.items():
         f_fake = extract_features(images, extractor)
         q = quality_from_features(f_real, f_fake)
         row.update({f"{space}/{k}": q[k] for k in ("fd", "precision", "recall")})
         row[f"{space}/auroc_far"] = auroc_worst(u, nearest_real_distance(f_fake, f_real))
+        for key, score_ in (("filter", u), ("filter_clusters", u_cluster)):
+            f = fd_after_filtering(f_real, f_fake, score_, drop=0.2, seeds=range(5))
+            row[f"{space}/{key}"] = f["fd_drop_uncertain"] / f["fd_drop_random_mean"]
         if getattr(extractor, "is_classifier", False):
             conf = torch.cat([extractor.confidence(c) for c in images.split(1000)])
             row[f"{space}/auroc_unsure"] = auroc_worst(u, -conf)
@@ -75,8 +90,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     references = references_for()
-    train_x = digits_split("train") * 2 - 1
+    train_x, val_x = digits_split("train") * 2 - 1, digits_split("val") * 2 - 1
     rows: list[dict[str, Any]] = []
+    calibration: list[dict[str, Any]] = []
     for spec in args.runs:
         label, folder = spec.split("=", 1)
         ckpt = ROOT / folder / "checkpoints" / "last.ckpt"
@@ -84,6 +100,17 @@ def main() -> None:
         head.epistemic_gp = None  # the head's posterior alone, even if the run was trained with the GP
         gp = load_model(ckpt)
         gp.epistemic_gp = BottleneckGP.fit(gp.model, gp.schedule, train_x[:2048].split(256))
+        stored = head.calibration
+        for epistemic, den in (("head", head), ("gp", gp)):
+            calibration += [{"run": label, "epistemic": epistemic, **r}
+                            for r in calibration_rows(f"{label}/{epistemic}", ckpt, denoiser=den)]
+            print(calibration[-6:], flush=True)
+        # Sampling: the head keeps the stored recalibration; with the GP it is refitted on the
+        # validation digits with the GP's variance included, as training with model.epistemic_gp does.
+        head.calibration = stored
+        knots = default_knots(gp.schedule.timesteps)
+        gp.calibration = fit_calibration(knots, knot_errors(gp.predict_uncalibrated, gp.schedule, val_x, knots,
+                                                            torch.Generator().manual_seed(1), draws=FINAL_DRAWS))
         for nfe in args.nfe:
             for name, recipe in recipes(nfe).items():
                 for epistemic, den in (("head", head), ("gp", gp)):
@@ -102,8 +129,12 @@ def main() -> None:
     spaces = list(references)
     cols = ["run", "nfe", "recipe", "epistemic", "seed", "mean_gain",
             *[f"{s}/fd" for s in spaces], *[f"{s}/auroc_far" for s in spaces],
-            *[f"{s}/auroc_unsure" for s in spaces if f"{s}/auroc_unsure" in rows[0]]]
-    write_results(ROOT / "benchmarks" / "results", args.stem, {"args": vars(args), "rows": rows}, rows, cols)
+            *[f"{s}/auroc_unsure" for s in spaces if f"{s}/auroc_unsure" in rows[0]],
+            *[f"{s}/filter" for s in spaces], *[f"{s}/filter_clusters" for s in spaces]]
+    out = ROOT / "benchmarks" / "results"
+    write_results(out, args.stem, {"args": vars(args), "rows": rows, "calibration": calibration}, rows, cols)
+    write_results(out, f"{args.stem}_calibration", calibration, calibration,
+                  ["run", "epistemic", "t", "mse", "mean_var_epistemic", "z2_total", "z2_total_recalibrated"])
 
 
 if __name__ == "__main__":
