@@ -43,10 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from bdiff.bayes.laplace import require_point_trunk
+from bdiff.bayes.laplace import head_at, require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.bayes.recalibration import VarianceCalibration, default_knots
 from bdiff.denoiser import Prediction
@@ -168,13 +167,11 @@ class BottleneckGP:
 
 def _mean_aleatoric(model: BayesianUNet, schedule: NoiseSchedule, x0: Tensor, g: torch.Generator) -> VarianceCalibration:
     """s(t): the mean aleatoric variance of eps over images x0 at the head's posterior mean, at 16 knots."""
-    net, post = model.net, model.posterior_loc_scale()
-    w = post["head.weight"][0] if "head.weight" in post else net.head.weight
-    b = post["head.bias"][0] if "head.bias" in post else net.head.bias
+    weights = {name: loc for name, (loc, _) in model.posterior_loc_scale().items()}
     knots, logs = default_knots(schedule.timesteps, SIGNAL_KNOTS), []
     for k in knots:
         t = torch.full((len(x0),), k, dtype=torch.long, device=x0.device)
         x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
-        log_var = F.conv2d(net.features(x_t, t), w, b, padding=net.head.padding).chunk(2, dim=1)[1]
+        log_var = head_at(model.net, weights, model.net.features(x_t, t))[1]
         logs.append(float(log_var.exp().mean().log()))
     return VarianceCalibration(tuple(knots), tuple(logs))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from bdiff.bayes.laplace import require_point_trunk
+from bdiff.bayes.laplace import head_at, require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.nets.unet import UNet
@@ -95,9 +95,7 @@ class DecoderEnsemble(nn.Module):
         net = self.model.net
         with torch.no_grad():
             h, skips, emb = net.encode(x_t, t)
-            feats = net.decode(h, skips, emb)
-            w, b = self.weights.get("head.weight", net.head.weight), self.weights.get("head.bias", net.head.bias)
-            eps, log_var = nn.functional.conv2d(feats, w, b, padding=net.head.padding).chunk(2, dim=1)
+            eps, log_var = head_at(net, self.weights, net.decode(h, skips, emb))
             spread = self.members_eps(h, skips, emb).var(0)
         return Prediction(eps, spread, log_var.exp())
 
