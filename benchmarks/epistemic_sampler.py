@@ -7,7 +7,7 @@ the training digits with the final EMA weights (what ``model.epistemic_gp: true`
 validation). Per budget (5, 10, 20 NFE): the ``--nfe`` recipe (:mod:`bdiff.sampling.budget`) and
 the same recipe plus variance-weighted blending, each with the head's epistemic variance alone
 (``head``) and with the GP's added (``gp``). Per feature space (``bdiff.evaluate.references_for``):
-FD, precision, recall; blending's mean Kalman gain; the calibration of the total variance on
+FD, precision, recall; blending's Kalman gain (mean, and per step from the noisiest); the calibration of the total variance on
 held-out digits (z^2 per t after the per-t recalibration, cross-fitted as in ``denoiser_quality.py``); and the ranking only epistemic can serve:
 AUROC of each sample's propagated uncertainty (mean of its variance map) for the 20% of samples
 farthest from any real digit (nearest-real distance in that space), and, in classifier spaces,
@@ -115,15 +115,18 @@ def main() -> None:
             for name, recipe in recipes(nfe).items():
                 for epistemic, den in (("head", head), ("gp", gp)):
                     for seed in args.seeds:
-                        gains: list[float] = []
+                        chunks: list[list[float]] = []  # per chunk: blending's mean gain at each step
 
-                        def keep(r, gains=gains) -> None:
-                            gains.extend(r.extras.get("blend", {}).get("gain", []))
+                        def keep(r, chunks=chunks) -> None:
+                            chunks.append(r.extras.get("blend", {}).get("gain", []))
 
                         samples = run_ours(recipe, den, args.n, seed, batch=500, on_chunk=keep)
+                        gains = [g for c in chunks for g in c]
+                        by_step = [sum(c[i] for c in chunks if i < len(c)) / sum(i < len(c) for c in chunks)
+                                   for i in range(max(map(len, chunks), default=0))]
                         row = {"run": label, "nfe": nfe, "recipe": name, "epistemic": epistemic, "seed": seed,
                                "nfe_used": samples.nfe, "mean_gain": sum(gains) / len(gains) if gains else None,
-                               **score(samples.images, samples.variance, references)}
+                               "gain_by_step": by_step or None, **score(samples.images, samples.variance, references)}
                         rows.append(row)
                         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     spaces = list(references)

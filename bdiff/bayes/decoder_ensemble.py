@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from bdiff.bayes.head_ensemble import fit_bootstrap
 from bdiff.bayes.laplace import head_at, require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
@@ -110,24 +111,11 @@ class DecoderEnsemble(nn.Module):
 
         ``batches``: an iterable of x0 (B,C,H,W) in [-1,1], cycled until ``steps`` steps are done.
         """
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        data = list(batches)
-        if not data:
-            raise ValueError("DecoderEnsemble.fit needs at least one batch of images")
-        opt = torch.optim.Adam(self.stacked.parameters(), lr=lr)
-        # One fixed weight (0 or 2) per member and image: each member's own bootstrap resample.
-        boots = [2.0 * torch.randint(0, 2, (self.members, x0.shape[0]), generator=generator).float() for x0 in data]
-        losses: list[float] = []
-        for step in range(steps):
-            x0, boot = data[step % len(data)], boots[step % len(data)]  # (B,C,H,W), (M,B)
-            t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
+
+        def errors(x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             with torch.no_grad():
-                h, skips, emb = self.model.net.encode(self.schedule.q_sample(x0, t, noise), t)
-            err2 = (self.members_eps(h, skips, emb) - noise).pow(2).flatten(2).mean(2)  # (M,B)
-            loss = (boot * err2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+                h, skips, emb = self.model.net.encode(x_t, t)
+            return (self.members_eps(h, skips, emb) - noise).pow(2).flatten(2).mean(2)
+
+        return fit_bootstrap(errors, self.stacked.parameters(), self.members, self.schedule, batches, steps, lr,
+                             generator, "DecoderEnsemble.fit")

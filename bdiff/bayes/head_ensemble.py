@@ -18,7 +18,7 @@ All M members are one grouped-conv stack (a 3x3 conv to M*hidden channels, SiLU,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -109,24 +109,45 @@ class HeadEnsemble(nn.Module):
 
         ``batches``: an iterable of x0 (B,C,H,W) in [-1,1], cycled until ``steps`` steps are done.
         """
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        opt = torch.optim.Adam(self.heads.parameters(), lr=lr)
-        losses: list[float] = []
-        data = list(batches)
-        if not data:
-            raise ValueError("HeadEnsemble.fit needs at least one batch of images")
-        m = self.heads.members
-        # One fixed weight (0 or 2) per member and image: each member's own bootstrap resample.
-        boots = [2.0 * torch.randint(0, 2, (m, x0.shape[0]), generator=generator).float() for x0 in data]
-        for step in range(steps):
-            x0, boot = data[step % len(data)], boots[step % len(data)]  # (B,C,H,W), (M,B)
-            t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            h = self.features(self.schedule.q_sample(x0, t, noise), t)
-            err2 = (self.members_eps(h) - noise).pow(2).flatten(2).mean(2)  # (M,B)
-            loss = (boot * err2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+
+        def errors(x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+            return (self.members_eps(self.features(x_t, t)) - noise).pow(2).flatten(2).mean(2)
+
+        return fit_bootstrap(errors, self.heads.parameters(), self.heads.members, self.schedule, batches, steps, lr,
+                             generator, "HeadEnsemble.fit")
+
+
+def fit_bootstrap(
+    member_errors: Callable[[Tensor, Tensor, Tensor], Tensor],
+    parameters: Iterable[nn.Parameter],
+    members: int,
+    schedule: NoiseSchedule,
+    batches: Iterable[Tensor],
+    steps: int,
+    lr: float,
+    generator: torch.Generator | None,
+    who: str,
+) -> list[float]:
+    """Adam on L_simple with one double-or-nothing bootstrap weight per (member, image) (Osband et al. 2016).
+
+    ``member_errors(x_t, t, noise)`` gives each member's per-image squared eps error (M,B);
+    ``batches`` of x0 (B,C,H,W) in [-1,1] are cycled until ``steps`` steps are done. Returns the losses.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    data = list(batches)
+    if not data:
+        raise ValueError(f"{who} needs at least one batch of images")
+    opt = torch.optim.Adam(parameters, lr=lr)
+    # One fixed weight (0 or 2) per member and image: each member's own bootstrap resample.
+    boots = [2.0 * torch.randint(0, 2, (members, x0.shape[0]), generator=generator).float() for x0 in data]
+    losses: list[float] = []
+    for step in range(steps):
+        x0, boot = data[step % len(data)], boots[step % len(data)]  # (B,C,H,W), (M,B)
+        t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        loss = (boot * member_errors(schedule.q_sample(x0, t, noise), t, noise)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
