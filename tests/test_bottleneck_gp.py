@@ -111,3 +111,17 @@ def test_bad_use_is_refused(denoiser) -> None:
     net = UNet(UNetConfig(base_channels=8, num_heads=2))
     with pytest.raises(ValueError, match="only Bayesian layers are the head"):
         BottleneckGP.fit(BayesianUNet(net, BayesConfig(layers="all")), NoiseSchedule(), [torch.zeros(2, 1, 8, 8)])
+
+
+def test_training_with_epistemic_gp_needs_a_datamodule(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from bdiff.lit.module import DiffusionModule
+
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), epistemic_gp=True)
+    trainer = pl.Trainer(max_steps=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="needs|datamodule"):
+        trainer.fit(model, DataLoader(torch.zeros(4, 1, 8, 8), batch_size=2))
+    with pytest.raises(ValueError, match="only Bayesian layers are the head"):
+        DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), bayes=BayesConfig(layers="all"), epistemic_gp=True)

@@ -153,6 +153,9 @@ class DiffusionModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
+            if self.hparams.get("epistemic_gp") and stage == "fit":
+                raise ValueError("model.epistemic_gp fits the GP on the datamodule's train_dataset: train with a "
+                                 "datamodule (data: in the config), not bare dataloaders")
             return
         cfg = self.bayes.net.config
         if (datamodule.channels, datamodule.image_size) != (cfg.in_channels, cfg.image_size):
