@@ -117,9 +117,8 @@ class BottleneckGP:
                 f"{features}, {lengthscale}, {noise}, {draws}"
             )
         g = torch.Generator().manual_seed(seed)
-        kept, acts = [], []
-        for x0 in images:
-            kept.append(x0[: max(0, SIGNAL_IMAGES - sum(len(k) for k in kept))])
+        batches, acts = list(images), []
+        for x0 in batches:
             for _ in range(draws):
                 t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=g).to(x0.device)
                 x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
@@ -135,7 +134,7 @@ class BottleneckGP:
         phi = math.sqrt(2.0 / features) * torch.cos(z @ freqs + phases)
         precision = phi.T @ phi + noise * torch.eye(features, dtype=torch.float64)
         covariance = noise * torch.cholesky_inverse(torch.linalg.cholesky(precision))
-        signal = _mean_aleatoric(model, schedule, torch.cat(kept), g)
+        signal = _mean_aleatoric(model, schedule, torch.cat(batches)[:SIGNAL_IMAGES], g)
         return cls(center.float(), scale.float(), ell, seed + 1, covariance.float(), signal, noise)
 
     def gp_variance(self, h: Tensor) -> Tensor:
