@@ -2,6 +2,8 @@
 
     python -m bdiff.evaluate --samples samples.npz [--ckpt last.ckpt] [--out-dir eval] [--wandb-project bdiff]
 
+Options can also come from a YAML file (``--config``; ``--print_config`` prints one), as for train.py.
+
 Prints Markdown tables and writes ``metrics.json``, ``metrics.md`` and (with
 ``--ckpt``) ``reliability.png`` into ``--out-dir``. Quality is reported in every
 feature space named by ``--features`` (default: ``digits``, a small CNN classifier
@@ -15,12 +17,12 @@ Reference features come from the real training split and are cached.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
 from bdiff.metrics.features import DIGITS_SPACES, default_cache_dir, get_feature_extractor
@@ -90,16 +92,17 @@ def log_to_wandb(project: str, metrics: dict[str, Any], config: dict[str, Any], 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bdiff.sample import program_name
 
-    p = argparse.ArgumentParser(prog=program_name("bdiff-evaluate", "bdiff.evaluate"), description=__doc__.splitlines()[0])
-    p.add_argument("--samples", required=True, help="samples.npz written by python -m bdiff.sample")
-    p.add_argument("--ckpt", help="checkpoint, for calibration on held-out data")
+    p = ArgumentParser(prog=program_name("bdiff-evaluate", "bdiff.evaluate"), description=__doc__.splitlines()[0])
+    p.add_argument("--config", action=ActionConfigFile, help="the options below as YAML (e.g. saved with --print_config)")
+    p.add_argument("--samples", type=str, required=True, help="samples.npz written by python -m bdiff.sample")
+    p.add_argument("--ckpt", type=Optional[str], default=None, help="checkpoint, for calibration on held-out data")
     p.add_argument("--features", nargs="+", default=list(DIGITS_SPACES),
                    help="feature spaces (the first is the primary one): digits, digits_mlp, pixels, inception")
-    p.add_argument("--fallback", default=None, help="extractor to use if --features is unavailable")
+    p.add_argument("--fallback", type=Optional[str], default=None, help="extractor to use if --features is unavailable")
     p.add_argument("--train-features-if-missing", action="store_true",
                    help="train the digits feature net (seconds on a CPU) if its cached weights are missing")
-    p.add_argument("--out-dir", default=None, help="default: next to the samples file")
-    p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
+    p.add_argument("--out-dir", type=Optional[str], default=None, help="default: next to the samples file")
+    p.add_argument("--wandb-project", type=Optional[str], default=None, help="also log the metrics to this W&B project")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
     args = p.parse_args(argv)
 

@@ -5,7 +5,12 @@
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
 
 ``--nfe N`` picks the measured-best recipe for N denoiser calls per sample
-(:mod:`bdiff.sampling.budget`).
+(:mod:`bdiff.sampling.budget`). The command line is a jsonargparse parser, like train.py's:
+a recipe's keys (``stepper``, ``steps``, ``spacing``, ``posterior_samples``, ``callbacks``) are
+options of their own, so ``--config`` reads a recipe file, later options override its keys
+(``--config configs/sampler/unipc.yaml --steps 20``), a recipe can be given without a file
+(``--stepper unipc --steps 10``), and ``--print_config`` prints the whole job as YAML, which
+``--config job.yaml`` runs again.
 
 Writes ``samples.npz`` (format: :mod:`bdiff.metrics.samples_file`) and
 ``samples.png`` (the first 64 samples beside their uncertainty maps). Sample i
@@ -31,22 +36,22 @@ call never fails sampling: it continues offline, then switches W&B off.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm import tqdm
 
 from bdiff.checkpoint import load_model
 from bdiff.metrics.samples_file import SamplesWriter
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import Recipe, add_recipe_arguments, recipe_keys_given
 from bdiff.sampling.sampler import chunk_ranges
 from bdiff.viz import save_side_by_side, uncertainty_grids
 
@@ -59,41 +64,51 @@ def program_name(command: str, module: str) -> str:
     return command if Path(sys.argv[0]).name == command else f"python -m {module}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=program_name("bdiff-sample", "bdiff.sample"), description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", help="sampler recipe YAML (configs/sampler/*.yaml)")
-    which.add_argument("--nfe", type=int,
-                       help="a budget of denoiser calls per sample: use the measured-best recipe for it "
-                            "(bdiff.sampling.budget)")
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    """The command line (jsonargparse, like train.py's LightningCLI): recipe keys plus the job's options.
+
+    The recipe's keys (:func:`~bdiff.sampling.recipe.add_recipe_arguments`) are top-level options,
+    so a recipe YAML is a ``--config`` of this parser, options after it override its keys
+    (``--steps 20``), and ``--print_config`` prints the whole job as YAML to rerun with ``--config``.
+    """
+    p = ArgumentParser(prog=program_name("bdiff-sample", "bdiff.sample"), description=__doc__.splitlines()[0])
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="a sampler recipe (configs/sampler/*.yaml) or a whole job saved with --print_config")
+    p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
+    p.add_argument("--nfe", type=Optional[int], default=None,
+                   help="a budget of denoiser calls per sample: use the measured-best recipe for it "
+                        "(bdiff.sampling.budget) instead of a recipe")
+    add_recipe_arguments(p)
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.npz")
+    p.add_argument("--out", type=str, default="samples.npz")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampler call (and in memory at once)")
     p.add_argument("--devices", type=int, default=1, help="processes/devices to spread the work over")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "gpu", "auto"], help="cpu, cuda, auto")
-    p.add_argument("--critic", default=None,
+    p.add_argument("--critic", type=Optional[str], default=None,
                    help="critic checkpoint for the recipe's critic callback (overrides the path in the YAML)")
-    p.add_argument("--wandb-project", default=None,
+    p.add_argument("--wandb-project", type=Optional[str], default=None,
                    help="also log to this W&B project: a table with one row per sample, sortable by uncertainty")
     p.add_argument("--wandb-rows", type=int, default=1000,
                    help="rows of the W&B samples table (the first samples; memory: rows x image size x 6 bytes)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
+    given = recipe_keys_given(args)
+    if args.nfe is None and not {"stepper", "steps"} <= set(given):
+        p.error("no sampler recipe: give --config configs/sampler/<name>.yaml, --nfe N (the measured-best recipe "
+                "for N denoiser calls), or --stepper and --steps")
+    if args.nfe is not None and set(given) - {"posterior_samples"}:
+        p.error(f"--nfe picks the recipe itself; it is not allowed with the recipe key(s) {given} (from --config "
+                "or the command line); drop one or the other")
     if args.nfe is not None and args.nfe < 1:
         p.error(f"--nfe must be >= 1 denoiser calls per sample, got {args.nfe}")
     if args.nfe is not None and args.critic is not None:
         p.error("--nfe picks a recipe without a critic (no critic recipe measured better than the same budget "
                 "without one); to sample with a critic, name a recipe: --config configs/sampler/dpmpp_critic.yaml --critic ...")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.devices < 1:
-        p.error(f"--devices must be >= 1, got {args.devices}")
-    if args.wandb_rows < 0:
-        p.error(f"--wandb-rows must be >= 0, got {args.wandb_rows}")
+    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1), ("--devices", args.devices, 1),
+                             ("--wandb-rows", args.wandb_rows, 0)):
+        if value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
     if Path(args.out).is_dir():
         p.error(f"--out {args.out!r} is a directory; give a file name such as samples.npz")
     if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
@@ -101,7 +116,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_config(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+def recipe_of(args: Namespace) -> Recipe:
+    """The validated recipe the command line asks for: ``--nfe``'s, or the recipe keys (named after the
+    last ``--config`` file, the recipe's file); ValueError naming a bad key."""
+    if args.nfe is not None:
+        return recipe_for_budget(args.nfe, posterior_samples=args.posterior_samples)
+    name = Path(str(args.config[-1])).stem if args.config else "command-line"
+    recipe = Recipe.from_dict({k: args[k] for k in recipe_keys_given(args)}, name=name)
+    return recipe.with_critic(args.critic) if args.critic is not None else recipe
+
+
+def run_config(recipe: Recipe, args: Namespace) -> dict[str, Any]:
     """The settings stored in the samples file's config (and the W&B run's config)."""
     return {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
             "batch_size": args.batch_size}
@@ -166,7 +191,7 @@ class SampleOutput:
         return data
 
 
-def start_wandb(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+def start_wandb(args: Namespace, config: dict[str, Any]) -> Any:
     """The W&B run of this sampling job (:class:`bdiff.wandb_log.SafeRun`), its folder beside ``--out``."""
     from bdiff.wandb_log import SafeRun
 
@@ -174,7 +199,7 @@ def start_wandb(args: argparse.Namespace, config: dict[str, Any]) -> Any:
                    config=json.loads(json.dumps(config)))
 
 
-def finish_wandb(wb: Any, output: SampleOutput, args: argparse.Namespace, with_critic: bool) -> None:
+def finish_wandb(wb: Any, output: SampleOutput, args: Namespace, with_critic: bool) -> None:
     """Log the table, grid and NFE, finish the run and print where it went and how to add the evaluation."""
     logged = wb.log(lambda: output.wandb_data(with_critic), "logging the samples table")
     run_id, run_dir, offline, url = wb.id, wb.run_dir, wb.offline, getattr(wb.run, "url", None)
@@ -187,7 +212,7 @@ def finish_wandb(wb: Any, output: SampleOutput, args: argparse.Namespace, with_c
           f"--wandb-project {args.wandb_project}")
 
 
-def draw(recipe: Recipe, args: argparse.Namespace, device: torch.device, fabric: Any = None) -> None:
+def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = None) -> None:
     """Sample all chunks, round-robin over the ranks; rank 0 writes each to ``args.out`` as it arrives.
 
     Round j gives chunk j * world + rank to each rank and gathers the chunks on rank 0, so
@@ -252,12 +277,7 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.nfe is not None:
-        recipe = recipe_for_budget(args.nfe)
-    else:
-        recipe = Recipe.from_yaml(args.config)  # validated before any work
-        if args.critic is not None:
-            recipe = recipe.with_critic(args.critic)
+    recipe = recipe_of(args)  # validated before any work
     if args.devices == 1:
         device = torch.device("cuda" if args.accelerator in ("cuda", "gpu") else "cpu")
         if args.accelerator == "auto":

@@ -31,10 +31,10 @@ def test_the_chosen_recipe_never_spends_more_than_the_budget(last_ckpt: Path, nf
 
 def test_sample_with_nfe_writes_samples_made_within_the_budget(last_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.npz"
-    main(["--ckpt", str(last_ckpt), "--nfe", "10", "--n", "5", "--out", str(out)])
+    main(["--ckpt", str(last_ckpt), "--nfe", "10", "--posterior_samples", "2", "--n", "5", "--out", str(out)])
     s = load_samples(out)
     assert s.images.shape == (5, 1, 8, 8) and s.nfe <= 10
-    assert s.config["recipe"]["name"] == "best-at-10-nfe"
+    assert s.config["recipe"]["name"] == "best-at-10-nfe" and s.config["recipe"]["posterior_samples"] == 2
 
 
 def test_nfe_is_refused_with_a_config_a_critic_or_below_one(last_ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -44,7 +44,7 @@ def test_nfe_is_refused_with_a_config_a_critic_or_below_one(last_ckpt: Path, tmp
             main(["--ckpt", str(last_ckpt), *argv, "--out", str(tmp_path / "s.npz")])
         assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "not allowed with" in err and "one of the arguments --config --nfe is required" in err
+    assert "not allowed with the recipe key(s) ['stepper', 'steps']" in err and "no sampler recipe" in err
     assert "--nfe must be >= 1" in err and "--nfe picks a recipe without a critic" in err
     assert not (tmp_path / "s.npz").exists()
     with pytest.raises(ValueError, match="budget"):

@@ -80,3 +80,19 @@ def test_evaluate_logs_into_the_sampling_run(last_ckpt: Path, tmp_path: Path, mo
     assert same["id"] == "abc123" and same["resume"] == "allow" and same["finished"]
     assert "id" not in other
     assert same["logged"]["pixels/fd"] == same["logged"]["fd"] and "digits/confidence" in same["logged"]
+
+
+def test_evaluate_takes_its_options_from_a_printed_yaml_config(tmp_path: Path, capsys) -> None:
+    import numpy as np
+    import yaml
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.full((4, 1, 8, 8), 2.0, dtype=np.float32), nfe=10.0, seconds=1.0, config="{}")
+    with pytest.raises(SystemExit) as stop:
+        evaluate(["--samples", str(bad), "--features", "pixels", "digits", "--print_config"])
+    assert stop.value.code == 0
+    job = tmp_path / "evaluate.yaml"
+    job.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(job.read_text())["features"] == ["pixels", "digits"]
+    with pytest.raises(ValueError, match="images"):  # the config's samples file reached the loader
+        evaluate(["--config", str(job)])

@@ -115,3 +115,24 @@ def test_sample_chunks_cut_the_run_without_changing_any_sample(last_ckpt: Path) 
     torch.testing.assert_close(torch.cat([res.images for _, res in chunks]), whole.images, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         chunk_ranges(5, 0)
+
+
+def test_a_printed_job_config_reruns_to_the_same_samples(last_ckpt: Path, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    recipe = CONFIGS / "sampler" / "dpmpp.yaml"
+    argv = ["--ckpt", str(last_ckpt), "--config", str(recipe), "--steps", "3", "--n", "4", "--out", str(tmp_path / "a.npz")]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--print_config"])
+    assert stop.value.code == 0
+    job = tmp_path / "job.yaml"
+    job.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(job.read_text())["steps"] == 3  # an option after --config overrides the recipe's key
+    main(argv)
+    main(["--config", str(job), "--out", str(tmp_path / "b.npz")])
+    main(["--ckpt", str(last_ckpt), "--stepper", "dpmpp_2m", "--steps", "3", "--n", "4", "--out", str(tmp_path / "c.npz")])
+    a, b, c = (load_samples(tmp_path / f"{k}.npz") for k in "abc")
+    assert a.config["recipe"]["steps"] == 3 and a.config["recipe"]["name"] == "dpmpp" and a.nfe == 3
+    assert b.config["recipe"]["name"] == "job" and c.config["recipe"]["name"] == "command-line"
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.images, c.images)

@@ -44,9 +44,11 @@ def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
     return out
 
 
-def recipe_for_budget(nfe: int) -> Recipe:
-    """The measured-best :class:`Recipe` for at most ``nfe`` sequential denoiser calls per sample (ValueError if < 1)."""
+def recipe_for_budget(nfe: int, posterior_samples: int = 8) -> Recipe:
+    """The measured-best :class:`Recipe` for at most ``nfe`` sequential denoiser calls per sample (ValueError if < 1),
+    with ``posterior_samples`` weight samples per prediction."""
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"the budget (--nfe) must be an integer >= 1 denoiser calls per sample, got {nfe!r}")
     budget = max((b for b in BEST_RECIPES if b <= nfe), default=min(BEST_RECIPES))
-    return Recipe.from_dict(rescale(BEST_RECIPES[budget], nfe), name=f"best-at-{nfe}-nfe")
+    spec = {**rescale(BEST_RECIPES[budget], nfe), "posterior_samples": posterior_samples}
+    return Recipe.from_dict(spec, name=f"best-at-{nfe}-nfe")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
@@ -39,6 +39,30 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "recorder": Recorder,
     "critic": CriticCorrection,
 }
+RECIPE_DEFAULTS: dict[str, Any] = {"stepper": None, "steps": None, "spacing": None, "posterior_samples": 8, "callbacks": []}
+"""A recipe file's keys and their values when absent (``stepper`` and ``steps`` have none: they are required)."""
+
+
+def add_recipe_arguments(parser: ArgumentParser) -> None:
+    """The recipe's keys as top-level options of ``parser``, so a recipe YAML is a ``--config`` of it (``bdiff.sample``).
+
+    jsonargparse checks their types; :meth:`Recipe.from_dict` checks the rest.
+    """
+    group = parser.add_argument_group("sampler recipe", "the keys of a recipe file (configs/sampler/*.yaml)")
+    entry = Optional[Union[dict[str, Any], str]]
+    group.add_argument("--stepper", type=entry, default=None,
+                       help=f"one of {sorted(STEPPERS)}, or a mapping {{name: ..., <option>: ...}}")
+    group.add_argument("--steps", type=Optional[int], default=None, help="grid steps (denoiser calls without callbacks)")
+    group.add_argument("--spacing", type=entry, default=None,
+                       help=f"the grid: one of {list(SPACINGS)} (default trailing), or {{name: karras, rho: 7}}")
+    group.add_argument("--posterior_samples", type=int, default=8, help="K weight samples per prediction")
+    group.add_argument("--callbacks", type=list[Union[dict[str, Any], str]], default=[],
+                       help=f"sampler callbacks in order, each a name or {{name: ..., <option>: ...}}: {sorted(CALLBACKS)}")
+
+
+def recipe_keys_given(args: Namespace) -> list[str]:
+    """The recipe keys of parsed ``args`` (:func:`add_recipe_arguments`) that differ from their defaults."""
+    return [k for k, default in RECIPE_DEFAULTS.items() if args[k] != default]
 
 
 @dataclass
@@ -56,7 +80,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
             raise ValueError(f"sampler recipe {name!r} must be a mapping, got {type(data).__name__}")
-        known = {"stepper", "steps", "spacing", "posterior_samples", "callbacks"}
+        known = set(RECIPE_DEFAULTS)
         unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
