@@ -28,7 +28,7 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
-from bdiff.sampling.sampler import Sampler, SamplerCallback
+from bdiff.sampling.sampler import Sampler, SamplerCallback, _integer
 from bdiff.sampling.steppers import STEPPERS, make_stepper
 from bdiff.schedule import SPACINGS, check_rho
 
@@ -78,29 +78,23 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> Recipe:
+        """The recipe a mapping of recipe keys describes; ValueError naming the recipe and the bad key."""
         if not isinstance(data, dict):
             raise ValueError(f"sampler recipe {name!r} must be a mapping, got {type(data).__name__}")
-        known = set(RECIPE_DEFAULTS)
-        unknown = sorted((k for k in data if k not in known), key=str)
+        unknown = sorted((k for k in data if k not in RECIPE_DEFAULTS), key=str)
         if unknown:
-            raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        if "stepper" not in data or "steps" not in data:
+            raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {list(RECIPE_DEFAULTS)}")
+        parser = ArgumentParser(exit_on_error=False)
+        add_recipe_arguments(parser)
+        try:
+            args = parser.parse_object(data)  # the keys' types
+        except ArgumentError as e:
+            raise ValueError(f"sampler recipe {name!r}: {' '.join(str(e).split())}") from e
+        if args.stepper is None or args.steps is None:
             raise ValueError(f"sampler recipe {name!r} needs 'stepper' and 'steps'")
-        stepper = data["stepper"] if isinstance(data["stepper"], dict) else {"name": data["stepper"]}
-        spacing = data.get("spacing")
-        spacing = "trailing" if spacing is None else spacing  # null: the default, as for callbacks
-        spacing = dict(spacing) if isinstance(spacing, dict) else {"name": spacing}
-        callbacks = data.get("callbacks") or []
-        if not isinstance(callbacks, list):
-            raise ValueError(f"sampler recipe {name!r}: callbacks must be a list, got {callbacks!r}")
-        recipe = cls(
-            stepper=dict(stepper),
-            steps=data["steps"],
-            posterior_samples=data.get("posterior_samples", 8),
-            callbacks=[dict(c) if isinstance(c, dict) else {"name": c} for c in callbacks],
-            name=name,
-            spacing=spacing,
-        )
+        recipe = cls(stepper=_entry(args.stepper), steps=args.steps, posterior_samples=args.posterior_samples,
+                     callbacks=[_entry(c) for c in args.callbacks or []], name=name,
+                     spacing=_entry(args.spacing or "trailing"))  # null: the default, as for callbacks
         recipe.validate()
         return recipe
 
@@ -117,12 +111,8 @@ class Recipe:
 
     def validate(self) -> None:
         """Build every part once so bad options fail before any sampling."""
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampler recipe {self.name!r}: steps must be an integer >= 1, got {self.steps!r}")
-        if isinstance(self.posterior_samples, bool) or not isinstance(self.posterior_samples, int) or self.posterior_samples < 1:
-            raise ValueError(
-                f"sampler recipe {self.name!r}: posterior_samples (K) must be an integer >= 1, got {self.posterior_samples!r}"
-            )
+        _integer(f"sampler recipe {self.name!r}: steps", self.steps, 1)
+        _integer(f"sampler recipe {self.name!r}: posterior_samples (K)", self.posterior_samples, 1)
         self.spacing_options()
         self.build_stepper()
         self.build_callbacks()
@@ -201,6 +191,11 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         return {"stepper": self.stepper, "steps": self.steps, "spacing": self.spacing,
                 "posterior_samples": self.posterior_samples, "callbacks": self.callbacks, "name": self.name}
+
+
+def _entry(value: dict[str, Any] | str) -> dict[str, Any]:
+    """A stepper, spacing or callback entry as a mapping: ``unipc`` -> ``{name: unipc}``."""
+    return dict(value) if isinstance(value, dict) else {"name": value}
 
 
 def _has_non_finite(value: Any) -> bool:
