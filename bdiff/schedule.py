@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bdiff.checks import as_integer
+
 ScheduleKind = Literal["linear", "cosine"]
 
 
@@ -156,8 +158,7 @@ def karras_timesteps(alphas_cumprod: Tensor, steps: int, rho: float = 7.0) -> li
     ``use_karras_sigmas=True`` (checked in the tests); larger ``rho`` spends more steps at low
     noise; one step is [T-1]. ValueError if two steps round to the same timestep (too many steps for the schedule).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"karras spacing needs steps >= 1, got {steps!r}")
+    as_integer("karras spacing: steps", steps, 1)
     rho = check_rho(rho)
     ac = alphas_cumprod.detach().to("cpu", torch.float64)
     log_sigmas = (0.5 * ((1 - ac) / ac).log()).numpy()  # increasing in t

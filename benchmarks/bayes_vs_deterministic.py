@@ -2,11 +2,12 @@
 
     python train.py                                          # Bayesian head (default)
     python train.py fit --model.bayes.layers none            # same config, deterministic
-    python benchmarks/bayes_vs_deterministic.py --bayes <ckpt> --deterministic <ckpt> [--n 2000]
+    python benchmarks/bayes_vs_deterministic.py --bayes <ckpt> --deterministic <ckpt> [--n 2000] [--seeds 0 2]
 
 Both checkpoints hold EMA weights. Each is sampled from the same per-sample noise
-with DPM-Solver++(2M) at 10 steps and DDIM at 50 steps; metrics in the digits
-feature space against the real training split.
+(every ``--seeds``) with DPM-Solver++(2M) at 10 steps and DDIM at 50 steps; FD, KID and
+precision/recall against the real training split in every feature space of the evaluator
+(digits CNN, digits_mlp classifier, raw pixels).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import reference_for
-from bdiff.metrics.report import evaluate_sample_set
+from bdiff.evaluate import references_for
+from bdiff.metrics.report import quality_in_spaces
 from bdiff.sampling.recipe import Recipe
 
 from peers import run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
@@ -32,20 +33,24 @@ def main() -> None:
     p.add_argument("--bayes", required=True)
     p.add_argument("--deterministic", required=True)
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     torch.set_num_threads(2)
-    extractor, f_real = reference_for("digits")
+    references = references_for()
     rows = []
     for model, ckpt in (("bayesian head", args.bayes), ("deterministic", args.deterministic)):
         denoiser = load_model(ckpt)
         for name, spec in RECIPES.items():
-            samples = run_ours(Recipe.from_dict(spec, name=name), denoiser, args.n, args.seed, 1000)
-            row = {"model": model, "sampler": name, **evaluate_sample_set(samples, f_real, extractor)}
-            rows.append(row)
-            print(f"{model:14s} {name:12s} FD {row['fd']:.3f} KID {row['kid']:.3f} P {row['precision']:.3f} R {row['recall']:.3f}")
-    write_results(args.out, "bayes_vs_deterministic", rows, rows, ["model", "sampler", "fd", "kid", "precision", "recall", "nfe"])
+            for seed in args.seeds:
+                samples = run_ours(Recipe.from_dict(spec, name=name), denoiser, args.n, seed, 1000)
+                for space, quality in quality_in_spaces(samples.images, references).items():
+                    rows.append({"model": model, "sampler": name, "seed": seed, "space": space, **quality})
+                    r = rows[-1]
+                    print(f"{model:14s} {name:11s} seed {seed} {space:10s} FD {r['fd']:.4f} KID {r['kid']:.3f} "
+                          f"P {r['precision']:.3f} R {r['recall']:.3f}", flush=True)
+    write_results(args.out, "bayes_vs_deterministic", rows, rows,
+                  ["model", "sampler", "seed", "space", "fd", "kid", "precision", "recall"])
 
 
 if __name__ == "__main__":

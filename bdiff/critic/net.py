@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bdiff.checks import as_integer
 from bdiff.nets.blocks import Downsample, ResBlock, group_norm, timestep_embedding
 
 
@@ -44,9 +45,7 @@ class CriticConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
         for name in ("image_size", "in_channels", "width", "levels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"critic net.{name} must be a positive integer, got {value!r}")
+            as_integer(f"critic net.{name}", getattr(self, name), 1)
         if self.width % 8:
             raise ValueError(f"critic net.width must be a multiple of 8, got {self.width}")
         factor = 2 ** (self.levels - 1)

@@ -27,6 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from bdiff.checks import as_integer
+
 
 def _to_symmetric(x: torch.Tensor) -> torch.Tensor:
     """Map a tensor in ``[0, 1]`` (as produced by ``ToTensor``) to ``[-1, 1]``."""
@@ -83,13 +85,8 @@ class _TensorImages(Dataset):
         return self.images[index]
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_image_size(image_size: Any) -> None:
-    if not _is_int(image_size) or image_size < 4:
-        raise ValueError(f"image_size must be an integer >= 4, got {image_size!r}.")
+    as_integer("image_size", image_size, 4)
 
 
 class ImageDataModule(LightningDataModule):
@@ -114,14 +111,11 @@ class ImageDataModule(LightningDataModule):
         ):
             raise ValueError(f"exclude_classes must be a list of class indices or names, got {exclude_classes!r}.")
         self.exclude_classes = list(exclude_classes or [])
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+        as_integer("batch_size", batch_size, 1)
+        as_integer("num_workers", num_workers, 0)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}.")
-        if not _is_int(seed) or not -(2**63) <= seed < 2**64:  # the range torch.Generator.manual_seed takes
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}.")
+        as_integer("seed", seed, -(2**63), 2**64 - 1)  # the range torch.Generator.manual_seed takes
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = float(val_fraction)

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from bdiff.checks import as_integer
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import DigitsDataModule
 from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
@@ -236,8 +237,7 @@ def train_digits_feature_net(
         The path of the written ``digits.pt``. The Lightning checkpoint (best val accuracy,
         via ModelCheckpoint) lives in a temporary folder and is exported, then removed.
     """
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+    as_integer("max_epochs", max_epochs, 1)
     if arch not in FEATURE_FILES:
         raise ValueError(f"arch must be one of {', '.join(FEATURE_FILES)}, got {arch!r}")
     data = LabelledDigitsDataModule(seed=split_seed)

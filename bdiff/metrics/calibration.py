@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser, Prediction
 
 VARIANCE_KINDS = ("epistemic", "aleatoric", "total")
@@ -81,8 +82,7 @@ def noised_errors(
             f"x0 has images of shape {tuple(x0.shape[1:])} but the denoiser models {tuple(shape)} (C, H, W)"
         )
     T = denoiser.schedule.timesteps
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T:
-        raise ValueError(f"timestep must be an integer in [0, {T - 1}], got {t!r}")
+    as_integer("timestep", t, 0, T - 1)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
     n = x0.shape[0]
@@ -174,8 +174,7 @@ def reliability_curve(err2: Tensor, var: Tensor, bins: int = 15) -> ReliabilityC
     if err2.shape != var.shape:
         raise ValueError(f"err2 and var must have the same shape, got {tuple(err2.shape)} and {tuple(var.shape)}")
     n = var.numel()
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= n:
-        raise ValueError(f"bins must be an integer in [1, number of pixels = {n}], got {bins!r}")
+    as_integer("bins (at most the number of pixels)", bins, 1, n)
     if not torch.isfinite(var).all() or bool((var < 0).any()) or not torch.isfinite(err2).all():
         raise ValueError("var must be finite and >= 0, and err2 finite")
     v, e = var.detach().flatten().double().cpu(), err2.detach().flatten().double().cpu()

@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from bdiff.checks import as_integer
+
 
 @dataclass
 class FeatureNetConfig:
@@ -54,9 +56,7 @@ class FeatureNetConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
         for name in ("in_channels", "image_size", "num_classes", "width", "num_features"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"feature net {name} must be a positive integer, got {value!r}")
+            as_integer(f"feature net {name}", getattr(self, name), 1)
         if self.image_size < 4:
             raise ValueError(f"feature net image_size must be >= 4 (it pools by 2), got {self.image_size}")
         if self.num_classes < 2:

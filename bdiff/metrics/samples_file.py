@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer
+
 __all__ = ["SampleSet", "SamplesWriter", "save_samples", "load_samples"]
 
 RANGE_TOL = 1e-6  # float32 rounding slack for "in [0, 1]" and "variance >= 0"
@@ -217,8 +219,7 @@ class SamplesWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], n: int, image_shape: Sequence[int], with_variance: bool) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"SamplesWriter: n must be an integer >= 1, got {n!r}")
+        as_integer("SamplesWriter: n", n, 1)
         shape = tuple(image_shape)
         if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
             raise ValueError(f"SamplesWriter: image_shape must be (C, H, W) of positive integers, got {image_shape!r}")

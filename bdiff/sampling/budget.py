@@ -5,13 +5,10 @@
 and then re-measured on a second training run and two other sampling seeds, against diffusers'
 DDIM, DPM-Solver++(2M) and UniPC on every grid they offer, in three feature spaces.
 
-- 5 NFE: UniPC with per-sample step sizes from the posterior variance (tolerance 0.25, the
-  choice). On the report runs it beat the best peer in two of the three feature spaces
-  (0.60-0.99x, 0.64-0.85x) and lost in the third (1.01-1.28x).
-- 10 and 20 NFE: the choices (the same controller, tolerances 0.2 and 0.15) did not hold on the
-  report runs (up to 1.6x worse than the best peer), so the table falls back to plain UniPC on
-  the ``linspace`` grid: diffusers' default grid for its multistep solvers, picked a priori, not
-  by our measurements (on the report runs it is within 1.00-1.10x of the best peer everywhere).
+- 5 NFE: UniPC with per-sample step sizes from the posterior variance (tolerance 0.25, the choice).
+- 10 and 20 NFE: the choices did not hold on the report runs, so the table falls back to plain
+  UniPC on the ``linspace`` grid, diffusers' default for its multistep solvers, picked a priori.
+  How far each entry holds, per feature space: BENCHMARKS.md, "Sampler claims".
 
 For another budget N the entry of the largest measured budget <= N (the smallest one for N
 below it) is used with its steps and its hard limit (``max_nfe``) set to N. No entry has a
@@ -24,6 +21,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
@@ -47,8 +45,7 @@ def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
 def recipe_for_budget(nfe: int, posterior_samples: int = 8) -> Recipe:
     """The measured-best :class:`Recipe` for at most ``nfe`` sequential denoiser calls per sample (ValueError if < 1),
     with ``posterior_samples`` weight samples per prediction."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"the budget (--nfe) must be an integer >= 1 denoiser calls per sample, got {nfe!r}")
+    as_integer("the budget (--nfe, denoiser calls per sample)", nfe, 1)
     budget = max((b for b in BEST_RECIPES if b <= nfe), default=min(BEST_RECIPES))
     spec = {**rescale(BEST_RECIPES[budget], nfe), "posterior_samples": posterior_samples}
     return Recipe.from_dict(spec, name=f"best-at-{nfe}-nfe")

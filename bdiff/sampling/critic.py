@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
@@ -90,19 +91,17 @@ class CriticCorrection(SamplerCallback):
             raise ValueError(f"critic weight must be >= 0, got {weight}")
         if len(t_range) != 2 or not 0 <= t_range[0] <= t_range[1]:
             raise ValueError(f"critic t_range must be [lo, hi] with 0 <= lo <= hi, got {list(t_range)}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
-            raise ValueError(f"critic retries must be an integer in [0, {MAX_RETRIES}] (the loop is bounded), got {retries!r}")
+        if as_integer("critic retries", retries, 0) > MAX_RETRIES:
+            raise ValueError(f"critic retries must be at most {MAX_RETRIES} (the loop is bounded), got {retries!r}")
         if t_back < 1 or flag_t < 0:
             raise ValueError(f"critic needs t_back >= 1 and flag_t >= 0, got t_back={t_back}, flag_t={flag_t}")
         if mode not in ("sample", "region"):
             raise ValueError(f"critic mode must be 'sample' or 'region', got {mode!r}")
         if not 0 < region_quantile < 1:
             raise ValueError(f"critic region_quantile must be in (0, 1), got {region_quantile}")
-        if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
-            raise ValueError(f"critic max_nfe must be a positive integer or null, got {max_nfe!r}")
+        self.max_nfe = None if max_nfe is None else as_integer("critic max_nfe (or null)", max_nfe, 1)
         if not isinstance(critic, (str, Path, Critic)):
             raise ValueError(f"critic must be a checkpoint path or a Critic, got {type(critic).__name__}")
-        self.max_nfe = max_nfe
         self._critic_source = critic
         self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic
         self.weight, self.t_range, self.retries, self.threshold = float(weight), tuple(t_range), retries, float(threshold)

@@ -25,10 +25,11 @@ from typing import Any, Optional, Union
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
+from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
-from bdiff.sampling.sampler import Sampler, SamplerCallback, _integer
+from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.steppers import STEPPERS, make_stepper
 from bdiff.schedule import SPACINGS, check_rho
 
@@ -111,8 +112,8 @@ class Recipe:
 
     def validate(self) -> None:
         """Build every part once so bad options fail before any sampling."""
-        _integer(f"sampler recipe {self.name!r}: steps", self.steps, 1)
-        _integer(f"sampler recipe {self.name!r}: posterior_samples (K)", self.posterior_samples, 1)
+        as_integer(f"sampler recipe {self.name!r}: steps", self.steps, 1)
+        as_integer(f"sampler recipe {self.name!r}: posterior_samples (K)", self.posterior_samples, 1)
         self.spacing_options()
         self.build_stepper()
         self.build_callbacks()

@@ -24,7 +24,6 @@ for the comparison with Monte Carlo chains.
 
 from __future__ import annotations
 
-import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,18 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import Memory, Stepper, StepOut
 from bdiff.schedule import check_rho, grid_timesteps
-
-
-def _integer(name: str, value: object, low: int | None = None) -> int:
-    """``value`` as an int; ValueError naming ``name`` if it is not an integer (bools refused) or below ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
-        raise ValueError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
-    return int(value)
 
 
 class SamplerCallback:
@@ -130,16 +123,13 @@ class Sampler:
         self.propagation = propagation
         if not isinstance(stepper, Stepper):
             raise ValueError(f"stepper must be a Stepper (DDPM, DDIM, DPMSolverPP2M, UniPC), got {type(stepper).__name__}")
-        steps = _integer("steps", steps, 1)
+        steps = as_integer("steps", steps, 1)
         if max_iterations is not None:
-            max_iterations = _integer("max_iterations", max_iterations, 1)
+            max_iterations = as_integer("max_iterations", max_iterations, 1)
         self.schedule, self.spacing, self.rho = denoiser.schedule, spacing, rho
         self.grid = torch.tensor(grid_timesteps(self.schedule.alphas_cumprod, steps, spacing, rho) + [-1])
-        if isinstance(callbacks, SamplerCallback) or not isinstance(callbacks, Sequence):
-            raise ValueError(f"callbacks must be a list of SamplerCallback, got {type(callbacks).__name__}")
-        bad = [type(cb).__name__ for cb in callbacks if not isinstance(cb, SamplerCallback)]
-        if bad:
-            raise ValueError(f"callbacks must be SamplerCallback instances, got {bad}")
+        if not isinstance(callbacks, Sequence) or not all(isinstance(cb, SamplerCallback) for cb in callbacks):
+            raise ValueError(f"callbacks must be a list of SamplerCallback instances, got {callbacks!r}")
         self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
@@ -286,7 +276,7 @@ class Sampler:
         self, n: int, seed: int = 0, first_index: int = 0, device: torch.device | str = "cpu", clip: bool = True
     ) -> SampleResult:
         """Draw samples ``first_index .. first_index+n-1`` of run ``seed`` (each depends only on (seed, i))."""
-        n, seed, first_index = _integer("n", n, 1), _integer("seed", seed), _integer("first_index", first_index, 0)
+        n, seed, first_index = as_integer("n", n, 1), as_integer("seed", seed), as_integer("first_index", first_index, 0)
         shape = tuple(self.denoiser.image_shape)
         noise = NoiseSource(seed, range(first_index, first_index + n))
         x_T = noise.draw(shape, device=device)
@@ -299,5 +289,5 @@ class Sampler:
 
 def chunk_ranges(n: int, batch_size: int) -> list[range]:
     """Global sample indices 0..n-1 cut into consecutive chunks of at most ``batch_size``."""
-    n, batch_size = _integer("n", n, 1), _integer("batch_size", batch_size, 1)
+    n, batch_size = as_integer("n", n, 1), as_integer("batch_size", batch_size, 1)
     return [range(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
