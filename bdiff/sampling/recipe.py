@@ -30,7 +30,7 @@ from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
-from bdiff.sampling.steppers import STEPPERS, make_stepper
+from bdiff.sampling.steppers import STEPPERS, Stepper
 from bdiff.schedule import SPACINGS, check_rho
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
@@ -134,48 +134,35 @@ class Recipe:
             raise ValueError(f"sampler recipe {self.name!r}: spacing {e}") from e
         return {"spacing": name, "rho": rho}
 
-    def build_stepper(self):
-        opts = {k: v for k, v in self.stepper.items() if k != "name"}
-        name = self.stepper.get("name")
-        if not isinstance(name, str) or name not in STEPPERS:
-            raise ValueError(f"sampler recipe {self.name!r}: unknown stepper {name!r}; choose one of {sorted(STEPPERS)}")
-        self._check_options(f"stepper {name!r}", STEPPERS[name], opts)
-        try:
-            return make_stepper(name, **opts)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"sampler recipe {self.name!r}: bad options for stepper {name!r}: {e}") from e
+    def build_stepper(self) -> Stepper:
+        """The recipe's stepper (ValueError naming a bad name or option)."""
+        return self._construct("stepper", STEPPERS, self.stepper)
 
     def build_callbacks(self) -> list[SamplerCallback]:
-        out = []
-        for spec in self.callbacks:
-            name = spec.get("name")
-            if not isinstance(name, str) or name not in CALLBACKS:
-                raise ValueError(
-                    f"sampler recipe {self.name!r}: unknown callback {name!r}; choose from {sorted(CALLBACKS)}"
-                )
-            opts = {k: v for k, v in spec.items() if k != "name"}
-            self._check_options(f"callback {name!r}", CALLBACKS[name], opts)
-            try:
-                out.append(CALLBACKS[name](**opts))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"sampler recipe {self.name!r}: bad options for callback {name!r}: {e}") from e
-        return out
+        """The recipe's sampler callbacks, in order (ValueError naming a bad name or option)."""
+        return [self._construct("callback", CALLBACKS, spec) for spec in self.callbacks]
 
-    def _check_options(self, what: str, cls: type, opts: dict[str, Any]) -> None:
-        """ValueError naming the option whose value does not fit the constructor's type hints.
-
-        jsonargparse (as in LightningCLI) checks names and types; a non-finite number, which
-        its float type admits, is refused here because no option means anything at inf/nan.
-        """
+    def _construct(self, kind: str, registry: dict[str, type], spec: dict[str, Any]) -> Any:
+        """``registry[spec["name"]](**options)`` after jsonargparse (as in LightningCLI) checked the options'
+        names and types against the constructor's type hints; a non-finite number, which the float
+        type admits, is refused too because no option means anything at inf/nan."""
+        name, opts = spec.get("name"), {k: v for k, v in spec.items() if k != "name"}
+        if not isinstance(name, str) or name not in registry:
+            raise ValueError(f"sampler recipe {self.name!r}: unknown {kind} {name!r}; choose one of {sorted(registry)}")
+        what = f"sampler recipe {self.name!r}: bad options for {kind} {name!r}"
         parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(cls, fail_untyped=False)
+        parser.add_class_arguments(registry[name], fail_untyped=False)
         try:
             parser.parse_object(opts)
         except ArgumentError as e:
-            raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {' '.join(str(e).split())}") from e
+            raise ValueError(f"{what}: {' '.join(str(e).split())}") from e
         bad = next((k for k, v in opts.items() if _has_non_finite(v)), None)
         if bad is not None:
-            raise ValueError(f"sampler recipe {self.name!r}: bad options for {what}: {bad}={opts[bad]!r} must be finite")
+            raise ValueError(f"{what}: {bad}={opts[bad]!r} must be finite")
+        try:
+            return registry[name](**opts)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: {e}") from e
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
