@@ -1,11 +1,13 @@
 """Argument checks shared by every layer (the lowest one: it imports nothing from bdiff).
 
 Python's ``bool`` is an ``int`` (``isinstance(True, int)`` holds), but a flag where a count
-belongs is a mistake worth naming, so :func:`as_integer` refuses it.
+belongs is a mistake worth naming, so :func:`as_integer` and :func:`as_number` refuse it; no
+option means anything at inf or NaN, so :func:`as_number` refuses those too.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -16,3 +18,17 @@ def as_integer(name: str, value: object, low: int | None = None, high: int | Non
         bounds = {(True, True): f" in [{low}, {high}]", (True, False): f" >= {low}", (False, True): f" <= {high}"}
         raise ValueError(f"{name} must be an integer{bounds.get((low is not None, high is not None), '')}, got {value!r}")
     return int(value)  # type: ignore[call-overload]
+
+
+def as_number(name: str, value: object, low: float | None = None, high: float | None = None, *, exclusive: bool = False) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a finite real number (not a bool) in
+    [low, high], or in (low, high) when ``exclusive``."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    below = low is not None and real and (value <= low if exclusive else value < low)  # type: ignore[operator]
+    above = high is not None and real and (value >= high if exclusive else value > high)  # type: ignore[operator]
+    if not real or below or above:
+        lo, hi = ("(", ")") if exclusive else ("[", "]")
+        bounds = {(True, True): f" in {lo}{low}, {high}{hi}", (True, False): f" {'>' if exclusive else '>='} {low}",
+                  (False, True): f" {'<' if exclusive else '<='} {high}"}.get((low is not None, high is not None), "")
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]

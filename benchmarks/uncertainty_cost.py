@@ -23,7 +23,8 @@ from torch.utils.benchmark import Timer
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
-from bdiff.sampling import Sampler, make_stepper
+from bdiff.sampling import Sampler
+from bdiff.sampling.steppers import STEPPERS
 from bdiff.sampling.noise import NoiseSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def main() -> None:
     args = p.parse_args()
     suffix = "" if args.stepper == "dpmpp_2m" else f"_{args.stepper}"
     out = args.out or ROOT / "benchmarks" / "results" / f"uncertainty_cost{suffix}.json"
-    stepper = make_stepper(args.stepper)
+    stepper = STEPPERS[args.stepper]()
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
     x_T = NoiseSource(0, range(args.batch)).draw(den.image_shape)

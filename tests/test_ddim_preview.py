@@ -7,7 +7,7 @@ import torch
 
 from bdiff.denoiser import Prediction
 from bdiff.nets import UNet, UNetConfig
-from bdiff.sampling import chain_variance, ddim_sample, ddim_timesteps
+from bdiff.sampling import chain_variance, ddim_sample_and_variance, ddim_timesteps
 from bdiff.schedule import NoiseSchedule
 
 
@@ -27,7 +27,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(steps: int) -> None:
     from diffusers import DDIMScheduler
 
     x_T = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    x_ours = ddim_sample(LinearDenoiser(), x_T, steps, clip=False)
+    x_ours = ddim_sample_and_variance(LinearDenoiser(), x_T, steps, clip=False)[0]
     ref = DDIMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
@@ -64,11 +64,11 @@ def test_chain_variance_equals_separately_run_chains() -> None:
             eps, log_var = functional_call(den.model.net, self.w, (x, t))
             return Prediction(eps, torch.zeros_like(eps), log_var.exp())
 
-    runs = [ddim_sample(Fixed({n: w[i] for n, w in chains.weights.items()}), x_T, steps) for i in range(k)]
+    runs = [ddim_sample_and_variance(Fixed({n: w[i] for n, w in chains.weights.items()}), x_T, steps)[0] for i in range(k)]
     torch.testing.assert_close(var, torch.stack(runs).var(0), rtol=1e-4, atol=1e-7)
     assert var.max() > 0
 
 
 def test_chain_variance_needs_two_chains() -> None:
-    with pytest.raises(ValueError, match="2 chains"):
+    with pytest.raises(ValueError, match="num_chains must be an integer >= 2"):
         chain_variance(LinearDenoiser(), 1, torch.zeros(1, 1, 8, 8))

@@ -121,7 +121,9 @@ def test_recipe_gives_the_golden_samples(name: str, current: dict[str, dict[str,
     got, want = current[name], golden[name]
     assert sorted(got) == sorted(want)
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}/{key}: {m}")
+        # Float tolerance that holds across CPUs: the same code differs by ~1e-5 between x86 vector paths
+        # (the machine that wrote the file and an AMD EPYC differ by up to 8e-5 on region-mode x0 records).
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-4, equal_nan=True, msg=lambda m: f"{name}/{key}: {m}")
 
 
 def test_the_variants_exercise_the_restart_paths(current: dict[str, dict[str, Tensor]]) -> None:

@@ -38,6 +38,13 @@ from bdiff.viz import save_side_by_side, uncertainty_grids
 from bdiff.wandb_log import sample_table
 
 
+def last_validation_of_fit(trainer: pl.Trainer) -> bool:
+    """True when this validation runs after the fit's final optimizer step (max_steps or max_epochs)."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    return trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs - 1
+
+
 def run_dir(trainer: pl.Trainer) -> Path:
     """The folder of this run: the checkpoint folder's parent, else the trainer's root dir."""
     ckpt = trainer.checkpoint_callback
@@ -60,7 +67,8 @@ class SampleGrid(pl.Callback):
     variance, NFE), so samples can be sorted by uncertainty.
 
     Args:
-        every_n_steps: draw at the first validation after this many steps since the last grid (0: only at the end).
+        every_n_steps: draw at the first validation after this many steps since the last grid (0: only at
+            the end), except the fit's last validation, whose weights the final preview draws anyway.
         num_samples: images per grid.
         steps: DDIM steps.
         chains: K posterior chains for the uncertainty map (costs K extra sampling runs, batched).
@@ -204,8 +212,8 @@ class SampleGrid(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.every_n_steps == 0:
             return
-        if trainer.global_step - self._last_step >= self.every_n_steps:
-            self._last_step = trainer.global_step
+        if trainer.global_step - self._last_step >= self.every_n_steps and not last_validation_of_fit(trainer):
+            self._last_step = trainer.global_step  # (the last validation's weights are the final preview's)
             self._draw(trainer, pl_module, f"step_{trainer.global_step:07d}")
 
     @rank_zero_only

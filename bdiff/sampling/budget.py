@@ -1,19 +1,12 @@
 """The measured-best sampler recipe for a budget of denoiser calls per sample (``bdiff-sample --nfe N``).
 
-:data:`BEST_RECIPES` holds one recipe per measured budget, from ``benchmarks/sampler_claims.py``
-(BENCHMARKS.md, "Sampler claims"): recipes were chosen on one training run and one sampling seed
-and then re-measured on a second training run and two other sampling seeds, against diffusers'
-DDIM, DPM-Solver++(2M) and UniPC on every grid they offer, in three feature spaces.
-
-- 5 NFE: UniPC with per-sample step sizes from the posterior variance (tolerance 0.25, the choice).
-- 10 and 20 NFE: the choices did not hold on the report runs, so the table falls back to plain
-  UniPC on the ``linspace`` grid, diffusers' default for its multistep solvers, picked a priori.
-  How far each entry holds, per feature space: BENCHMARKS.md, "Sampler claims".
-
-For another budget N the entry of the largest measured budget <= N (the smallest one for N
-below it) is used with its steps and its hard limit (``max_nfe``) set to N. No entry has a
-critic: on the default model no critic recipe beat the same budget without one. Named recipes
-stay available with ``--config``.
+:data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
+under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims"):
+5 NFE is UniPC with per-sample step sizes from the posterior variance (tolerance 0.25); at 10 and
+20 NFE no choice held on the report runs, so the entry is plain UniPC on diffusers' default
+``linspace`` grid, picked a priori. No entry has a critic (none beat the same budget without one).
+Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
+it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer, as_number
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
 from bdiff.schedule import NoiseSchedule
@@ -50,9 +51,7 @@ class VarianceWeightedBlending(SamplerCallback):
     needs_bayes = True
 
     def __init__(self, strength: float = 1.0) -> None:
-        if strength < 0:
-            raise ValueError(f"blend strength must be >= 0, got {strength}")
-        self.strength = strength
+        self.strength = as_number("blend strength", strength, 0)
 
     def on_start(self, state: SamplerState, sampler: Sampler) -> None:
         state.extras[self.name] = {"gain": []}
@@ -103,13 +102,9 @@ class AdaptiveStepSize(SamplerCallback):
     name = "adaptive"
 
     def __init__(self, tol: float = 0.5, max_nfe: int = 20, fine_steps: int = 200, sigma_floor: float = 0.02) -> None:
-        if tol <= 0:
-            raise ValueError(f"adaptive tol must be > 0, got {tol}")
-        if max_nfe < 1:
-            raise ValueError(f"adaptive max_nfe must be >= 1 (the final step needs one call), got {max_nfe}")
-        if fine_steps < 2 or sigma_floor < 0:
-            raise ValueError("adaptive needs fine_steps >= 2 and sigma_floor >= 0")
-        self.tol, self.max_nfe, self.fine_steps, self.sigma_floor = tol, max_nfe, fine_steps, sigma_floor
+        self.tol, self.sigma_floor = as_number("adaptive tol", tol, 0, exclusive=True), as_number("adaptive sigma_floor", sigma_floor, 0)
+        self.max_nfe = as_integer("adaptive max_nfe (the final step needs one call)", max_nfe, 1)
+        self.fine_steps = as_integer("adaptive fine_steps", fine_steps, 2)
 
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
         schedule = sampler.schedule
@@ -144,11 +139,9 @@ class UncertainRegionRefinement(SamplerCallback):
     name = "refine"
 
     def __init__(self, quantile: float = 0.8, jump: int = 50, t_range: tuple[int, int] = (50, 600), max_passes: int = 3) -> None:
-        if not 0 < quantile < 1:
-            raise ValueError(f"refine quantile must be in (0, 1), got {quantile}")
-        if jump < 1 or max_passes < 0:
-            raise ValueError("refine needs jump >= 1 and max_passes >= 0")
-        self.quantile, self.jump, self.t_range, self.max_passes = quantile, jump, tuple(t_range), max_passes
+        self.quantile = as_number("refine quantile", quantile, 0, 1, exclusive=True)
+        self.jump, self.max_passes = as_integer("refine jump", jump, 1), as_integer("refine max_passes", max_passes, 0)
+        self.t_range = tuple(t_range)
 
     def on_start(self, state: SamplerState, sampler: Sampler) -> None:
         state.extras[self.name] = {"passes": torch.zeros_like(state.nfe), "pixels": 0}

@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from bdiff.checks import as_integer
+from bdiff.checks import as_integer, as_number
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
@@ -87,25 +87,20 @@ class CriticCorrection(SamplerCallback):
         region_quantile: float = 0.7,
         max_nfe: int | None = None,
     ) -> None:
-        if weight < 0:
-            raise ValueError(f"critic weight must be >= 0, got {weight}")
         if len(t_range) != 2 or not 0 <= t_range[0] <= t_range[1]:
             raise ValueError(f"critic t_range must be [lo, hi] with 0 <= lo <= hi, got {list(t_range)}")
-        if as_integer("critic retries", retries, 0) > MAX_RETRIES:
-            raise ValueError(f"critic retries must be at most {MAX_RETRIES} (the loop is bounded), got {retries!r}")
-        if t_back < 1 or flag_t < 0:
-            raise ValueError(f"critic needs t_back >= 1 and flag_t >= 0, got t_back={t_back}, flag_t={flag_t}")
+        self.retries = as_integer("critic retries (a bounded loop)", retries, 0, MAX_RETRIES)
         if mode not in ("sample", "region"):
             raise ValueError(f"critic mode must be 'sample' or 'region', got {mode!r}")
-        if not 0 < region_quantile < 1:
-            raise ValueError(f"critic region_quantile must be in (0, 1), got {region_quantile}")
         self.max_nfe = None if max_nfe is None else as_integer("critic max_nfe (or null)", max_nfe, 1)
         if not isinstance(critic, (str, Path, Critic)):
             raise ValueError(f"critic must be a checkpoint path or a Critic, got {type(critic).__name__}")
         self._critic_source = critic
         self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic
-        self.weight, self.t_range, self.retries, self.threshold = float(weight), tuple(t_range), retries, float(threshold)
-        self.t_back, self.flag_t, self.mode, self.region_quantile = t_back, flag_t, mode, region_quantile
+        self.weight, self.threshold = as_number("critic weight", weight, 0), as_number("critic threshold", threshold)
+        self.t_back, self.flag_t = as_integer("critic t_back", t_back, 1), as_integer("critic flag_t", flag_t, 0)
+        self.region_quantile = as_number("critic region_quantile", region_quantile, 0, 1, exclusive=True)
+        self.t_range, self.mode = tuple(t_range), mode
 
     @property
     def critic(self) -> Critic:

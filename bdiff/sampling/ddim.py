@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.sampler import Sampler, SamplerCallback
@@ -38,18 +39,6 @@ def ddim_sample_and_variance(
 
 
 @torch.no_grad()
-def ddim_sample(
-    denoiser: Denoiser, x_T: Tensor, steps: int = 50, clip: bool = True, callbacks: Sequence[SamplerCallback] = ()
-) -> Tensor:
-    """Run DDIM from noise ``x_T`` (B,C,H,W) for ``steps`` steps; returns x_0 (B,C,H,W) in [-1, 1] if ``clip``.
-
-    The :class:`~bdiff.sampling.Sampler` with the deterministic DDIM stepper and only the given
-    ``callbacks``: the posterior-mean noise prediction, one denoiser call per step.
-    """
-    return ddim_sample_and_variance(denoiser, x_T, steps, clip, callbacks)[0]
-
-
-@torch.no_grad()
 def chain_variance(
     chains: Denoiser,
     num_chains: int,
@@ -63,7 +52,6 @@ def chain_variance(
     ``chains`` takes a chain-major batch of num_chains * B images (see
     :class:`bdiff.bayes.predictive.PosteriorChains`). Unbiased over chains.
     """
-    if num_chains < 2:
-        raise ValueError(f"chain_variance needs at least 2 chains, got {num_chains}")
-    x0 = ddim_sample(chains, x_T.repeat(num_chains, 1, 1, 1), steps, clip, callbacks)
+    as_integer("chain_variance num_chains", num_chains, 2)
+    x0 = ddim_sample_and_variance(chains, x_T.repeat(num_chains, 1, 1, 1), steps, clip, callbacks)[0]
     return x0.unflatten(0, (num_chains, -1)).var(0)

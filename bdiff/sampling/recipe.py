@@ -17,7 +17,6 @@ against their constructors' type hints by jsonargparse (LightningCLI's parser).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -144,8 +143,8 @@ class Recipe:
 
     def _construct(self, kind: str, registry: dict[str, type], spec: dict[str, Any]) -> Any:
         """``registry[spec["name"]](**options)`` after jsonargparse (as in LightningCLI) checked the options'
-        names and types against the constructor's type hints; a non-finite number, which the float
-        type admits, is refused too because no option means anything at inf/nan."""
+        names and types against the constructor's type hints; the constructor checks their ranges
+        (:func:`bdiff.checks.as_number` also refuses inf/nan, which the float type admits)."""
         name, opts = spec.get("name"), {k: v for k, v in spec.items() if k != "name"}
         if not isinstance(name, str) or name not in registry:
             raise ValueError(f"sampler recipe {self.name!r}: unknown {kind} {name!r}; choose one of {sorted(registry)}")
@@ -156,9 +155,6 @@ class Recipe:
             parser.parse_object(opts)
         except ArgumentError as e:
             raise ValueError(f"{what}: {' '.join(str(e).split())}") from e
-        bad = next((k for k, v in opts.items() if _has_non_finite(v)), None)
-        if bad is not None:
-            raise ValueError(f"{what}: {bad}={opts[bad]!r} must be finite")
         try:
             return registry[name](**opts)
         except (TypeError, ValueError) as e:
@@ -184,10 +180,3 @@ class Recipe:
 def _entry(value: dict[str, Any] | str) -> dict[str, Any]:
     """A stepper, spacing or callback entry as a mapping: ``unipc`` -> ``{name: unipc}``."""
     return dict(value) if isinstance(value, dict) else {"name": value}
-
-
-def _has_non_finite(value: Any) -> bool:
-    """True for inf/nan, also inside lists."""
-    if isinstance(value, (list, tuple)):
-        return any(_has_non_finite(v) for v in value)
-    return isinstance(value, float) and not math.isfinite(value)

@@ -217,9 +217,8 @@ class Sampler:
         expected = f"(B, {', '.join(map(str, shape))})" if shape is not None else "(B,C,H,W)"
         if x_T.dim() != 4 or x_T.shape[0] < 1 or (shape is not None and tuple(x_T.shape[1:]) != tuple(shape)):
             raise ValueError(f"x_T must have shape {expected} with B >= 1, got {tuple(x_T.shape)}")
-        params = getattr(self.denoiser, "parameters", None)
-        param = next(iter(params()), None) if callable(params) else None
-        dtype = param.dtype if param is not None else None
+        params = self.denoiser.parameters() if callable(getattr(self.denoiser, "parameters", None)) else ()
+        dtype = next((p.dtype for p in params), None)
         if not x_T.is_floating_point() or (dtype is not None and x_T.dtype != dtype):
             raise ValueError(f"x_T has dtype {x_T.dtype}; the denoiser needs {dtype or 'a floating-point dtype'}")
         if not bool(torch.isfinite(x_T).all()):

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bdiff.checks import as_number
 from bdiff.schedule import NoiseSchedule
 
 
@@ -150,9 +151,7 @@ class DDIM(Stepper):
     name = "ddim"
 
     def __init__(self, eta: float = 0.0) -> None:
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-        self.eta = eta
+        self.eta = as_number("DDIM eta", eta, 0)
 
     def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
         sigma = self.eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
@@ -264,10 +263,3 @@ class UniPC(DPMSolverPP2M):
 
 
 STEPPERS: dict[str, type[Stepper]] = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M, "unipc": UniPC}
-
-
-def make_stepper(name: str, **kwargs: object) -> Stepper:
-    """A stepper by name (``ddpm``, ``ddim``, ``dpmpp_2m``, ``unipc``) with its keyword options."""
-    if name not in STEPPERS:
-        raise ValueError(f"unknown stepper {name!r}; choose one of {sorted(STEPPERS)}")
-    return STEPPERS[name](**kwargs)
