@@ -20,7 +20,9 @@ def as_integer(name: str, value: object, low: int | None = None, high: int | Non
     return int(value)  # type: ignore[call-overload]
 
 
-def as_number(name: str, value: object, low: float | None = None, high: float | None = None, *, exclusive: bool = False) -> float:
+def as_number(
+    name: str, value: object, low: float | None = None, high: float | None = None, *, exclusive: bool = False
+) -> float:
     """``value`` as a float; ValueError naming ``name`` unless it is a finite real number (not a bool) in
     [low, high], or in (low, high) when ``exclusive``."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -102,7 +102,8 @@ class AdaptiveStepSize(SamplerCallback):
     name = "adaptive"
 
     def __init__(self, tol: float = 0.5, max_nfe: int = 20, fine_steps: int = 200, sigma_floor: float = 0.02) -> None:
-        self.tol, self.sigma_floor = as_number("adaptive tol", tol, 0, exclusive=True), as_number("adaptive sigma_floor", sigma_floor, 0)
+        self.tol = as_number("adaptive tol", tol, 0, exclusive=True)
+        self.sigma_floor = as_number("adaptive sigma_floor", sigma_floor, 0)
         self.max_nfe = as_integer("adaptive max_nfe (the final step needs one call)", max_nfe, 1)
         self.fine_steps = as_integer("adaptive fine_steps", fine_steps, 2)
 

@@ -1,0 +1,107 @@
+"""Where a default training step's time goes, and what each speed-up of the default run buys.
+
+    python benchmarks/training_step_cost.py [--config configs/digits.yaml] [--repeats 40] [--rounds 5]
+
+Builds the default DiffusionModule from the config and times, on one batch of the config's size:
+the step's forward and backward (Pyro's ELBO through the U-Net) with the U-Net's weights in
+PyTorch's default (contiguous) memory order and in channels-last order (the default since
+issue 12's timing work); AdamW's update with the per-parameter, the foreach (multi-tensor) and the
+fused implementation; the EMA update with Lightning's per-tensor average (EMAWeightAveraging) and
+torch's multi-tensor one (:class:`bdiff.lit.ema.EMA`); and the gradient norm that is checked
+every step, by Lightning's ``grad_norm`` and by ``torch.nn.utils.get_total_norm``. Milliseconds
+per call, median of ``--repeats`` calls after two warm-up calls (the forward/backward: median over
+``--rounds`` rounds that alternate the memory orders); writes
+``benchmarks/results/training_step_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch.utilities import grad_norm
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+
+from bdiff.bayes import BayesConfig
+from bdiff.lit.module import DiffusionModule
+from bdiff.nets import UNetConfig
+from bdiff.schedule import ScheduleConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def milliseconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def build(config: Path) -> tuple[DiffusionModule, int]:
+    cfg = yaml.safe_load(config.read_text())
+    model = cfg["model"]
+    module = DiffusionModule(net=UNetConfig(**model["net"]), bayes=BayesConfig(**model["bayes"]),
+                             schedule=ScheduleConfig(**model["schedule"]), num_data=1455)
+    return module, int(cfg["data"]["init_args"]["batch_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the forward/backward timing")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    module, batch = build(args.config)
+    net = module.bayes.net
+    x0 = torch.randn(batch, net.config.in_channels, net.config.image_size, net.config.image_size)
+    x_t, t, noise = module._noised(x0)
+
+    def step() -> None:
+        module.zero_grad()
+        loss, _ = module.bayes.negative_elbo(x_t, t, noise, 1455, kl_weight=1.0)
+        loss.backward()
+
+    # The two memory orders alternate in rounds, so drift of the machine's speed hits both alike.
+    rounds: dict[str, list[float]] = {"channels_last": [], "contiguous": []}
+    for _ in range(args.rounds):
+        for order, memory_format in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+            net.to(memory_format=memory_format)
+            rounds[order].append(milliseconds(step, args.repeats))
+    out: dict[str, float] = {f"forward_backward_{k}": statistics.median(v) for k, v in rounds.items()}
+    print("forward/backward per round (ms):", {k: [round(x, 1) for x in v] for k, v in rounds.items()})
+    net.to(memory_format=torch.channels_last)
+    step()  # gradients for the optimizer and the norm
+    params = [p for p in module.parameters() if p.requires_grad]
+    for name, kwargs in (("per_parameter", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-6, **kwargs)
+        out[f"adamw_{name}"] = milliseconds(opt.step, args.repeats)
+    for name, kwargs in (("ema_per_tensor", {"avg_fn": get_ema_avg_fn(0.999)}),
+                         ("ema_multi_tensor", {"multi_avg_fn": get_ema_multi_avg_fn(0.999)})):
+        average = AveragedModel(module, use_buffers=True, **kwargs)
+        average.update_parameters(module)  # the first call copies
+        out[name] = milliseconds(lambda: average.update_parameters(module), args.repeats)
+    grads = lambda: [p.grad for p in module.parameters() if p.grad is not None]  # noqa: E731
+    out["grad_norm_lightning"] = milliseconds(lambda: grad_norm(module, 2), args.repeats)
+    out["grad_norm_get_total_norm"] = milliseconds(lambda: torch.nn.utils.get_total_norm(grads(), 2.0, foreach=True),
+                                                   args.repeats)
+    out["threads"] = torch.get_num_threads()
+    for key, value in out.items():
+        print(f"{key:32s} {value:8.2f}" + ("" if key == "threads" else " ms"))
+    path = ROOT / "benchmarks" / "results" / "training_step_cost.json"
+    path.write_text(json.dumps({"config": str(args.config), "batch": batch, **out, "rounds_ms": rounds}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
