@@ -3,7 +3,7 @@
 Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging` hands
 :class:`torch.optim.swa_utils.AveragedModel` the per-tensor ``get_ema_avg_fn``, so every
 optimizer step launches one small update per parameter and buffer (~140 for the digits
-U-Net): ~7 ms a step on 2 CPU cores, 6% of the default run. torch's own
+U-Net): 3-6 ms a step on 2 CPU cores against ~1 ms (benchmarks/training_step_cost.py). torch's own
 ``get_ema_multi_avg_fn`` does the same average, ema <- ema + (1 - decay) (w - ema), with
 one ``_foreach_lerp_`` per device and dtype. Lightning offers no switch for it, so this
 class is the same callback built on :class:`~lightning.pytorch.callbacks.WeightAveraging`
