@@ -10,7 +10,8 @@ fused implementation; the EMA update with Lightning's per-tensor average (EMAWei
 torch's multi-tensor one (:class:`bdiff.lit.ema.EMA`); and the gradient norm that is checked
 every step, by Lightning's ``grad_norm`` and by ``torch.nn.utils.get_total_norm``. Milliseconds
 per call, median of ``--repeats`` calls after two warm-up calls (the forward/backward: median over
-``--rounds`` rounds that alternate the memory orders); writes
+``--rounds`` rounds that alternate the memory orders). Sampling in both memory orders too: DDIM-10
+of 2,000 samples and a training preview's 8-chain uncertainty map of 64 samples (seconds); writes
 ``benchmarks/results/training_step_cost.json``.
 """
 
@@ -31,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_a
 from bdiff.bayes import BayesConfig
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
+from bdiff.sampling import chain_variance, ddim_sample_and_variance
 from bdiff.schedule import ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,24 @@ def build(config: Path) -> tuple[DiffusionModule, int]:
     module = DiffusionModule(net=UNetConfig(**model["net"]), bayes=BayesConfig(**model["bayes"]),
                              schedule=ScheduleConfig(**model["schedule"]), num_data=1455)
     return module, int(cfg["data"]["init_args"]["batch_size"])
+
+
+def sampling_seconds(module: DiffusionModule, rounds: int) -> dict[str, float]:
+    """Seconds of DDIM-10 for 2,000 samples (as ``bdiff.sample`` draws) and of a training preview's
+    uncertainty map (64 samples, DDIM-50, 8 posterior chains under vmap), per memory order: medians of
+    ``rounds`` alternating rounds. Untrained weights: the timing does not depend on their values."""
+    denoiser, net = module.denoiser.eval(), module.bayes.net
+    x_big, x_grid = torch.randn(2000, *denoiser.image_shape), torch.randn(64, *denoiser.image_shape)
+    jobs = {"ddim10_2000": lambda: ddim_sample_and_variance(denoiser, x_big, 10),
+            "preview_chains_64": lambda: chain_variance(denoiser.posterior_chains(8), 8, x_grid, 50)}
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for order, memory_format in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+            net.to(memory_format=memory_format)
+            for job, fn in jobs.items():
+                times.setdefault(f"{job}_{order}_s", []).append(milliseconds(fn, 1) / 1e3)
+    net.to(memory_format=torch.channels_last)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -95,9 +115,10 @@ def main() -> None:
     out["grad_norm_lightning"] = milliseconds(lambda: grad_norm(module, 2), args.repeats)
     out["grad_norm_get_total_norm"] = milliseconds(lambda: torch.nn.utils.get_total_norm(grads(), 2.0, foreach=True),
                                                    args.repeats)
+    out.update(sampling_seconds(module, args.rounds))
     out["threads"] = torch.get_num_threads()
     for key, value in out.items():
-        print(f"{key:32s} {value:8.2f}" + ("" if key == "threads" else " ms"))
+        print(f"{key:36s} {value:8.2f}" + ("" if key == "threads" else " s" if key.endswith("_s") else " ms"))
     path = ROOT / "benchmarks" / "results" / "training_step_cost.json"
     path.write_text(json.dumps({"config": str(args.config), "batch": batch, **out, "rounds_ms": rounds}, indent=2) + "\n")
     print(f"wrote {path}")

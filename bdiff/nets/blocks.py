@@ -62,7 +62,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        # contiguous(): with channels-last weights (UNet) the conv's output is channels-last, and q, k, v
+        # would then reach SDPA's CPU flash kernel, which torch.func.vmap (posterior chains) cannot batch.
+        qkv = self.qkv(self.norm(x)).contiguous().reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
