@@ -114,7 +114,9 @@ def test_sample_chunks_cut_the_run_without_changing_any_sample(last_ckpt: Path) 
     chunks = list(sampler.sample_chunks(7, 3, seed=4))
     assert [list(r) for r, _ in chunks] == [[0, 1, 2], [3, 4, 5], [6]]
     whole = sampler.sample(7, seed=4)
-    torch.testing.assert_close(torch.cat([res.images for _, res in chunks]), whole.images, rtol=0, atol=1e-5)
+    # Float rounding only: the CPU convolutions pick kernels by batch size; on an AMD EPYC one pixel of 448
+    # differed by 1.02e-5 with weights from today's training code (same model, other rounding).
+    torch.testing.assert_close(torch.cat([res.images for _, res in chunks]), whole.images, rtol=0, atol=5e-5)
     with pytest.raises(ValueError, match="batch_size"):
         chunk_ranges(5, 0)
 

@@ -121,10 +121,6 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(ch, 2 * config.in_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)  # start at eps=0, log_var=0 (improved-diffusion zero-init)
         nn.init.zeros_(self.head.bias)
-        # Channels-last weights (so activations follow): the same numbers in the memory order oneDNN's CPU
-        # convolutions prefer; a digits training step is ~10% faster on 2 CPU cores (BENCHMARKS.md,
-        # "Default training run"). load_state_dict copies into these tensors, so loaded models keep it.
-        self.to(memory_format=torch.channels_last)
 
     def check_input(self, x_t: Tensor, t: Tensor) -> None:
         """Raise ValueError when x_t / t do not fit this network."""
