@@ -11,12 +11,20 @@ import math
 import numbers
 
 
+def _bounds(low: float | None, high: float | None, exclusive: bool = False) -> str:
+    """How the bounds read in an error: `` in [0, 1]``, `` > 0``, `` <= 5`` or nothing."""
+    if low is not None and high is not None:
+        return f" in {'(' if exclusive else '['}{low}, {high}{')' if exclusive else ']'}"
+    if low is not None:
+        return f" {'>' if exclusive else '>='} {low}"
+    return "" if high is None else f" {'<' if exclusive else '<='} {high}"
+
+
 def as_integer(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int; ValueError naming ``name`` unless it is an integer (not a bool) in [low, high]."""
     integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not integral or (low is not None and value < low) or (high is not None and value > high):  # type: ignore[operator]
-        bounds = {(True, True): f" in [{low}, {high}]", (True, False): f" >= {low}", (False, True): f" <= {high}"}
-        raise ValueError(f"{name} must be an integer{bounds.get((low is not None, high is not None), '')}, got {value!r}")
+        raise ValueError(f"{name} must be an integer{_bounds(low, high)}, got {value!r}")
     return int(value)  # type: ignore[call-overload]
 
 
@@ -29,8 +37,5 @@ def as_number(
     below = low is not None and real and (value <= low if exclusive else value < low)  # type: ignore[operator]
     above = high is not None and real and (value >= high if exclusive else value > high)  # type: ignore[operator]
     if not real or below or above:
-        lo, hi = ("(", ")") if exclusive else ("[", "]")
-        bounds = {(True, True): f" in {lo}{low}, {high}{hi}", (True, False): f" {'>' if exclusive else '>='} {low}",
-                  (False, True): f" {'<' if exclusive else '<='} {high}"}.get((low is not None, high is not None), "")
-        raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{_bounds(low, high, exclusive)}, got {value!r}")
     return float(value)  # type: ignore[arg-type]

@@ -340,7 +340,7 @@ class DiffusionModule(pl.LightningModule):
         groups = [{"params": others, "lr": lr}]
         if scales:
             groups.append({"params": scales, "lr": lr * self.hparams.get("guide_scale_lr_mult", 1.0), "weight_decay": 0.0})
-        # fused: the whole update in one kernel (CPU and CUDA), 1.6 ms a step against 6.2 ms for torch's CPU
+        # fused: the whole update in one kernel (CPU and CUDA), 1.5 ms a step against 5.5 ms for torch's CPU
         # default on 2 cores (benchmarks/training_step_cost.py). Not under fp16 AMP, where Lightning refuses
         # to clip the gradients of an optimizer that unscales them inside step().
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
