@@ -4,13 +4,14 @@
 
 Builds the default DiffusionModule from the config and times, on one batch of the config's size:
 the step's forward and backward (Pyro's ELBO through the U-Net) with the U-Net's weights in
-PyTorch's default (contiguous) memory order and in channels-last order (the default since
-issue 12's timing work); AdamW's update with the per-parameter, the foreach (multi-tensor) and the
+PyTorch's default (contiguous) memory order and in channels-last order, each in float32 and
+under bf16 autocast (``trainer.precision: bf16-mixed``, the default config's since issue 12's
+timing work, with contiguous weights); AdamW's update with the per-parameter, the foreach (multi-tensor) and the
 fused implementation; the EMA update with Lightning's per-tensor average (EMAWeightAveraging) and
 torch's multi-tensor one (:class:`bdiff.lit.ema.EMA`); and the gradient norm that is checked
 every step, by Lightning's ``grad_norm`` and by ``torch.nn.utils.get_total_norm``. Milliseconds
 per call, median of ``--repeats`` calls after two warm-up calls (the forward/backward: median over
-``--rounds`` rounds that alternate the memory orders). Sampling in both memory orders too: DDIM-10
+``--rounds`` rounds that alternate the settings). Sampling in both memory orders too: DDIM-10
 of 2,000 samples and a training preview's 8-chain uncertainty map of 64 samples (seconds); writes
 ``benchmarks/results/training_step_cost.json``.
 """
@@ -87,21 +88,25 @@ def main() -> None:
     x0 = torch.randn(batch, net.config.in_channels, net.config.image_size, net.config.image_size)
     x_t, t, noise = module._noised(x0)
 
-    def step() -> None:
+    def step(bf16: bool) -> None:
         module.zero_grad()
-        loss, _ = module.bayes.negative_elbo(x_t, t, noise, 1455, kl_weight=1.0)
+        # What Lightning's trainer.precision bf16-mixed wraps around the training step.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = module.bayes.negative_elbo(x_t, t, noise, 1455, kl_weight=1.0)
         loss.backward()
 
-    # The two memory orders alternate in rounds, so drift of the machine's speed hits both alike.
-    rounds: dict[str, list[float]] = {"channels_last": [], "contiguous": []}
+    # The settings alternate in rounds, so drift of the machine's speed hits all of them alike.
+    settings = {"channels_last": (torch.channels_last, False), "contiguous": (torch.contiguous_format, False),
+                "bf16_contiguous": (torch.contiguous_format, True), "bf16_channels_last": (torch.channels_last, True)}
+    rounds: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for order, memory_format in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        for name, (memory_format, bf16) in settings.items():
             net.to(memory_format=memory_format)
-            rounds[order].append(milliseconds(step, args.repeats))
+            rounds[name].append(milliseconds(lambda: step(bf16), args.repeats))
     out: dict[str, float] = {f"forward_backward_{k}": statistics.median(v) for k, v in rounds.items()}
     print("forward/backward per round (ms):", {k: [round(x, 1) for x in v] for k, v in rounds.items()})
     net.to(memory_format=torch.channels_last)
-    step()  # gradients for the optimizer and the norm
+    step(False)  # gradients for the optimizer and the norm
     params = [p for p in module.parameters() if p.requires_grad]
     for name, kwargs in (("per_parameter", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         opt = torch.optim.AdamW(params, lr=1e-6, **kwargs)

@@ -210,3 +210,65 @@ def test_guide_scales_get_their_own_learning_rate() -> None:
     assert min(groups) == pytest.approx(1e-3) and max(groups) == pytest.approx(3e-2)
     with pytest.raises(ValueError, match="guide_scale_lr_mult"):
         DiffusionModule(guide_scale_lr_mult=0)
+
+
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_bf16_mixed_runs_in_bf16_only_where_the_device_has_bf16_kernels(bf16_kernels: bool, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import bdiff.lit.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "has_fast_bf16", lambda accelerator: bf16_kernels)
+    args = cli_args(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.max_steps=4")
+    if bf16_kernels:
+        cli = main(CONFIGS / "digits.yaml", args)
+    else:
+        with pytest.warns(UserWarning, match="no bf16 kernels.*32-true"):
+            cli = main(CONFIGS / "digits.yaml", args)
+    assert str(cli.trainer.precision) == ("bf16-mixed" if bf16_kernels else "32-true")
+    assert cli.trainer.global_step == 4
+    # The weights stay float32 in the default memory order: the checkpoint samples like any other.
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in cli.model.parameters())
+    loaded = load_model(cli.trainer.checkpoint_callback.last_model_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_validation_measures_the_full_precision_model_under_bf16_autocast(monkeypatch) -> None:
+    from bdiff.lit.module import DiffusionModule
+
+    torch.manual_seed(0)
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), variance_calibration_knots=0).eval()
+    batch = torch.rand(16, 1, 8, 8)
+    logged: list[dict[str, float]] = []
+    monkeypatch.setattr(model, "log_dict", lambda metrics, **kwargs: logged.append(
+        {k: float(v) for k, v in metrics.items()}))
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps around it under bf16-mixed
+            model.validation_step(batch, 0)
+            pred_bf16 = model.denoiser.predict(torch.randn(16, 1, 8, 8), torch.full((16,), 500))
+    assert pred_bf16.eps.dtype == torch.bfloat16  # autocast does reach the network...
+    assert logged[0] == logged[1]  # ...but not the validation: its metrics are the float32 model's
+
+
+def test_cosine_lr_decay_warms_up_then_anneals_to_zero_at_max_steps() -> None:
+    from types import SimpleNamespace
+
+    from bdiff.lit.module import DiffusionModule
+
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), lr=1e-3, lr_warmup_steps=10, lr_decay="cosine")
+    model._trainer = SimpleNamespace(max_steps=110, precision="32-true")
+    config = model.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-3)  # linear warm-up, then the peak
+    assert lrs[60] == pytest.approx(5e-4)  # half-way down the cosine
+    assert lrs[-1] < 1e-6 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    model._trainer = SimpleNamespace(max_steps=-1, precision="32-true")
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        model.configure_optimizers()
+    with pytest.raises(ValueError, match="model.lr_decay"):
+        DiffusionModule(lr_decay="linear")

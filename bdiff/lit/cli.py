@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from bdiff.lit.callbacks import run_dir
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
@@ -45,11 +46,31 @@ class SaveConfigToRun(SaveConfigCallback):
         self.already_saved = True
 
 
+def has_fast_bf16(accelerator: str) -> bool:
+    """Whether the device a run with this ``trainer.accelerator`` lands on has bf16 kernels.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: oneDNN's bf16 kernels (AVX-512 or newer, or Arm's
+    bf16 extension); without them torch emulates bf16 and mixed precision is slower than full.
+    """
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if accelerator not in ("cpu", "auto"):
+        return True  # another accelerator: Lightning checks its own support
+    # torch has no public query for this; its own tests and inductor call the same op.
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
 class BdiffCLI(LightningCLI):
-    """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`)."""
+    """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`) and
+    runs ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels."""
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        if str(cfg.get("precision")) == "bf16-mixed" and not has_fast_bf16(str(cfg.get("accelerator", "auto"))):
+            rank_zero_warn("trainer.precision bf16-mixed: this device has no bf16 kernels (torch would emulate them, "
+                           "slower than full precision), so this run uses 32-true")
+            cfg["precision"] = "32-true"
         plugins = cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

@@ -54,6 +54,9 @@ class DiffusionModule(pl.LightningModule):
         lr: AdamW learning rate (after a linear warm-up of ``lr_warmup_steps``).
         weight_decay: AdamW weight decay on the deterministic weights and guide locs.
         lr_warmup_steps: steps of linear learning-rate warm-up.
+        lr_decay: after the warm-up, ``none`` keeps ``lr``; ``cosine`` anneals it to 0 at
+            ``trainer.max_steps`` (SGDR's half cosine, Loshchilov & Hutter 2017), so the last
+            steps average out the gradient noise of a short run.
         kl_warmup_steps: steps over which the KL weight ramps to 1 (0: no warm-up).
         num_data: N, the training-set size the KL is divided by. None: taken from
             the datamodule's ``num_train`` at setup.
@@ -87,6 +90,7 @@ class DiffusionModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_warmup_steps: int = 200,
+        lr_decay: Literal["none", "cosine"] = "none",
         kl_warmup_steps: int = 0,
         num_data: int | None = None,
         warm_start: str | None = None,
@@ -104,6 +108,8 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("model.kl_warmup_steps and model.lr_warmup_steps must be >= 0")
         if guide_scale_lr_mult <= 0:
             raise ValueError(f"model.guide_scale_lr_mult must be > 0, got {guide_scale_lr_mult}")
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"model.lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"model.on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if variance_calibration_knots < 0 or variance_calibration_knots == 1:
@@ -119,6 +125,7 @@ class DiffusionModule(pl.LightningModule):
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "lr_warmup_steps": lr_warmup_steps,
+                "lr_decay": lr_decay,
                 "kl_warmup_steps": kl_warmup_steps,
                 "num_data": num_data,
                 "warm_start": warm_start,
@@ -150,12 +157,13 @@ class DiffusionModule(pl.LightningModule):
         return self.denoiser.schedule
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and not self._precision().startswith("bf16"):
             # Channels-last U-Net weights while fitting: the same numbers in the memory order oneDNN's CPU
             # convolutions prefer, ~6% off a digits step on 2 CPU cores (benchmarks/training_step_cost.py).
             # Here, before a DDP strategy wraps the model (its gradient buckets follow the parameters'
             # layout); undone in on_train_end, because in that order the convolutions' results depend on
             # the batch size by ~1e-5 and a sample must not depend on how a run is cut into chunks.
+            # Not under bf16 autocast: there torch's CPU GroupNorm is ~3x slower channels-last.
             self.denoiser.to(memory_format=torch.channels_last)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
@@ -174,6 +182,10 @@ class DiffusionModule(pl.LightningModule):
             datamodule.setup(stage)
             self.num_data = datamodule.num_train
             self.hparams["num_data"] = self.num_data
+
+    def _precision(self) -> str:
+        """The trainer's precision setting (``"32-true"``, ``"bf16-mixed"``, ...); ``"32-true"`` without one."""
+        return str(self._trainer.precision) if self._trainer is not None else "32-true"
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Every fit saves the RNG and data-order state needed to resume bit for bit (see :class:`ExactResume`)."""
@@ -260,7 +272,15 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/grad_norm", norm)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Held-out denoising error and calibration of the predicted variance, at fixed seeded (t, noise)."""
+        """Held-out denoising error and calibration of the predicted variance, at fixed seeded (t, noise).
+
+        In full precision even under mixed-precision training (``trainer.precision: bf16-mixed``):
+        the metrics and the variance calibration fitted here describe the model as it samples.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            self._validate(batch, batch_idx)
+
+    def _validate(self, batch: Tensor, batch_idx: int) -> None:
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
         x_t, t, noise = self._noised(batch, generator)
         pred = self.denoiser.predict(x_t, t)
@@ -341,13 +361,20 @@ class DiffusionModule(pl.LightningModule):
         if scales:
             groups.append({"params": scales, "lr": lr * self.hparams.get("guide_scale_lr_mult", 1.0), "weight_decay": 0.0})
         # fused: the whole update in one kernel (CPU and CUDA), 1.5 ms a step against 5.5 ms for torch's CPU
-        # default on 2 cores (benchmarks/training_step_cost.py). Not under fp16 AMP, where Lightning refuses
-        # to clip the gradients of an optimizer that unscales them inside step().
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        fused = not precision.startswith("16")
+        # default on 2 cores (benchmarks/training_step_cost.py). Not under Lightning's mixed precision (fp16
+        # or bf16), which refuses to clip the gradients of an optimizer that could unscale them in step().
+        precision = self._precision()
+        fused = not (precision.startswith("16") or precision.endswith("-mixed"))
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.hparams["weight_decay"], fused=fused, foreach=not fused)
-        warmup = self.hparams["lr_warmup_steps"]
-        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / max(1, warmup), total_iters=max(1, warmup))
+        warmup = max(1, self.hparams["lr_warmup_steps"])
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warmup, total_iters=warmup)
+        if self.hparams.get("lr_decay", "none") == "cosine":
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            if max_steps <= warmup:
+                raise ValueError(f"model.lr_decay cosine anneals to 0 at trainer.max_steps: set trainer.max_steps "
+                                 f"above model.lr_warmup_steps ({warmup}), got {max_steps}")
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps - warmup)
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [sched, cosine], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
