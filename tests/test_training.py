@@ -267,6 +267,8 @@ def test_cosine_lr_decay_warms_up_then_anneals_to_zero_at_max_steps() -> None:
     assert lrs[0] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-3)  # linear warm-up, then the peak
     assert lrs[60] == pytest.approx(5e-4)  # half-way down the cosine
     assert lrs[-1] < 1e-6 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    model._trainer = SimpleNamespace(max_steps=5, precision="32-true")  # a smoke run, inside the warm-up
+    assert model.configure_optimizers()["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-4)
     model._trainer = SimpleNamespace(max_steps=-1, precision="32-true")
     with pytest.raises(ValueError, match="trainer.max_steps"):
         model.configure_optimizers()

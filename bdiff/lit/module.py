@@ -370,10 +370,11 @@ class DiffusionModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warmup, total_iters=warmup)
         if self.hparams.get("lr_decay", "none") == "cosine":
             max_steps = self.trainer.max_steps if self._trainer is not None else -1
-            if max_steps <= warmup:
-                raise ValueError(f"model.lr_decay cosine anneals to 0 at trainer.max_steps: set trainer.max_steps "
-                                 f"above model.lr_warmup_steps ({warmup}), got {max_steps}")
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps - warmup)
+            if max_steps < 1:
+                raise ValueError(f"model.lr_decay cosine anneals to 0 at trainer.max_steps: set trainer.max_steps, "
+                                 f"got {max_steps}")
+            # A run shorter than the warm-up ends inside it (a smoke run): nothing left to anneal.
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_steps - warmup))
             sched = torch.optim.lr_scheduler.SequentialLR(opt, [sched, cosine], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
