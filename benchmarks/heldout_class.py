@@ -3,8 +3,8 @@
     python benchmarks/heldout_class.py --classes 3 5 8 --steps 3000 --ensemble 3 [--threads 1]
 
 For each held-out digit class c, trains the default config without c
-(``--data.init_args.exclude_classes [c]``, ``--trainer.max_steps`` = ``--steps``; the default
-run's 6000 steps halved to fit the CPU budget) and scores every posterior design on:
+(``--data.init_args.exclude_classes [c]``, ``--trainer.max_steps`` = ``--steps``; fewer than the
+default run's 4,800 to fit the CPU budget) and scores every posterior design on:
 
 * ``heldout``: every image of class c (never trained on) and ``seen``: the *validation* images
   of the other classes (not training images), each noised once per t with fixed seeds;
