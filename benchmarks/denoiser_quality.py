@@ -2,7 +2,7 @@
 
     python benchmarks/denoiser_quality.py \
         --ckpt hybrid@0=runs/.../last.ckpt hybrid@1=... ddpm@0=... ddpm@1=... \
-        --baseline ddpm [--n 2000] [--seeds 1] [--nfe 20 50] [--stem denoiser_quality] [--append]
+        --baseline ddpm [--n 2000] [--seeds 0 1 2] [--nfe 20 50] [--stem denoiser_quality] [--append]
 
 This isolates the *network* (objective, size, steps) from our sampler: every model is sampled
 with the same diffusers DPM-Solver++(2M) on every grid diffusers offers (leading, linspace,
@@ -12,8 +12,9 @@ the digits CNN classifier, a fully connected classifier from another seed, raw p
 KID, precision/recall and the classifier's confidence. Calibration of the predicted variances:
 z^2 = E[(eps - eps_hat)^2 / Var] on the held-out digits per t (ideal 1).
 
-Labels are ``name@training_seed``; with ``--baseline NAME`` every model's best-grid FD is also
-divided by the baseline's at the same training seed, per space and NFE. Writes
+Labels are ``name@training_seed``; with ``--baseline NAME [NAME ...]`` every model's best-grid FD
+is also divided by each baseline's at the same training seed, per space and NFE (and, with
+several sampling seeds, the mean over seeds by the baseline's mean). Writes
 ``benchmarks/results/<stem>.json`` and ``<stem>.md``.
 """
 
@@ -117,9 +118,14 @@ def calibration_rows(label: str, ckpt: Path, denoiser=None, draws: int = CALIBRA
     return out
 
 
-def mean_over_seeds(summary: list[dict[str, Any]], spaces: tuple[str, ...], baseline: str | None) -> list[dict[str, Any]]:
+def ratio_suffix(baselines: list[str], baseline: str) -> str:
+    """Column suffix of the ratios to ``baseline``: none for the first of ``baselines``, else ``_<name>``."""
+    return "" if baseline == baselines[0] else f"_{baseline}"
+
+
+def mean_over_seeds(summary: list[dict[str, Any]], spaces: tuple[str, ...], baselines: list[str]) -> list[dict[str, Any]]:
     """Per (model, NFE) over the sampling seeds in ``summary``: the mean of each seed's best-grid FD
-    per space, and its ratio to the baseline's mean at the same training seed (seed column "mean")."""
+    per space, and its ratio to each baseline's mean at the same training seed (seed column "mean of ...")."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for e in summary:
         groups.setdefault((e["model"], e["nfe"]), []).append(e)
@@ -132,20 +138,22 @@ def mean_over_seeds(summary: list[dict[str, Any]], spaces: tuple[str, ...], base
             m[f"{s}/precision"] = sum(e[f"{s}/precision"] for e in entries) / len(entries)
             m[f"{s}/grid"] = "/".join(e[f"{s}/grid"] for e in entries)
         means[(model, nfe)] = m
-    if baseline:
+    for baseline in baselines:
+        suffix = ratio_suffix(baselines, baseline)
         for (model, nfe), m in means.items():
             ref = means.get((f"{baseline}@{model.split('@', 1)[1]}", nfe))
             if ref is None or ref["num_seeds"] != m["num_seeds"]:
                 continue
             for s in spaces:
-                m[f"{s}/fd_ratio"] = m[f"{s}/fd"] / ref[f"{s}/fd"]
-                m[f"{s}/precision_gap"] = m[f"{s}/precision"] - ref[f"{s}/precision"]
+                m[f"{s}/fd_ratio{suffix}"] = m[f"{s}/fd"] / ref[f"{s}/fd"]
+                m[f"{s}/precision_gap{suffix}"] = m[f"{s}/precision"] - ref[f"{s}/precision"]
     return list(means.values())
 
 
-def best_grid_summary(rows: list[dict[str, Any]], spaces: tuple[str, ...], baseline: str | None) -> list[dict[str, Any]]:
+def best_grid_summary(rows: list[dict[str, Any]], spaces: tuple[str, ...], baselines: list[str]) -> list[dict[str, Any]]:
     """Per (model, sampling seed, NFE): the best grid's FD in each space (the peer at its strongest), and
-    the ratio to the baseline at the same training seed."""
+    the ratio to each baseline at the same training seed (columns ``fd_ratio`` for the first,
+    ``fd_ratio_<name>`` for the others)."""
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         key = (r["model"], r["seed"], r["nfe"])
@@ -156,22 +164,24 @@ def best_grid_summary(rows: list[dict[str, Any]], spaces: tuple[str, ...], basel
                 entry[f"{s}/fd"], entry[f"{s}/grid"] = fd, r["grid"]
                 entry[f"{s}/precision"] = r[f"{s}/precision"]
     summary = list(best.values())
-    if baseline:
+    for baseline in baselines:
+        suffix = ratio_suffix(baselines, baseline)
         for e in summary:
             train_seed = e["model"].split("@", 1)[1]
             ref = best.get((f"{baseline}@{train_seed}", e["seed"], e["nfe"]))
             if ref is None:
                 continue
             for s in spaces:
-                e[f"{s}/fd_ratio"] = e[f"{s}/fd"] / ref[f"{s}/fd"]
-                e[f"{s}/precision_gap"] = e[f"{s}/precision"] - ref[f"{s}/precision"]
+                e[f"{s}/fd_ratio{suffix}"] = e[f"{s}/fd"] / ref[f"{s}/fd"]
+                e[f"{s}/precision_gap{suffix}"] = e[f"{s}/precision"] - ref[f"{s}/precision"]
     return summary
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", nargs="+", required=True, help="name@training_seed=path to a checkpoint")
-    p.add_argument("--baseline", default=None, help="model name to divide by (same training seed)")
+    p.add_argument("--baseline", nargs="+", default=[],
+                   help="model names to divide by (same training seed); the first gives the fd_ratio columns")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     p.add_argument("--nfe", type=int, nargs="+", default=[20, 50])
@@ -212,7 +222,8 @@ def main() -> None:
 
     columns = ["model", "seed", "nfe"]
     for s in DIGITS_SPACES:
-        columns += [f"{s}/fd", f"{s}/grid", f"{s}/precision"] + ([f"{s}/fd_ratio"] if args.baseline else [])
+        columns += [f"{s}/fd", f"{s}/grid", f"{s}/precision"]
+        columns += [f"{s}/fd_ratio{ratio_suffix(args.baseline, b)}" for b in args.baseline]
     payload = {"ckpts": {k: str(v) for k, v in ckpts.items()}, "n": args.n, "solver": SOLVER,
                "summary": summary, "rows": rows, "calibration": calibration}
     write_results(args.out, args.stem, payload, summary, columns)
