@@ -5,6 +5,8 @@ under BENCHMARKS.md's rules (how far each holds, per feature space: its section 
 5 NFE is UniPC with per-sample step sizes from the posterior variance (tolerance 0.25); at 10 and
 20 NFE no choice held on the report runs, so the entry is plain UniPC on diffusers' default
 ``linspace`` grid, picked a priori. No entry has a critic (none beat the same budget without one).
+The entries were chosen on the fp32 default before the 10-minute one; on the current default the
+5-NFE entry no longer beats the best peer (BENCHMARKS.md), pending a new choose run.
 Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
 it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
 """
