@@ -123,6 +123,21 @@ def ratio_suffix(baselines: list[str], baseline: str) -> str:
     return "" if baseline == baselines[0] else f"_{baseline}"
 
 
+def attach_ratios(table: dict[tuple, dict[str, Any]], spaces: tuple[str, ...], baselines: list[str]) -> None:
+    """Add to each entry of ``table`` (keyed by (model, ...)) its FD ratio and precision gap to the entry
+    of each baseline at the same training seed and the same rest of the key, in place; entries over a
+    different number of sampling seeds (``num_seeds``) are not compared."""
+    for baseline in baselines:
+        suffix = ratio_suffix(baselines, baseline)
+        for (model, *rest), e in table.items():
+            ref = table.get((f"{baseline}@{model.split('@', 1)[1]}", *rest))
+            if ref is None or ref.get("num_seeds") != e.get("num_seeds"):
+                continue
+            for s in spaces:
+                e[f"{s}/fd_ratio{suffix}"] = e[f"{s}/fd"] / ref[f"{s}/fd"]
+                e[f"{s}/precision_gap{suffix}"] = e[f"{s}/precision"] - ref[f"{s}/precision"]
+
+
 def mean_over_seeds(summary: list[dict[str, Any]], spaces: tuple[str, ...], baselines: list[str]) -> list[dict[str, Any]]:
     """Per (model, NFE) over the sampling seeds in ``summary``: the mean of each seed's best-grid FD
     per space, and its ratio to each baseline's mean at the same training seed (seed column "mean of ...")."""
@@ -131,22 +146,15 @@ def mean_over_seeds(summary: list[dict[str, Any]], spaces: tuple[str, ...], base
         groups.setdefault((e["model"], e["nfe"]), []).append(e)
     means = {}
     for (model, nfe), entries in groups.items():
-        m = {"model": model, "seed": "mean of " + ",".join(str(e["seed"]) for e in sorted(entries, key=lambda e: e["seed"])),
+        entries = sorted(entries, key=lambda e: e["seed"])
+        m = {"model": model, "seed": "mean of " + ",".join(str(e["seed"]) for e in entries),
              "nfe": nfe, "num_seeds": len(entries)}
         for s in spaces:
             m[f"{s}/fd"] = sum(e[f"{s}/fd"] for e in entries) / len(entries)
             m[f"{s}/precision"] = sum(e[f"{s}/precision"] for e in entries) / len(entries)
             m[f"{s}/grid"] = "/".join(e[f"{s}/grid"] for e in entries)
         means[(model, nfe)] = m
-    for baseline in baselines:
-        suffix = ratio_suffix(baselines, baseline)
-        for (model, nfe), m in means.items():
-            ref = means.get((f"{baseline}@{model.split('@', 1)[1]}", nfe))
-            if ref is None or ref["num_seeds"] != m["num_seeds"]:
-                continue
-            for s in spaces:
-                m[f"{s}/fd_ratio{suffix}"] = m[f"{s}/fd"] / ref[f"{s}/fd"]
-                m[f"{s}/precision_gap{suffix}"] = m[f"{s}/precision"] - ref[f"{s}/precision"]
+    attach_ratios(means, spaces, baselines)
     return list(means.values())
 
 
@@ -163,18 +171,8 @@ def best_grid_summary(rows: list[dict[str, Any]], spaces: tuple[str, ...], basel
             if fd < entry.get(f"{s}/fd", float("inf")):
                 entry[f"{s}/fd"], entry[f"{s}/grid"] = fd, r["grid"]
                 entry[f"{s}/precision"] = r[f"{s}/precision"]
-    summary = list(best.values())
-    for baseline in baselines:
-        suffix = ratio_suffix(baselines, baseline)
-        for e in summary:
-            train_seed = e["model"].split("@", 1)[1]
-            ref = best.get((f"{baseline}@{train_seed}", e["seed"], e["nfe"]))
-            if ref is None:
-                continue
-            for s in spaces:
-                e[f"{s}/fd_ratio{suffix}"] = e[f"{s}/fd"] / ref[f"{s}/fd"]
-                e[f"{s}/precision_gap{suffix}"] = e[f"{s}/precision"] - ref[f"{s}/precision"]
-    return summary
+    attach_ratios(best, spaces, baselines)
+    return list(best.values())
 
 
 def main() -> None:
