@@ -15,7 +15,8 @@ only if its FD is below the bar in every space, on every run and seed.
 
 Candidates are families of uncertainty- and critic-driven recipes (:func:`candidates`); step 1
 picks, per budget, the candidate with the lowest *worst-space* FD ratio to the best peer
-(``sampler_claims_choice.json``) and the best member of every other family (the "what was tried"
+(``sampler_claims_choice.json``; choosing only some ``--budgets`` keeps the others' earlier
+choices) and the best member of every other family (the "what was tried"
 rows that step 2 also reruns). Each run gets its own critic, trained against its checkpoint
 with ``configs/critic/digits.yaml``'s recipe and cached under ``runs/critic/claims-<run id>``.
 Filtering: FD after dropping the 20% of samples with the highest score over FD after dropping a
@@ -309,10 +310,12 @@ def main() -> None:
                         rows.append(recipe_row(run, seed, nfe, args.n, name, family, spec, references))
     rows = with_ratios(earlier + rows, spaces)
     payload = {"runs": args.run, "seeds": args.seeds, "n": args.n, "rows": rows}
-    if choice is None:
-        choice = {str(k): v for k, v in choose(rows).items()}
+    if choice is None:  # re-choosing some budgets keeps the other budgets' earlier choices
+        kept = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
+        choice = {**kept, **{str(k): v for k, v in choose(rows).items()}}
+        choice = dict(sorted(choice.items(), key=lambda kv: int(kv[0])))
         choice_file.write_text(json.dumps(choice, indent=2))
-    payload["choice"] = choice
+    payload["choice"] = choice = {b: v for b, v in choice.items() if any(r["budget"] == int(b) for r in rows)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     columns = ["run", "seed", "budget", "sampler", "nfe", "nfe_max", "worst_ratio",
                *[f"{s}/{k}" for s in spaces for k in ("fd", "kid", "precision", "recall")]]
