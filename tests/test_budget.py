@@ -17,8 +17,7 @@ def test_the_table_has_every_measured_budget_and_no_critic() -> None:
     for budget in BEST_RECIPES:
         recipe = recipe_for_budget(budget)
         assert recipe.steps <= budget and not any(c["name"] == "critic" for c in recipe.callbacks)
-    assert any(c["name"] == "adaptive" for c in recipe_for_budget(5).callbacks)
-    assert recipe_for_budget(7).callbacks[0]["max_nfe"] == 7  # between entries: the lower one, rescaled
+    assert recipe_for_budget(7).steps == 7 and recipe_for_budget(7).spacing["name"] == "leading"  # the lower entry, rescaled
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4, 5, 7, 10, 13, 20, 30])

@@ -1,14 +1,16 @@
 """The measured-best sampler recipe for a budget of denoiser calls per sample (``bdiff-sample --nfe N``).
 
 :data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
-under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims"):
-5 NFE is UniPC with per-sample step sizes from the posterior variance (tolerance 0.25); at 10 and
-20 NFE no choice held on the report runs, so the entry is plain UniPC on diffusers' default
-``linspace`` grid, picked a priori. No entry has a critic (none beat the same budget without one).
-The entries were chosen on the fp32 default before the 10-minute one; on the current default the
-5-NFE entry no longer beats the best peer (BENCHMARKS.md), pending a new choose run.
-Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
-it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
+under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
+On the current (10-minute) default no uncertainty-driven recipe beat the best diffusers peer in
+every feature space, so every entry is plain UniPC: at 5 NFE on diffusers' ``leading`` grid (the
+best peer on the choose run; rechosen on the current default, where the earlier adaptive-steps
+entry read 1.24x the peer in its worst space and 1.43-1.93x on the report runs), at 10 and 20 NFE
+on ``linspace`` (picked a priori when no choice held on the earlier default's report runs). The
+critic's one-step correction came closest at 5 NFE (1.04-1.06x) but needs a critic trained for
+the checkpoint, so no entry has one. Another budget N takes the entry of the largest measured
+budget <= N (the smallest for N below it) with its steps and ``max_nfe`` set to N. Named recipes
+stay available with ``--config``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
-    5: {"stepper": "unipc", "steps": 5, "callbacks": [{"name": "adaptive", "tol": 0.25, "max_nfe": 5}]},
+    5: {"stepper": "unipc", "steps": 5, "spacing": "leading"},
     10: {"stepper": "unipc", "steps": 10, "spacing": "linspace"},
     20: {"stepper": "unipc", "steps": 20, "spacing": "linspace"},
 }
