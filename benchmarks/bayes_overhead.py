@@ -7,10 +7,12 @@ Targets (issue 2), on the default digits model (configs/digits.yaml), CPU:
 Both sides run the real code: the training step is noising + ``negative_elbo``
 (Pyro TraceMeanField_ELBO) + backward + AdamW, exactly what
 ``DiffusionModule.training_step`` does minus logging; the deterministic side is
-the same module with ``bayes.layers: none``. Timing: torch.utils.benchmark,
+the same module with ``bayes.layers: none``. The training step runs under the default
+config's ``trainer.precision`` (``--precision``; bf16 autocast for ``bf16-mixed``, as Lightning's
+CPU bf16 plugin does); predictions run in float32, as sampling does. Timing: torch.utils.benchmark,
 median of blocked runs, 2 threads.
 
-    python benchmarks/bayes_overhead.py [--batch 128] [--layers head decoder all] [--out benchmarks/results/bayes_overhead.json]
+    python benchmarks/bayes_overhead.py [--batch 128] [--layers head decoder all] [--precision bf16-mixed] [--out benchmarks/results/bayes_overhead.json]
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ from bdiff.nets import UNetConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+
+
 def default_model_args() -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())["model"]
+    cfg = default_config()["model"]
     net = cfg["net"]
     net["channel_mults"], net["attention_resolutions"] = tuple(net["channel_mults"]), tuple(net["attention_resolutions"])
     return cfg
@@ -51,12 +57,14 @@ def median_seconds(fn, min_run_time: float) -> float:
     ).median
 
 
-def train_step_fn(module: DiffusionModule, x0: torch.Tensor):
+def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str):
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    bf16 = precision == "bf16-mixed"
 
     def step() -> None:
         x_t, t, noise = module._noised(x0)
-        loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -71,6 +79,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--min-run-time", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default=str(default_config()["trainer"]["precision"]),
+                        help="of the training step (default: configs/digits.yaml's trainer.precision)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bayes_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,14 +89,14 @@ def main() -> None:
     t = torch.randint(0, 1000, (args.batch,))
 
     det = build("none", cfg)
-    det_step = median_seconds(train_step_fn(det, x0), args.min_run_time)
+    det_step = median_seconds(train_step_fn(det, x0, args.precision), args.min_run_time)
     det.eval()
     with torch.no_grad():
         det_fwd = median_seconds(lambda: det.bayes.net(x0, t), args.min_run_time)
     rows = []
     for layers in args.layers:
         mod = build(layers, cfg)
-        step = median_seconds(train_step_fn(mod, x0), args.min_run_time)
+        step = median_seconds(train_step_fn(mod, x0, args.precision), args.min_run_time)
         mod.eval()
         den = mod.denoiser
         den.num_samples = args.k
@@ -111,6 +121,7 @@ def main() -> None:
         "batch": args.batch,
         "threads": args.threads,
         "k": args.k,
+        "precision": args.precision,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "deterministic_train_step_s": det_step,
