@@ -300,11 +300,12 @@ def main() -> None:
         run = Run(label, Path(path))
         for seed in args.seeds:
             for nfe in args.budgets:
-                if not earlier:  # with --append the peers are in the earlier results
+                if not any(r["family"] == "peer" and (r["run"], r["seed"], r["budget"]) == (label, seed, nfe)
+                           for r in earlier):  # with --append, peers already measured are kept
                     rows += peer_rows(run, seed, nfe, args.n, references)
                 tried = (candidates(nfe, CRITIC_PLACEHOLDER) if choice is None else
                          {name: tuple(v) for name, v in choice[str(nfe)]["recipes"].items()})
-                done = {r["sampler"] for r in earlier if r["budget"] == nfe}
+                done = {r["sampler"] for r in earlier if (r["run"], r["seed"], r["budget"]) == (label, seed, nfe)}
                 for name, (family, spec) in tried.items():
                     if name not in done and (args.families is None or family in args.families):
                         rows.append(recipe_row(run, seed, nfe, args.n, name, family, spec, references))
