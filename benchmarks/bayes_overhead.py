@@ -9,8 +9,8 @@ Both sides run the real code: the training step is noising + ``negative_elbo``
 ``DiffusionModule.training_step`` does minus logging; the deterministic side is
 the same module with ``bayes.layers: none``. The training step runs under the default
 config's ``trainer.precision`` (``--precision``; bf16 autocast for ``bf16-mixed``, as Lightning's
-CPU bf16 plugin does); predictions run in float32, as sampling does. Timing: torch.utils.benchmark,
-median of blocked runs, 2 threads.
+CPU bf16 plugin does); predictions run in float32, as sampling does. Timing: every step and predict once per
+round, ``--rounds`` rounds, medians (``benchmarks/timing.py``), 2 threads.
 
     python benchmarks/bayes_overhead.py [--batch 128] [--layers head decoder all] [--precision bf16-mixed] [--out benchmarks/results/bayes_overhead.json]
 """
@@ -20,16 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.benchmark import Timer
 
 from bdiff.bayes import BayesConfig
 from bdiff.bayes.predictive import draw_weights, predict_with_weights
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +54,15 @@ def build(layers: str, cfg: dict) -> DiffusionModule:
     return DiffusionModule(net=UNetConfig(**cfg["net"]), bayes=BayesConfig(**bayes), num_data=1617)
 
 
-def median_seconds(fn, min_run_time: float) -> float:
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    ).median
+def predict_fn(module: DiffusionModule, predict):
+    """``predict()`` in eval mode without autograd, as sampling calls it."""
+
+    def run() -> None:
+        module.eval()
+        with torch.no_grad():
+            predict()
+
+    return run
 
 
 def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str):
@@ -62,6 +70,7 @@ def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str):
     bf16 = precision == "bf16-mixed"
 
     def step() -> None:
+        module.train()
         x_t, t, noise = module._noised(x0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
@@ -77,7 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--layers", nargs="+", default=["head", "decoder", "all"])
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (benchmarks/timing.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default=str(default_config()["trainer"]["precision"]),
                         help="of the training step (default: configs/digits.yaml's trainer.precision)")
@@ -89,38 +98,39 @@ def main() -> None:
     t = torch.randint(0, 1000, (args.batch,))
 
     det = build("none", cfg)
-    det_step = median_seconds(train_step_fn(det, x0, args.precision), args.min_run_time)
-    det.eval()
-    with torch.no_grad():
-        det_fwd = median_seconds(lambda: det.bayes.net(x0, t), args.min_run_time)
-    rows = []
+    fns = {"det_step": train_step_fn(det, x0, args.precision), "det_forward": predict_fn(det, lambda: det.bayes.net(x0, t))}
+    modules = {}
     for layers in args.layers:
-        mod = build(layers, cfg)
-        step = median_seconds(train_step_fn(mod, x0, args.precision), args.min_run_time)
-        mod.eval()
+        mod = modules[layers] = build(layers, cfg)
         den = mod.denoiser
         den.num_samples = args.k
-        with torch.no_grad():
-            sampled = median_seconds(lambda: predict_with_weights(den.model, x0, t, draw_weights(den.model, args.k)), args.min_run_time)
-            default = median_seconds(lambda: den.predict(x0, t), args.min_run_time)
+        fns[f"{layers}/step"] = train_step_fn(mod, x0, args.precision)
+        fns[f"{layers}/sampled"] = predict_fn(mod, lambda den=den: predict_with_weights(den.model, x0, t, draw_weights(den.model, args.k)))
+        fns[f"{layers}/default"] = predict_fn(mod, lambda den=den: den.predict(x0, t))
+    sec = interleaved_medians(fns, args.rounds)
+    det_step, det_fwd = sec["det_step"], sec["det_forward"]
+    rows = []
+    for layers, mod in modules.items():
+        den = mod.denoiser
         mode = "analytic" if den.mode == "analytic" or (den.mode == "auto" and layers == "head") else "sampled"
         rows.append(
             {
                 "layers": layers,
                 "bayesian_params": sum(p.numel() for n, p in den.model.net.named_parameters() if n in den.model.bayesian_names),
-                "train_step_s": step,
-                "train_step_ratio": step / det_step,
+                "train_step_s": sec[f"{layers}/step"],
+                "train_step_ratio": sec[f"{layers}/step"] / det_step,
                 "predict_default_mode": mode,
-                "predict_default_s": default,
-                "predict_default_ratio": default / det_fwd,
-                f"predict_sampled_k{args.k}_s": sampled,
-                f"predict_sampled_k{args.k}_ratio": sampled / det_fwd,
+                "predict_default_s": sec[f"{layers}/default"],
+                "predict_default_ratio": sec[f"{layers}/default"] / det_fwd,
+                f"predict_sampled_k{args.k}_s": sec[f"{layers}/sampled"],
+                f"predict_sampled_k{args.k}_ratio": sec[f"{layers}/sampled"] / det_fwd,
             }
         )
     result = {
         "batch": args.batch,
         "threads": args.threads,
         "k": args.k,
+        "rounds": args.rounds,
         "precision": args.precision,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -64,6 +64,7 @@ from bdiff.metrics.usefulness import spearman
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import interleaved_medians  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESTEPS = (10, 50, 100, 250, 500, 750)
@@ -153,13 +154,7 @@ def cost_ratios(designs: dict[str, Any], net: torch.nn.Module, rounds: int = 15)
     g = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(256, net.config.in_channels, net.config.image_size, net.config.image_size, generator=g), torch.randint(0, 1000, (256,), generator=g)
     fns = {"deterministic_forward": lambda: net(x_t, t), **{k: (lambda f=f: f(x_t, t)) for k, f in designs.items()}}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds + 1):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}  # the first round warms up
+    med = interleaved_medians(fns, rounds)
     return {k: med[k] / med["deterministic_forward"] for k in designs}
 
 

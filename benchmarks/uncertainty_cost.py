@@ -2,7 +2,8 @@
 
     python benchmarks/uncertainty_cost.py --ckpt runs/bdiff/<id>/checkpoints/last.ckpt [--stepper unipc]
 
-Same stepper, steps and batch, CPU, 2 threads, median of repeated runs:
+Same stepper, steps and batch, CPU, 2 threads, median over ``--rounds`` rounds that run every variant
+once in turn (``benchmarks/timing.py``: drift in the machine's speed hits all alike):
   * mean only: the U-Net with the guide's posterior-mean weights, zero variances
     (what a deterministic sampler would run);
   * K=8 sampled: 8 weight samples per call in one vmapped call, plus variance propagation;
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
-from torch.utils.benchmark import Timer
 
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model
@@ -26,6 +27,9 @@ from bdiff.denoiser import Prediction
 from bdiff.sampling import Sampler
 from bdiff.sampling.steppers import STEPPERS
 from bdiff.sampling.noise import NoiseSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +53,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--stepper", default="dpmpp_2m", choices=["dpmpp_2m", "unipc", "ddim"])
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/uncertainty_cost[_<stepper>].json")
     args = p.parse_args()
     suffix = "" if args.stepper == "dpmpp_2m" else f"_{args.stepper}"
@@ -68,7 +73,7 @@ def main() -> None:
         "closed form + propagation": lambda: Sampler(analytic, stepper, args.steps).run(x_T, NoiseSource(0, [0])),
         "K=8 Monte Carlo chains": lambda: Sampler(chains, stepper, args.steps).run(x_T.repeat(8, 1, 1, 1), NoiseSource(0, [0])),
     }
-    times = {name: Timer("fn()", globals={"fn": fn}, num_threads=2).blocked_autorange(min_run_time=5).median for name, fn in runs.items()}
+    times = interleaved_medians(runs, args.rounds)
     base = times["mean only"]
     rows = [{"variant": k, "seconds": v, "ratio_vs_mean_only": v / base} for k, v in times.items()]
     print(f"{args.stepper}, {args.steps} steps, batch {args.batch}")
@@ -76,7 +81,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['seconds'] * 1e3:.0f} ms | {r['ratio_vs_mean_only']:.2f}x |")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"stepper": args.stepper, "batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"stepper": args.stepper, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
