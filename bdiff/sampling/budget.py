@@ -2,13 +2,14 @@
 
 :data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
 under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
-On the current (10-minute) default no uncertainty-driven recipe beat the best diffusers peer in
-every feature space, so every entry is plain UniPC: at 5 NFE on diffusers' ``leading`` grid (the
-best peer on the choose run; rechosen on the current default, where the earlier adaptive-steps
-entry read 1.24x the peer in its worst space and 1.43-1.93x on the report runs), at 10 and 20 NFE
-on ``linspace`` (picked a priori when no choice held on the earlier default's report runs). The
-critic's one-step correction came closest at 5 NFE (1.04-1.06x) but needs a critic trained for
-the checkpoint, so no entry has one. Another budget N takes the entry of the largest measured
+On the current (10-minute) default no recipe of ours beat the best diffusers peer in every
+feature space at any budget (choose run on training seed 0, sampling seed 1; the closest were the
+critic's one-step correction at 5 NFE, 1.06x in its worst space, 1.39x at 10, and blending at 20,
+1.24x). So each entry is the peer configuration with the lowest worst-space FD ratio on that
+choose run, run by our own steppers: UniPC on diffusers' ``leading`` grid at 5 and 10 NFE (1.00x;
+the entries before were adaptive steps at 5 and UniPC on ``linspace`` at 10, 1.11x there) and
+DPM-Solver++(2M) on ``leading`` at 20 (1.04x; UniPC on ``leading`` 1.05x, a tie). No entry has a
+critic: it needs one trained for the checkpoint. Another budget N takes the entry of the largest measured
 budget <= N (the smallest for N below it) with its steps and ``max_nfe`` set to N. Named recipes
 stay available with ``--config``.
 """
@@ -23,8 +24,8 @@ from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
     5: {"stepper": "unipc", "steps": 5, "spacing": "leading"},
-    10: {"stepper": "unipc", "steps": 10, "spacing": "linspace"},
-    20: {"stepper": "unipc", "steps": 20, "spacing": "linspace"},
+    10: {"stepper": "unipc", "steps": 10, "spacing": "leading"},
+    20: {"stepper": "dpmpp_2m", "steps": 20, "spacing": "leading"},
 }
 """{budget: recipe dict}; see the module docstring for where each entry comes from."""
 
