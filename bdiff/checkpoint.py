@@ -86,6 +86,7 @@ def load_model(
     path: str | Path,
     map_location: str | torch.device = "cpu",
     num_samples: int | None = None,
+    weights: str = "average",
 ) -> BayesianDenoiser:
     """Restore a trained :class:`BayesianDenoiser` from a checkpoint, in eval mode.
 
@@ -93,12 +94,19 @@ def load_model(
         path: a checkpoint written by ``train.py`` (``last.ckpt`` or a best one).
         map_location: device to load onto, e.g. ``"cuda"``.
         num_samples: K weight samples per prediction (default: the trained config's).
+        weights: ``"average"`` (default): the weights the checkpoint ships, i.e. the EMA average
+            when the run had the EMA callback (Lightning swaps it into ``state_dict``);
+            ``"current"``: the optimizer's own weights at that step (Lightning's
+            ``current_model_state``; the same as ``"average"`` for a run without EMA). The
+            variance calibration and the bottleneck GP were fitted with the averaged weights.
 
     Example:
         >>> from bdiff import load_model
         >>> den = load_model("runs/digits/checkpoints/last.ckpt")
         >>> pred = den.predict(x_t, t)
     """
+    if weights not in ("average", "current"):
+        raise ValueError(f"weights must be 'average' (the EMA weights a checkpoint ships) or 'current', got {weights!r}")
     ckpt = read_checkpoint(path, map_location)
     hp = ckpt["hyper_parameters"]
     net = UNetConfig(**hp["net"])
@@ -106,7 +114,8 @@ def load_model(
     denoiser = build_denoiser(net, BayesConfig(**hp["bayes"]), ScheduleConfig(**hp["schedule"]))
     if num_samples is not None:
         denoiser.num_samples = num_samples
-    state = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    saved = ckpt.get("current_model_state", ckpt["state_dict"]) if weights == "current" else ckpt["state_dict"]
+    state = {k[len(PREFIX) :]: v for k, v in saved.items() if k.startswith(PREFIX)}
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as e:

@@ -61,7 +61,7 @@ def parse_ckpts(items: list[str]) -> dict[str, Path]:
 
 def sample_rows(label: str, ckpt: Path, args: argparse.Namespace, references: dict) -> list[dict[str, Any]]:
     """One row per (sampling seed, NFE, grid): quality in every space."""
-    denoiser = load_model(ckpt)
+    denoiser = load_model(ckpt, weights="current" if label in args.current_weights else "average")
     rows = []
     for seed in args.seeds:
         x_T = NoiseSource(seed, range(args.n)).draw(tuple(denoiser.image_shape))
@@ -189,6 +189,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--append", action="store_true", help="keep the other models of an earlier <stem>.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
+    p.add_argument("--current-weights", nargs="+", default=[], metavar="NAME@SEED",
+                   help="these --ckpt models sample with the optimizer's own weights, not the EMA average the "
+                        "checkpoint ships (load_model(weights='current')); no calibration rows (fitted on the EMA)")
     p.add_argument("--calibration-only", action="store_true",
                    help="with --append: recompute only the calibration rows of these checkpoints (no sampling)")
     args = p.parse_args()
@@ -197,6 +200,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     ckpts = parse_ckpts(args.ckpt)
+    if unknown := set(args.current_weights) - set(ckpts):
+        raise SystemExit(f"error: --current-weights {sorted(unknown)} are not --ckpt names ({sorted(ckpts)})")
     references = None if args.calibration_only else references_for(DIGITS_SPACES)
     rows, calibration = [], []
     previous = args.out / f"{args.stem}.json"
@@ -213,7 +218,8 @@ def main() -> None:
     for label, path in parse_ckpts(args.ckpt).items():
         if not args.calibration_only:
             rows += sample_rows(label, path, args, references)
-        calibration += calibration_rows(label, path)
+        if label not in args.current_weights:
+            calibration += calibration_rows(label, path)
     summary = best_grid_summary(rows, DIGITS_SPACES, args.baseline)
     if len({r["seed"] for r in rows}) > 1:
         summary += mean_over_seeds(summary, DIGITS_SPACES, args.baseline)

@@ -58,3 +58,18 @@ def test_ema_updates_on_the_same_steps_as_lightnings() -> None:
 def test_a_decay_outside_0_1_is_refused(decay: float) -> None:
     with pytest.raises(ValueError, match="EMA decay must be in"):
         EMA(decay=decay)
+
+
+def test_load_model_restores_the_ema_or_the_optimizers_weights(last_ckpt) -> None:
+    """``weights="average"`` (default) is the EMA the checkpoint ships; ``"current"`` the raw training weights."""
+    from bdiff.checkpoint import PREFIX, load_model, read_checkpoint
+
+    ckpt = read_checkpoint(last_ckpt)
+    average, current = load_model(last_ckpt).state_dict(), load_model(last_ckpt, weights="current").state_dict()
+    for name, saved in (("state_dict", average), ("current_model_state", current)):
+        for key, value in ckpt[name].items():
+            if key.startswith(PREFIX):
+                torch.testing.assert_close(saved[key[len(PREFIX):]], value, rtol=0, atol=0)
+    assert any(not torch.equal(average[k], current[k]) for k in average)
+    with pytest.raises(ValueError, match="'average'.*'current'"):
+        load_model(last_ckpt, weights="ema")

@@ -1,0 +1,117 @@
+"""Training steps that give a U-Net variant the default run's wall time (issue 12: model size at equal time).
+
+    python benchmarks/equal_time_steps.py --variant noattn:attention_resolutions=[] \
+        b24:base_channels=24 b24noattn:base_channels=24,attention_resolutions=[] \
+        [--config configs/digits.yaml] [--rounds 30] [--out benchmarks/results/equal_time_steps.json]
+
+Each variant is the default config's model (configs/digits.yaml: objective, Bayesian head, EMA,
+precision) with some ``model.net`` fields overridden. One training step of each -- noising,
+Pyro's ELBO under the config's bf16 autocast, backward, gradient clipping, AdamW, the EMA's
+multi-tensor update; what ``DiffusionModule.training_step`` and the callbacks do per step, minus
+logging -- is timed on one batch of the config's size, every variant once per round
+(``benchmarks/timing.py``). The equal-time steps of a variant are the default's
+``trainer.max_steps`` times the default step's median over the variant's. Lightning's own
+per-step overhead (a few ms, not timed here) is then paid on more steps, so a faster variant's
+fit takes slightly longer than the default's; the whole runs' wall times are measured by ``time``
+(BENCHMARKS.md, "Denoiser quality"). Writes ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from bdiff.bayes import BayesConfig
+from bdiff.lit.module import DiffusionModule
+from bdiff.nets import UNetConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_variant(item: str) -> tuple[str, dict]:
+    """``name:field=value,field=value`` (values in YAML, lists without commas inside) -> (name, overrides)."""
+    name, sep, spec = item.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"error: --variant takes name:field=value[,field=value], got {item!r}")
+    fields = UNetConfig.__dataclass_fields__
+    overrides = {}
+    for pair in spec.split(","):
+        key, eq, value = pair.partition("=")
+        if not eq or key not in fields:
+            raise SystemExit(f"error: {pair!r} in --variant {item!r}: use field=value with a UNetConfig field ({', '.join(fields)})")
+        v = yaml.safe_load(value)
+        overrides[key] = tuple(v) if isinstance(v, list) else v
+    return name, overrides
+
+
+def step_fn(module: DiffusionModule, x0: torch.Tensor, lr: float, decay: float, bf16: bool):
+    """One optimizer step as the default fit takes it (minus logging); returns the closure."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    ema = [p.detach().clone() for p in params]
+    ema_update = get_ema_multi_avg_fn(decay)
+
+    def step() -> None:
+        module.train()
+        x_t, t, noise = module._noised(x0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema, [p.detach() for p in params], 1)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", nargs="+", required=True, help="name:field=value[,field=value] (UNetConfig fields)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (benchmarks/timing.py)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "equal_time_steps.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = yaml.safe_load(args.config.read_text())
+    model, trainer = cfg["model"], cfg["trainer"]
+    decay = next(c["init_args"]["decay"] for c in trainer["callbacks"] if c["class_path"].endswith(".EMA"))
+    bf16 = trainer["precision"] == "bf16-mixed"
+    net = {**model["net"], "channel_mults": tuple(model["net"]["channel_mults"]),
+           "attention_resolutions": tuple(model["net"]["attention_resolutions"])}
+    variants = {"default": {}, **dict(parse_variant(v) for v in args.variant)}
+    x0 = torch.rand(cfg["data"]["init_args"]["batch_size"], 1, net["image_size"], net["image_size"]) * 2 - 1
+    fns, params = {}, {}
+    for name, overrides in variants.items():
+        torch.manual_seed(0)
+        module = DiffusionModule(net=UNetConfig(**{**net, **overrides}), bayes=BayesConfig(**model["bayes"]), num_data=1617)
+        params[name] = sum(p.numel() for p in module.parameters())
+        fns[name] = step_fn(module, x0, model["lr"], decay, bf16)
+    sec = interleaved_medians(fns, args.rounds)
+    steps = trainer["max_steps"]
+    rows = [{"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in variants[name].items()},
+             "params": params[name], "step_ms": 1e3 * sec[name], "step_ratio": sec[name] / sec["default"],
+             "equal_time_steps": int(round(steps * sec["default"] / sec[name], -1))} for name in variants]
+    for r in rows:
+        print(f"{r['variant']:12s} {r['params']:9d} params  {r['step_ms']:6.1f} ms/step  "
+              f"{r['step_ratio']:.2f}x  equal-time steps {r['equal_time_steps']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+                                    "default_steps": steps, "precision": trainer["precision"], "rounds": args.rounds,
+                                    "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                                    "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
