@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from bdiff.bayes import BayesConfig
 from bdiff.bayes.predictive import draw_weights, predict_with_weights
@@ -65,9 +66,15 @@ def predict_fn(module: DiffusionModule, predict):
     return run
 
 
-def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str):
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str, lr: float = 1e-4,
+                  clip: float | None = None, ema_decay: float | None = None):
+    """One optimizer step (noising, ELBO, backward, AdamW), optionally with gradient clipping and the EMA's
+    multi-tensor update as the configs' fit does them; returns the closure."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
     bf16 = precision == "bf16-mixed"
+    ema = [p.detach().clone() for p in params] if ema_decay is not None else None
+    ema_update = get_ema_multi_avg_fn(ema_decay) if ema_decay is not None else None
 
     def step() -> None:
         module.train()
@@ -76,7 +83,11 @@ def train_step_fn(module: DiffusionModule, x0: torch.Tensor, precision: str):
             loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        if ema_update is not None:
+            ema_update(ema, [p.detach() for p in params], 1)
 
     return step
 

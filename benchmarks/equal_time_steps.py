@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from bdiff.bayes import BayesConfig
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
+from bayes_overhead import train_step_fn  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import interleaved_medians  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,27 +54,6 @@ def parse_variant(item: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def step_fn(module: DiffusionModule, x0: torch.Tensor, lr: float, decay: float, bf16: bool):
-    """One optimizer step as the default fit takes it (minus logging); returns the closure."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    ema = [p.detach().clone() for p in params]
-    ema_update = get_ema_multi_avg_fn(decay)
-
-    def step() -> None:
-        module.train()
-        x_t, t, noise = module._noised(x0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = module.bayes.negative_elbo(x_t, t, noise, module.num_data).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema, [p.detach() for p in params], 1)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", nargs="+", required=True, help="name:field=value[,field=value] (UNetConfig fields)")
@@ -87,7 +66,6 @@ def main() -> None:
     cfg = yaml.safe_load(args.config.read_text())
     model, trainer = cfg["model"], cfg["trainer"]
     decay = next(c["init_args"]["decay"] for c in trainer["callbacks"] if c["class_path"].endswith(".EMA"))
-    bf16 = trainer["precision"] == "bf16-mixed"
     net = {**model["net"], "channel_mults": tuple(model["net"]["channel_mults"]),
            "attention_resolutions": tuple(model["net"]["attention_resolutions"])}
     variants = {"default": {}, **dict(parse_variant(v) for v in args.variant)}
@@ -97,7 +75,7 @@ def main() -> None:
         torch.manual_seed(0)
         module = DiffusionModule(net=UNetConfig(**{**net, **overrides}), bayes=BayesConfig(**model["bayes"]), num_data=1617)
         params[name] = sum(p.numel() for p in module.parameters())
-        fns[name] = step_fn(module, x0, model["lr"], decay, bf16)
+        fns[name] = train_step_fn(module, x0, trainer["precision"], lr=model["lr"], clip=trainer["gradient_clip_val"], ema_decay=decay)
     sec = interleaved_medians(fns, args.rounds)
     steps = trainer["max_steps"]
     rows = [{"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in variants[name].items()},
