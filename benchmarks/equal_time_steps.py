@@ -11,8 +11,9 @@ multi-tensor update; what ``DiffusionModule.training_step`` and the callbacks do
 logging -- is timed on one batch of the config's size, every variant once per round
 (``benchmarks/timing.py``). The equal-time steps of a variant are the default's
 ``trainer.max_steps`` times the default step's median over the variant's. Lightning's own
-per-step overhead (a few ms, not timed here) is then paid on more steps, so a faster variant's
-fit takes slightly longer than the default's; the whole runs' wall times are measured by ``time``
+per-step overhead (validation, logging, the data loader: not timed here) is then paid on more
+steps, so a faster variant's fit takes longer than the default's (up to ~1.3x for the 24-channel
+attention-free U-Net); the whole runs' wall times are measured by ``time``
 (BENCHMARKS.md, "Denoiser quality"). Writes ``--out``.
 """
 
