@@ -206,6 +206,16 @@ def check_rho(rho: object) -> float:
     return float(rho)
 
 
+def check_timesteps(timesteps: object, steps: int, num_train_timesteps: int) -> list[int]:
+    """An explicit grid as a list; ValueError unless it is ``steps`` strictly descending integers in [0, T-1]."""
+    values = list(timesteps) if isinstance(timesteps, (list, tuple)) else None
+    if (values is None or len(values) != steps or not all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+            or not all(0 <= t < num_train_timesteps for t in values) or any(a <= b for a, b in zip(values, values[1:]))):
+        raise ValueError(f"timesteps must be {steps} strictly descending integers in [0, {num_train_timesteps - 1}], "
+                         f"got {timesteps!r}")
+    return values
+
+
 def grid_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", rho: float = 7.0) -> list[int]:
     """The sampler's descending timestep grid, one of :data:`SPACINGS`: ``trailing`` (:func:`ddim_timesteps`),
     ``leading`` or ``linspace`` (:func:`multistep_timesteps`), ``karras`` (:func:`karras_timesteps`)."""

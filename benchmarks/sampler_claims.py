@@ -55,6 +55,8 @@ BUDGETS = (5, 10, 20)
 PEERS = ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc")
 OUR_GRIDS = {"leading": {"name": "leading"}, "linspace": {"name": "linspace"}, "trailing": {"name": "trailing"},
              "karras5": {"name": "karras", "rho": 5.0}, "karras7": {"name": "karras", "rho": 7.0}}
+FITTED_GRIDS = {"fitted": {"name": "fitted"}, "fitted from T-1": {"name": "fitted", "late_start": False}}
+"""Grids fitted to the run's checkpoint (:mod:`bdiff.sampling.fitted_grid`): starting where the fit says, or at T-1."""
 TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.25, 0.3), 20: (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
 """Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
@@ -81,6 +83,11 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
         if grid in ("trailing", "karras5"):
             out[f"dpmpp_2m + blend, {grid}"] = (
                 "blend", {"stepper": "dpmpp_2m", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "blend"}]})
+    for grid, spacing in FITTED_GRIDS.items():
+        for stepper in ("unipc", "dpmpp_2m"):
+            out[f"{stepper}, {grid}"] = ("fitted grid", {"stepper": stepper, "steps": nfe, "spacing": spacing})
+        out[f"unipc + critic, {grid}"] = ("fitted grid+critic", {
+            "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{**CRITIC, "critic": critic, "retries": 0}]})
     return out
 
 

@@ -4,7 +4,8 @@ Example (``configs/sampler/dpmpp_blend.yaml``)::
 
     stepper: {name: dpmpp_2m}
     steps: 10
-    spacing: trailing             # or {name: karras, rho: 7} (optional, default trailing)
+    spacing: trailing             # or leading, linspace, {name: karras, rho: 7}, or fitted (to the
+                                  # checkpoint: bdiff.sampling.fitted_grid); optional, default trailing
     posterior_samples: 8          # K weight samples per prediction
     callbacks:                    # run in this order at every hook
       - {name: blend, strength: 1.0}
@@ -30,6 +31,7 @@ from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegion
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.steppers import STEPPERS, Stepper
+from bdiff.sampling.fitted_grid import fitted_timesteps
 from bdiff.schedule import SPACINGS, check_rho
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
@@ -39,6 +41,10 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "recorder": Recorder,
     "critic": CriticCorrection,
 }
+RECIPE_SPACINGS = (*SPACINGS, "fitted")
+"""Grid names a recipe takes: the schedule's fixed grids and one fitted to the denoiser (:mod:`bdiff.sampling.fitted_grid`)."""
+FITTED_DEFAULTS: dict[str, Any] = {"late_start": True, "samples": 256, "stride": 10}
+"""Options of ``spacing: {name: fitted, ...}`` and their defaults (:func:`~bdiff.sampling.fitted_grid.fitted_timesteps`)."""
 RECIPE_DEFAULTS: dict[str, Any] = {"stepper": None, "steps": None, "spacing": None, "posterior_samples": 8, "callbacks": []}
 """A recipe file's keys and their values when absent (``stepper`` and ``steps`` have none: they are required)."""
 
@@ -54,7 +60,8 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
                        help=f"one of {sorted(STEPPERS)}, or a mapping {{name: ..., <option>: ...}}")
     group.add_argument("--steps", type=Optional[int], default=None, help="grid steps (denoiser calls without callbacks)")
     group.add_argument("--spacing", type=entry, default=None,
-                       help=f"the grid: one of {list(SPACINGS)} (default trailing), or {{name: karras, rho: 7}}")
+                       help=f"the grid: one of {list(RECIPE_SPACINGS)} (default trailing), or {{name: karras, rho: 7}}, "
+                            "or {name: fitted, late_start: true, samples: 256, stride: 10}")
     group.add_argument("--posterior_samples", type=int, default=8, help="K weight samples per prediction")
     group.add_argument("--callbacks", type=list[Union[dict[str, Any], str]], default=[],
                        help=f"sampler callbacks in order, each a name or {{name: ..., <option>: ...}}: {sorted(CALLBACKS)}")
@@ -118,15 +125,24 @@ class Recipe:
         self.build_callbacks()
 
     def spacing_options(self) -> dict[str, Any]:
-        """The Sampler's ``spacing``/``rho`` keyword arguments from the recipe's ``spacing`` entry."""
+        """The Sampler's ``spacing``/``rho`` keyword arguments from the recipe's ``spacing`` entry; for
+        ``fitted``, ``{"spacing": "fitted", "fitted": <fitted_timesteps options>}`` (:meth:`build` fits it)."""
         name = self.spacing.get("name")
-        if not isinstance(name, str) or name not in SPACINGS:
-            raise ValueError(f"sampler recipe {self.name!r}: unknown spacing {name!r}; choose one of {list(SPACINGS)}")
+        if not isinstance(name, str) or name not in RECIPE_SPACINGS:
+            raise ValueError(f"sampler recipe {self.name!r}: unknown spacing {name!r}; choose one of {list(RECIPE_SPACINGS)}")
         opts = {k: v for k, v in self.spacing.items() if k != "name"}
-        allowed = {"rho"} if name == "karras" else set()
+        allowed = {"rho"} if name == "karras" else set(FITTED_DEFAULTS) if name == "fitted" else set()
         unknown = sorted(set(opts) - allowed, key=str)
         if unknown:
             raise ValueError(f"sampler recipe {self.name!r}: unknown option(s) {unknown} for spacing {name!r}")
+        if name == "fitted":
+            fitted = {**FITTED_DEFAULTS, **opts}
+            if not isinstance(fitted["late_start"], bool):
+                raise ValueError(f"sampler recipe {self.name!r}: spacing fitted: late_start must be true or false, "
+                                 f"got {fitted['late_start']!r}")
+            for key in ("samples", "stride"):
+                as_integer(f"sampler recipe {self.name!r}: spacing fitted: {key}", fitted[key], 2)
+            return {"spacing": name, "fitted": fitted}
         try:
             rho = check_rho(opts.get("rho", 7.0))
         except ValueError as e:
@@ -162,7 +178,10 @@ class Recipe:
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
-        return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks(), **self.spacing_options())
+        grid = self.spacing_options()
+        if grid["spacing"] == "fitted":
+            grid = {"timesteps": fitted_timesteps(denoiser, self.steps, **grid["fitted"])}
+        return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks(), **grid)
 
     def with_critic(self, path: str | Path) -> Recipe:
         """The same recipe with its critic callback reading ``path`` (ValueError if it has none)."""

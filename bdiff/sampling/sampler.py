@@ -36,7 +36,7 @@ from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import Memory, Stepper, StepOut
-from bdiff.schedule import check_rho, grid_timesteps
+from bdiff.schedule import check_rho, check_timesteps, grid_timesteps
 
 
 class SamplerCallback:
@@ -96,6 +96,8 @@ class Sampler:
             default of diffusers' peers) or ``karras`` (Karras et al. 2022 noise levels, more
             steps at high noise as ``rho`` falls; :func:`~bdiff.schedule.karras_timesteps`).
         rho: the Karras exponent (ignored for ``trailing``).
+        timesteps: an explicit descending grid of ``steps`` integer timesteps in [0, T-1] (e.g. one
+            fitted to the denoiser, :mod:`bdiff.sampling.fitted_grid`); replaces ``spacing``.
         callbacks: sampler callbacks, run in this order at every hook.
         max_iterations: hard bound on loop iterations (rejections and extra passes included).
         propagation: ``tweedie`` (the Jacobian term above) or ``independent_eps`` (drops it,
@@ -116,6 +118,7 @@ class Sampler:
         propagation: str = "tweedie",
         spacing: str = "trailing",
         rho: float = 7.0,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         rho = check_rho(rho)
         if not isinstance(propagation, str) or propagation not in ("tweedie", "independent_eps"):
@@ -127,7 +130,11 @@ class Sampler:
         if max_iterations is not None:
             max_iterations = as_integer("max_iterations", max_iterations, 1)
         self.schedule, self.spacing, self.rho = denoiser.schedule, spacing, rho
-        self.grid = torch.tensor(grid_timesteps(self.schedule.alphas_cumprod, steps, spacing, rho) + [-1])
+        if timesteps is None:
+            timesteps = grid_timesteps(self.schedule.alphas_cumprod, steps, spacing, rho)
+        else:
+            timesteps = check_timesteps(timesteps, steps, len(self.schedule.alphas_cumprod))
+        self.grid = torch.tensor(list(timesteps) + [-1])
         if not isinstance(callbacks, Sequence) or not all(isinstance(cb, SamplerCallback) for cb in callbacks):
             raise ValueError(f"callbacks must be a list of SamplerCallback instances, got {callbacks!r}")
         self.denoiser, self.stepper, self.steps = denoiser, stepper, steps
