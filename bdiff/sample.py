@@ -227,7 +227,11 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
     start = time.perf_counter()  # the samples file's seconds: sampling only, not W&B's start-up
     try:
         denoiser = load_model(args.ckpt, map_location=device, num_samples=recipe.posterior_samples)
+        if recipe.spacing.get("name") == "fitted" and rank == 0:
+            print("fitting the timestep grid to this checkpoint (teacher ODE trajectories, once; "
+                  "bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
         sampler = recipe.build(denoiser)
+        config["timesteps"] = sampler.grid[:-1].tolist()  # the grid sampled on (a fitted grid depends on the checkpoint)
         chunks = chunk_ranges(args.n, args.batch_size)
         rows = args.wandb_rows if wb is not None else 0
         output = (SampleOutput(Path(args.out), args.n, tuple(denoiser.image_shape), denoiser.is_bayesian, rows)

@@ -17,7 +17,7 @@ def test_the_table_has_every_measured_budget_and_no_critic() -> None:
     for budget in BEST_RECIPES:
         recipe = recipe_for_budget(budget)
         assert recipe.steps <= budget and not any(c["name"] == "critic" for c in recipe.callbacks)
-    assert recipe_for_budget(7).steps == 7 and recipe_for_budget(7).spacing["name"] == "leading"  # the lower entry, rescaled
+    assert recipe_for_budget(7).steps == 7 and recipe_for_budget(7).spacing["name"] == "fitted"  # the lower entry, rescaled
     assert recipe_for_budget(30).stepper["name"] == "dpmpp_2m" and recipe_for_budget(30).steps == 30
 
 

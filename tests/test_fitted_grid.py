@@ -113,3 +113,16 @@ def test_an_explicit_grid_is_checked() -> None:
     for bad in ([900, 500], [900, 900, 20], [20, 500, 900], [1000, 500, 20], [900, 500.0, 20], "900"):
         with pytest.raises(ValueError, match="timesteps must be 3 strictly descending integers"):
             Sampler(den, DDIM(), 3, timesteps=bad)
+
+
+def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bdiff.checkpoint import load_model
+
+    calls = []
+    real = fitted_grid.step_costs
+    monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real(*a))
+    first = fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50)
+    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
+    assert len(calls) == 1
+    fitted_timesteps(load_model(last_ckpt, num_samples=3), 4, samples=8, stride=50)  # another predictive: refitted
+    assert len(calls) == 2

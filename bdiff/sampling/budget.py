@@ -2,14 +2,15 @@
 
 :data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
 under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
-On the current (10-minute) default no recipe of ours beat the best diffusers peer in every
-feature space at any budget (choose run on training seed 0, sampling seed 1; the closest were the
-critic's one-step correction at 5 NFE, 1.06x in its worst space, 1.39x at 10, and blending at 20,
-1.24x). So each entry is the peer configuration with the lowest worst-space FD ratio on that
-choose run, run by our own steppers: UniPC on diffusers' ``leading`` grid at 5 and 10 NFE (1.00x;
-the entries before were adaptive steps at 5 and UniPC on ``linspace`` at 10, 1.11x there) and
-DPM-Solver++(2M) on ``leading`` at 20 (1.04x; UniPC on ``leading`` 1.05x, a tie). No entry has a
-critic: it needs one trained for the checkpoint. Another budget N takes the entry of the largest measured
+On the current (10-minute) default the choose run (training seed 0, sampling seed 1) picked, at
+5 and 10 NFE, UniPC on a timestep grid *fitted to the checkpoint* (:mod:`bdiff.sampling.fitted_grid`;
+fitted once per loaded checkpoint, ~1 min on 2 CPU cores): 0.48 / 0.48 / 0.60x the best diffusers
+peer (digits / MLP / pixel features) at 5 NFE with the fit's own start (t = 789 there), 0.43 /
+0.79 / 0.65x at 10 NFE with the grid starting at T-1. At 20 NFE nothing of ours beat the best
+peer's configuration in every space (the fitted grid 1.07x in its worst space; every 20-step
+ODE solution sits near the ODE's own FD), so that entry is the peer's: DPM-Solver++(2M) on
+diffusers' ``leading`` grid (1.04x). No entry has a critic: it needs one trained for the
+checkpoint. Another budget N takes the entry of the largest measured
 budget <= N (the smallest for N below it) with its steps and ``max_nfe`` set to N. Named recipes
 stay available with ``--config``.
 """
@@ -23,8 +24,8 @@ from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
-    5: {"stepper": "unipc", "steps": 5, "spacing": "leading"},
-    10: {"stepper": "unipc", "steps": 10, "spacing": "leading"},
+    5: {"stepper": "unipc", "steps": 5, "spacing": {"name": "fitted"}},
+    10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
     20: {"stepper": "dpmpp_2m", "steps": 20, "spacing": "leading"},
 }
 """{budget: recipe dict}; see the module docstring for where each entry comes from."""
