@@ -12,6 +12,12 @@ from bdiff.sample import main
 from bdiff.sampling.budget import BEST_RECIPES, recipe_for_budget
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fitted grids' costs persist under $BDIFF_CACHE: keep them out of the user's cache."""
+    monkeypatch.setenv("BDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "bdiff-cache"))
+
+
 def test_the_table_has_every_measured_budget_and_no_critic() -> None:
     assert {5, 10, 20} <= set(BEST_RECIPES)
     for budget in BEST_RECIPES:

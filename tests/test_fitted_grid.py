@@ -16,6 +16,13 @@ from bdiff.sampling.recipe import Recipe
 from bdiff.schedule import NoiseSchedule, grid_timesteps
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitted costs persist under $BDIFF_CACHE: a fresh one per test, and the in-memory cache emptied."""
+    monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})
+
+
 class GaussianDenoiser:
     """The exact denoiser for data ~ N(0, s^2 I): eps*(x_t, t) = sqrt(1-a) x_t / (a s^2 + 1 - a)."""
 
@@ -115,7 +122,7 @@ def test_an_explicit_grid_is_checked() -> None:
             Sampler(den, DDIM(), 3, timesteps=bad)
 
 
-def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bdiff.checkpoint import load_model
 
     calls = []
@@ -126,3 +133,14 @@ def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, monkeypatch: pytest
     assert len(calls) == 1
     fitted_timesteps(load_model(last_ckpt, num_samples=3), 4, samples=8, stride=50)  # another predictive: refitted
     assert len(calls) == 2
+    saved = sorted((tmp_path / "cache" / "fitted_grids").glob("*.npz"))
+    assert len(saved) == 2 and not list(saved[0].parent.glob("*.partial"))
+
+    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})  # a new process: read from disk, not refitted
+    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
+    assert len(calls) == 2
+    for path in saved:
+        path.write_bytes(b"not an npz file")  # a damaged cache is refitted and rewritten
+    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})
+    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
+    assert len(calls) == 3

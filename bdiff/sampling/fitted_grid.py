@@ -17,7 +17,7 @@ The teacher is DPM-Solver++(2M) (our own stepper, :mod:`bdiff.sampling.steppers`
 ``stride // 2``-th timestep, from ``samples`` starting noises of its own random stream (not a
 sampling seed); the candidate timesteps are every ``stride``-th one from T-1. Costs are cached
 per denoiser (:func:`fitted_timesteps`), so a fitted grid for another K is the dynamic programme
-alone. A fit costs ``samples`` x T / (``stride`` / 2) image denoisings: ~1 min for the default
+alone, and persist on disk (:func:`cache_dir`). A fit costs ``samples`` x T / (``stride`` / 2) image denoisings: ~1 min for the default
 digits model on 2 CPU cores (seconds on a GPU).
 """
 
@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ from bdiff.sampling.state import SamplerState
 from bdiff.sampling.steppers import DPMSolverPP2M
 
 log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the teacher or the cost changes: cached costs of another version are not read
 TEACHER_STREAM = 2**31 - 7
 """Seed of the teacher's starting noises: a stream no sampling seed a user is likely to pick draws from."""
 
@@ -152,13 +157,43 @@ def _weights_key(denoiser: Denoiser) -> tuple | None:
             digest.hexdigest())
 
 
+def cache_dir() -> Path:
+    """Where fitted costs persist between processes: ``$BDIFF_CACHE/fitted_grids`` if ``BDIFF_CACHE`` is set,
+    else ``~/.cache/bdiff/fitted_grids`` (the feature networks' cache sits beside it)."""
+    root = os.environ.get("BDIFF_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "bdiff") / "fitted_grids"
+
+
+def _load(path: Path) -> StepCosts | None:
+    """Costs saved by :func:`_save`, or None if the file is missing or unreadable (then they are refitted)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return StepCosts(tuple(int(t) for t in f["timesteps"]), f["step"].copy(), f["start"].copy())
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if path.exists():
+            log.warning("fitted grid: ignoring unreadable cache file %s (%s)", path, e)
+        return None
+
+
+def _save(costs: StepCosts, path: Path) -> None:
+    """Write ``costs`` to ``path`` atomically (a partial file never replaces a good one); a read-only cache is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, timesteps=np.array(costs.timesteps), step=costs.step, start=costs.start)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
+
+
 def fitted_timesteps(denoiser: Denoiser, steps: int, late_start: bool = True, samples: int = 256,
                      stride: int = 10) -> list[int]:
     """The fitted ``steps``-step grid for ``denoiser`` (descending timesteps, one call each).
 
-    The teacher's costs are computed once per (denoiser, samples, stride) and cached for the
-    process: by weights for an ``nn.Module`` (the same checkpoint loaded again reuses them), by
-    object otherwise.
+    The teacher's costs are computed once per (denoiser, samples, stride) and cached: for an
+    ``nn.Module``, by its weights, in memory and on disk (:func:`cache_dir`), so the same
+    checkpoint loaded again, in this process or another, is not refitted; otherwise by object.
     """
     weights = _weights_key(denoiser)
     if weights is None:
@@ -166,7 +201,12 @@ def fitted_timesteps(denoiser: Denoiser, steps: int, late_start: bool = True, sa
         if (samples, stride) not in per_model:
             per_model[(samples, stride)] = step_costs(denoiser, samples, stride)
         return optimal_grid(per_model[(samples, stride)], steps, late_start)
-    key = (*weights, samples, stride)
+    key = (*weights, samples, stride, CACHE_VERSION)
     if key not in _COSTS_BY_WEIGHTS:
-        _COSTS_BY_WEIGHTS[key] = step_costs(denoiser, samples, stride)
+        path = cache_dir() / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.npz"
+        costs = _load(path)
+        if costs is None:
+            costs = step_costs(denoiser, samples, stride)
+            _save(costs, path)
+        _COSTS_BY_WEIGHTS[key] = costs
     return optimal_grid(_COSTS_BY_WEIGHTS[key], steps, late_start)
