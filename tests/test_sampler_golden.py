@@ -110,8 +110,10 @@ def run_all() -> dict[str, dict[str, Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def current() -> dict[str, dict[str, Tensor]]:
-    return run_all()
+def current(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Tensor]]:
+    with pytest.MonkeyPatch.context() as mp:  # unipc_fitted.yaml's fit is cached under $BDIFF_CACHE
+        mp.setenv("BDIFF_CACHE", str(tmp_path_factory.mktemp("bdiff-cache")))
+        return run_all()
 
 
 @pytest.mark.parametrize("name", sorted(recipe_data()))

@@ -17,8 +17,8 @@ The teacher is DPM-Solver++(2M) (our own stepper, :mod:`bdiff.sampling.steppers`
 ``stride // 2``-th timestep, from ``samples`` starting noises of its own random stream (not a
 sampling seed); the candidate timesteps are every ``stride``-th one from T-1. Costs are cached
 per denoiser (:func:`fitted_timesteps`), so a fitted grid for another K is the dynamic programme
-alone, and persist on disk (:func:`cache_dir`). A fit costs ``samples`` x T / (``stride`` / 2) image denoisings: ~1 min for the default
-digits model on 2 CPU cores (seconds on a GPU).
+alone, and persist on disk (:func:`cache_dir`). A fit costs ``samples`` x T / (``stride`` / 2)
+image denoisings: 45-90 s for the default digits model on 2 CPU cores (seconds on a GPU).
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def step_costs(denoiser: Denoiser, samples: int = 256, stride: int = 10, teacher
     teacher_grid = sorted(set(range(last, -1, -teacher_stride)) | set(candidates), reverse=True)
     keep = _KeepNodes(set(candidates))
     teacher = Sampler(denoiser, DPMSolverPP2M(), len(teacher_grid), [keep], timesteps=teacher_grid)
-    device = next((p.device for p in denoiser.parameters()), torch.device("cpu")) if hasattr(denoiser, "parameters") else "cpu"
+    params = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else iter(())
+    device = next((p.device for p in params), torch.device("cpu"))
     noise = NoiseSource(TEACHER_STREAM, range(samples))
     x_T = noise.draw(tuple(denoiser.image_shape), device=device)
     start_time = time.perf_counter()
