@@ -18,7 +18,8 @@
 #
 # The same seeds (so the same starting noise) through the sampler recipes in
 # `configs/sampler/`: plain DPM-Solver++, with precision-weighted blending, with adaptive
-# step sizes, with refinement of uncertain regions, and all of them together. We compare the
+# step sizes, with refinement of uncertain regions, all of them together, and UniPC on a
+# timestep grid fitted to this checkpoint (`unipc_fitted`, what `--nfe 5` runs). We compare the
 # finished images and uncertainty maps, the blending gains, the step-size traces and the
 # number of denoiser calls (NFE) each sample cost.
 
@@ -44,7 +45,7 @@ from bdiff.sampling.recipe import Recipe
 
 torch.manual_seed(SEED)
 N = 8 if FAST else 16
-RECIPES = ["dpmpp", "unipc", "dpmpp_blend", "uncertainty_full", "unipc_adaptive"]
+RECIPES = ["dpmpp", "unipc", "dpmpp_blend", "uncertainty_full", "unipc_adaptive", "unipc_fitted"]
 
 ckpt_path = resolve_checkpoint(CKPT)
 denoiser = load_model(ckpt_path)
@@ -130,7 +131,11 @@ show(fig)
 # recipes give one line; adaptive ones fan out because each sample chooses its own steps, taking
 # big steps while the model is confident (high t) and small ones near the clean image. Right:
 # NFE per sample (refinement passes count as calls); the recipes in `configs/sampler/` are set
-# to the same budget of about 10 calls (`unipc_adaptive`: 5), so most compare at equal cost.
+# to the same budget of about 10 calls (`unipc_adaptive` and `unipc_fitted`: 5), so most compare
+# at equal cost. `unipc_fitted`'s five timesteps are the ones with the least summed local error
+# along finely solved ODE trajectories of this checkpoint (dynamic programming,
+# `bdiff.sampling.fitted_grid`); the first use on a checkpoint fits them (about a minute on a
+# CPU) and caches the fit.
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
