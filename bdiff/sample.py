@@ -228,8 +228,8 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
     try:
         denoiser = load_model(args.ckpt, map_location=device, num_samples=recipe.posterior_samples)
         if recipe.spacing.get("name") == "fitted" and rank == 0:
-            print("fitting the timestep grid to this checkpoint (teacher ODE trajectories, once; "
-                  "bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
+            print("timestep grid: fitted to this checkpoint (its first use solves teacher ODE trajectories, "
+                  "later ones read the cache; bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
         sampler = recipe.build(denoiser)
         config["timesteps"] = sampler.grid[:-1].tolist()  # the grid sampled on (a fitted grid depends on the checkpoint)
         chunks = chunk_ranges(args.n, args.batch_size)

@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from bdiff.cache import cache_root
 from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
 
 FEATURE_EXTRACTORS = ("digits", "digits_mlp", "pixels", "inception")
@@ -57,8 +58,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fi
 
 def default_cache_dir() -> Path:
     """``$BDIFF_CACHE/features`` if ``BDIFF_CACHE`` is set, else ``~/.cache/bdiff/features``."""
-    root = os.environ.get("BDIFF_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "bdiff") / "features"
+    return cache_root() / "features"
 
 
 def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

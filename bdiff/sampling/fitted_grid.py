@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bdiff.cache import cache_root
 from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.noise import NoiseSource
@@ -161,8 +162,7 @@ def _weights_key(denoiser: Denoiser) -> tuple | None:
 def cache_dir() -> Path:
     """Where fitted costs persist between processes: ``$BDIFF_CACHE/fitted_grids`` if ``BDIFF_CACHE`` is set,
     else ``~/.cache/bdiff/fitted_grids`` (the feature networks' cache sits beside it)."""
-    root = os.environ.get("BDIFF_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "bdiff") / "fitted_grids"
+    return cache_root() / "fitted_grids"
 
 
 def _load(path: Path) -> StepCosts | None:
@@ -181,11 +181,18 @@ def _save(costs: StepCosts, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
+        return
+    try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, timesteps=np.array(costs.timesteps), step=costs.step, start=costs.start)
         os.replace(tmp, path)
     except OSError as e:
         log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def fitted_timesteps(denoiser: Denoiser, steps: int, late_start: bool = True, samples: int = 256,

@@ -29,9 +29,9 @@ from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
+from bdiff.sampling.fitted_grid import fitted_timesteps
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.steppers import STEPPERS, Stepper
-from bdiff.sampling.fitted_grid import fitted_timesteps
 from bdiff.schedule import SPACINGS, check_rho
 
 CALLBACKS: dict[str, type[SamplerCallback]] = {
