@@ -13,7 +13,8 @@ space is the best peer: diffusers' DDIM, DPM-Solver++(2M) and UniPC on every gri
 offers (leading, linspace, trailing, Karras sigmas; DDIM has no Karras mode). A recipe "wins"
 only if its FD is below the bar in every space, on every run and seed.
 
-Candidates are families of uncertainty- and critic-driven recipes (:func:`candidates`); step 1
+Candidates are families of uncertainty- and critic-driven recipes and of grids fitted to the run's
+checkpoint (:func:`candidates`, :mod:`bdiff.sampling.fitted_grid`); step 1
 picks, per budget, the candidate with the lowest *worst-space* FD ratio to the best peer
 (``sampler_claims_choice.json``; choosing only some ``--budgets`` keeps the others' earlier
 choices) and the best member of every other family (the "what was tried"
