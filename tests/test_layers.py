@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "bdiff"
 LAYERS: list[tuple[str, ...]] = [  # DESIGN.md's order, plus where the small top-level modules sit
-    ("bdiff.checks", "bdiff.cache", "bdiff.schedule"),  # argument checks; the cache folder; the schedule maths
+    ("bdiff.checks", "bdiff.cache", "bdiff.files", "bdiff.schedule"),  # argument checks; the cache folder; atomic writes; the schedule maths
     ("bdiff.nets", "bdiff.denoiser", "bdiff.critic"),  # networks, the Denoiser seam
     ("bdiff.bayes", "bdiff.checkpoint"),  # Pyro; a checkpoint builds a Bayesian denoiser
     ("bdiff.sampling",),

@@ -63,3 +63,20 @@ def test_atomic_checkpoint_write_keeps_previous_file(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_atomic_file_replaces_only_after_a_complete_write(tmp_path: Path) -> None:
+    """bdiff.files: a failed block leaves the old file and no temporary; a good one replaces it (parents made)."""
+    from bdiff.files import atomic_file
+
+    path = tmp_path / "cache" / "grid.npz"
+    with atomic_file(path) as f:
+        f.write(b"first")
+    with pytest.raises(RuntimeError, match="half-way"):
+        with atomic_file(path) as f:
+            f.write(b"second, but only ha")
+            raise RuntimeError("stopped half-way")
+    assert path.read_bytes() == b"first" and [p.name for p in path.parent.iterdir()] == ["grid.npz"]
+    with atomic_file(path) as f:
+        f.write(b"second")
+    assert path.read_bytes() == b"second" and [p.name for p in path.parent.iterdir()] == ["grid.npz"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from bdiff.files import PARTIAL_SUFFIX, atomic_path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,18 +47,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         if "://" in str(path):  # remote filesystems: keep Lightning's own behaviour
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{target.name}."
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        for stale in target.parent.glob(f"{glob.escape(prefix)}*.partial"):  # left by a writer that was killed
+        _fsync_dir(target.parent)
+        prefix = glob.escape(f".{target.name}.")
+        for stale in target.parent.glob(f"{prefix}*{PARTIAL_SUFFIX}"):  # left by a writer that was killed
             stale.unlink(missing_ok=True)

@@ -31,7 +31,6 @@ import importlib
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from bdiff.cache import cache_root
+from bdiff.files import atomic_file
 from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
 
 FEATURE_EXTRACTORS = ("digits", "digits_mlp", "pixels", "inception")
@@ -72,14 +72,8 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any] | N
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from bdiff.checks import as_integer
+from bdiff.files import atomic_file
 
 __all__ = ["SampleSet", "SamplesWriter", "save_samples", "load_samples"]
 
@@ -161,17 +162,8 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file object that becomes ``path`` (parents created) only if the block succeeds."""
     if path.is_dir():
         raise ValueError(f"samples file {str(path)!r} is a directory; give a file name such as samples.npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:  # a file object, so numpy does not append ".npz" to the name
+        yield f
 
 
 def save_samples(path: str | os.PathLike[str], sample_set: SampleSet) -> None:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import weakref
 import zipfile
@@ -39,6 +37,7 @@ from torch import Tensor
 
 from bdiff.cache import cache_root
 from bdiff.checks import as_integer
+from bdiff.files import atomic_file
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.sampler import Sampler, SamplerCallback
@@ -179,20 +178,10 @@ def _load(path: Path) -> StepCosts | None:
 def _save(costs: StepCosts, path: Path) -> None:
     """Write ``costs`` to ``path`` atomically (a partial file never replaces a good one); a read-only cache is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as e:
-        log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, timesteps=np.array(costs.timesteps), step=costs.step, start=costs.start)
-        os.replace(tmp, path)
     except OSError as e:
         log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def fitted_timesteps(denoiser: Denoiser, steps: int, late_start: bool = True, samples: int = 256,
