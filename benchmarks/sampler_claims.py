@@ -13,8 +13,9 @@ space is the best peer: diffusers' DDIM, DPM-Solver++(2M) and UniPC on every gri
 offers (leading, linspace, trailing, Karras sigmas; DDIM has no Karras mode). A recipe "wins"
 only if its FD is below the bar in every space, on every run and seed.
 
-Candidates are families of uncertainty- and critic-driven recipes and of grids fitted to the run's
-checkpoint (:func:`candidates`, :mod:`bdiff.sampling.fitted_grid`); step 1
+Candidates are families of uncertainty- and critic-driven recipes, of grids fitted to the run's
+checkpoint, and of epsilon scaling on those grids (:func:`candidates`,
+:mod:`bdiff.sampling.fitted_grid`, :mod:`bdiff.sampling.eps_scaling`); step 1
 picks, per budget, the candidate with the lowest *worst-space* FD ratio to the best peer
 (``sampler_claims_choice.json``; choosing only some ``--budgets`` keeps the others' earlier
 choices) and the best member of every other family (the "what was tried"
@@ -60,6 +61,8 @@ FITTED_GRIDS = {"fitted": {"name": "fitted"}, "fitted from T-1": {"name": "fitte
 """Grids fitted to the run's checkpoint (:mod:`bdiff.sampling.fitted_grid`): starting where the fit says, or at T-1."""
 TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.25, 0.3), 20: (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
 """Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
+EPS_SCALES = (0.98, 0.99, 0.995, 0.998, 1.002, 1.005, 1.01, 1.02, 1.04)
+"""Epsilon scaling's constant lambda tried on the fitted grids (:mod:`bdiff.sampling.eps_scaling`)."""
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
 
@@ -89,6 +92,9 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
             out[f"{stepper}, {grid}"] = ("fitted grid", {"stepper": stepper, "steps": nfe, "spacing": spacing})
         out[f"unipc + critic, {grid}"] = ("fitted grid+critic", {
             "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{**CRITIC, "critic": critic, "retries": 0}]})
+        for scale in EPS_SCALES:
+            out[f"unipc + eps scaling {scale}, {grid}"] = ("eps scaling", {
+                "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "eps_scaling", "scale": scale}]})
     return out
 
 

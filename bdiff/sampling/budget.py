@@ -10,7 +10,10 @@ peer (digits / MLP / pixel features) at 5 NFE with the fit's own start (t = 789 
 peer's configuration in every space (the fitted grid 1.07x in its worst space; every 20-step
 ODE solution sits near the ODE's own FD), so that entry is the peer's: DPM-Solver++(2M) on
 diffusers' ``leading`` grid (1.04x). No entry has a critic: it needs one trained for the
-checkpoint. Another budget N takes the entry of the largest measured
+checkpoint. An entry is replaced only by a recipe that beats it in every feature space on the
+choose cell (the issue's definition of a win): epsilon scaling (:mod:`bdiff.sampling.eps_scaling`)
+had the lowest worst-space ratio there at every budget, but traded one space for another against
+these entries (or led by 1-2%, which the report cells reversed), so none of them changed. Another budget N takes the entry of the largest measured
 budget <= N (the smallest for N below it) with its steps and ``max_nfe`` set to N. Named recipes
 stay available with ``--config``.
 """

@@ -29,6 +29,7 @@ from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
+from bdiff.sampling.eps_scaling import EpsilonScaling
 from bdiff.sampling.fitted_grid import fitted_timesteps
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.steppers import STEPPERS, Stepper
@@ -40,6 +41,7 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "refine": UncertainRegionRefinement,
     "recorder": Recorder,
     "critic": CriticCorrection,
+    "eps_scaling": EpsilonScaling,
 }
 RECIPE_SPACINGS = (*SPACINGS, "fitted")
 """Grid names a recipe takes: the schedule's fixed grids and one fitted to the denoiser (:mod:`bdiff.sampling.fitted_grid`)."""
