@@ -14,6 +14,15 @@ Variants: :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` (random Fourier featu
 defaults and with more draws, a smaller noise, other lengthscales and more features; and an
 exact subset-of-data GP (the same RBF kernel on M random training activations, no feature
 approximation), to separate the approximation from the features it reads.
+
+``--where`` asks instead where in the network a GP should look: the same exact GP (M 4,096,
+lengthscale 0.5 x the median distance, noise 0.01) on each level of the encoder (the stem and
+every down level's activations, the bottleneck, all levels average-pooled) and on the network's
+own x0 estimate (the 64 pixels of the denoised image), and the product of the bottleneck's and the
+x0 estimate's kernels; 4 noisings per training image. Writes
+``gp_where_class<c>.json``.
+
+    python benchmarks/gp_variants.py --heldout 3 --runs runs/heldout_cos --where
 """
 
 from __future__ import annotations
@@ -49,18 +58,25 @@ def fixed(x0: torch.Tensor, t: int) -> torch.Tensor:
     return torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + t))
 
 
-def exact_gp(train: torch.Tensor, m: int, ell_mult: float, noise: float, seed: int = 0):
-    """v(h) of an exact RBF GP on m random rows of ``train`` (N, d), standardised, lengthscale ell_mult x median distance."""
+def exact_gp(train: torch.Tensor, m: int, ell_mult: float, noise: float, seed: int = 0,
+             blocks: list[int] | None = None):
+    """v(h) of an exact RBF GP on m random rows of ``train`` (N, d), standardised, lengthscale ell_mult x median distance.
+
+    ``blocks`` (sizes summing to d) makes the kernel a product of one RBF per block of columns, each
+    with its own lengthscale (ell_mult x that block's median distance), so a small block counts as
+    much as a large one.
+    """
     g = torch.Generator().manual_seed(seed)
     center, scale = train.mean(0), train.std(0).clamp_min(1e-6)
     z = (train - center) / scale
     pick = torch.randperm(len(z), generator=g)[:2000]
-    ell = ell_mult * float(torch.cdist(z[pick], z[pick]).median())
-    zm = z[torch.randperm(len(z), generator=g)[:m]]
-    chol = torch.linalg.cholesky(torch.exp(-torch.cdist(zm, zm) ** 2 / (2 * ell**2)) + noise * torch.eye(m, dtype=z.dtype))
+    ells = [ell_mult * float(torch.cdist(part, part).median()) for part in z[pick].split(blocks or [z.shape[1]], 1)]
+    scale = scale * torch.cat([torch.full((n,), ell, dtype=z.dtype) for n, ell in zip(blocks or [z.shape[1]], ells)])
+    zm = ((train - center) / scale)[torch.randperm(len(z), generator=g)[:m]]
+    chol = torch.linalg.cholesky(torch.exp(-torch.cdist(zm, zm) ** 2 / 2) + noise * torch.eye(m, dtype=z.dtype))
 
     def variance(h: torch.Tensor) -> torch.Tensor:
-        k = torch.exp(-torch.cdist((h.double() - center) / scale, zm) ** 2 / (2 * ell**2))
+        k = torch.exp(-torch.cdist((h.double() - center) / scale, zm) ** 2 / 2)
         return (1 - torch.linalg.solve_triangular(chol, k.T, upper=False).pow(2).sum(0)).clamp_min(0)
 
     return variance
@@ -79,12 +95,49 @@ def score(name: str, variance, acts: dict[int, tuple[torch.Tensor, torch.Tensor]
     return row
 
 
+@torch.no_grad()
+def where_features(den, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{place: (N, d) float64} of x0 (N,C,H,W) noised to t (N,): each encoder level, all pooled, the x0 estimate."""
+    x_t = den.schedule.q_sample(x0, t, noise)
+    h, skips, _ = den.model.net.encode(x_t, t)
+    out = {f"encoder level {i} ({tuple(a.shape[1:])})": a.flatten(1) for i, a in enumerate(skips)}
+    out[f"bottleneck ({tuple(h.shape[1:])})"] = h.flatten(1)
+    out["every level, average-pooled"] = torch.cat([a.mean((2, 3)) for a in [*skips, h]], 1)
+    out["the x0 estimate (pixels)"] = den.schedule.eps_to_x0(x_t, t, den.predict(x_t, t).eps).clamp(-1, 1).flatten(1)
+    out[BOTH] = torch.cat([h.flatten(1), out["the x0 estimate (pixels)"]], 1)
+    return {k: v.double() for k, v in out.items()}
+
+
+BOTH = "bottleneck x the x0 estimate (product kernel)"
+
+
+def where_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
+    """The exact GP (M 4096, lengthscale 0.5, noise 0.01) on each place of :func:`where_features`."""
+    acts = {t: [where_features(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)]
+            for t in TIMESTEPS}
+    g = torch.Generator().manual_seed(0)
+    train: dict[str, list[torch.Tensor]] = {}
+    for x0 in train_x.split(256):
+        for _ in range(4):
+            t = torch.randint(0, den.schedule.timesteps, (len(x0),), generator=g)
+            for k, v in where_features(den, x0, t, torch.randn(x0.shape, generator=g)).items():
+                train.setdefault(k, []).append(v)
+    pixels = train_x[0].numel()
+    out = []
+    for place, rows in train.items():
+        width = rows[0].shape[1]
+        gp = exact_gp(torch.cat(rows), 4096, 0.5, 0.01, blocks=[width - pixels, pixels] if place == BOTH else None)
+        out.append(score(place, gp, {t: (a[0][place], a[1][place]) for t, a in acts.items()}))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heldout", type=int, default=3)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--where", action="store_true", help="compare where the GP looks (encoder levels, the x0 estimate)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     found = sorted(args.runs.glob(f"digits_without{args.heldout}_seed0_3000steps/**/checkpoints/last.ckpt"))
@@ -93,6 +146,11 @@ def main() -> None:
                          f"run python benchmarks/heldout_class.py --classes {args.heldout} first")
     den = load_model(found[0])
     train_x, seen, held = split_images(args.heldout)
+    if args.where:
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = where_rows(den, train_x, seen, held)
+        (args.out / f"gp_where_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
+        return
     acts = {}
     for t in TIMESTEPS:
         acts[t] = tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held))
