@@ -144,3 +144,22 @@ def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, tmp_path, monkeypat
     monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})
     assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
     assert len(calls) == 3
+
+
+def test_weights_are_hashed_once_per_model_until_they_change(last_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many recipes on one loaded model hash its weights once; changing a weight in place is noticed (refit)."""
+    from bdiff.checkpoint import load_model
+
+    calls, hashes = [], []
+    real_costs, real_sha1 = fitted_grid.step_costs, fitted_grid.hashlib.sha1
+    monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real_costs(*a))
+    monkeypatch.setattr(fitted_grid.hashlib, "sha1", lambda *a: hashes.append(a) or real_sha1(*a))
+    den = load_model(last_ckpt, num_samples=2)
+    for steps in (3, 4, 5):
+        fitted_timesteps(den, steps, samples=8, stride=50)
+    weight_hashes = sum(1 for a in hashes if not a)  # sha1() with no argument digests the weights
+    assert weight_hashes == 1 and len(calls) == 1
+    with torch.no_grad():
+        next(den.parameters()).add_(0.5)
+    fitted_timesteps(den, 4, samples=8, stride=50)
+    assert sum(1 for a in hashes if not a) == 2 and len(calls) == 2

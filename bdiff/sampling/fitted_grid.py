@@ -145,17 +145,32 @@ _COSTS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COSTS_BY_WEIGHTS: dict[tuple, StepCosts] = {}
 
 
+_KEYS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _weights_key(denoiser: Denoiser) -> tuple | None:
     """A key for the denoiser's function: its class, predictive settings and a hash of its state dict (None
-    for a denoiser that is not an ``nn.Module``). Checkpoints loaded twice share it, so they share costs."""
+    for a denoiser that is not an ``nn.Module``). Checkpoints loaded twice share it, so they share costs.
+
+    The hash is remembered per object while no tensor of its state dict has been replaced or changed
+    in place (their storage and version counters are unchanged), so building many recipes on one
+    loaded model hashes its weights once.
+    """
     if not isinstance(denoiser, torch.nn.Module):
         return None
+    state = denoiser.state_dict()
+    stamp = tuple((name, value.data_ptr(), value._version) for name, value in state.items())
+    remembered = _KEYS_BY_OBJECT.get(denoiser)
+    if remembered is not None and remembered[0] == stamp:
+        return remembered[1]
     digest = hashlib.sha1()
-    for name, value in denoiser.state_dict().items():
+    for name, value in state.items():
         digest.update(name.encode())
         digest.update(value.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return (type(denoiser).__qualname__, getattr(denoiser, "num_samples", None), getattr(denoiser, "mode", None),
-            digest.hexdigest())
+    key = (type(denoiser).__qualname__, getattr(denoiser, "num_samples", None), getattr(denoiser, "mode", None),
+           digest.hexdigest())
+    _KEYS_BY_OBJECT[denoiser] = (stamp, key)
+    return key
 
 
 def cache_dir() -> Path:
