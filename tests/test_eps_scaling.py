@@ -13,7 +13,8 @@ from bdiff.schedule import NoiseSchedule
 
 
 class Linear:
-    """eps_hat = c x / lambda(t), lambda(t) = scale + slope * t / (T-1): what eps scaling should turn c x into."""
+    """eps_hat = c x / lambda(t), epistemic variance 0.01 / lambda(t)^2, lambda(t) = scale + slope * t / (T-1):
+    what eps scaling should turn the network with lambda = 1 into."""
 
     image_shape = (1, 4, 4)
     is_bayesian = True
@@ -23,9 +24,9 @@ class Linear:
         self.c, self.scale, self.slope = c, scale, slope
 
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
-        lam = self.scale + self.slope * t.to(x.dtype) / (self.schedule.timesteps - 1)
+        lam = (self.scale + self.slope * t.to(x.dtype) / (self.schedule.timesteps - 1)).view(-1, 1, 1, 1)
         ones = torch.ones_like(x)
-        return Prediction(self.c * x / lam.view(-1, 1, 1, 1), 0.01 * ones, 0.3 * ones)
+        return Prediction(self.c * x / lam, 0.01 * ones / lam**2, 0.3 * ones)
 
 
 def test_lambda_one_changes_nothing() -> None:
@@ -36,10 +37,12 @@ def test_lambda_one_changes_nothing() -> None:
 
 @pytest.mark.parametrize(("scale", "slope"), [(1.03, 0.0), (0.98, 0.0), (1.0, 0.05), (1.01, -0.008)])
 def test_sampling_with_scaling_equals_sampling_the_scaled_network(scale: float, slope: float) -> None:
-    """Every step, every t: the stepper's x0 is that of eps / lambda_t, with lambda at the sample's own t."""
+    """Every step, every t: the stepper's x0 is that of eps / lambda_t, with lambda at the sample's own t, and the
+    propagated uncertainty is that of a network whose epistemic variance is divided by lambda_t^2."""
     with_callback = Sampler(Linear(), UniPC(), 7, [EpsilonScaling(scale, slope)]).sample(5, seed=3, clip=False)
     reference = Sampler(Linear(scale=scale, slope=slope), UniPC(), 7).sample(5, seed=3, clip=False)
     torch.testing.assert_close(with_callback.images, reference.images)
+    torch.testing.assert_close(with_callback.variance, reference.variance)
     assert not torch.allclose(with_callback.images, Sampler(Linear(), UniPC(), 7).sample(5, seed=3, clip=False).images)
 
 

@@ -9,7 +9,8 @@ slightly above one,
 
 so lambda runs from ``scale + slope`` at t = T-1 to ``scale`` at t = 0 (the paper's linear
 schedule in t; ``slope = 0`` is its uniform one). The x0 estimate the stepper uses follows:
-x0' = (x_t - sqrt(1-a_t) eps') / sqrt(a_t). No extra denoiser calls.
+x0' = (x_t - sqrt(1-a_t) eps') / sqrt(a_t), and the epistemic variance with it (divided by lambda^2).
+No extra denoiser calls.
 
 Place it first among the callbacks, so blending, step control and the critic read the scaled
 prediction. Written here because no library offers it as a hook: diffusers' schedulers take the
@@ -21,7 +22,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from bdiff.checks import as_number
-from bdiff.denoiser import Prediction
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
 
@@ -49,7 +49,9 @@ class EpsilonScaling(SamplerCallback):
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
         schedule = sampler.schedule
         lam = schedule.broadcast(self.factor(state.t, schedule.timesteps), state.x)
-        eps = state.prediction.eps / lam
-        state.prediction = Prediction(eps, *state.prediction[1:])
-        x0 = schedule.eps_to_x0(state.x, state.t, eps)
-        state.x0 = x0.where(schedule.broadcast(state.active, x0), state.x0)
+        pred = state.prediction
+        # eps' = eps / lambda is a fixed function of eps: its weight-posterior variance is Var[eps] / lambda^2.
+        state.prediction = pred._replace(eps=pred.eps / lam, var_epistemic=pred.var_epistemic / lam**2)
+        rows = schedule.broadcast(state.active, state.x)
+        state.x0 = schedule.eps_to_x0(state.x, state.t, state.prediction.eps).where(rows, state.x0)
+        state.x0_var = schedule.x0_variance(state.t, state.prediction.var_epistemic).where(rows, state.x0_var)
