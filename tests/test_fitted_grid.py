@@ -163,3 +163,6 @@ def test_weights_are_hashed_once_per_model_until_they_change(last_ckpt, monkeypa
         next(den.parameters()).add_(0.5)
     fitted_timesteps(den, 4, samples=8, stride=50)
     assert sum(1 for a in hashes if not a) == 2 and len(calls) == 2
+    den.num_samples = 3  # another predictive on the same weights: no new hash, but its own fit
+    fitted_timesteps(den, 4, samples=8, stride=50)
+    assert sum(1 for a in hashes if not a) == 2 and len(calls) == 3

@@ -13,9 +13,9 @@ diffusers' ``leading`` grid (1.04x). No entry has a critic: it needs one trained
 checkpoint. An entry is replaced only by a recipe that beats it in every feature space on the
 choose cell (the issue's definition of a win): epsilon scaling (:mod:`bdiff.sampling.eps_scaling`)
 had the lowest worst-space ratio there at every budget, but traded one space for another against
-these entries (or led by 1-2%, which the report cells reversed), so none of them changed. Another budget N takes the entry of the largest measured
-budget <= N (the smallest for N below it) with its steps and ``max_nfe`` set to N. Named recipes
-stay available with ``--config``.
+these entries (or led by 1-2%, which the report cells reversed), so none of them changed.
+Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
+it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
 """
 
 from __future__ import annotations

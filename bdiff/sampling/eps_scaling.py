@@ -12,6 +12,10 @@ schedule in t; ``slope = 0`` is its uniform one). The x0 estimate the stepper us
 x0' = (x_t - sqrt(1-a_t) eps') / sqrt(a_t), and the epistemic variance with it (divided by lambda^2).
 No extra denoiser calls.
 
+On bdiff's digits model the best constant lambda is above 1 only at 5 NFE, about 1 at 10 and
+0.99-0.995 at 20 (BENCHMARKS.md, "Sampler claims"): there the predictions are too small, not too
+large.
+
 Place it first among the callbacks, so blending, step control and the critic read the scaled
 prediction. Written here because no library offers it as a hook: diffusers' schedulers take the
 model output as given.

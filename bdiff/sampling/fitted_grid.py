@@ -37,8 +37,8 @@ from torch import Tensor
 
 from bdiff.cache import cache_root
 from bdiff.checks import as_integer
-from bdiff.files import atomic_file
 from bdiff.denoiser import Denoiser
+from bdiff.files import atomic_file
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
@@ -145,7 +145,7 @@ _COSTS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COSTS_BY_WEIGHTS: dict[tuple, StepCosts] = {}
 
 
-_KEYS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DIGESTS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weights_key(denoiser: Denoiser) -> tuple | None:
@@ -160,17 +160,18 @@ def _weights_key(denoiser: Denoiser) -> tuple | None:
         return None
     state = denoiser.state_dict()
     stamp = tuple((name, value.data_ptr(), value._version) for name, value in state.items())
-    remembered = _KEYS_BY_OBJECT.get(denoiser)
+    remembered = _DIGESTS_BY_OBJECT.get(denoiser)
     if remembered is not None and remembered[0] == stamp:
-        return remembered[1]
-    digest = hashlib.sha1()
-    for name, value in state.items():
-        digest.update(name.encode())
-        digest.update(value.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    key = (type(denoiser).__qualname__, getattr(denoiser, "num_samples", None), getattr(denoiser, "mode", None),
-           digest.hexdigest())
-    _KEYS_BY_OBJECT[denoiser] = (stamp, key)
-    return key
+        weights = remembered[1]
+    else:
+        digest = hashlib.sha1()
+        for name, value in state.items():
+            digest.update(name.encode())
+            digest.update(value.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        weights = digest.hexdigest()
+        _DIGESTS_BY_OBJECT[denoiser] = (stamp, weights)
+    return (type(denoiser).__qualname__, getattr(denoiser, "num_samples", None), getattr(denoiser, "mode", None),
+            weights)
 
 
 def cache_dir() -> Path:
