@@ -1,8 +1,9 @@
 """Writing a file so that no reader ever sees half of it: temp file in the same folder, fsync, ``os.replace``.
 
-Used for everything bdiff writes that another process may read or that a crash could truncate:
-checkpoints (:mod:`bdiff.lit.checkpoint_io`), samples files (:mod:`bdiff.metrics.samples_file`),
-the evaluator's feature networks (:mod:`bdiff.metrics.features`) and fitted timestep grids
+The folder is fsynced after the rename too, so the new file survives a power loss. Used for
+everything bdiff writes that another process may read or that a crash could truncate: checkpoints
+(:mod:`bdiff.lit.checkpoint_io`), samples files (:mod:`bdiff.metrics.samples_file`), the
+evaluator's feature networks (:mod:`bdiff.metrics.features`) and fitted timestep grids
 (:mod:`bdiff.sampling.fitted_grid`). The temporary file is ``.<name>.<random><suffix>`` beside the
 target (``os.replace`` is atomic only within one filesystem); it is removed when the write fails,
 and only a killed process (SIGKILL, power loss) can leave it behind.
@@ -21,6 +22,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 PARTIAL_SUFFIX = ".partial"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in folder ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -44,6 +59,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = PARTIAL_SUFFIX) -> I
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

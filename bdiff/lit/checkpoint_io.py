@@ -25,20 +25,6 @@ from typing_extensions import override
 from bdiff.files import PARTIAL_SUFFIX, atomic_path
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with write-to-temp-then-rename saves (local paths)."""
 
@@ -49,7 +35,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         with atomic_path(target) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-        _fsync_dir(target.parent)
         prefix = glob.escape(f".{target.name}.")
         for stale in target.parent.glob(f"{prefix}*{PARTIAL_SUFFIX}"):  # left by a writer that was killed
             stale.unlink(missing_ok=True)
