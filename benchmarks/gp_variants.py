@@ -23,12 +23,18 @@ x0 estimate's kernels; 4 noisings per training image. Writes
 ``gp_where_class<c>.json``.
 
     python benchmarks/gp_variants.py --heldout 3 --runs runs/heldout_cos --where
+
+``--per-t`` asks whether the GP should compare an image only with training images at its own noise
+level: at each t, an exact GP on the bottleneck activations of the training images noised at that
+t (3 noisings each; M 4,096, noise 0.01), lengthscale 0.25, 0.5 or 1 x that t's median distance.
+Writes ``gp_per_t_class<c>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -89,8 +95,7 @@ def score(name: str, variance, acts: dict[int, tuple[torch.Tensor, torch.Tensor]
         labels = torch.cat([torch.zeros(len(vs)), torch.ones(len(vh))]).long()
         per_t.append({"t": t, "ratio": float(vh.mean() / vs.mean()), "auroc": float(binary_auroc(torch.cat([vs, vh]), labels)),
                       "v_seen": float(vs.mean())})
-    ratios = sorted(r["ratio"] for r in per_t)
-    row = {"variant": name, "median_ratio": (ratios[1] + ratios[2]) / 2, "per_t": per_t}
+    row = {"variant": name, "median_ratio": statistics.median(r["ratio"] for r in per_t), "per_t": per_t}
     print(name, round(row["median_ratio"], 3), [(r["t"], round(r["ratio"], 2), round(r["auroc"], 2)) for r in per_t], flush=True)
     return row
 
@@ -131,6 +136,25 @@ def where_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
     return out
 
 
+PER_T_LENGTHSCALES = (0.25, 0.5, 1.0)
+
+
+def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
+    """For each lengthscale: at every t a GP fitted on training activations at that t alone, scored there."""
+    acts = {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
+    g = torch.Generator().manual_seed(0)
+    train = {t: torch.cat([bottleneck(den, x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).double()
+                           for x0 in train_x.split(256) for _ in range(3)]) for t in TIMESTEPS}
+    rows = []
+    for ell in PER_T_LENGTHSCALES:
+        gps = {t: exact_gp(train[t], 4096, ell, 0.01) for t in TIMESTEPS}
+        per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
+        rows.append({"variant": f"GP per t, lengthscale {ell}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
+                     "per_t": per_t})
+        print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heldout", type=int, default=3)
@@ -138,6 +162,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--where", action="store_true", help="compare where the GP looks (encoder levels, the x0 estimate)")
+    p.add_argument("--per-t", action="store_true", help="a GP per t, fitted on training activations at that t only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     found = sorted(args.runs.glob(f"digits_without{args.heldout}_seed0_3000steps/**/checkpoints/last.ckpt"))
@@ -146,10 +171,11 @@ def main() -> None:
                          f"run python benchmarks/heldout_class.py --classes {args.heldout} first")
     den = load_model(found[0])
     train_x, seen, held = split_images(args.heldout)
-    if args.where:
+    if args.where or args.per_t:
         args.out.mkdir(parents=True, exist_ok=True)
-        rows = where_rows(den, train_x, seen, held)
-        (args.out / f"gp_where_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
+        rows, stem = (where_rows(den, train_x, seen, held), "gp_where") if args.where else \
+            (per_t_rows(den, train_x, seen, held), "gp_per_t")
+        (args.out / f"{stem}_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
         return
     acts = {}
     for t in TIMESTEPS:
