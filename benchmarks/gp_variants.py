@@ -26,8 +26,9 @@ x0 estimate's kernels; 4 noisings per training image. Writes
 
 ``--per-t`` asks whether the GP should compare an image only with training images at its own noise
 level: at each t, an exact GP on the bottleneck activations of the training images noised at that
-t (3 noisings each; M 4,096, noise 0.01), lengthscale 0.25, 0.5 or 1 x that t's median distance.
-Writes ``gp_per_t_class<c>.json``.
+t (3 noisings each; M 4,096, noise 0.01), lengthscale 0.25, 0.5 or 1 x that t's median distance;
+then the chosen lengthscale as 512 or 2,048 random Fourier features on all of that t's activations
+(the form a checkpoint can hold per t-knot). Writes ``gp_per_t_class<c>.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from bdiff.bayes.bottleneck_gp import BottleneckGP
+from bdiff.bayes.bottleneck_gp import BottleneckGP, random_fourier_basis
 from bdiff.checkpoint import load_model
 
 from heldout_class import split_images  # noqa: E402  (benchmarks/ is the script's folder)
@@ -137,6 +138,26 @@ def where_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
 
 
 PER_T_LENGTHSCALES = (0.25, 0.5, 1.0)
+PER_T_FEATURES = (512, 2048)
+"""Random-feature sizes tried for the per-t GP at the chosen lengthscale (what a checkpoint could hold per t-knot)."""
+
+
+def rff_gp(train: torch.Tensor, features: int, ell_mult: float, noise: float, seed: int = 0):
+    """v(h) of :func:`exact_gp`'s GP approximated by ``features`` random Fourier features on all of ``train``
+    (the form :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` stores: a (D, D) covariance)."""
+    g = torch.Generator().manual_seed(seed)
+    center, scale = train.mean(0), train.std(0).clamp_min(1e-6)
+    z = (train - center) / scale
+    pick = torch.randperm(len(z), generator=g)[:2000]
+    ell = ell_mult * float(torch.cdist(z[pick], z[pick]).median())
+    freqs, phases = random_fourier_basis(z.shape[1], features, ell, seed + 1)
+
+    def phi(h: torch.Tensor) -> torch.Tensor:
+        return (2.0 / features) ** 0.5 * torch.cos(((h.double() - center) / scale) @ freqs + phases)
+
+    p = phi(train)
+    covariance = noise * torch.cholesky_inverse(torch.linalg.cholesky(p.T @ p + noise * torch.eye(features, dtype=p.dtype)))
+    return lambda h: ((phi(h) @ covariance) * phi(h)).sum(1).clamp_min(0)
 
 
 def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
@@ -151,6 +172,12 @@ def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
         per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
         rows.append({"variant": f"GP per t, lengthscale {ell}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
                      "per_t": per_t})
+        print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
+    for features in PER_T_FEATURES:  # the chosen lengthscale, 0.5, as random features: can a checkpoint hold it?
+        gps = {t: rff_gp(train[t], features, 0.5, 0.01) for t in TIMESTEPS}
+        per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
+        rows.append({"variant": f"GP per t, lengthscale 0.5, {features} random features",
+                     "median_ratio": statistics.median(r["ratio"] for r in per_t), "per_t": per_t})
         print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
     return rows
 
