@@ -27,8 +27,8 @@ x0 estimate's kernels; 4 noisings per training image. Writes
 ``--per-t`` asks whether the GP should compare an image only with training images at its own noise
 level: at each t, an exact GP on the bottleneck activations of the training images noised at that
 t (3 noisings each; M 4,096, noise 0.01), lengthscale 0.25, 0.5 or 1 x that t's median distance;
-then the chosen lengthscale as 512 or 2,048 random Fourier features on all of that t's activations
-(the form a checkpoint can hold per t-knot). Writes ``gp_per_t_class<c>.json``.
+then the chosen lengthscale as 512 or 2,048 random Fourier features on all of that t's activations,
+or exact on 1,024 or 2,048 of them (forms a checkpoint can hold per t-knot). Writes ``gp_per_t_class<c>.json``.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ def where_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
 
 PER_T_LENGTHSCALES = (0.25, 0.5, 1.0)
 PER_T_FEATURES = (512, 2048)
-"""Random-feature sizes tried for the per-t GP at the chosen lengthscale (what a checkpoint could hold per t-knot)."""
+PER_T_SUBSETS = (1024, 2048)
+"""Random-feature sizes and training subsets tried for the per-t GP at the chosen lengthscale (what a checkpoint
+could hold per t-knot: a (D, D) covariance or an (M, M) Cholesky factor)."""
 
 
 def rff_gp(train: torch.Tensor, features: int, ell_mult: float, noise: float, seed: int = 0):
@@ -173,10 +175,12 @@ def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
         rows.append({"variant": f"GP per t, lengthscale {ell}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
                      "per_t": per_t})
         print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
-    for features in PER_T_FEATURES:  # the chosen lengthscale, 0.5, as random features: can a checkpoint hold it?
-        gps = {t: rff_gp(train[t], features, 0.5, 0.01) for t in TIMESTEPS}
+    smaller = {f"{features} random features": lambda x, d=features: rff_gp(x, d, 0.5, 0.01) for features in PER_T_FEATURES}
+    smaller |= {f"exact on {m} training activations": lambda x, m=m: exact_gp(x, m, 0.5, 0.01) for m in PER_T_SUBSETS}
+    for name, fit in smaller.items():  # the chosen lengthscale, 0.5, in forms a checkpoint can hold per t-knot
+        gps = {t: fit(train[t]) for t in TIMESTEPS}
         per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
-        rows.append({"variant": f"GP per t, lengthscale 0.5, {features} random features",
+        rows.append({"variant": f"GP per t, lengthscale 0.5, {name}",
                      "median_ratio": statistics.median(r["ratio"] for r in per_t), "per_t": per_t})
         print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
     return rows
