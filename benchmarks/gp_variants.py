@@ -65,6 +65,15 @@ def fixed(x0: torch.Tensor, t: int) -> torch.Tensor:
     return torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + t))
 
 
+def standardise(train: torch.Tensor, ell_mult: float, g: torch.Generator, blocks: list[int] | None = None):
+    """Per-column centre and scale of ``train`` (N, d), and per block of columns the RBF lengthscale in standardised
+    units: ell_mult x the median distance between 2,000 random rows (the median heuristic)."""
+    center, scale = train.mean(0), train.std(0).clamp_min(1e-6)
+    z = (train - center) / scale
+    pick = torch.randperm(len(z), generator=g)[:2000]
+    return center, scale, [ell_mult * float(torch.cdist(part, part).median()) for part in z[pick].split(blocks or [z.shape[1]], 1)]
+
+
 def exact_gp(train: torch.Tensor, m: int, ell_mult: float, noise: float, seed: int = 0,
              blocks: list[int] | None = None):
     """v(h) of an exact RBF GP on m random rows of ``train`` (N, d), standardised, lengthscale ell_mult x median distance.
@@ -74,13 +83,10 @@ def exact_gp(train: torch.Tensor, m: int, ell_mult: float, noise: float, seed: i
     much as a large one.
     """
     g = torch.Generator().manual_seed(seed)
-    center, scale = train.mean(0), train.std(0).clamp_min(1e-6)
-    z = (train - center) / scale
-    pick = torch.randperm(len(z), generator=g)[:2000]
-    ells = [ell_mult * float(torch.cdist(part, part).median()) for part in z[pick].split(blocks or [z.shape[1]], 1)]
-    scale = scale * torch.cat([torch.full((n,), ell, dtype=z.dtype) for n, ell in zip(blocks or [z.shape[1]], ells)])
-    zm = ((train - center) / scale)[torch.randperm(len(z), generator=g)[:m]]
-    chol = torch.linalg.cholesky(torch.exp(-torch.cdist(zm, zm) ** 2 / 2) + noise * torch.eye(m, dtype=z.dtype))
+    center, scale, ells = standardise(train, ell_mult, g, blocks)
+    scale = scale * torch.cat([torch.full((n,), ell, dtype=train.dtype) for n, ell in zip(blocks or [train.shape[1]], ells)])
+    zm = ((train - center) / scale)[torch.randperm(len(train), generator=g)[:m]]
+    chol = torch.linalg.cholesky(torch.exp(-torch.cdist(zm, zm) ** 2 / 2) + noise * torch.eye(m, dtype=zm.dtype))
 
     def variance(h: torch.Tensor) -> torch.Tensor:
         k = torch.exp(-torch.cdist((h.double() - center) / scale, zm) ** 2 / 2)
@@ -147,41 +153,38 @@ could hold per t-knot: a (D, D) covariance or an (M, M) Cholesky factor)."""
 def rff_gp(train: torch.Tensor, features: int, ell_mult: float, noise: float, seed: int = 0):
     """v(h) of :func:`exact_gp`'s GP approximated by ``features`` random Fourier features on all of ``train``
     (the form :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` stores: a (D, D) covariance)."""
-    g = torch.Generator().manual_seed(seed)
-    center, scale = train.mean(0), train.std(0).clamp_min(1e-6)
-    z = (train - center) / scale
-    pick = torch.randperm(len(z), generator=g)[:2000]
-    ell = ell_mult * float(torch.cdist(z[pick], z[pick]).median())
-    freqs, phases = random_fourier_basis(z.shape[1], features, ell, seed + 1)
+    center, scale, (ell,) = standardise(train, ell_mult, torch.Generator().manual_seed(seed))
+    freqs, phases = random_fourier_basis(train.shape[1], features, ell, seed + 1)
 
     def phi(h: torch.Tensor) -> torch.Tensor:
         return (2.0 / features) ** 0.5 * torch.cos(((h.double() - center) / scale) @ freqs + phases)
 
     p = phi(train)
     covariance = noise * torch.cholesky_inverse(torch.linalg.cholesky(p.T @ p + noise * torch.eye(features, dtype=p.dtype)))
-    return lambda h: ((phi(h) @ covariance) * phi(h)).sum(1).clamp_min(0)
+
+    def variance(h: torch.Tensor) -> torch.Tensor:
+        f = phi(h)
+        return ((f @ covariance) * f).sum(1).clamp_min(0)
+
+    return variance
 
 
 def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
-    """For each lengthscale: at every t a GP fitted on training activations at that t alone, scored there."""
+    """For each form of GP: at every t one fitted on training activations at that t alone, scored there."""
     acts = {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
     g = torch.Generator().manual_seed(0)
     train = {t: torch.cat([bottleneck(den, x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).double()
                            for x0 in train_x.split(256) for _ in range(3)]) for t in TIMESTEPS}
+    fits = {f"lengthscale {ell}": lambda x, ell=ell: exact_gp(x, 4096, ell, 0.01) for ell in PER_T_LENGTHSCALES}
+    # the chosen lengthscale, 0.5, in forms a checkpoint can hold per t-knot
+    fits |= {f"lengthscale 0.5, {d} random features": lambda x, d=d: rff_gp(x, d, 0.5, 0.01) for d in PER_T_FEATURES}
+    fits |= {f"lengthscale 0.5, exact on {m} training activations": lambda x, m=m: exact_gp(x, m, 0.5, 0.01)
+             for m in PER_T_SUBSETS}
     rows = []
-    for ell in PER_T_LENGTHSCALES:
-        gps = {t: exact_gp(train[t], 4096, ell, 0.01) for t in TIMESTEPS}
-        per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
-        rows.append({"variant": f"GP per t, lengthscale {ell}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
+    for name, fit in fits.items():
+        per_t = [score(f"t = {t}", fit(train[t]), {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
+        rows.append({"variant": f"GP per t, {name}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
                      "per_t": per_t})
-        print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
-    smaller = {f"{features} random features": lambda x, d=features: rff_gp(x, d, 0.5, 0.01) for features in PER_T_FEATURES}
-    smaller |= {f"exact on {m} training activations": lambda x, m=m: exact_gp(x, m, 0.5, 0.01) for m in PER_T_SUBSETS}
-    for name, fit in smaller.items():  # the chosen lengthscale, 0.5, in forms a checkpoint can hold per t-knot
-        gps = {t: fit(train[t]) for t in TIMESTEPS}
-        per_t = [score(f"t = {t}", gps[t], {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
-        rows.append({"variant": f"GP per t, lengthscale 0.5, {name}",
-                     "median_ratio": statistics.median(r["ratio"] for r in per_t), "per_t": per_t})
         print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
     return rows
 
