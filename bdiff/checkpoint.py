@@ -19,7 +19,7 @@ import torch
 
 from bdiff.bayes import BayesConfig, BayesianUNet, posterior_loc_scale
 from bdiff.bayes.predictive import BayesianDenoiser
-from bdiff.bayes.bottleneck_gp import BottleneckGP
+from bdiff.bayes.bottleneck_gp import restore as restore_gp
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
@@ -123,7 +123,7 @@ def load_model(
     if "variance_calibration" in ckpt:  # absent in older checkpoints and with model.variance_calibration_knots: 0
         denoiser.calibration = VarianceCalibration.from_dict(ckpt["variance_calibration"])
     if "bottleneck_gp" in ckpt:  # trained with model.epistemic_gp: true
-        denoiser.epistemic_gp = BottleneckGP.from_dict(ckpt["bottleneck_gp"])
+        denoiser.epistemic_gp = restore_gp(ckpt["bottleneck_gp"])
     return denoiser.to(map_location).eval().requires_grad_(False)
 
 

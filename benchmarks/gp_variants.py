@@ -10,10 +10,11 @@ and the median ratio over those t (the issue's target: >= 2). v is what the bott
 the epistemic variance, up to the factor s(t) that seen and held-out images share, so these
 ratios are the GP's part of ``heldout_class.py``'s ratio.
 
-Variants: :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` (random Fourier features) at its
-defaults and with more draws, a smaller noise, other lengthscales and more features; and an
-exact subset-of-data GP (the same RBF kernel on M random training activations, no feature
-approximation), to separate the approximation from the features it reads.
+Variants (activations at random t, 8 noisings per training image): the random-feature GP the
+library had until the eighth session (D 2,048, lengthscale 0.5 x the median distance, noise 0.1),
+with a smaller noise, other lengthscales and more features; and an exact subset-of-data GP (the
+same RBF kernel on M random training activations, no feature approximation), to separate the
+approximation from the features it reads.
 
 ``--where`` asks instead where in the network a GP should look: the same exact GP (M 4,096,
 lengthscale 0.5 x the median distance, noise 0.01) on each level of the encoder (the stem and
@@ -29,28 +30,40 @@ level: at each t, an exact GP on the bottleneck activations of the training imag
 t (3 noisings each; M 4,096, noise 0.01), lengthscale 0.25, 0.5 or 1 x that t's median distance;
 then the chosen lengthscale as 512 or 2,048 random Fourier features on all of that t's activations,
 or exact on 1,024 or 2,048 of them (forms a checkpoint can hold per t-knot). Writes ``gp_per_t_class<c>.json``.
+
+``--nearest`` scores the library's GP, :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` (a GP per
+t-knot on the top principal axes of that knot's activations, each query conditioned on its nearest
+training activations, interpolated between knots in log-SNR), over its settings: 20 knots with 8,
+16, 32, 64, 128 or all 1,024 axes, then 40 knots with 32 axes, each with 16, 32 or 64 neighbours;
+plus what the GP's variance costs beside one forward of the network (256 images at random t).
+Writes ``gp_nearest_class<c>.json``.
+
+    python benchmarks/gp_variants.py --heldout 3 --runs runs/heldout_cos --nearest    # and --heldout 5, 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import time
 from pathlib import Path
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from bdiff.bayes.bottleneck_gp import BottleneckGP, random_fourier_basis
+from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.checkpoint import load_model
 
 from heldout_class import split_images  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESTEPS = (50, 100, 250, 500)
-RFF_VARIANTS = {"default": {}, "draws 32": {"draws": 32}, "noise 0.01": {"noise": 0.01},
-                "lengthscale 0.3": {"lengthscale": 0.3}, "lengthscale 1.0": {"lengthscale": 1.0},
-                "features 4096": {"features": 4096}}
+RFF_VARIANTS = {"D 2048, noise 0.1 (the library's form until the eighth session)": (2048, 0.5, 0.1),
+                "noise 0.01": (2048, 0.5, 0.01), "lengthscale 0.3": (2048, 0.3, 0.1),
+                "lengthscale 1.0": (2048, 1.0, 0.1), "features 4096": (4096, 0.5, 0.1)}
+"""Random-feature GPs on activations at random t: (features, lengthscale x median distance, noise)."""
 EXACT_VARIANTS = [(m, ell, noise) for m in (2048, 4096) for ell in (0.25, 0.5) for noise in (0.1, 0.01)]
 
 
@@ -150,9 +163,17 @@ PER_T_SUBSETS = (1024, 2048)
 could hold per t-knot: a (D, D) covariance or an (M, M) Cholesky factor)."""
 
 
+def random_fourier_basis(dim: int, features: int, lengthscale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequencies (dim, D) ~ N(0, 1/lengthscale^2) and phases (D,) ~ U(0, 2 pi) of an RBF kernel's random features
+    (Rahimi & Recht 2007)."""
+    g = torch.Generator().manual_seed(seed)
+    freqs = torch.randn(dim, features, generator=g, dtype=torch.float64) / lengthscale
+    return freqs, 2 * math.pi * torch.rand(features, generator=g, dtype=torch.float64)
+
+
 def rff_gp(train: torch.Tensor, features: int, ell_mult: float, noise: float, seed: int = 0):
     """v(h) of :func:`exact_gp`'s GP approximated by ``features`` random Fourier features on all of ``train``
-    (the form :class:`~bdiff.bayes.bottleneck_gp.BottleneckGP` stores: a (D, D) covariance)."""
+    (the form the library's bottleneck GP had until the eighth session: a (D, D) covariance)."""
     center, scale, (ell,) = standardise(train, ell_mult, torch.Generator().manual_seed(seed))
     freqs, phases = random_fourier_basis(train.shape[1], features, ell, seed + 1)
 
@@ -189,6 +210,46 @@ def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
     return rows
 
 
+NEAREST_DIMS = (8, 16, 32, 64, 128, 1024)
+NEAREST_NEIGHBOURS = (16, 32, 64)
+"""Principal axes per knot and neighbours per query tried for the library's GP (20 knots); then 40 knots at 32 axes."""
+
+
+def gp_cost(den, gp: BottleneckGP, rounds: int = 7) -> float:
+    """Median seconds of ``gp.gp_variance`` over one deterministic forward: 256 images at random t, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(256, 1, 8, 8, generator=g), torch.randint(0, den.schedule.timesteps, (256,), generator=g)
+    h = den.model.net.encode(x_t, t)[0].flatten(1)
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        gp.gp_variance(h, t)
+        mid = time.perf_counter()
+        den.model.net(x_t, t)
+        ratios.append((mid - start) / (time.perf_counter() - mid))
+    return statistics.median(ratios)
+
+
+@torch.no_grad()
+def nearest_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
+    """The library's GP (:class:`BottleneckGP`: per t-knot, principal axes, nearest neighbours) over its settings."""
+    acts = {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
+    rows = []
+    for knots, dims in [(20, d) for d in NEAREST_DIMS] + [(40, 32)]:
+        gp = BottleneckGP.fit(den.model, den.schedule, train_x.split(256), knots=knots, dims=dims)
+        for m in NEAREST_NEIGHBOURS:
+            gp.neighbours = m
+            per_t = [score(f"t = {t}", lambda h, t=t: gp.gp_variance(h, torch.full((len(h),), t)), {t: acts[t]})["per_t"][0]
+                     for t in TIMESTEPS]
+            rows.append({"variant": f"knots {knots}, dims {dims}, neighbours {m}", "knots": knots, "dims": dims,
+                         "neighbours": m, "median_ratio": statistics.median(r["ratio"] for r in per_t),
+                         "median_auroc": statistics.median(r["auroc"] for r in per_t),
+                         "cost_vs_forward": gp_cost(den, gp), "per_t": per_t})
+            print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), round(rows[-1]["median_auroc"], 3),
+                  round(rows[-1]["cost_vs_forward"], 3), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heldout", type=int, default=3)
@@ -197,6 +258,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--where", action="store_true", help="compare where the GP looks (encoder levels, the x0 estimate)")
     p.add_argument("--per-t", action="store_true", help="a GP per t, fitted on training activations at that t only")
+    p.add_argument("--nearest", action="store_true", help="the library's GP (per t-knot, nearest neighbours) over its settings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     found = sorted(args.runs.glob(f"digits_without{args.heldout}_seed0_3000steps/**/checkpoints/last.ckpt"))
@@ -205,26 +267,25 @@ def main() -> None:
                          f"run python benchmarks/heldout_class.py --classes {args.heldout} first")
     den = load_model(found[0])
     train_x, seen, held = split_images(args.heldout)
-    if args.where or args.per_t:
+    if args.where or args.per_t or args.nearest:
         args.out.mkdir(parents=True, exist_ok=True)
-        rows, stem = (where_rows(den, train_x, seen, held), "gp_where") if args.where else \
-            (per_t_rows(den, train_x, seen, held), "gp_per_t")
+        mode = "where" if args.where else "per_t" if args.per_t else "nearest"
+        rows = {"where": where_rows, "per_t": per_t_rows, "nearest": nearest_rows}[mode](den, train_x, seen, held)
+        stem = f"gp_{mode}"
         (args.out / f"{stem}_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
         return
     acts = {}
     for t in TIMESTEPS:
         acts[t] = tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held))
-    rows = []
-    for name, options in RFF_VARIANTS.items():
-        gp = BottleneckGP.fit(den.model, den.schedule, train_x.split(256), **options)
-        rows.append(score(f"random features, {name}", gp.gp_variance, acts))
     g = torch.Generator().manual_seed(0)
     train = []
-    for x0 in train_x.split(256):  # BottleneckGP.fit's training activations: 8 draws at t ~ U{0..T-1}
+    for x0 in train_x.split(256):  # 8 noisings of each training image at t ~ U{0..T-1}
         for _ in range(8):
             t = torch.randint(0, den.schedule.timesteps, (len(x0),), generator=g)
             train.append(bottleneck(den, x0, t, torch.randn(x0.shape, generator=g)).double())
     train_acts = torch.cat(train)
+    rows = [score(f"random features, {name}", rff_gp(train_acts, d, ell, noise), acts)
+            for name, (d, ell, noise) in RFF_VARIANTS.items()]
     for m, ell, noise in EXACT_VARIANTS:
         rows.append(score(f"exact GP, M {m}, lengthscale {ell}, noise {noise}", exact_gp(train_acts, m, ell, noise), acts))
     args.out.mkdir(parents=True, exist_ok=True)

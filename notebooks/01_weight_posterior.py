@@ -179,9 +179,10 @@ if rows:
 # unlike the training data sit among those of training images (feature collapse). Trained
 # without one digit class, the head's epistemic variance on that class equals the seen classes'
 # (AUROC ~0.5) although the model is 1.4-1.5x worse there. The U-Net's bottleneck still tells
-# them apart, so `bdiff.bayes.bottleneck_gp` puts a Gaussian process (random Fourier features,
-# SNGP-style) on the bottleneck activations: its posterior variance is small near the training
-# images' activations and returns to the prior far from them. `--model.epistemic_gp true` fits it
+# them apart, so `bdiff.bayes.bottleneck_gp` puts a Gaussian process (SNGP-style) on the bottleneck
+# activations, one per noise level: an image at t is compared only with training images noised at
+# (about) the same t, through their nearest neighbours. Its posterior variance is small near the
+# training images' activations and returns to the prior far from them. `--model.epistemic_gp true` fits it
 # during training and ships it in the checkpoint; here it is fitted on the training digits if the
 # checkpoint has none.
 #

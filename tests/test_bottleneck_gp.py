@@ -1,4 +1,4 @@
-"""Random-feature GP on the bottleneck (bdiff.bayes.bottleneck_gp): its maths, its use by the denoiser, training."""
+"""Per-t nearest-neighbour GP on the bottleneck (bdiff.bayes.bottleneck_gp): its maths, its use by the denoiser, training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bdiff.bayes import BayesConfig, BayesianUNet
-from bdiff.bayes.bottleneck_gp import BottleneckGP
+from bdiff.bayes.bottleneck_gp import BottleneckGP, restore
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.evaluate import digits_split
 from bdiff.nets import UNet, UNetConfig
@@ -25,43 +25,62 @@ def denoiser(last_ckpt: Path):
 @pytest.fixture(scope="module")
 def fitted(denoiser):
     x0 = digits_split("train")[:96] * 2 - 1
-    return BottleneckGP.fit(denoiser.model, denoiser.schedule, x0.split(32), features=512, draws=2), x0
+    return BottleneckGP.fit(denoiser.model, denoiser.schedule, x0.split(32), knots=6, dims=8, draws=2), x0
 
 
-def training_activations(denoiser, x0: torch.Tensor) -> torch.Tensor:
-    """The activations ``fit`` saw (the same seeded (t, noise) draws, seed 0)."""
-    g, acts, schedule = torch.Generator().manual_seed(0), [], denoiser.schedule
-    for batch in x0.split(32):
-        for _ in range(2):
-            t = torch.randint(0, schedule.timesteps, (batch.shape[0],), generator=g)
-            x_t = schedule.q_sample(batch, t, torch.randn(batch.shape, generator=g))
-            acts.append(denoiser.model.net.encode(x_t, t)[0].flatten(1))
-    return torch.cat(acts)
+def activations(denoiser, x0: torch.Tensor, t: int, seed: int = 1) -> torch.Tensor:
+    """Flattened bottleneck activations (N, d) of x0 noised to t with fresh noise."""
+    tt = torch.full((len(x0),), t)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return denoiser.model.net.encode(denoiser.schedule.q_sample(x0, tt, noise), tt)[0].flatten(1)
 
 
-def random_features(gp: BottleneckGP, h: torch.Tensor) -> torch.Tensor:
-    z = (h - gp.center) / gp.scale
-    return ((2.0 / gp.covariance.shape[0]) ** 0.5 * torch.cos(z @ gp.freqs + gp.phases)).double()
-
-
-def test_variance_is_the_gp_posterior_variance_of_its_kernel(denoiser, fitted) -> None:
-    """D-space formula (what predict uses) == n-space GP formula k(x,x) - k_x^T (K + noise I)^-1 k_x."""
+def test_at_a_knot_it_is_the_exact_gp_posterior_variance(denoiser, fitted) -> None:
+    """Conditioned on every training activation, v == k(x,x) - k_x^T (K + noise I)^-1 k_x on the knot's features;
+    conditioned on fewer (the nearest), v can only be larger: a GP's variance shrinks with every point it sees."""
     gp, x0 = fitted
-    train_phi = random_features(gp, training_activations(denoiser, x0))
-    query = denoiser.model.net.encode(torch.randn(5, 1, 8, 8), torch.tensor([5, 50, 200, 500, 900]))[0].flatten(1)
-    q = random_features(gp, query)
-    gram = train_phi @ train_phi.T + gp.noise * torch.eye(len(train_phi), dtype=torch.float64)
-    k_x = train_phi @ q.T  # (n, 5)
-    want = (q * q).sum(1) - (k_x * torch.linalg.solve(gram, k_x)).sum(0)
-    torch.testing.assert_close(gp.gp_variance(query).double(), want, rtol=1e-3, atol=1e-5)
+    gp = BottleneckGP.from_dict(gp.to_dict())
+    k = 2
+    t = int(gp.knots[k])
+    query = activations(denoiser, torch.cat([x0[:4], torch.rand(4, 1, 8, 8) * 2 - 1]), t)
+    train = gp.points[k].double()
+    z = ((query - gp.center[k]) @ gp.projection[k]).double()
+    gram = torch.exp(-torch.cdist(train, train) ** 2 / 2) + gp.noise * torch.eye(len(train), dtype=torch.float64)
+    k_x = torch.exp(-torch.cdist(train, z) ** 2 / 2)  # (N, 8)
+    want = 1 - (k_x * torch.linalg.solve(gram, k_x)).sum(0)
+    gp.neighbours = len(train)
+    tt = torch.full((len(query),), t)
+    torch.testing.assert_close(gp.gp_variance(query, tt).double(), want, rtol=1e-3, atol=1e-4)
+    fewer = []
+    for m in (96, 32, 8):
+        gp.neighbours = m
+        fewer.append(gp.gp_variance(query, tt).double())
+    assert (want - 1e-4 <= fewer[0]).all() and (fewer[0] - 1e-4 <= fewer[1]).all() and (fewer[1] - 1e-4 <= fewer[2]).all()
+
+
+def test_between_knots_it_interpolates_in_log_snr(denoiser, fitted) -> None:
+    gp, _ = fitted
+    lo, hi = int(gp.knots[3]), int(gp.knots[4])
+    t = (lo + hi) // 2
+    h = activations(denoiser, torch.rand(5, 1, 8, 8) * 2 - 1, t)
+    at = lambda s: gp.gp_variance(h, torch.full((5,), s))  # noqa: E731  (a knot's own GP, alone)
+    w = float((gp.log_snr[t] - gp.log_snr[lo]) / (gp.log_snr[hi] - gp.log_snr[lo]))
+    assert 0 < w < 1
+    torch.testing.assert_close(gp.gp_variance(h, torch.full((5,), t)), (1 - w) * at(lo) + w * at(hi))
+    # a batch of mixed t gives each image what it gets alone
+    ts = torch.tensor([0, lo, t, hi, 999])
+    alone = torch.cat([gp.gp_variance(h[i : i + 1], ts[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(gp.gp_variance(h, ts), alone)
 
 
 def test_training_activations_are_certain_and_far_ones_are_not(denoiser, fitted) -> None:
     gp, x0 = fitted
-    seen = gp.gp_variance(training_activations(denoiser, x0))
+    t = int(gp.knots[1])
+    seen = gp.gp_variance(activations(denoiser, x0, t), torch.full((len(x0),), t))
     g = torch.Generator().manual_seed(0)
-    far = gp.gp_variance(gp.center + 50 * gp.scale * torch.randn(8, gp.center.numel(), generator=g))
-    assert seen.mean() < 0.2 < 0.5 < far.mean() < 1.1  # the prior variance k(x, x) is ~1
+    far_h = gp.center[1] + 50 * torch.randn(8, gp.center.shape[1], generator=g) * gp.center[1].abs().mean()
+    far = gp.gp_variance(far_h, torch.full((8,), t))
+    assert seen.mean() < 0.3 < 0.9 < far.mean() <= 1  # the prior variance k(x, x) is 1
 
 
 def test_the_denoiser_adds_it_to_the_heads_epistemic_and_keeps_its_mean(last_ckpt: Path, denoiser, fitted) -> None:
@@ -74,7 +93,7 @@ def test_the_denoiser_adds_it_to_the_heads_epistemic_and_keeps_its_mean(last_ckp
     torch.testing.assert_close(pred.var_aleatoric, base.var_aleatoric)
     added = (pred.var_epistemic - base.var_epistemic).mean(dim=(1, 2, 3))
     h = denoiser.model.net.encode(x_t, t)[0].flatten(1)
-    torch.testing.assert_close(added, gp.gp_variance(h) * gp.signal.scale(t), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(added, gp.gp_variance(h, t) * gp.signal.scale(t), rtol=1e-4, atol=1e-9)
     # s(t) is the mean aleatoric variance of training images at t: the GP's share never exceeds it
     assert (added <= gp.signal.scale(t) * 1.1).all()
 
@@ -85,8 +104,18 @@ def test_it_survives_a_weights_only_checkpoint_round_trip(denoiser, fitted) -> N
     torch.save(gp.to_dict(), buffer)
     buffer.seek(0)
     again = BottleneckGP.from_dict(torch.load(buffer, weights_only=True))
-    h = denoiser.model.net.encode(torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 999]))[0].flatten(1)
-    torch.testing.assert_close(again.gp_variance(h), gp.gp_variance(h))
+    t = torch.tensor([1, 10, 100, 999])
+    h = denoiser.model.net.encode(torch.randn(4, 1, 8, 8), t)[0].flatten(1)
+    torch.testing.assert_close(again.gp_variance(h, t), gp.gp_variance(h, t))
+
+
+def test_a_checkpoint_with_the_earlier_random_feature_gp_loads_without_it() -> None:
+    old = {"center": torch.zeros(4), "scale": torch.ones(4), "lengthscale": 1.0, "seed": 1,
+           "covariance": torch.eye(8), "signal": {}, "noise": 0.1}
+    with pytest.warns(UserWarning, match="random-feature form.*Refit it"):
+        assert restore(old) is None
+    with pytest.raises(ValueError, match="random-feature form.*refit"):
+        BottleneckGP.from_dict(old)
 
 
 def test_training_with_epistemic_gp_ships_it_in_the_checkpoint(tmp_path: Path) -> None:
@@ -108,6 +137,8 @@ def test_bad_use_is_refused(denoiser) -> None:
         BottleneckGP.fit(denoiser.model, denoiser.schedule, [])
     with pytest.raises(ValueError, match="noise > 0"):
         BottleneckGP.fit(denoiser.model, denoiser.schedule, [torch.zeros(2, 1, 8, 8)], noise=0.0)
+    with pytest.raises(ValueError, match="knots >= 2"):
+        BottleneckGP.fit(denoiser.model, denoiser.schedule, [torch.zeros(2, 1, 8, 8)], knots=1)
     net = UNet(UNetConfig(base_channels=8, num_heads=2))
     with pytest.raises(ValueError, match="only Bayesian layers are the head"):
         BottleneckGP.fit(BayesianUNet(net, BayesConfig(layers="all")), NoiseSchedule(), [torch.zeros(2, 1, 8, 8)])
