@@ -244,9 +244,11 @@ show(fig)
 # The held-out-class experiment itself (`benchmarks/heldout_class.py`: the default config
 # trained without the digit 3, 5 or 8, every posterior design scored on the unseen class; numbers
 # in BENCHMARKS.md, "Held-out digit class") draws this picture: only the GP on the bottleneck
-# and a deep ensemble of three networks (at 3x the cost) light up on the unseen digit.
+# and a deep ensemble of three networks (at 3x the cost) light up on the unseen digit. Over t in
+# [50, 500] the GP's epistemic variance is 2.8-3.0x higher on the unseen class than on seen-class
+# validation digits (AUROC 0.86), the ensemble's 1.6x.
 
 # %%
 from IPython.display import Image, display
 
-display(Image("benchmarks/results/heldout_class_bottleneck_gp.png", width=900))
+display(Image("benchmarks/results/heldout_class_nngp.png", width=900))
