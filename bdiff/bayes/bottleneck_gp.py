@@ -13,20 +13,21 @@ noised at that t alone doubles the held-out/seen variance ratio at t = 50-100.
 
 The design, after SNGP's distance-aware output layer:
 
-- **Knots** t_1 < ... < t_K, uniform in log-SNR log(abar/(1-abar)) from t = 0 to T-1. At each
-  knot, the training images noised at t_k (``draws`` noisings each) give the GP's inputs.
+- **Knots** t_1 < ... < t_K, uniform in log-SNR log(abar/(1-abar)) over t = 1 ... T-2, plus 0
+  and T-1. At each knot, the training images noised at t_k (``draws`` noisings each) give the
+  GP's inputs.
 - **Features**: the flattened activation, standardised per column, projected on its top
   ``dims`` principal axes at that knot (``torch.pca_lowrank``, Halko et al. 2011) and divided by
   the RBF lengthscale: ``lengthscale`` x the median distance between the projected training
   activations (the median heuristic). A low-dimensional view keeps the nearest training
-  activations near: 32 axes read a 1.5x higher held-out/seen ratio than all 1,024 (class 3).
+  activations near: 16 axes read a 1.6x higher held-out/seen ratio than all 1,024 (class 3).
 - **Posterior variance**, RBF kernel k(z, z') = exp(-|z - z'|^2 / 2), noise variance ``noise``
   in units of the prior variance 1, conditioned on the query's ``neighbours`` nearest training
   activations only (a nearest-neighbour GP: Vecchia 1988, Datta et al. 2016 "NNGP"):
 
-      v(z) = 1 - k_n(z)^T (K_nn + noise I)^{-1} k_n(z)        in (0, 1]
+      v(z) = 1 - k_n(z)^T (K_nn + noise I)^{-1} k_n(z)        in [0, 1]
 
-  ~noise near many training activations, -> 1 (the prior) far from all of them. With a
+  ~noise / n near n training activations, -> 1 (the prior) far from all of them. With a
   lengthscale this short the other activations' kernel values are ~0, so this is the exact
   GP's variance at O(neighbours^3) per query instead of O(N^2); it is not fitted to any target,
   so fitting is one pass of the trunk over the training images per knot (seconds on a CPU).
@@ -40,8 +41,9 @@ image's own aleatoric variance:
 
     var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
 
-Settings (knots 20, dims 32, neighbours 64, lengthscale 0.5, noise 0.01, draws 3) were chosen
-on held-out class 3 (benchmarks/gp_variants.py); classes 5 and 8 are the report.
+Settings (knots 20, dims 16, neighbours 16, lengthscale 0.5, noise 0.01, draws 3) were chosen
+on held-out class 3 (benchmarks/gp_variants.py --nearest: the highest ratio whose variance costs
+at most 0.2 of a forward); classes 5 and 8 are the report.
 
 Written by hand (a few lines of linear algebra): Pyro's ``contrib.gp`` models recompute their
 training-side factors at every call and have no nearest-neighbour conditioning, and no
@@ -78,14 +80,17 @@ def log_snr(schedule: NoiseSchedule) -> Tensor:
 def log_snr_knots(log_snr_table: Tensor, num_knots: int) -> list[int]:
     """Timesteps (ascending, distinct) whose log-SNR is nearest to ``num_knots`` levels uniform in log-SNR.
 
-    The first and last timesteps are always knots, so every t in [0, T-1] lies between two.
+    The levels span the log-SNR of t = 1 ... T-2: the end points can be outliers (the cosine
+    schedule's last step is -19.8 against -11.5 one step earlier), which would crowd the knots
+    there. The first and last timesteps are knots too, so every t in [0, T-1] lies between two, and
+    nearest-timestep rounding can merge levels: the count can differ from ``num_knots`` by a few.
     """
-    levels = torch.linspace(float(log_snr_table[-1]), float(log_snr_table[0]), num_knots, dtype=torch.float64)
+    levels = torch.linspace(float(log_snr_table[-2]), float(log_snr_table[1]), num_knots, dtype=torch.float64)
     nearest = {int((log_snr_table - level).abs().argmin()) for level in levels}
     return sorted(nearest | {0, len(log_snr_table) - 1})
 
 
-@dataclass
+@dataclass(eq=False)
 class BottleneckGP:
     """Fitted nearest-neighbour GPs over bottleneck activations, one per t-knot (build it with :meth:`fit`).
 
@@ -127,8 +132,12 @@ class BottleneckGP:
     ) -> BottleneckGP:
         """Fit on training images: at each knot t_k, ``draws`` noisings of every image at t_k.
 
+        Uses its own generator (``seed``), never torch's global random state, so training with the
+        GP fitted at every validation draws the same numbers as training without it.
+
         Args:
             model: a trained U-Net whose only Bayesian layers are the head (used at its posterior mean).
+            schedule: the model's noise schedule (its log-SNR places the knots).
             images: batches x0 (B,C,H,W) in [-1,1] on the model's device.
             knots: K, the number of log-SNR levels (at least 2).
             dims: r, principal axes kept per knot.
@@ -136,6 +145,8 @@ class BottleneckGP:
             lengthscale: the RBF lengthscale as a multiple of the median distance between the
                 projected training activations at that knot (the median heuristic).
             noise: the GP's noise variance relative to its prior variance.
+            draws: noisings of each image at each knot (N = draws x images training activations per knot).
+            seed: seed of the noisings, the principal axes' random sketch and the median heuristic's rows.
         """
         require_point_trunk(model, "the bottleneck GP")
         if knots < 2 or dims < 1 or neighbours < 1 or lengthscale <= 0 or noise <= 0 or draws < 1:
@@ -167,8 +178,16 @@ class BottleneckGP:
 
     def gp_variance(self, h: Tensor, t: Tensor) -> Tensor:
         """(B, d) flattened bottleneck activations at integer t (B,) -> v(h) (B,), in units of the GP's prior variance."""
-        self._to(h.device)
         t = t.to(h.device).long()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(self.log_snr)):
+            raise ValueError(f"the bottleneck GP takes timesteps in [0, {len(self.log_snr) - 1}], got "
+                             f"{int(t.min())}...{int(t.max())}")
+        self._to(h.device)
+        with torch.autocast(h.device.type, enabled=False):  # distances and the Cholesky factor need fp32
+            return self._variance(h.float(), t)
+
+    def _variance(self, h: Tensor, t: Tensor) -> Tensor:
+        """gp_variance for fp32 h (B, d) and valid t (B,) on the GP's device."""
         hi = torch.searchsorted(self.knots, t).clamp(max=len(self.knots) - 1)  # first knot >= t
         lo = torch.where(self.knots[hi] > t, hi - 1, hi)
         span = self.log_snr[self.knots[hi]] - self.log_snr[self.knots[lo]]
@@ -182,14 +201,17 @@ class BottleneckGP:
         return torch.zeros(len(t), device=h.device).index_add_(0, image, weight * v)
 
     def _pair_variance(self, h: Tensor, image: Tensor, knot: Tensor) -> Tensor:
-        """v (P,) of image[p]'s activation under knot[p]'s GP, conditioned on its nearest training activations."""
+        """v (P,) of h[image[p]] under knot knot[p]'s GP, conditioned on its nearest training activations.
+
+        h: (B, d) fp32; image, knot: (P,) indices into the batch and the knots.
+        """
         num_points = self.points.shape[1]
         m = min(self.neighbours, num_points)
         d2 = torch.empty(len(image), m, device=h.device)
         flat_idx = torch.empty(len(image), m, dtype=torch.long, device=h.device)
         for k in torch.unique(knot).tolist():  # projection and distances: one matmul per knot
             rows = (knot == k).nonzero().squeeze(1)
-            z = (h[image[rows]].float() - self.center[k]) @ self.projection[k]  # (b, r)
+            z = (h[image[rows]] - self.center[k]) @ self.projection[k]  # (b, r)
             # squared distances as |z|^2 + |p|^2 - 2 z.p: one matmul, no square roots
             dist = torch.addmm(z.pow(2).sum(1, keepdim=True) + self._squared_norms[k], z, self.points[k].T, alpha=-2)
             d2[rows], idx = dist.clamp_min(0).topk(m, dim=1, largest=False)
@@ -198,7 +220,10 @@ class BottleneckGP:
         near_sq = self._squared_norms.flatten()[flat_idx]  # (P, m)
         pair = (near_sq[:, :, None] + near_sq[:, None, :] - 2 * near @ near.transpose(1, 2)).clamp_min(0)
         gram = torch.exp(-pair / 2) + self.noise * torch.eye(m, device=h.device)
-        chol = torch.linalg.cholesky_ex(gram)[0]  # positive definite by construction (noise > 0)
+        chol, info = torch.linalg.cholesky_ex(gram)  # positive definite by construction (noise > 0)
+        if info.any():
+            raise RuntimeError("the bottleneck GP's neighbour Gram matrix is not positive definite: refit it with a "
+                               "larger noise (BottleneckGP.fit(..., noise=...))")
         s = torch.linalg.solve_triangular(chol, torch.exp(-d2 / 2)[..., None], upper=False)
         return (1 - s.squeeze(-1).pow(2).sum(1)).clamp(0, 1)
 
@@ -227,19 +252,21 @@ class BottleneckGP:
     def from_dict(cls, d: dict[str, Any]) -> BottleneckGP:
         if d.get("form") != FORM:
             raise ValueError(
-                "this checkpoint's bottleneck GP is the random-feature form of earlier bdiff versions, which this "
-                "version no longer reads: refit it on the training images with "
+                f"this checkpoint's bottleneck GP has the form {d.get('form', 'random features (earlier bdiff versions)')!r}, "
+                f"which this version does not read (it reads {FORM!r}): refit it on the training images with "
                 "BottleneckGP.fit(den.model, den.schedule, images) (seconds)"
             )
         return cls(d["knots"], d["log_snr"], d["center"], d["projection"], d["points"],
                    VarianceCalibration.from_dict(d["signal"]), float(d["noise"]), int(d["neighbours"]))
 
+
 def restore(stored: dict[str, Any]) -> BottleneckGP | None:
     """The GP a checkpoint stores, or None (with a warning) for the random-feature form of earlier versions."""
     if stored.get("form") == FORM:
         return BottleneckGP.from_dict(stored)
-    warnings.warn("this checkpoint's bottleneck GP is the random-feature form of earlier bdiff versions; it is left "
-                  "out (epistemic variance from the head only). Refit it on the training images with "
+    found = stored.get("form", "random features (earlier bdiff versions)")
+    warnings.warn(f"this checkpoint's bottleneck GP has the form {found!r}, which this version does not read; it is "
+                  "left out (epistemic variance from the head only). Refit it on the training images with "
                   "BottleneckGP.fit(den.model, den.schedule, images)", stacklevel=3)
     return None
 
@@ -249,8 +276,9 @@ def _principal_features(acts: Tensor, dims: int, lengthscale: float, g: torch.Ge
     center, scale = acts.mean(0), acts.std(0).clamp_min(1e-6)
     z = (acts - center) / scale
     r = min(dims, *z.shape)
-    with torch.random.fork_rng(devices=[]):  # pca_lowrank draws its random sketch from the global generator
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    with torch.random.fork_rng(devices=[]):  # pca_lowrank draws its sketch from the global CPU generator (acts is on
+        # the CPU); seed only that one, which fork_rng restores (torch.manual_seed would also reseed every GPU's)
+        torch.default_generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         _, _, axes = torch.pca_lowrank(z, q=r, center=False, niter=4)
     projection = axes[:, :r] / scale[:, None]
     feats = (acts - center) @ projection
