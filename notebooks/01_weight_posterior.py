@@ -245,8 +245,8 @@ show(fig)
 # trained without the digit 3, 5 or 8, every posterior design scored on the unseen class; numbers
 # in BENCHMARKS.md, "Held-out digit class") draws this picture: only the GP on the bottleneck
 # and a deep ensemble of three networks (at 3x the cost) light up on the unseen digit. Over t in
-# [50, 500] the GP's epistemic variance is 2.8-3.0x higher on the unseen class than on seen-class
-# validation digits (AUROC 0.86), the ensemble's 1.6x.
+# [50, 500] the GP's epistemic variance is 2.7-3.0x higher on the unseen class than on seen-class
+# validation digits (AUROC 0.86), the ensemble's 1.6-2.0x.
 
 # %%
 from IPython.display import Image, display
