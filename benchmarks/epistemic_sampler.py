@@ -5,7 +5,9 @@
 For each training run the bottleneck GP (:mod:`bdiff.bayes.bottleneck_gp`) is fitted post hoc on
 the training digits with the final EMA weights (what ``model.epistemic_gp: true`` does at every
 validation). Per budget (5, 10, 20 NFE): the ``--nfe`` recipe (:mod:`bdiff.sampling.budget`) and
-the same recipe plus variance-weighted blending, each with the head's epistemic variance alone
+the same recipe plus variance-weighted blending (with ``--adaptive-and-refine`` also plus adaptive
+steps, and plus one refinement pass of the uncertain pixels with one solver step fewer), each with the
+head's epistemic variance alone
 (``head``) and with the GP's added (``gp``). Per feature space (``bdiff.evaluate.references_for``):
 FD, precision, recall; blending's Kalman gain (mean, and per step from the noisiest); the calibration of the total variance on
 held-out digits (z^2 per t after the per-t recalibration, cross-fitted as in ``denoiser_quality.py``); and the ranking only epistemic can serve:
@@ -51,13 +53,26 @@ from peers import run_ours, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recipes(nfe: int) -> dict[str, Recipe]:
-    """The budget's recipe and the same with blending."""
+ADAPTIVE_TOL = {5: 0.25, 10: 0.2, 20: 0.15}
+"""The adaptive step controller's tolerance per budget (chosen for configs/sampler/unipc_adaptive.yaml)."""
+
+
+def recipes(nfe: int, extra: bool = False) -> dict[str, Recipe]:
+    """The budget's recipe and the same with blending; with ``extra`` also with adaptive steps (at most ``nfe``
+    calls) and with one refinement pass of the uncertain pixels (one solver step fewer, so the budget holds)."""
     base = recipe_for_budget(nfe)
     data = {k: v for k, v in base.as_dict().items() if k != "name"}
-    blend = Recipe.from_dict({**data, "callbacks": [*data["callbacks"], {"name": "blend", "strength": 1.0}]},
-                             name=f"{base.name}+blend")
-    return {"recipe": base, "recipe+blend": blend}
+    out = {"recipe": base}
+
+    def plus(name: str, callback: dict[str, Any], steps: int) -> None:
+        out[f"recipe+{name}"] = Recipe.from_dict({**data, "steps": steps, "callbacks": [*data["callbacks"], callback]},
+                                                 name=f"{base.name}+{name}")
+
+    plus("blend", {"name": "blend", "strength": 1.0}, nfe)
+    if extra:
+        plus("adaptive", {"name": "adaptive", "tol": ADAPTIVE_TOL.get(nfe, 0.2), "max_nfe": nfe}, nfe)
+        plus("refine", {"name": "refine", "quantile": 0.8, "jump": 50, "t_range": [50, 600], "max_passes": 1}, nfe - 1)
+    return out
 
 
 def score(images: torch.Tensor, variance: torch.Tensor, references: dict) -> dict[str, float]:
@@ -83,6 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="LABEL=run folder (with checkpoints/last.ckpt)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--adaptive-and-refine", action="store_true",
+                   help="also the recipe with adaptive steps and with one refinement pass (the budget kept)")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -112,7 +129,7 @@ def main() -> None:
         gp.calibration = fit_calibration(knots, knot_errors(gp.predict_uncalibrated, gp.schedule, val_x, knots,
                                                             torch.Generator().manual_seed(1), draws=FINAL_DRAWS))
         for nfe in args.nfe:
-            for name, recipe in recipes(nfe).items():
+            for name, recipe in recipes(nfe, args.adaptive_and_refine).items():
                 for epistemic, den in (("head", head), ("gp", gp)):
                     for seed in args.seeds:
                         chunks: list[list[float]] = []  # per chunk: blending's mean gain at each step
