@@ -78,6 +78,16 @@ def fixed(x0: torch.Tensor, t: int) -> torch.Tensor:
     return torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + t))
 
 
+def scored_activations(den, seen: torch.Tensor, held: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{t: (seen, held) bottleneck activations} at each of TIMESTEPS, with heldout_class.py's fixed noise."""
+    return {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
+
+
+def score_each_t(variance_at, acts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """:func:`score`'s per-t rows for a GP that differs per t: ``variance_at(t)`` is the v(h) to use at t."""
+    return [score(f"t = {t}", variance_at(t), {t: acts[t]})["per_t"][0] for t in acts]
+
+
 def standardise(train: torch.Tensor, ell_mult: float, g: torch.Generator, blocks: list[int] | None = None):
     """Per-column centre and scale of ``train`` (N, d), and per block of columns the RBF lengthscale in standardised
     units: ell_mult x the median distance between 2,000 random rows (the median heuristic)."""
@@ -192,7 +202,7 @@ def rff_gp(train: torch.Tensor, features: int, ell_mult: float, noise: float, se
 
 def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
     """For each form of GP: at every t one fitted on training activations at that t alone, scored there."""
-    acts = {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
+    acts = scored_activations(den, seen, held)
     g = torch.Generator().manual_seed(0)
     train = {t: torch.cat([bottleneck(den, x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)).double()
                            for x0 in train_x.split(256) for _ in range(3)]) for t in TIMESTEPS}
@@ -203,7 +213,7 @@ def per_t_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tenso
              for m in PER_T_SUBSETS}
     rows = []
     for name, fit in fits.items():
-        per_t = [score(f"t = {t}", fit(train[t]), {t: acts[t]})["per_t"][0] for t in TIMESTEPS]
+        per_t = score_each_t(lambda t: fit(train[t]), acts)
         rows.append({"variant": f"GP per t, {name}", "median_ratio": statistics.median(r["ratio"] for r in per_t),
                      "per_t": per_t})
         print(rows[-1]["variant"], round(rows[-1]["median_ratio"], 3), flush=True)
@@ -233,14 +243,13 @@ def gp_cost(den, gp: BottleneckGP, rounds: int = 7) -> float:
 @torch.no_grad()
 def nearest_rows(den, train_x: torch.Tensor, seen: torch.Tensor, held: torch.Tensor) -> list[dict]:
     """The library's GP (:class:`BottleneckGP`: per t-knot, principal axes, nearest neighbours) over its settings."""
-    acts = {t: tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held)) for t in TIMESTEPS}
+    acts = scored_activations(den, seen, held)
     rows = []
     for knots, dims in [(20, d) for d in NEAREST_DIMS] + [(40, 32)]:
         gp = BottleneckGP.fit(den.model, den.schedule, train_x.split(256), knots=knots, dims=dims)
         for m in NEAREST_NEIGHBOURS:
             gp.neighbours = m
-            per_t = [score(f"t = {t}", lambda h, t=t: gp.gp_variance(h, torch.full((len(h),), t)), {t: acts[t]})["per_t"][0]
-                     for t in TIMESTEPS]
+            per_t = score_each_t(lambda t: lambda h: gp.gp_variance(h, torch.full((len(h),), t)), acts)
             rows.append({"variant": f"knots {knots}, dims {dims}, neighbours {m}", "knots": knots, "dims": dims,
                          "neighbours": m, "median_ratio": statistics.median(r["ratio"] for r in per_t),
                          "median_auroc": statistics.median(r["auroc"] for r in per_t),
@@ -274,9 +283,7 @@ def main() -> None:
         stem = f"gp_{mode}"
         (args.out / f"{stem}_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
         return
-    acts = {}
-    for t in TIMESTEPS:
-        acts[t] = tuple(bottleneck(den, x, torch.full((len(x),), t), fixed(x, t)) for x in (seen, held))
+    acts = scored_activations(den, seen, held)
     g = torch.Generator().manual_seed(0)
     train = []
     for x0 in train_x.split(256):  # 8 noisings of each training image at t ~ U{0..T-1}
