@@ -317,23 +317,23 @@ class DiffusionModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._calibration_errors = []
         if self.hparams.get("epistemic_gp") and not self.trainer.sanity_checking:
-            with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
-                images = self._training_images()
             # The last validation of the fit, whose weights the final checkpoint holds, fits on every image
-            # (<= EPISTEMIC_GP_IMAGES) with the GP's 3 noisings per knot (~22 s on 2 CPU cores for the digits);
-            # the others, for the checkpoints saved on the way, on the first 512 with one (~4 s).
+            # (<= EPISTEMIC_GP_IMAGES) with the GP's 3 noisings per knot (~20 s on 2 CPU cores for the digits);
+            # the others, for the checkpoints saved on the way, on the first 512 with one (~3 s).
             final = last_validation_of_fit(self.trainer)
-            images, draws = (images, 3) if final else (images[: -(-512 // len(images[0]))], 1)
+            limit, draws = (self.EPISTEMIC_GP_IMAGES, 3) if final else (512, 1)
+            with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
+                images = self._training_images(limit)
             self.denoiser.epistemic_gp = BottleneckGP.fit(self.bayes, self.schedule, images, draws=draws)
 
-    def _training_images(self) -> list[Tensor]:
-        """Batches of the first EPISTEMIC_GP_IMAGES training images (at most), on this module's device.
+    def _training_images(self, limit: int) -> list[Tensor]:
+        """Batches of 256 of the first ``limit`` training images (at most), on this module's device.
 
         Read from the datamodule's dataset, not the training loader: iterating that loader
         would advance its shuffling and the resumable sampler of :class:`ExactResume`.
         """
         dataset = self.trainer.datamodule.train_dataset
-        n = min(len(dataset), self.EPISTEMIC_GP_IMAGES)
+        n = min(len(dataset), limit)
         images = torch.stack([dataset[i] for i in range(n)]).to(self.device)
         return list(images.split(256))
 
