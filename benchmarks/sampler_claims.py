@@ -63,6 +63,10 @@ TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.2
 """Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
 EPS_SCALES = (0.98, 0.99, 0.995, 0.998, 1.002, 1.005, 1.01, 1.02, 1.04)
 """Epsilon scaling's constant lambda tried on the fitted grids (:mod:`bdiff.sampling.eps_scaling`)."""
+EPS_SLOPES = {"scale": (0.99, 0.995, 1.0, 1.005), "slope": (-0.02, -0.01, 0.01, 0.02)}
+"""Epsilon scaling with lambda_t = scale + slope * t/(T-1) (Ning et al.'s linear schedule), on each budget's
+``SLOPE_GRID``: the grid its best constant lambda was chosen on."""
+SLOPE_GRID = {5: "fitted", 10: "fitted from T-1", 20: "fitted"}
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
 
@@ -95,6 +99,12 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
         for scale in EPS_SCALES:
             out[f"unipc + eps scaling {scale}, {grid}"] = ("eps scaling", {
                 "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "eps_scaling", "scale": scale}]})
+    grid = SLOPE_GRID.get(nfe, "fitted")
+    for scale in EPS_SLOPES["scale"]:
+        for slope in EPS_SLOPES["slope"]:
+            out[f"unipc + eps scaling {scale} slope {slope:+}, {grid}"] = ("eps scaling slope", {
+                "stepper": "unipc", "steps": nfe, "spacing": FITTED_GRIDS[grid],
+                "callbacks": [{"name": "eps_scaling", "scale": scale, "slope": slope}]})
     return out
 
 
