@@ -286,3 +286,23 @@ def test_critic_data_draws_its_samples_once_in_prepare_data(last_ckpt: Path, tmp
     labels = torch.cat([y for _, y in other_rank.train_dataloader()])
     assert set(labels.tolist()) == {0.0, 1.0} and int((labels == 0).sum()) == int((labels == 1).sum())
     critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=None).prepare_data()  # nothing to share
+
+
+def test_critic_data_with_more_fakes_per_real_keeps_the_splits_apart(last_ckpt: Path, tmp_path: Path) -> None:
+    """fakes_per_real k: k generated images per real one in train and in val, none shared between them."""
+    from bdiff.lit import critic_data
+
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("stepper: {name: ddim}\nsteps: 2\nposterior_samples: 2\n")
+    data = critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=str(tmp_path / "fakes"),
+                                        fakes_per_real=3)
+    data.setup("fit")
+    fakes = {}
+    for split, loader, n_real in (("train", data.train_dataloader(), len(data.real.train_dataset)),
+                                  ("val", data.val_dataloader(), len(data.real.val_dataset))):
+        x, y = (torch.cat(parts) for parts in zip(*loader))
+        assert int((y == 1).sum()) == n_real and int((y == 0).sum()) == 3 * n_real
+        fakes[split] = x[y == 0].flatten(1)
+    assert torch.cdist(fakes["val"], fakes["train"]).min() > 0  # different draws, not the train fakes again
+    with pytest.raises(ValueError, match="fakes_per_real must be an integer >= 1"):
+        critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), fakes_per_real=0)

@@ -2,8 +2,8 @@
 
 Real images come from any :class:`~bdiff.lit.data.ImageDataModule` (its own train/val split, the
 same one the diffusion model was trained on when the seed matches). Generated ones are drawn from
-a diffusion checkpoint with one of our sampler recipes, as many as the real split, from a seed of
-their own (default 1000, away from the seeds evaluation uses), and cached on disk keyed by the
+a diffusion checkpoint with one of our sampler recipes, ``fakes_per_real`` times as many as the
+real split (default 1), from a seed of their own (default 1000, away from the seeds evaluation uses), and cached on disk keyed by the
 checkpoint's bytes, the recipe, the count and the seed, so a second run does not sample again.
 
 Batches are ``(x0, label)``: x0 (B,C,H,W) in [-1, 1], label (B,) float, 1 for real, 0 for generated.
@@ -67,6 +67,10 @@ class CriticDataModule(LightningDataModule):
         real: the real data (default: the bundled digits with seed 0, the default run's split).
         fake_seed: seed of the generated images (keep it away from the evaluation seeds).
         batch_size: images per batch (real and generated shuffled together).
+        fakes_per_real: generated images per real one, in each of the train and val splits. More than 1
+            gives the critic more of the model's distribution to learn; with a k-times imbalance the
+            optimal logit is log p_data / p_model - log k, a constant shift, so the guidance gradient
+            is unchanged (the loop's ``threshold`` reads the shifted logit).
         cache_dir: where generated images are cached (None: do not cache).
     """
 
@@ -78,11 +82,16 @@ class CriticDataModule(LightningDataModule):
         fake_seed: int = 1000,
         batch_size: int = 128,
         num_workers: int = 0,
+        fakes_per_real: int = 1,
         cache_dir: str | None = "runs/critic/fakes",
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"critic data needs batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if isinstance(fakes_per_real, bool) or not isinstance(fakes_per_real, int) or fakes_per_real < 1:
+            raise ValueError(f"critic data: fakes_per_real must be an integer >= 1 (generated images per real one), "
+                             f"got {fakes_per_real!r}")
+        self.fakes_per_real = fakes_per_real
         self.diffusion_ckpt = Path(diffusion_ckpt)
         hp = read_checkpoint(self.diffusion_ckpt)["hyper_parameters"]  # fails early, naming the file
         self.schedule_config = ScheduleConfig(**hp["schedule"])
@@ -142,16 +151,17 @@ class CriticDataModule(LightningDataModule):
         """
         self.real.prepare_data()
         if self.cache_dir is not None:
-            self.fakes(sum(self._split_sizes("fit")))
+            self.fakes(self.fakes_per_real * sum(self._split_sizes("fit")))
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
         n_train, n_val = self._split_sizes(stage)
         real_train, real_val = self.real.train_dataset, self.real.val_dataset
-        fake = self.fakes(n_train + n_val)
-        self._train = ConcatDataset([_Labelled(real_train, 1.0), _Labelled(TensorDataset(fake[:n_train]), 0.0)])
-        self._val = ConcatDataset([_Labelled(real_val, 1.0), _Labelled(TensorDataset(fake[n_train:]), 0.0)])
+        k = self.fakes_per_real
+        fake = self.fakes(k * (n_train + n_val))
+        self._train = ConcatDataset([_Labelled(real_train, 1.0), _Labelled(TensorDataset(fake[: k * n_train]), 0.0)])
+        self._val = ConcatDataset([_Labelled(real_val, 1.0), _Labelled(TensorDataset(fake[k * n_train :]), 0.0)])
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

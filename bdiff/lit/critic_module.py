@@ -123,6 +123,7 @@ def train_critic(
     max_epochs: int = 60,
     critic: CriticConfig | None = None,
     seed: int = 0,
+    fakes_per_real: int = 1,
 ) -> Path:
     """Train a critic in-process (no logger) and return its ``last.ckpt`` under ``out_dir``.
 
@@ -131,7 +132,8 @@ def train_critic(
     """
     pl.seed_everything(seed, verbose=False)
     out_dir = Path(out_dir)
-    data = CriticDataModule(str(diffusion_ckpt), sampler=sampler, cache_dir=str(out_dir / "fakes"))
+    data = CriticDataModule(str(diffusion_ckpt), sampler=sampler, cache_dir=str(out_dir / "fakes"),
+                            fakes_per_real=fakes_per_real)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, callbacks=[checkpoint],
                          check_val_every_n_epoch=max(1, max_epochs // 5), enable_progress_bar=False,
@@ -140,13 +142,15 @@ def train_critic(
     return Path(checkpoint.last_model_path)
 
 
-def cached_critic(diffusion_ckpt: str | Path, out_dir: str | Path, sampler: str = "configs/sampler/dpmpp.yaml") -> Path:
+def cached_critic(diffusion_ckpt: str | Path, out_dir: str | Path, sampler: str = "configs/sampler/dpmpp.yaml",
+                  fakes_per_real: int = 1) -> Path:
     """``out_dir/checkpoints/last.ckpt``, trained by :func:`train_critic` against ``diffusion_ckpt`` unless one
-    newer than the diffusion checkpoint is already there (notebooks and benchmarks reuse it)."""
+    newer than the diffusion checkpoint is already there (notebooks and benchmarks reuse it; give another
+    ``out_dir`` for other options)."""
     path = Path(out_dir) / "checkpoints" / "last.ckpt"
     if path.is_file() and path.stat().st_mtime >= Path(diffusion_ckpt).stat().st_mtime:
         return path
-    written = train_critic(diffusion_ckpt, out_dir, sampler=sampler)
+    written = train_critic(diffusion_ckpt, out_dir, sampler=sampler, fakes_per_real=fakes_per_real)
     if written.resolve() != path.resolve():
         raise FileNotFoundError(f"critic training wrote {written}, expected {path}")
     return path
