@@ -76,6 +76,9 @@ DPM-Solver++(2M) steps, no better than 20 in the classifier spaces), so it learn
 than a 10-step solver's (the first critic's fakes: ``configs/sampler/dpmpp.yaml``, 1 per real one)."""
 ODE_CRITIC_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
+NFE_ENTRY_ROWS = {5: "unipc, fitted", 10: "unipc, fitted from T-1", 20: "diffusers-dpm++2m, leading"}
+"""The rows that measure :data:`bdiff.sampling.budget.BEST_RECIPES`, what ``--nfe`` runs (the 20-NFE entry is the
+peer's own configuration, which our DPM-Solver++(2M) matches step for step); :func:`check_entry_rows` keeps them in step."""
 
 
 def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -117,6 +120,21 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
                 "stepper": "unipc", "steps": nfe, "spacing": FITTED_GRIDS[grid],
                 "callbacks": [{"name": "eps_scaling", "scale": scale, "slope": slope}]})
     return out
+
+
+def check_entry_rows() -> None:
+    """ValueError unless each of :data:`NFE_ENTRY_ROWS` names the recipe ``--nfe`` runs at its budget."""
+    from bdiff.sampling.budget import BEST_RECIPES
+
+    for nfe, name in NFE_ENTRY_ROWS.items():
+        entry = BEST_RECIPES[nfe]
+        if name.startswith("diffusers-"):
+            solver, _, grid = name.partition(", ")
+            same = (entry.get("spacing"), entry["stepper"]) == (grid, {"diffusers-dpm++2m": "dpmpp_2m", "diffusers-unipc": "unipc"}.get(solver))
+        else:
+            same = candidates(nfe, CRITIC_PLACEHOLDER)[name][1] == entry
+        if not same:
+            raise ValueError(f"NFE_ENTRY_ROWS[{nfe}] = {name!r} is not what --nfe {nfe} runs ({entry}): update it")
 
 
 def ranks(score: torch.Tensor) -> torch.Tensor:
@@ -288,21 +306,22 @@ def summary_table(rows: list[dict], spaces: list[str], choice: dict) -> str:
 
 def plot(rows: list[dict], spaces: list[str], choice: dict, path: Path) -> None:
     """FD vs NFE per feature space: the best peer of each (run, seed) cell, UniPC on diffusers' default
-    (linspace) grid, and the recipe chosen per budget; points are means over the cells, bars their range."""
+    (linspace) grid, and what ``--nfe`` runs (:data:`NFE_ENTRY_ROWS`); points are means over the cells, bars their range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_entry_rows()
     budgets = sorted(int(b) for b in choice)
     cells = sorted({(r["run"], r["seed"]) for r in rows})
     fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 3.4))
     for ax, space in zip(axes, spaces):
         lines = {
-            "best diffusers peer (any solver, any grid)": lambda at: min(r[f"{space}/fd"] for r in at if r["family"] == "peer"),
-            "diffusers UniPC, linspace grid": lambda at: next(r[f"{space}/fd"] for r in at if r["sampler"] == "diffusers-unipc, linspace"),
-            "ours, chosen on another run and seed": lambda at: next(r[f"{space}/fd"] for r in at
-                                                                    if r["sampler"] == choice[str(at[0]["budget"])]["winner"]),
+            "best diffusers peer (any solver, grid)": lambda at: min(r[f"{space}/fd"] for r in at if r["family"] == "peer"),
+            "diffusers UniPC, linspace": lambda at: next(r[f"{space}/fd"] for r in at if r["sampler"] == "diffusers-unipc, linspace"),
+            "ours: what --nfe runs": lambda at: next(
+                r[f"{space}/fd"] for r in at if r["sampler"] == NFE_ENTRY_ROWS[at[0]["budget"]]),
         }
         for label, value in lines.items():
             per = [[value([r for r in rows if r["budget"] == b and (r["run"], r["seed"]) == c]) for c in cells] for b in budgets]
@@ -313,7 +332,7 @@ def plot(rows: list[dict], spaces: list[str], choice: dict, path: Path) -> None:
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"2,000 samples; mean and range over {len(cells)} (training run, sampling seed) cells", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
