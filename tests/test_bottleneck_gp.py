@@ -107,20 +107,6 @@ def test_training_activations_are_certain_and_far_ones_are_not(denoiser, fitted)
     assert seen.mean() < 0.3 < 0.9 < far.mean() <= 1  # the prior variance k(x, x) is 1
 
 
-def test_its_prior_variance_is_the_networks_own_eps_error_at_t(denoiser, fitted) -> None:
-    """s(t) = the network's mean squared eps error on the fitting images: the GP can never claim more error
-    than the network makes on its training data, so the aleatoric recalibration can still calibrate the total."""
-    gp, x0 = fitted
-    g = torch.Generator().manual_seed(7)
-    for k in (0, 100, 500, 999):
-        t = torch.full((len(x0),), k)
-        noise = torch.randn(x0.shape, generator=g)
-        with torch.no_grad():
-            eps = denoiser.predict_uncalibrated(denoiser.schedule.q_sample(x0, t, noise), t).eps
-        mse = float((eps - noise).pow(2).mean())
-        assert float(gp.signal.scale(t)[0]) == pytest.approx(mse, rel=0.25), k  # another noise draw: a sampling error
-
-
 def test_the_denoiser_adds_it_to_the_heads_epistemic_and_keeps_its_mean(last_ckpt: Path, denoiser, fitted) -> None:
     gp, _ = fitted
     with_gp = load_model(last_ckpt)

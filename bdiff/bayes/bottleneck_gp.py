@@ -33,15 +33,16 @@ The design, after SNGP's distance-aware output layer:
   so fitting is one pass of the trunk over the training images per knot (seconds on a CPU).
 - **Between knots**, v is interpolated linearly in log-SNR from the two bracketing knots' GPs.
 
-In eps units: the GP's prior variance at t is the network's own mean squared error of eps at t
-over training images, s(t) (how much of eps it cannot predict at that noise level, at the fitting
-weights: the EMA ones during training; linear in log s between 16 knots), so an image's epistemic
-variance is at most what the network gets wrong on its training digits at that t, which leaves the
-per-t recalibration of the aleatoric part (:mod:`bdiff.bayes.recalibration`) room to make the
-total calibrated. (A prior of the head's mean predicted variance, the first choice, is 4-12x the error
-at t >= 750 on the default model: there the GP's variance alone over-explained the error and the
-total came out 1.8x too large at t = 950, with the aleatoric scale at its floor.) It is v(h) s(t)
-on average per pixel, spread over the pixels like the image's own aleatoric variance:
+In eps units: the GP's prior variance at t is the network's mean aleatoric variance at t over
+training images, s(t) (how much of eps the network cannot predict at that noise level; linear
+in log s between 16 knots), so an image's epistemic variance is at most what the network
+already admits to, and is v(h) s(t) on average per pixel. (The network's own mean squared eps
+error as s(t) was tried: it keeps the GP from claiming more error than the network makes, which
+this prior does at t >= 900, where the head's variance is ~10x the error and the calibrated total
+reads z^2 0.57 at t = 950; but it ranks samples worse, AUROC 0.66-0.78 against 0.71-0.86:
+BENCHMARKS.md, "Calibration of the default model's predicted variance".) It is spread over the
+pixels like the image's own aleatoric variance:
+
     var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
 
 Settings (knots 20, dims 16, neighbours 16, lengthscale 0.5, noise 0.01, draws 3) were chosen
@@ -104,7 +105,7 @@ class BottleneckGP:
         projection: (K, d, r) per knot: divide by the column std, project on the top r principal
             axes, divide by the lengthscale. Features z = (h - center) @ projection.
         points: (K, N, r) the training activations' features at each knot.
-        signal: s(t), the GP's prior variance per t: the network's mean squared eps error there (knots of log values).
+        signal: s(t), the GP's prior variance per t (as knots of log values).
         noise: the GP's noise variance relative to its prior variance.
         neighbours: how many nearest training activations each query is conditioned on.
     """
@@ -175,7 +176,7 @@ class BottleneckGP:
             centers.append(center)
             projections.append(projection)
             points.append(z)
-        signal = _mean_error(model, schedule, torch.cat(batches)[:SIGNAL_IMAGES], g)
+        signal = _mean_aleatoric(model, schedule, torch.cat(batches)[:SIGNAL_IMAGES], g)
         return cls(torch.tensor(knot_ts), table.float(), torch.stack(centers).float(), torch.stack(projections).float(),
                    torch.stack(points).float(), signal, float(noise), int(neighbours))
 
@@ -290,14 +291,13 @@ def _principal_features(acts: Tensor, dims: int, lengthscale: float, g: torch.Ge
     return center, projection / ell, feats / ell
 
 
-def _mean_error(model: BayesianUNet, schedule: NoiseSchedule, x0: Tensor, g: torch.Generator) -> VarianceCalibration:
-    """s(t): the mean squared error of the network's eps over images x0 (N,C,H,W) at the head's posterior mean,
-    at 16 knots (one noise draw per image and knot)."""
+def _mean_aleatoric(model: BayesianUNet, schedule: NoiseSchedule, x0: Tensor, g: torch.Generator) -> VarianceCalibration:
+    """s(t): the mean aleatoric variance of eps over images x0 at the head's posterior mean, at 16 knots."""
     weights = {name: loc for name, (loc, _) in model.posterior_loc_scale().items()}
     knots, logs = default_knots(schedule.timesteps, SIGNAL_KNOTS), []
     for k in knots:
         t = torch.full((len(x0),), k, dtype=torch.long, device=x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        eps = head_at(model.net, weights, model.net.features(schedule.q_sample(x0, t, noise), t))[0]
-        logs.append(float((eps - noise).double().pow(2).mean().clamp_min(1e-12).log()))
+        x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(x0.device))
+        log_var = head_at(model.net, weights, model.net.features(x_t, t))[1]
+        logs.append(float(log_var.exp().mean().log()))
     return VarianceCalibration(tuple(knots), tuple(logs))
