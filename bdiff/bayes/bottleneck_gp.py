@@ -38,7 +38,7 @@ training images, s(t) (how much of eps the network cannot predict at that noise 
 in log s between 16 knots), so an image's epistemic variance is at most what the network
 already admits to, and is v(h) s(t) on average per pixel. (The network's own mean squared eps
 error as s(t) was tried: it keeps the GP from claiming more error than the network makes, which
-this prior does at t >= 900, where the head's variance is ~10x the error and the calibrated total
+this prior does at high t, where the head's variance exceeds the error and the calibrated total
 reads z^2 0.57 at t = 950; but it ranks samples worse, AUROC 0.66-0.78 against 0.71-0.86:
 BENCHMARKS.md, "Calibration of the default model's predicted variance".) It is spread over the
 pixels like the image's own aleatoric variance:
