@@ -34,7 +34,7 @@ def test_scale_interpolates_log_linearly_and_is_flat_beyond_the_ends() -> None:
     torch.testing.assert_close(s, torch.tensor([1.0, 2.0, 4.0, 1.0, 0.25, 0.25]))
 
 
-def test_apply_scales_only_the_aleatoric_variance() -> None:
+def test_apply_scales_only_the_aleatoric_variance_unless_told_otherwise() -> None:
     cal = VarianceCalibration((0, 999), (math.log(3.0), math.log(3.0)))
     pred = Prediction(torch.randn(2, 1, 4, 4), torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4))
     out = cal.apply(pred, torch.tensor([5, 700]))
@@ -66,6 +66,29 @@ def test_without_epistemic_variance_the_scale_is_the_mean_ratio() -> None:
     err2, var_a = torch.rand(1000) * 2, torch.rand(1000) + 0.5
     log_s = solve_log_scale(KnotErrors(err2, var_a, torch.zeros(1000)))
     assert math.exp(log_s) == pytest.approx(float((err2 / var_a).double().mean()), rel=1e-6)
+
+
+def test_where_the_epistemic_variance_alone_exceeds_the_error_both_take_one_scale() -> None:
+    """Knot 1: var_e alone is 3x the error's variance, so no aleatoric scale calibrates the total; both
+    variances get one common scale that does (z^2 = 1), and their ratio is kept. Knot 0 is left as before."""
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    var_a, var_e = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    fine = KnotErrors((torch.randn(n, generator=g) * (2 * var_a + var_e).sqrt()) ** 2, var_a, var_e)
+    over = KnotErrors((torch.randn(n, generator=g) * (var_e / 3).sqrt()) ** 2, var_a, var_e)
+    cal = fit_calibration([0, 999], [fine, over])
+    assert cal.log_epistemic_scale is not None and cal.log_epistemic_scale[0] == 0.0
+    assert cal.log_scale[0] == pytest.approx(solve_log_scale(fine))
+    assert cal.log_scale[1] == cal.log_epistemic_scale[1] < 0
+    for t, e in ((0, fine), (999, over)):
+        out = cal.apply(Prediction(torch.zeros(n), e.var_epistemic, e.var_aleatoric), torch.full((n,), t))
+        assert float((e.err2 / (out.var_aleatoric + out.var_epistemic)).double().mean()) == pytest.approx(1.0, abs=1e-5)
+    assert VarianceCalibration.from_dict(cal.to_dict()) == cal
+    assert fit_calibration([0, 999], [fine, fine]).log_epistemic_scale is None  # nothing over-explained: as before
+    old = VarianceCalibration.from_dict({"knots": [0, 999], "log_scale": [0.0, 1.0]})  # a checkpoint of earlier versions
+    assert old.log_epistemic_scale is None and "log_epistemic_scale" not in old.to_dict()
+    with pytest.raises(ValueError, match="one log_epistemic_scale per knot"):
+        VarianceCalibration((0, 999), (0.0, 0.0), (0.0,))
 
 
 def test_training_stores_a_calibration_that_load_model_restores(trained, last_ckpt: Path) -> None:

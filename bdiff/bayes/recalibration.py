@@ -14,8 +14,16 @@ variance is exactly 1,
     E[ err^2 / (s(t) var_aleatoric + var_epistemic) ] = 1,
 
 and interpolated linearly in log s between knots. Epistemic variance is left as it is (its
-scale is the posterior's business, not a nuisance to fit away). No library fits this: it is
-a 1-D root find per knot (the left side decreases in s), done by bisection in log s.
+scale is the posterior's business, not a nuisance to fit away), with one exception: where the
+epistemic variance *alone* exceeds the error (z^2 < 1 even with the aleatoric scale at its
+floor; the bottleneck GP's prior does this at t ~ 950 on the default digits model), no aleatoric
+scale can calibrate the total, and both variances take one common scale c(t) instead,
+
+    E[ err^2 / (c(t) (var_aleatoric + var_epistemic)) ] = 1,
+
+which keeps the epistemic variance's ranking of images at that t and its share of the total as
+predicted. No library fits this: it is a 1-D root find per knot (the left side decreases in s),
+done by bisection in log s.
 
 Fitting happens on validation images during training (:class:`bdiff.lit.module.DiffusionModule`,
 with the EMA weights in place) and is stored in the checkpoint; ``load_model`` restores it.
@@ -23,6 +31,7 @@ with the EMA weights in place) and is stored in the checkpoint; ``load_model`` r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,26 +55,40 @@ def default_knots(timesteps: int, num_knots: int = 32) -> list[int]:
 
 @dataclass(frozen=True)
 class VarianceCalibration:
-    """Scale of the aleatoric variance per timestep knot; linear in log scale between knots.
+    """Scale of the aleatoric (and, where needed, epistemic) variance per timestep knot; linear in log scale between knots.
 
     Attributes:
         knots: increasing integer timesteps (K,).
-        log_scale: log s at each knot (K,); 0 everywhere is the identity.
+        log_scale: log s at each knot (K,), for the aleatoric variance; 0 everywhere is the identity.
+        log_epistemic_scale: log c at each knot (K,) for the epistemic variance (module docstring), or
+            None: left as it is everywhere (calibrations of earlier versions, and other uses of the class).
     """
 
     knots: tuple[int, ...]
     log_scale: tuple[float, ...]
+    log_epistemic_scale: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.knots) != len(self.log_scale) or len(self.knots) < 2:
             raise ValueError("VarianceCalibration needs >= 2 knots and one log_scale per knot")
+        if self.log_epistemic_scale is not None and len(self.log_epistemic_scale) != len(self.knots):
+            raise ValueError("VarianceCalibration needs one log_epistemic_scale per knot (or None)")
         if any(b <= a for a, b in zip(self.knots, self.knots[1:])):
             raise ValueError(f"VarianceCalibration knots must increase, got {self.knots}")
 
     def scale(self, t: Tensor) -> Tensor:
         """s(t) for integer t (B,) -> (B,), float32; constant beyond the end knots."""
+        return self._interpolate(self.log_scale, t)
+
+    def epistemic_scale(self, t: Tensor) -> Tensor:
+        """c(t) for integer t (B,) -> (B,), float32 (ones without ``log_epistemic_scale``)."""
+        if self.log_epistemic_scale is None:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        return self._interpolate(self.log_epistemic_scale, t)
+
+    def _interpolate(self, log_values: tuple[float, ...], t: Tensor) -> Tensor:
         knots = torch.tensor(self.knots, dtype=torch.float32, device=t.device)
-        logs = torch.tensor(self.log_scale, dtype=torch.float32, device=t.device)
+        logs = torch.tensor(log_values, dtype=torch.float32, device=t.device)
         tf = t.float().clamp(knots[0], knots[-1])
         # torch has no 1-D interp; index of the left knot, then the usual lerp.
         i = (torch.searchsorted(knots, tf, right=True) - 1).clamp(0, len(self.knots) - 2)
@@ -73,17 +96,26 @@ class VarianceCalibration:
         return torch.exp(torch.lerp(logs[i], logs[i + 1], w))
 
     def apply(self, pred: Prediction, t: Tensor) -> Prediction:
-        """The prediction with var_aleatoric (B,C,H,W) multiplied by s(t) (B,)."""
-        s = self.scale(t).to(pred.var_aleatoric.dtype).reshape(-1, *([1] * (pred.var_aleatoric.dim() - 1)))
-        return Prediction(pred.eps, pred.var_epistemic, pred.var_aleatoric * s)
+        """The prediction with var_aleatoric (B,C,H,W) multiplied by s(t) (B,) and var_epistemic by c(t)."""
+        shape = (-1, *([1] * (pred.var_aleatoric.dim() - 1)))
+        s = self.scale(t).to(pred.var_aleatoric.dtype).reshape(shape)
+        var_epistemic = pred.var_epistemic
+        if self.log_epistemic_scale is not None:
+            var_epistemic = var_epistemic * self.epistemic_scale(t).to(var_epistemic.dtype).reshape(shape)
+        return Prediction(pred.eps, var_epistemic, pred.var_aleatoric * s)
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists, for a checkpoint (loads under ``torch.load(weights_only=True)``)."""
-        return {"knots": list(self.knots), "log_scale": list(self.log_scale)}
+        out = {"knots": list(self.knots), "log_scale": list(self.log_scale)}
+        if self.log_epistemic_scale is not None:
+            out["log_epistemic_scale"] = list(self.log_epistemic_scale)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, list]) -> VarianceCalibration:
-        return cls(tuple(int(k) for k in d["knots"]), tuple(float(v) for v in d["log_scale"]))
+        epistemic = d.get("log_epistemic_scale")
+        return cls(tuple(int(k) for k in d["knots"]), tuple(float(v) for v in d["log_scale"]),
+                   None if epistemic is None else tuple(float(v) for v in epistemic))
 
 
 @dataclass
@@ -137,21 +169,38 @@ def merge_knot_errors(parts: list[list[KnotErrors]]) -> list[KnotErrors]:
     ]
 
 
+def _bisect_log(z2_at: Callable[[float], float], iterations: int) -> float:
+    """The log scale in [-20, 20] where the decreasing function z2_at(log scale) crosses 1, by bisection."""
+    lo, hi = -LOG_SCALE_BOUND, LOG_SCALE_BOUND
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if z2_at(mid) > 1 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def solve_log_scale(e: KnotErrors, iterations: int = 60) -> float:
     """log s with mean(err^2 / (s var_a + var_e)) = 1, by bisection on [-20, 20] (monotone in s)."""
     err2, va, ve = e.err2.double(), e.var_aleatoric.double().clamp_min(1e-30), e.var_epistemic.double()
     if err2.numel() == 0:
         return 0.0
-    lo, hi = -LOG_SCALE_BOUND, LOG_SCALE_BOUND
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        z2 = (err2 / (torch.exp(torch.tensor(mid, dtype=torch.float64)) * va + ve).clamp_min(1e-300)).mean()
-        lo, hi = (mid, hi) if z2 > 1 else (lo, mid)
-    return 0.5 * (lo + hi)
+    return _bisect_log(lambda m: float((err2 / (math.exp(m) * va + ve).clamp_min(1e-300)).mean()), iterations)
+
+
+def solve_log_scales(e: KnotErrors, iterations: int = 60) -> tuple[float, float]:
+    """(log s, log c) at one knot: the aleatoric scale with the epistemic variance as it is (log c = 0), or,
+    where the epistemic variance alone gives z^2 < 1, one common scale of both (module docstring)."""
+    err2, va, ve = e.err2.double(), e.var_aleatoric.double().clamp_min(1e-30), e.var_epistemic.double()
+    if err2.numel() == 0 or float((err2 / ve.clamp_min(1e-300)).mean()) >= 1:
+        return solve_log_scale(e, iterations), 0.0
+    common = _bisect_log(lambda m: float((err2 / (math.exp(m) * (va + ve)).clamp_min(1e-300)).mean()), iterations)
+    return common, common
 
 
 def fit_calibration(knots: list[int], errors: list[KnotErrors]) -> VarianceCalibration:
     """The :class:`VarianceCalibration` that makes total z^2 = 1 at every knot on ``errors``."""
     if len(knots) != len(errors):
         raise ValueError(f"{len(knots)} knots but errors for {len(errors)}")
-    return VarianceCalibration(tuple(int(k) for k in knots), tuple(solve_log_scale(e) for e in errors))
+    scales = [solve_log_scales(e) for e in errors]
+    epistemic = tuple(c for _, c in scales)
+    return VarianceCalibration(tuple(int(k) for k in knots), tuple(s for s, _ in scales),
+                               epistemic if any(c != 0.0 for c in epistemic) else None)
