@@ -36,11 +36,12 @@ The design, after SNGP's distance-aware output layer:
 In eps units: the GP's prior variance at t is the network's mean aleatoric variance at t over
 training images, s(t) (how much of eps the network cannot predict at that noise level; linear
 in log s between 16 knots), so an image's epistemic variance is at most what the network
-already admits to, and is v(h) s(t) on average per pixel. (The network's own mean squared eps
-error as s(t) was tried: it keeps the GP from claiming more error than the network makes, which
-this prior does at high t, where the head's variance exceeds the error and the calibrated total
-reads z^2 0.57 at t = 950; but it ranks samples worse, AUROC 0.66-0.78 against 0.71-0.86:
-BENCHMARKS.md, "Calibration of the default model's predicted variance".) It is spread over the
+already admits to, and is v(h) s(t) on average per pixel. At high t the head's variance exceeds
+the network's actual error, and v ~ 0.3 for seen images there, so the GP's variance alone can
+exceed the error (t ~ 950 on the digits): the per-t recalibration then scales both variances
+(:mod:`bdiff.bayes.recalibration`). (The network's own mean squared eps error as s(t) was tried
+instead: it ranks samples worse, AUROC 0.66-0.78 against 0.71-0.86: BENCHMARKS.md, "Calibration
+of the default model's predicted variance".) It is spread over the
 pixels like the image's own aleatoric variance:
 
     var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
