@@ -14,7 +14,9 @@ offers (leading, linspace, trailing, Karras sigmas; DDIM has no Karras mode). A 
 only if its FD is below the bar in every space, on every run and seed.
 
 Candidates are families of uncertainty- and critic-driven recipes, of grids fitted to the run's
-checkpoint, and of epsilon scaling on those grids (:func:`candidates`,
+checkpoint, of epsilon scaling on those grids (constant and with a slope in t), and of guidance by
+a second critic that learns the model's ODE rather than a 10-step solver (:data:`ODE_CRITIC_FAKES`;
+:func:`candidates`,
 :mod:`bdiff.sampling.fitted_grid`, :mod:`bdiff.sampling.eps_scaling`); step 1
 picks, per budget, the candidate with the lowest *worst-space* FD ratio to the best peer
 (``sampler_claims_choice.json``; choosing only some ``--budgets`` keeps the others' earlier
