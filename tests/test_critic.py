@@ -306,3 +306,20 @@ def test_critic_data_with_more_fakes_per_real_keeps_the_splits_apart(last_ckpt: 
     assert torch.cdist(fakes["val"], fakes["train"]).min() > 0  # different draws, not the train fakes again
     with pytest.raises(ValueError, match="fakes_per_real must be an integer >= 1"):
         critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), fakes_per_real=0)
+
+
+def test_a_critic_trained_on_k_fakes_per_real_gets_log_k_back_on_its_logit(critic_run: Path, tmp_path: Path) -> None:
+    """With k generated images per real one the optimal logit is log p_data/p_model - log k: load_critic
+    adds log k (recorded in the checkpoint) so a threshold means the same for any k; the gradient is unchanged."""
+    import math
+
+    path = critic_run / "digits" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["fakes_per_real"] == 1
+    ckpt["hyper_parameters"]["fakes_per_real"] = 5
+    torch.save(ckpt, tmp_path / "k5.ckpt")
+    one, five = load_critic(path), load_critic(tmp_path / "k5.ckpt")
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([10, 300, 900])
+    (l1, g1), (l5, g5) = one.logit_and_grad(x, t), five.logit_and_grad(x, t)
+    torch.testing.assert_close(l5, l1 + math.log(5))
+    torch.testing.assert_close(g5, g1)

@@ -100,8 +100,9 @@ class BayesianDenoiser(nn.Module):
     """A trained Bayesian U-Net plus its schedule, ready for the samplers.
 
     ``predict(x_t, t)`` returns the posterior predictive :class:`Prediction`, with the
-    aleatoric variance rescaled per t by ``calibration`` when one was fitted
-    (:mod:`bdiff.bayes.recalibration`; ``predict_uncalibrated`` skips it).
+    aleatoric variance (and, where it alone exceeded the error, the epistemic one) rescaled per t
+    by ``calibration`` when one was fitted (:mod:`bdiff.bayes.recalibration`;
+    ``predict_uncalibrated`` skips it).
     A model with no Bayesian layers gives zero epistemic variance. With ``epistemic_gp`` set
     (:mod:`bdiff.bayes.bottleneck_gp`, fitted during training with ``model.epistemic_gp: true``)
     the epistemic variance also holds the bottleneck GP's, which notices images unlike the

@@ -7,6 +7,7 @@ grad log(D / (1 - D)) = grad logit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,15 @@ class Critic(nn.Module):
         net: the trained :class:`CriticNet`.
         schedule: the schedule its x_t were drawn from (must equal the sampler's).
         source: where it came from (a checkpoint path), for error messages.
+        logit_offset: added to the network's logit: log k for a critic trained on k generated images
+            per real one, whose optimal logit is log p_data / p_model - log k (class imbalance), so the
+            logit means the same density ratio, and a ``threshold`` the same, for every k.
     """
 
-    def __init__(self, net: CriticNet, schedule: NoiseSchedule, source: str = "<in memory>") -> None:
+    def __init__(self, net: CriticNet, schedule: NoiseSchedule, source: str = "<in memory>",
+                 logit_offset: float = 0.0) -> None:
         super().__init__()
-        self.net, self.schedule, self.source = net, schedule, source
+        self.net, self.schedule, self.source, self.logit_offset = net, schedule, source, float(logit_offset)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -40,13 +45,13 @@ class Critic(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Logit (B,) of x_t (B,C,H,W) being real at integer t (B,)."""
-        return self.net(x_t, t)
+        return self.net(x_t, t) + self.logit_offset
 
     def logit_and_grad(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Logit (B,) and its gradient with respect to x_t (B,C,H,W); works inside ``torch.no_grad``."""
         with torch.enable_grad():
             x = x_t.detach().to(next(self.net.parameters()).dtype).requires_grad_(True)
-            logit = self.net(x, t)
+            logit = self.net(x, t) + self.logit_offset
             (grad,) = torch.autograd.grad(logit.sum(), x)
         return logit.detach(), grad.to(x_t.dtype)
 
@@ -91,4 +96,5 @@ def load_critic(path: str | Path, map_location: str | torch.device = "cpu") -> C
     except RuntimeError as e:
         raise ValueError(f"critic checkpoint {str(path)!r} does not match its own config: {e}") from e
     schedule = NoiseSchedule(**asdict(ScheduleConfig(**hp["schedule"])))
-    return Critic(net, schedule, str(path)).to(map_location).eval().requires_grad_(False)
+    offset = math.log(hp.get("fakes_per_real") or 1)  # critics of earlier versions: one fake per real image
+    return Critic(net, schedule, str(path), offset).to(map_location).eval().requires_grad_(False)

@@ -69,8 +69,9 @@ class CriticDataModule(LightningDataModule):
         batch_size: images per batch (real and generated shuffled together).
         fakes_per_real: generated images per real one, in each of the train and val splits. More than 1
             gives the critic more of the model's distribution to learn; with a k-times imbalance the
-            optimal logit is log p_data / p_model - log k, a constant shift, so the guidance gradient
-            is unchanged (the loop's ``threshold`` reads the shifted logit).
+            optimal logit is log p_data / p_model - log k, a constant shift: the guidance gradient is
+            unchanged, and :func:`bdiff.critic.load_critic` adds log k back (the checkpoint records k),
+            so the logit and the loop's ``threshold`` mean the same for every k.
         cache_dir: where generated images are cached (None: do not cache).
     """
 

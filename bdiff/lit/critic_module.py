@@ -52,7 +52,7 @@ class CriticModule(pl.LightningModule):
         # Plain dicts, so the checkpoint loads with torch.load(weights_only=True). The schedule is
         # filled in from the diffusion checkpoint in setup().
         self.save_hyperparameters({"critic": asdict(critic), "lr": lr, "weight_decay": weight_decay, "t_max": t_max,
-                                   "schedule": None, "diffusion_ckpt": None})
+                                   "schedule": None, "diffusion_ckpt": None, "fakes_per_real": None})
         self.net = CriticNet(critic)
         self.schedule: NoiseSchedule | None = None
         self.val_auroc = torch.nn.ModuleDict({f"t{t}": BinaryAUROC() for t in VAL_TIMESTEPS})
@@ -70,6 +70,7 @@ class CriticModule(pl.LightningModule):
             )
         self.hparams["schedule"] = asdict(data.schedule_config)
         self.hparams["diffusion_ckpt"] = str(data.diffusion_ckpt)
+        self.hparams["fakes_per_real"] = data.fakes_per_real  # load_critic adds log k back to the logit
         self.schedule = NoiseSchedule(**asdict(data.schedule_config)).to(self.device)
         if self.hparams["t_max"] is not None and self.hparams["t_max"] >= self.schedule.timesteps:
             raise ValueError(f"model.t_max={self.hparams['t_max']} must be below the schedule's {self.schedule.timesteps} steps")
@@ -149,7 +150,9 @@ def cached_critic(diffusion_ckpt: str | Path, out_dir: str | Path, sampler: str 
     ``out_dir`` for other options)."""
     path = Path(out_dir) / "checkpoints" / "last.ckpt"
     if path.is_file() and path.stat().st_mtime >= Path(diffusion_ckpt).stat().st_mtime:
-        return path
+        stored = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        if (stored.get("fakes_per_real") or 1) == fakes_per_real:
+            return path
     written = train_critic(diffusion_ckpt, out_dir, sampler=sampler, fakes_per_real=fakes_per_real)
     if written.resolve() != path.resolve():
         raise FileNotFoundError(f"critic training wrote {written}, expected {path}")

@@ -69,8 +69,9 @@ class DiffusionModule(pl.LightningModule):
             gradient always raises: a half-applied update would corrupt the weights.
         variance_calibration_knots: K > 0 fits a per-t scale of the aleatoric variance on the
             validation images at every validation (EMA weights in place), at K timestep knots,
-            so held-out z^2 = 1 (:mod:`bdiff.bayes.recalibration`); it is saved in the
-            checkpoint. 0 keeps the variance head's raw output.
+            so held-out z^2 = 1 (:mod:`bdiff.bayes.recalibration`; where the epistemic variance
+            alone exceeds the error, one common scale of both); it is saved in the checkpoint.
+            0 keeps the variance head's raw output.
         epistemic_gp: at every validation (EMA weights in place, before the calibration's
             errors are collected) fit the bottleneck GP on up to 2,048 training images, three
             noisings per image and t-knot (before the fit's last validation: 512 images, one)
@@ -338,7 +339,7 @@ class DiffusionModule(pl.LightningModule):
         return list(images.split(256))
 
     def on_validation_epoch_end(self) -> None:
-        """Fit the aleatoric-variance calibration on this validation's errors.
+        """Fit the variance calibration on this validation's errors (:mod:`bdiff.bayes.recalibration`).
 
         Under DDP each rank fits on its own share of the validation set (rank zero's is saved).
         """
@@ -347,8 +348,12 @@ class DiffusionModule(pl.LightningModule):
         errors = merge_knot_errors(self._calibration_errors)
         self._calibration_errors = []
         self.denoiser.calibration = fit_calibration(self.calibration_knots, errors)
-        log_scale = torch.tensor(self.denoiser.calibration.log_scale)
-        self.log_dict({"val/calibration_log_scale_min": log_scale.min(), "val/calibration_log_scale_max": log_scale.max()})
+        cal = self.denoiser.calibration
+        log_scale = torch.tensor(cal.log_scale)
+        # the epistemic scale's min is 0 unless somewhere the epistemic variance alone exceeded the error
+        log_epistemic = torch.tensor(cal.log_epistemic_scale or (0.0,))
+        self.log_dict({"val/calibration_log_scale_min": log_scale.min(), "val/calibration_log_scale_max": log_scale.max(),
+                       "val/calibration_log_epistemic_scale_min": log_epistemic.min()})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the fitted variance calibration (plain lists: loads with weights_only=True)."""
