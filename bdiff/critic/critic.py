@@ -51,7 +51,7 @@ class Critic(nn.Module):
         """Logit (B,) and its gradient with respect to x_t (B,C,H,W); works inside ``torch.no_grad``."""
         with torch.enable_grad():
             x = x_t.detach().to(next(self.net.parameters()).dtype).requires_grad_(True)
-            logit = self.net(x, t) + self.logit_offset
+            logit = self(x, t)
             (grad,) = torch.autograd.grad(logit.sum(), x)
         return logit.detach(), grad.to(x_t.dtype)
 
