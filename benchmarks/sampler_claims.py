@@ -71,6 +71,7 @@ EPS_SLOPES = {"scale": (0.99, 0.995, 1.0, 1.005), "slope": (-0.02, -0.01, 0.01, 
 SLOPE_GRID = {5: "fitted", 10: "fitted from T-1", 20: "fitted"}
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 ODE_CRITIC_PLACEHOLDER = "<ODE critic of the run>"
+GUIDE_PLACEHOLDER = "<autoguidance guide of the run>"
 ODE_CRITIC_FAKES = {"recipe": {"stepper": {"name": "dpmpp_2m"}, "steps": 50, "spacing": "leading", "posterior_samples": 8},
                     "fakes_per_real": 5}
 """The second critic's data: 5 generated digits per real one from the probability-flow ODE's own answer (50
@@ -164,17 +165,29 @@ def score_row(images: torch.Tensor, references: dict, filters: dict[str, torch.T
 
 
 class Run:
-    """One training run: its denoiser and its critic (trained once, cached)."""
+    """One training run: its denoiser, and the extra networks some families need (each trained on first use, cached)."""
 
     def __init__(self, label: str, ckpt: Path) -> None:
-        from bdiff.lit.critic_module import cached_critic
-
         self.label, self.ckpt = label, ckpt
         self.denoiser = load_model(ckpt)
         os.environ.setdefault("WANDB_MODE", "disabled")
-        out_dir = ROOT / "runs" / "critic" / f"claims-{ckpt.resolve().parents[1].name}"
-        self.critic = str(cached_critic(ckpt, out_dir, sampler=str(ROOT / "configs" / "sampler" / "dpmpp.yaml")))
+        self._critic: str | None = None
         self._ode_critic: str | None = None
+        self._guide: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.ckpt.resolve().parents[1].name
+
+    @property
+    def critic(self) -> str:
+        """The run's critic (``configs/critic/digits.yaml``'s recipe), trained on first use (~4 min on 2 CPU cores)."""
+        if self._critic is None:
+            from bdiff.lit.critic_module import cached_critic
+
+            out_dir = ROOT / "runs" / "critic" / f"claims-{self.run_id}"
+            self._critic = str(cached_critic(self.ckpt, out_dir, sampler=str(ROOT / "configs" / "sampler" / "dpmpp.yaml")))
+        return self._critic
 
     @property
     def ode_critic(self) -> str:
@@ -184,13 +197,44 @@ class Run:
 
             from bdiff.lit.critic_module import cached_critic
 
-            out_dir = ROOT / "runs" / "critic" / f"claims-ode-{self.ckpt.resolve().parents[1].name}"
+            out_dir = ROOT / "runs" / "critic" / f"claims-ode-{self.run_id}"
             out_dir.mkdir(parents=True, exist_ok=True)
             recipe = out_dir / "fakes_recipe.yaml"
             recipe.write_text(yaml.safe_dump(ODE_CRITIC_FAKES["recipe"]))
             self._ode_critic = str(cached_critic(self.ckpt, out_dir, sampler=str(recipe),
                                                  fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
         return self._ode_critic
+
+    @property
+    def guide(self) -> str:
+        """The run's autoguidance guide: ``configs/digits_guide.yaml`` trained with the run's own ``seed_everything``
+        (read from the run's saved config) on first use (~2 min on 2 CPU cores), cached under ``runs/guide``."""
+        if self._guide is None:
+            self._guide = str(cached_guide(self.ckpt, ROOT / "runs" / "guide" / f"claims-{self.run_id}"))
+        return self._guide
+
+
+def cached_guide(ckpt: Path, out_dir: Path) -> Path:
+    """``out_dir/last.ckpt``: ``configs/digits_guide.yaml`` trained with the seed of the run that wrote ``ckpt``,
+    unless one newer than ``ckpt`` is already there."""
+    import shutil
+
+    import yaml
+
+    from bdiff.lit.cli import main as train
+
+    path = out_dir / "last.ckpt"
+    if path.is_file() and path.stat().st_mtime >= ckpt.stat().st_mtime:
+        return path
+    config = ckpt.resolve().parents[1] / "config.yaml"
+    seed = yaml.safe_load(config.read_text()).get("seed_everything", 0) if config.is_file() else 0
+    work = out_dir / "run"
+    cli = train(ROOT / "configs" / "digits_guide.yaml", [
+        "fit", "--config", str(ROOT / "configs" / "digits_guide.yaml"), f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
+        "--trainer.enable_progress_bar=false"])
+    shutil.copyfile(cli.trainer.checkpoint_callback.last_model_path, path)
+    return path
 
 
 def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[dict[str, Any]]:
@@ -210,9 +254,11 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[d
 
 def recipe_row(run: Run, seed: int, nfe: int, n: int, name: str, family: str, spec: dict, references: dict) -> dict:
     """One of our recipes: quality per space, NFE used (mean, max) and the filters' ratios."""
-    text = json.dumps(spec).replace(CRITIC_PLACEHOLDER, run.critic)
-    if ODE_CRITIC_PLACEHOLDER in text:
-        text = text.replace(ODE_CRITIC_PLACEHOLDER, run.ode_critic)
+    text = json.dumps(spec)
+    for placeholder, network in ((CRITIC_PLACEHOLDER, "critic"), (ODE_CRITIC_PLACEHOLDER, "ode_critic"),
+                                 (GUIDE_PLACEHOLDER, "guide")):
+        if placeholder in text:
+            text = text.replace(placeholder, getattr(run, network))
     template, spec = spec, json.loads(text)
     nfe_used, logits = [], []
 

@@ -27,6 +27,7 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
+from bdiff.sampling.autoguidance import Autoguidance
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
 from bdiff.sampling.eps_scaling import EpsilonScaling
@@ -42,6 +43,7 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "recorder": Recorder,
     "critic": CriticCorrection,
     "eps_scaling": EpsilonScaling,
+    "autoguidance": Autoguidance,
 }
 RECIPE_SPACINGS = (*SPACINGS, "fitted")
 """Grid names a recipe takes: the schedule's fixed grids and one fitted to the denoiser (:mod:`bdiff.sampling.fitted_grid`)."""
