@@ -47,7 +47,7 @@ from peers import GRIDS, run_diffusers, run_ours, write_results  # noqa: E402
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
 from bdiff.metrics.frechet import extract_features  # noqa: E402
-from bdiff.metrics.report import classifier_confidence, markdown_table, quality_from_features  # noqa: E402
+from bdiff.metrics.report import classifier_confidence, quality_from_features  # noqa: E402
 from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty, uncertainty_within_clusters  # noqa: E402
 from bdiff.sampling.noise import NoiseSource  # noqa: E402
 from bdiff.sampling.recipe import Recipe  # noqa: E402
@@ -71,7 +71,6 @@ EPS_SLOPES = {"scale": (0.99, 0.995, 1.0, 1.005), "slope": (-0.02, -0.01, 0.01, 
 SLOPE_GRID = {5: "fitted", 10: "fitted from T-1", 20: "fitted"}
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 ODE_CRITIC_PLACEHOLDER = "<ODE critic of the run>"
-GUIDE_PLACEHOLDER = "<autoguidance guide of the run>"
 ODE_CRITIC_FAKES = {"recipe": {"stepper": {"name": "dpmpp_2m"}, "steps": 50, "spacing": "leading", "posterior_samples": 8},
                     "fakes_per_real": 5}
 """The second critic's data: 5 generated digits per real one from the probability-flow ODE's own answer (50
@@ -165,7 +164,7 @@ def score_row(images: torch.Tensor, references: dict, filters: dict[str, torch.T
 
 
 class Run:
-    """One training run: its denoiser, and the extra networks some families need (each trained on first use, cached)."""
+    """One training run: its denoiser, and the critics some families need (each trained on first use, cached)."""
 
     def __init__(self, label: str, ckpt: Path) -> None:
         self.label, self.ckpt = label, ckpt
@@ -173,7 +172,6 @@ class Run:
         os.environ.setdefault("WANDB_MODE", "disabled")
         self._critic: str | None = None
         self._ode_critic: str | None = None
-        self._guide: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -205,37 +203,6 @@ class Run:
                                                  fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
         return self._ode_critic
 
-    @property
-    def guide(self) -> str:
-        """The run's autoguidance guide: ``configs/digits_guide.yaml`` trained with the run's own ``seed_everything``
-        (read from the run's saved config) on first use (~2 min on 2 CPU cores), cached under ``runs/guide``."""
-        if self._guide is None:
-            self._guide = str(cached_guide(self.ckpt, ROOT / "runs" / "guide" / f"claims-{self.run_id}"))
-        return self._guide
-
-
-def cached_guide(ckpt: Path, out_dir: Path) -> Path:
-    """``out_dir/last.ckpt``: ``configs/digits_guide.yaml`` trained with the seed of the run that wrote ``ckpt``,
-    unless one newer than ``ckpt`` is already there."""
-    import shutil
-
-    import yaml
-
-    from bdiff.lit.cli import main as train
-
-    path = out_dir / "last.ckpt"
-    if path.is_file() and path.stat().st_mtime >= ckpt.stat().st_mtime:
-        return path
-    config = ckpt.resolve().parents[1] / "config.yaml"
-    seed = yaml.safe_load(config.read_text()).get("seed_everything", 0) if config.is_file() else 0
-    work = out_dir / "run"
-    cli = train(ROOT / "configs" / "digits_guide.yaml", [
-        "fit", "--config", str(ROOT / "configs" / "digits_guide.yaml"), f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
-        "--trainer.enable_progress_bar=false"])
-    shutil.copyfile(cli.trainer.checkpoint_callback.last_model_path, path)
-    return path
-
 
 def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[dict[str, Any]]:
     """Every peer on every grid at ``nfe`` steps."""
@@ -255,8 +222,7 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[d
 def recipe_row(run: Run, seed: int, nfe: int, n: int, name: str, family: str, spec: dict, references: dict) -> dict:
     """One of our recipes: quality per space, NFE used (mean, max) and the filters' ratios."""
     text = json.dumps(spec)
-    for placeholder, network in ((CRITIC_PLACEHOLDER, "critic"), (ODE_CRITIC_PLACEHOLDER, "ode_critic"),
-                                 (GUIDE_PLACEHOLDER, "guide")):
+    for placeholder, network in ((CRITIC_PLACEHOLDER, "critic"), (ODE_CRITIC_PLACEHOLDER, "ode_critic")):
         if placeholder in text:
             text = text.replace(placeholder, getattr(run, network))
     template, spec = spec, json.loads(text)
