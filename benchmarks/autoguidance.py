@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import write_results  # noqa: E402
+from peers import parse_run, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -101,16 +101,13 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     references = references_for()
     rows = []
-    for item in args.run:
-        label, _, rest = item.partition("=")
-        path, _, seeds = rest.rpartition(":")
-        ckpt = Path(path)
+    for label, ckpt, seeds in map(parse_run, args.run):
         denoiser, current = load_model(ckpt), load_model(ckpt, weights="current")
         run_id = ckpt.resolve().parents[1].name
         guides = {name: load_model(cached_guide(ckpt, ROOT / "runs" / "guide" / f"{run_id}-{i}", overrides))
                   for i, (name, overrides) in enumerate(GUIDES.items())}
         grid = fitted_timesteps(denoiser, args.steps, late_start=False)
-        for seed in (int(s) for s in seeds.split(",")):
+        for seed in seeds:
             variants = [("unguided (EMA weights)", denoiser, []), ("unguided, optimizer's own weights", current, [])]
             variants += [(f"autoguidance w {w}, guide {name}", denoiser, [Autoguidance(guide, weight=w)])
                          for name, guide in guides.items() for w in WEIGHTS]

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import run_ours, write_results  # noqa: E402
+from peers import parse_run, run_ours, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -63,7 +63,7 @@ def filter_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", nargs="+", required=True, help="label=checkpoint:sampling seed")
+    p.add_argument("--run", nargs="+", required=True, help="label=checkpoint:sampling seed[,seed...]")
     p.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
@@ -71,12 +71,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     references = references_for()
     rows = []
-    for item in args.run:
-        label, _, rest = item.partition("=")
-        ckpt, _, seed = rest.rpartition(":")
+    for label, ckpt, seeds in map(parse_run, args.run):
         denoiser = load_model(ckpt)
-        for nfe in args.budgets:
-            rows += filter_rows(label, denoiser, int(seed), nfe, args.n, references)
+        for seed in seeds:
+            for nfe in args.budgets:
+                rows += filter_rows(label, denoiser, seed, nfe, args.n, references)
     columns = ["run", "seed", "budget", "score", *[f"{s}/filter" for s in references]]
     write_results(ROOT / "benchmarks" / "results", "filter_oracle", {"runs": args.run, "n": args.n, "rows": rows},
                   rows, columns)

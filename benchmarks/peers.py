@@ -106,6 +106,15 @@ def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
     return SampleSet(images01, torch.cat(variances) / 4, float(torch.cat(nfe).mean()), seconds, recipe.as_dict())
 
 
+def parse_run(item: str) -> tuple[str, Path, list[int]]:
+    """``label=checkpoint:seed[,seed...]`` (a ``--run`` argument) -> (label, checkpoint, sampling seeds)."""
+    label, _, rest = item.partition("=")
+    path, _, seeds = rest.rpartition(":")
+    if not label or not path or not seeds:
+        raise SystemExit(f"--run {item!r}: expected label=checkpoint:seed[,seed...]")
+    return label, Path(path), [int(s) for s in seeds.split(",")]
+
+
 def write_results(out: Path, stem: str, payload: object, rows: list[dict], columns: list[str]) -> None:
     """Write ``<stem>.json`` (payload) and ``<stem>.md`` (a table of rows) into ``out``; print the table."""
     out.mkdir(parents=True, exist_ok=True)
