@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -169,39 +170,29 @@ class Run:
     def __init__(self, label: str, ckpt: Path) -> None:
         self.label, self.ckpt = label, ckpt
         self.denoiser = load_model(ckpt)
+        self.run_id = ckpt.resolve().parents[1].name
         os.environ.setdefault("WANDB_MODE", "disabled")
-        self._critic: str | None = None
-        self._ode_critic: str | None = None
 
-    @property
-    def run_id(self) -> str:
-        return self.ckpt.resolve().parents[1].name
-
-    @property
+    @cached_property
     def critic(self) -> str:
         """The run's critic (``configs/critic/digits.yaml``'s recipe), trained on first use (~4 min on 2 CPU cores)."""
-        if self._critic is None:
-            from bdiff.lit.critic_module import cached_critic
+        from bdiff.lit.critic_module import cached_critic
 
-            out_dir = ROOT / "runs" / "critic" / f"claims-{self.run_id}"
-            self._critic = str(cached_critic(self.ckpt, out_dir, sampler=str(ROOT / "configs" / "sampler" / "dpmpp.yaml")))
-        return self._critic
+        out_dir = ROOT / "runs" / "critic" / f"claims-{self.run_id}"
+        return str(cached_critic(self.ckpt, out_dir, sampler=str(ROOT / "configs" / "sampler" / "dpmpp.yaml")))
 
-    @property
+    @cached_property
     def ode_critic(self) -> str:
         """The run's second critic (:data:`ODE_CRITIC_FAKES`), trained on first use (~6 min on 2 CPU cores), cached."""
-        if self._ode_critic is None:
-            import yaml
+        import yaml
 
-            from bdiff.lit.critic_module import cached_critic
+        from bdiff.lit.critic_module import cached_critic
 
-            out_dir = ROOT / "runs" / "critic" / f"claims-ode-{self.run_id}"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            recipe = out_dir / "fakes_recipe.yaml"
-            recipe.write_text(yaml.safe_dump(ODE_CRITIC_FAKES["recipe"]))
-            self._ode_critic = str(cached_critic(self.ckpt, out_dir, sampler=str(recipe),
-                                                 fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
-        return self._ode_critic
+        out_dir = ROOT / "runs" / "critic" / f"claims-ode-{self.run_id}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recipe = out_dir / "fakes_recipe.yaml"
+        recipe.write_text(yaml.safe_dump(ODE_CRITIC_FAKES["recipe"]))
+        return str(cached_critic(self.ckpt, out_dir, sampler=str(recipe), fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
 
 
 def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[dict[str, Any]]:

@@ -98,9 +98,4 @@ class Autoguidance(SamplerCallback):
         eps, var = pred.eps.clone(), pred.var_epistemic.clone()
         eps[rows] = eps[rows] + w * (eps[rows] - eps_guide)
         var[rows] = var[rows] * (1 + w) ** 2  # eps' = (1 + w) eps - w eps_guide, eps_guide fixed
-        state.prediction = pred._replace(eps=eps, var_epistemic=var)
-        schedule = sampler.schedule  # only the guided rows' x0 changes (place autoguidance first among the callbacks)
-        state.x0 = state.x0.clone()
-        state.x0_var = state.x0_var.clone()
-        state.x0[rows] = schedule.eps_to_x0(state.x[rows], state.t[rows], eps[rows])
-        state.x0_var[rows] = schedule.x0_variance(state.t[rows], var[rows])
+        sampler.replace_prediction(state, eps, var, guided)  # place autoguidance first among the callbacks

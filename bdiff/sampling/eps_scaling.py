@@ -55,7 +55,4 @@ class EpsilonScaling(SamplerCallback):
         lam = schedule.broadcast(self.factor(state.t, schedule.timesteps), state.x)
         pred = state.prediction
         # eps' = eps / lambda is a fixed function of eps: its weight-posterior variance is Var[eps] / lambda^2.
-        state.prediction = pred._replace(eps=pred.eps / lam, var_epistemic=pred.var_epistemic / lam**2)
-        rows = schedule.broadcast(state.active, state.x)
-        state.x0 = schedule.eps_to_x0(state.x, state.t, state.prediction.eps).where(rows, state.x0)
-        state.x0_var = schedule.x0_variance(state.t, state.prediction.var_epistemic).where(rows, state.x0_var)
+        sampler.replace_prediction(state, pred.eps / lam, pred.var_epistemic / lam**2, state.active)

@@ -182,6 +182,15 @@ class Sampler:
         state.x0 = self.schedule.eps_to_x0(state.x, state.t, state.prediction.eps)
         state.x0_var = self.schedule.x0_variance(state.t, state.prediction.var_epistemic)
 
+    def replace_prediction(self, state: SamplerState, eps: Tensor, var_epistemic: Tensor, rows: Tensor) -> None:
+        """For callbacks that change the noise prediction (after_prediction): at samples ``rows`` (B,) bool, take
+        ``eps`` and ``var_epistemic`` (B,C,H,W) and the x0 estimate and its variance that follow from them; the
+        other samples keep theirs."""
+        state.prediction = state.prediction._replace(eps=eps, var_epistemic=var_epistemic)
+        mask = self.schedule.broadcast(rows, state.x)
+        state.x0 = self.schedule.eps_to_x0(state.x, state.t, eps).where(mask, state.x0)
+        state.x0_var = self.schedule.x0_variance(state.t, var_epistemic).where(mask, state.x0_var)
+
     def _amp_x0(self, state: SamplerState) -> Tensor:
         """Signed amplitude of the x0 estimate's weight-posterior perturbation (module docstring). (B,C,H,W)."""
         v_al = state.prediction.var_aleatoric.clamp(0, 1)
