@@ -12,6 +12,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,94 @@ def diffusers_scheduler(name: str, grid: str = "trailing"):
     if base == "diffusers-ddpm" and not karras:
         return DDPMScheduler(**SCHED, clip_sample=False, **spacing)
     raise ValueError(name)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One diffusers scheduler configuration: a solver, a timestep grid and the solver's options.
+
+    ``grid`` is a ``timestep_spacing`` (leading, linspace, trailing) or a sigma schedule
+    (karras: rho 7; exponential; beta: Beta(0.6, 0.6) quantiles; lu: uniform in log-SNR, Lu et al.'s
+    DPM-Solver grid, DPM-Solver++ only). ``clip`` clips every x0 prediction to the data range [-1, 1]
+    (DDIM's ``clip_sample``, the other solvers' ``thresholding`` at ``sample_max_value`` 1, which is
+    static clipping). ``order`` and ``variant`` are the multistep order and UniPC's B(h) (bh1, bh2).
+    """
+
+    solver: str
+    grid: str
+    order: int = 2
+    variant: str = ""
+    clip: bool = False
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"unipc-3 bh1, karras, clip"``."""
+        name = self.solver + (f"-{self.order}" if self.solver != "ddim" else "") + (f" {self.variant}" if self.variant else "")
+        return f"{name}, {self.grid}" + (", clip" if self.clip else "")
+
+    def scheduler(self):
+        """A fresh diffusers scheduler for this configuration (schedulers are stateful)."""
+        from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                               DPMSolverSinglestepScheduler, UniPCMultistepScheduler)
+
+        sigmas = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas",
+                  "lu": "use_lu_lambdas"}
+        grid = {sigmas[self.grid]: True} if self.grid in sigmas else {"timestep_spacing": self.grid}
+        if self.solver == "ddim":
+            return DDIMScheduler(**SCHED, clip_sample=self.clip, set_alpha_to_one=True, **grid)
+        options = {"solver_order": self.order, "thresholding": self.clip, "sample_max_value": 1.0}
+        if self.solver == "dpm++":
+            return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", **options, **grid)
+        if self.solver == "dpm++ single":  # its grid is its own (no timestep_spacing)
+            return DPMSolverSinglestepScheduler(**SCHED, algorithm_type="dpmsolver++", **options,
+                                                **({} if self.grid == "linspace" else grid))
+        if self.solver == "unipc":
+            return UniPCMultistepScheduler(**SCHED, solver_type=self.variant or "bh2", **options, **grid)
+        if self.solver == "deis":
+            return DEISMultistepScheduler(**SCHED, **options, **grid)
+        raise ValueError(f"unknown solver {self.solver!r}")
+
+
+def all_peers() -> list[Peer]:
+    """Every solver, grid and option of diffusers' deterministic schedulers that fits a budget of N calls in N steps.
+
+    DDIM on its three spacings; DPM-Solver++ (multistep, orders 2 and 3, on all seven grids; single-step,
+    orders 2 and 3, on its own grid and the three sigma schedules); UniPC (orders 2 and 3, B(h) bh1 and bh2)
+    and DEIS (orders 2 and 3) on the six grids they offer; each with and without x0 clipping. Solvers
+    that spend two calls per step (Heun) or add noise (DDPM, SDE variants) are left out: at these
+    budgets they trail the multistep ODE solvers (``benchmarks/stochastic_vs_ode.py``).
+    """
+    spacings, schedules = ("leading", "linspace", "trailing"), ("karras", "exponential", "beta")
+    out = []
+    for clip in (False, True):
+        out += [Peer("ddim", g, clip=clip) for g in spacings]
+        for order in (2, 3):
+            out += [Peer("dpm++", g, order, clip=clip) for g in (*spacings, *schedules, "lu")]
+            out += [Peer("dpm++ single", g, order, clip=clip) for g in ("linspace", *schedules)]
+            out += [Peer("unipc", g, order, v, clip) for v in ("bh1", "bh2") for g in (*spacings, *schedules)]
+            out += [Peer("deis", g, order, clip=clip) for g in (*spacings, *schedules)]
+    return out
+
+
+@torch.no_grad()
+def run_peer(peer: Peer, steps: int, denoiser, x_T: torch.Tensor, batch: int) -> SampleSet:
+    """Sample with one :class:`Peer` configuration in ``steps`` denoiser calls (ValueError if it takes another
+    number); model output = our posterior-mean eps."""
+    out, calls = [], 0
+    start = time.perf_counter()
+    for lo in range(0, len(x_T), batch):
+        sched = peer.scheduler()
+        sched.set_timesteps(steps)
+        x, calls = x_T[lo : lo + batch].clone(), 0
+        for t in sched.timesteps:
+            eps = denoiser.predict(x, torch.full((len(x),), int(t), dtype=torch.long)).eps
+            x = sched.step(eps, t, x).prev_sample
+            calls += 1
+        if calls != steps:
+            raise ValueError(f"{peer.label} made {calls} denoiser calls for {steps} steps")
+        out.append(x.clamp(-1, 1))
+    seconds = time.perf_counter() - start
+    return SampleSet((torch.cat(out) + 1) / 2, None, float(calls), seconds, {"peer": peer.label, "steps": steps})
 
 
 def set_diffusers_timesteps(sched, steps: int, grid: list[int] | None) -> None:

@@ -1,0 +1,150 @@
+"""How high is the bar? Every diffusers solver, grid and option against what ``--nfe`` runs (issue 14).
+
+    # every configuration on the choose cell (run A, sampling seed 1): ~1 h on 2 CPU cores
+    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --stem peer_bar_choose
+    # the report cells: the old bar and the choose cell's 3 best per budget and feature space
+    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:0,2 \
+        B=runs/cos1/bdiff/<id2>/checkpoints/last.ckpt:0,2 --bar-from peer_bar_choose
+
+The sampler claims' bar (``benchmarks/sampler_claims.py``) is the best of 11 diffusers
+configurations: DDIM, DPM-Solver++(2M) and UniPC (order 2, bh2) on the leading, linspace, trailing
+and Karras grids. diffusers offers more, and an independent check may use any of it. This script
+runs all of it (:func:`peers.all_peers`, 122 configurations: DPM-Solver++ multistep and single-step,
+UniPC with B(h) bh1 and bh2, DEIS, each at order 2 and 3; the exponential, beta and log-SNR-uniform
+grids beside the four above; every one with and without clipping the x0 prediction to the data range)
+on the same network from the same per-sample noise, and reports, per budget, (training run, sampling
+seed) cell and feature space: the best of the 11 (the old bar), the best of all 122 (the new bar)
+and what the ``--nfe`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`) reads against each.
+All 122 cost about an hour per cell on 2 CPU cores, so they run on the choose cell only; the report
+cells run the old bar and the choose cell's ``--top`` best per budget and space (``--bar-from``).
+A configuration whose samples are not finite (order 3 on some sigma grids at few steps) reads FD inf.
+Writes ``benchmarks/results/<stem>.{json,md}`` and ``<stem>_summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import Peer, all_peers, parse_run, run_ours, run_peer, write_results  # noqa: E402
+from sampler_claims import score_row  # noqa: E402
+
+from bdiff.checkpoint import load_model  # noqa: E402
+from bdiff.evaluate import references_for  # noqa: E402
+from bdiff.sampling.budget import recipe_for_budget  # noqa: E402
+from bdiff.sampling.noise import NoiseSource  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ENTRY = "--nfe entry"
+
+
+def in_old_bar(peer: Peer) -> bool:
+    """Whether ``peer`` is one of the sampler claims' 11 configurations (order 2, bh2, no clipping, four grids)."""
+    return (not peer.clip and peer.order == 2 and peer.grid in ("leading", "linspace", "trailing", "karras")
+            and (peer.solver, peer.variant) in (("ddim", ""), ("dpm++", ""), ("unipc", "bh2"))
+            and not (peer.solver == "ddim" and peer.grid == "karras"))
+
+
+def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dict, peers: list[Peer]) -> list[dict]:
+    """The ``--nfe`` entry and every peer on one (run, sampling seed, budget) cell."""
+    x_T = NoiseSource(seed, range(n)).draw(tuple(denoiser.image_shape))
+    base = {"run": label, "seed": seed, "budget": nfe}
+    entry = run_ours(recipe_for_budget(nfe), denoiser, n, seed, 1000)
+    rows = [{**base, "sampler": ENTRY, "family": "entry", "old_bar": False, **score_row(entry.images, references, {})}]
+    print_row(rows[-1], references)
+    for peer in peers:
+        samples = run_peer(peer, nfe, denoiser, x_T, 1000)
+        finite = bool(torch.isfinite(samples.images).all())  # some order-3 configurations blow up at few steps
+        scores = score_row(samples.images, references, {}) if finite else {f"{s}/fd": float("inf") for s in references}
+        rows.append({**base, "sampler": peer.label, "family": "peer", "peer": asdict(peer), "old_bar": in_old_bar(peer),
+                     "diverged": not finite, **scores})
+        print_row(rows[-1], references)
+    return rows
+
+
+def bar_from(path: Path, top: int) -> list[Peer]:
+    """The old bar's 11 configurations and, per budget and feature space, the ``top`` best of ``path``'s peers
+    (a run of this script on the choose cell with every configuration)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["family"] == "peer"]
+    spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
+    chosen = {p for p in all_peers() if in_old_bar(p)}
+    for nfe in {r["budget"] for r in rows}:
+        for space in spaces:
+            ranked = sorted((r for r in rows if r["budget"] == nfe), key=lambda r: r[f"{space}/fd"])
+            chosen.update(Peer(**r["peer"]) for r in ranked[:top])
+    return sorted(chosen, key=lambda p: p.label)
+
+
+def print_row(row: dict, references: dict) -> None:
+    print(f"{row['run']} seed {row['seed']} NFE {row['budget']:2d} {row['sampler']:36s} "
+          + "  ".join(f"{s} {row[f'{s}/fd']:.4g}" for s in references), flush=True)
+
+
+def summary(rows: list[dict], spaces: list[str]) -> str:
+    """Markdown: per budget and cell, the best old-bar and new-bar peer per space and the entry's ratio to each."""
+    lines = ["| budget | cell | space | old bar: best of 11 | new bar: best of all | entry FD | entry / old bar | entry / new bar |",
+             "|---|---|---|---|---|---|---|---|"]
+    for nfe in sorted({r["budget"] for r in rows}):
+        for cell in sorted({(r["run"], r["seed"]) for r in rows if r["budget"] == nfe}):
+            at = [r for r in rows if r["budget"] == nfe and (r["run"], r["seed"]) == cell]
+            entry = next(r for r in at if r["family"] == "entry")
+            for space in spaces:
+                key = f"{space}/fd"
+                old = min((r for r in at if r["old_bar"]), key=lambda r: r[key])
+                new = min((r for r in at if r["family"] == "peer"), key=lambda r: r[key])
+                lines.append(f"| {nfe} | {cell[0]} seed {cell[1]} | {space} | {old[key]:.4g} ({old['sampler']}) | "
+                             f"{new[key]:.4g} ({new['sampler']}) | {entry[key]:.4g} | {entry[key] / old[key]:.2f} | "
+                             f"{entry[key] / new[key]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", nargs="+", required=True, help="label=checkpoint:seed[,seed...], one per training run")
+    p.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stem", default="peer_bar")
+    p.add_argument("--summarise", action="store_true", help="rewrite <stem>_summary.md from <stem>.json (no sampling)")
+    p.add_argument("--bar-from", default=None,
+                   help="stem of a run with every configuration (the choose cell): run only the old bar and its --top best")
+    p.add_argument("--top", type=int, default=3, help="with --bar-from: configurations kept per budget and feature space")
+    p.add_argument("--resume", action="store_true", help="keep <stem>.json's cells and run only the missing ones")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*lower_order_final.*")
+    out = RESULTS / f"{args.stem}.json"
+    rows = json.loads(out.read_text())["rows"] if args.summarise or args.resume else []
+    if not args.summarise:
+        references = references_for()
+        peers = all_peers() if args.bar_from is None else bar_from(RESULTS / f"{args.bar_from}.json", args.top)
+        print(f"{len(peers)} peer configurations", flush=True)
+        for item in args.run:
+            label, ckpt, seeds = parse_run(item)
+            denoiser = load_model(ckpt)
+            for seed in seeds:
+                for nfe in args.budgets:
+                    if any((r["run"], r["seed"], r["budget"]) == (label, seed, nfe) for r in rows):
+                        continue  # --resume: this cell is done
+                    rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers)
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps({"runs": args.run, "n": args.n, "rows": rows}, indent=2))  # after each cell
+    spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
+    columns = ["run", "seed", "budget", "sampler", "old_bar", *[f"{s}/{k}" for s in spaces for k in ("fd", "kid", "precision", "recall")]]
+    write_results(RESULTS, args.stem, {"runs": args.run, "n": args.n, "rows": rows}, rows, columns)
+    text = summary(rows, spaces)
+    (RESULTS / f"{args.stem}_summary.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
