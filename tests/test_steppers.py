@@ -111,6 +111,40 @@ def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
         assert (plain - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("steps", [2, 3, 5, 10, 20])
+def test_unipc_bh1_matches_diffusers_up_to_its_final_step(steps: int) -> None:
+    """bh1 step for step as diffusers' (whose bh1 is NaN with a final sigma of zero, so it runs to sigma_min: only
+    the final step differs); ours ends with the x0 estimate, finite, and away from bh2's."""
+    from diffusers import UniPCMultistepScheduler
+
+    from bdiff.sampling.callbacks import Recorder
+
+    ref = UniPCMultistepScheduler(**SCHED, solver_order=2, solver_type="bh1", predict_x0=True, lower_order_final=True,
+                                  final_sigmas_type="sigma_min", timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    den = ToyDenoiser()
+    noise = NoiseSource(0, range(3))
+    x_T = noise.draw((1, 4, 4))
+    expected, x = [], x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(den.eps(x, torch.full((3,), int(t))), t, x).prev_sample
+        expected.append(x)
+    state = Sampler(den, UniPC("bh1"), steps, callbacks=[Recorder(keys=("x",), max_samples=3)]).run(x_T, noise)
+    ours = [record["x"] for record in state.extras["recorder"]]  # x_t at the start of each step
+    assert len(ours) == steps
+    for step, (mine, theirs) in enumerate(zip(ours[1:], expected[:-1])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"after step {step}: {m}")
+    assert torch.isfinite(state.x).all()
+    if steps >= 3:
+        bh2 = Sampler(den, UniPC(), steps).run(x_T, noise).x
+        assert (bh2 - state.x).abs().max() > 1e-4
+
+
+def test_unipc_refuses_an_unknown_variant() -> None:
+    with pytest.raises(ValueError, match="bh1"):
+        UniPC("bh3")
+
+
 def test_unipc_first_order_corrector_weights() -> None:
     c_now, c_t, c_p = UniPC().corrector(*(torch.tensor([v], dtype=torch.float64) for v in (0.5, 0.1, float("nan"))))
     assert c_p.item() == 0 and c_now.item() == pytest.approx(-c_t.item()) and c_now.item() != 0

@@ -12,8 +12,9 @@ each stepper with diffusers' ``step`` on identical inputs.
 * DDIM (Song et al. 2021, eq. 12), with ``eta``.
 * DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), data prediction,
   second-order multistep with a first-order first step and (optionally) last step.
-* UniPC (Zhao et al. 2023), order 2, bh2: DPM-Solver++(2M) as predictor plus a corrector,
-  also linear in (x_t, x0 estimates), applied by its ``step`` to x_t before the predictor.
+* UniPC (Zhao et al. 2023), order 2, bh2 or bh1: DPM-Solver++(2M) (rescaled for bh1) as
+  predictor plus a corrector, also linear in (x_t, x0 estimates), applied by its ``step`` to
+  x_t before the predictor.
 
 A step is one pure function, :meth:`Stepper.step`, of typed inputs and a frozen multistep
 :class:`Memory` (UniPC's :class:`CorrectorMemory` adds its corrector's fields).
@@ -183,16 +184,22 @@ class DPMSolverPP2M(Stepper):
         h = torch.log(rho_t) - torch.log(rho_s)
         h_prev = torch.log(self._sigma_over_alpha(a_prev)) - torch.log(rho_t)
         second = torch.isfinite(h_prev) & torch.isfinite(h)
-        half_over_r = torch.where(second, 0.5 * h / h_prev, torch.zeros_like(h))
+        half_over_r = torch.where(second, 0.5 * h / h_prev * self._second_order_gain(h), torch.zeros_like(h))
         half_over_r = torch.nan_to_num(half_over_r, nan=0.0, posinf=0.0, neginf=0.0)
         zero = torch.zeros_like(a)
         return StepCoefficients(a, b, 1 + half_over_r, -half_over_r, zero)
 
+    def _second_order_gain(self, h: Tensor) -> Tensor:
+        """Factor on the second-order term, relative to DPM-Solver++(2M)'s (which is 1). (B,) float64."""
+        return torch.ones_like(h)
+
 
 class UniPC(DPMSolverPP2M):
-    """UniPC (Zhao et al. 2023, "UniPC", B(h) = e^h - 1 ("bh2"), order 2, data prediction).
+    """UniPC (Zhao et al. 2023, "UniPC"), order 2, data prediction, B(h) = e^h - 1 ("bh2") or h ("bh1").
 
-    The predictor UniP-2 is DPM-Solver++(2M) itself (same coefficients). The corrector UniC
+    With bh2 the predictor UniP-2 is DPM-Solver++(2M) itself (same coefficients); bh1 scales its
+    second-order term by h / (1 - e^{-h}) (UniPC's B(h) = h in place of e^h - 1; the paper
+    recommends bh1 for unconditional sampling with few steps). The corrector UniC
     reuses the model output m_s that the next step evaluates anyway at the predicted x_s, so it
     costs no extra denoiser call: with t the previous step's start and p the one before,
 
@@ -202,10 +209,30 @@ class UniPC(DPMSolverPP2M):
     with (rho_0, rho_1) solving UniPC's order-2 system (paper eq. 8 / Alg. 2); after a
     first-order step (no p) the correction is - alpha_s B(h) (m_s - m_t) / 2. m_s stays the
     model output of the uncorrected x_s, as in the paper and diffusers'
-    ``UniPCMultistepScheduler`` (matched in the tests).
+    ``UniPCMultistepScheduler`` (matched in the tests). The final step, to sigma = 0, is first
+    order (the x0 estimate itself), so B(h) never enters it; diffusers' bh1 with
+    ``final_sigmas_type="zero"`` multiplies its zero second-order term by B(h) = -inf there and
+    returns NaN, so its bh1 is only usable with ``final_sigmas_type="sigma_min"``.
+
+    Args:
+        variant: ``"bh2"`` (default) or ``"bh1"``.
     """
 
     name = "unipc"
+    VARIANTS = ("bh1", "bh2")
+
+    def __init__(self, variant: str = "bh2") -> None:
+        if variant not in self.VARIANTS:
+            raise ValueError(f"UniPC variant must be one of {self.VARIANTS} (its B(h)), got {variant!r}")
+        self.variant = variant
+
+    def _b(self, h: Tensor) -> Tensor:
+        """B(-h) of UniPC's data-prediction form: e^{-h} - 1 (bh2) or -h (bh1). (B,) float64."""
+        return torch.expm1(-h) if self.variant == "bh2" else -h
+
+    def _second_order_gain(self, h: Tensor) -> Tensor:
+        gain = self._b(h) / torch.expm1(-h)  # 1 for bh2; h / (1 - e^{-h}) for bh1
+        return torch.where(torch.isfinite(gain), gain, torch.ones_like(h))
 
     def memory(self, x: Tensor) -> CorrectorMemory:
         return CorrectorMemory.empty(x)
@@ -248,10 +275,11 @@ class UniPC(DPMSolverPP2M):
             return -torch.log(self._sigma_over_alpha(a))
 
         h = lam(a_s) - lam(a_t)
-        scale = a_s.sqrt() * torch.expm1(-h)  # alpha_s B(h)
+        B = self._b(h)
+        scale = a_s.sqrt() * B  # alpha_s B(h)
         phi_1 = torch.expm1(-h) / -h - 1
-        b1 = phi_1 / torch.expm1(-h)
-        b2 = 2 * (phi_1 / -h - 0.5) / torch.expm1(-h)
+        b1 = phi_1 / B
+        b2 = 2 * (phi_1 / -h - 0.5) / B
         r = (lam(a_p) - lam(a_t)) / h
         second = torch.isfinite(r)
         r = torch.where(second, r, torch.full_like(r, -1.0))  # placeholder where unused
