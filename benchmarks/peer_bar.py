@@ -1,22 +1,25 @@
 """How high is the bar? Every diffusers solver, grid and option against what ``--nfe`` runs (issue 14).
 
-    # every configuration on the choose cell (run A, sampling seed 1): ~1 h on 2 CPU cores
-    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --stem peer_bar_choose
-    # the report cells: the old bar and the choose cell's 3 best per budget and feature space
+    # every configuration on the choose cell (run A, sampling seed 1), 500 samples each: ~30 min on 2 CPU cores
+    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --n 500 --stem peer_bar_choose
+    # the report cells: the old bar and the choose cell's 5 best per budget and feature space
     python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:0,2 \
         B=runs/cos1/bdiff/<id2>/checkpoints/last.ckpt:0,2 --bar-from peer_bar_choose
 
 The sampler claims' bar (``benchmarks/sampler_claims.py``) is the best of 11 diffusers
 configurations: DDIM, DPM-Solver++(2M) and UniPC (order 2, bh2) on the leading, linspace, trailing
 and Karras grids. diffusers offers more, and an independent check may use any of it. This script
-runs all of it (:func:`peers.all_peers`, 122 configurations: DPM-Solver++ multistep and single-step,
+runs all of it (:func:`peers.all_peers`, 190 configurations: DPM-Solver++ multistep and single-step,
 UniPC with B(h) bh1 and bh2, DEIS, each at order 2 and 3; the exponential, beta and log-SNR-uniform
-grids beside the four above; every one with and without clipping the x0 prediction to the data range)
+grids beside the four above; with and without clipping the x0 prediction to the data range; the last
+step to sigma 0 or to the smallest sigma)
 on the same network from the same per-sample noise, and reports, per budget, (training run, sampling
-seed) cell and feature space: the best of the 11 (the old bar), the best of all 122 (the new bar)
+seed) cell and feature space: the best of the 11 (the old bar), the best of all that ran (the new bar)
 and what the ``--nfe`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`) reads against each.
-All 122 cost about an hour per cell on 2 CPU cores, so they run on the choose cell only; the report
-cells run the old bar and the choose cell's ``--top`` best per budget and space (``--bar-from``).
+All 190 at 2,000 samples would cost about 1.5 h per cell on 2 CPU cores, so they run on the choose cell
+only, with 500 samples each (enough to rank them, not to report); the report cells run, with 2,000, the
+old bar and the choose cell's ``--top`` best per budget and space (``--bar-from``; 5: ranks on 500
+samples are not ranks on 2,000, where FD's bias, larger for samples that spread more, weighs less).
 A configuration whose samples are not finite (order 3 on some sigma grids at few steps) reads FD inf.
 Writes ``benchmarks/results/<stem>.{json,md}`` and ``<stem>_summary.md``.
 """
@@ -34,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Peer, all_peers, parse_run, run_ours, run_peer, write_results  # noqa: E402
+from peers import Peer, all_peers, bar_from, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
 from sampler_claims import score_row  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
@@ -45,13 +48,6 @@ from bdiff.sampling.noise import NoiseSource  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ENTRY = "--nfe entry"
-
-
-def in_old_bar(peer: Peer) -> bool:
-    """Whether ``peer`` is one of the sampler claims' 11 configurations (order 2, bh2, no clipping, four grids)."""
-    return (not peer.clip and peer.order == 2 and peer.grid in ("leading", "linspace", "trailing", "karras")
-            and (peer.solver, peer.variant) in (("ddim", ""), ("dpm++", ""), ("unipc", "bh2"))
-            and not (peer.solver == "ddim" and peer.grid == "karras"))
 
 
 def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dict, peers: list[Peer]) -> list[dict]:
@@ -69,19 +65,6 @@ def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dic
                      "diverged": not finite, **scores})
         print_row(rows[-1], references)
     return rows
-
-
-def bar_from(path: Path, top: int) -> list[Peer]:
-    """The old bar's 11 configurations and, per budget and feature space, the ``top`` best of ``path``'s peers
-    (a run of this script on the choose cell with every configuration)."""
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["family"] == "peer"]
-    spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
-    chosen = {p for p in all_peers() if in_old_bar(p)}
-    for nfe in {r["budget"] for r in rows}:
-        for space in spaces:
-            ranked = sorted((r for r in rows if r["budget"] == nfe), key=lambda r: r[f"{space}/fd"])
-            chosen.update(Peer(**r["peer"]) for r in ranked[:top])
-    return sorted(chosen, key=lambda p: p.label)
 
 
 def print_row(row: dict, references: dict) -> None:
@@ -117,7 +100,7 @@ def main() -> None:
     p.add_argument("--summarise", action="store_true", help="rewrite <stem>_summary.md from <stem>.json (no sampling)")
     p.add_argument("--bar-from", default=None,
                    help="stem of a run with every configuration (the choose cell): run only the old bar and its --top best")
-    p.add_argument("--top", type=int, default=3, help="with --bar-from: configurations kept per budget and feature space")
+    p.add_argument("--top", type=int, default=5, help="with --bar-from: configurations kept per budget and feature space")
     p.add_argument("--resume", action="store_true", help="keep <stem>.json's cells and run only the missing ones")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,8 +109,11 @@ def main() -> None:
     rows = json.loads(out.read_text())["rows"] if args.summarise or args.resume else []
     if not args.summarise:
         references = references_for()
-        peers = all_peers() if args.bar_from is None else bar_from(RESULTS / f"{args.bar_from}.json", args.top)
-        print(f"{len(peers)} peer configurations", flush=True)
+        if args.bar_from is None:
+            peers = {nfe: all_peers() for nfe in args.budgets}
+        else:
+            peers = bar_from(RESULTS / f"{args.bar_from}.json", args.top)
+        print({nfe: len(v) for nfe, v in peers.items()}, "peer configurations per budget", flush=True)
         for item in args.run:
             label, ckpt, seeds = parse_run(item)
             denoiser = load_model(ckpt)
@@ -135,7 +121,7 @@ def main() -> None:
                 for nfe in args.budgets:
                     if any((r["run"], r["seed"], r["budget"]) == (label, seed, nfe) for r in rows):
                         continue  # --resume: this cell is done
-                    rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers)
+                    rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers[nfe])
                     RESULTS.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps({"runs": args.run, "n": args.n, "rows": rows}, indent=2))  # after each cell
     spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})

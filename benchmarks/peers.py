@@ -57,6 +57,8 @@ class Peer:
     DPM-Solver grid, DPM-Solver++ only). ``clip`` clips every x0 prediction to the data range [-1, 1]
     (DDIM's ``clip_sample``, the other solvers' ``thresholding`` at ``sample_max_value`` 1, which is
     static clipping). ``order`` and ``variant`` are the multistep order and UniPC's B(h) (bh1, bh2).
+    ``final`` is diffusers' ``final_sigmas_type``: the last step goes to sigma 0 (``zero``, the
+    default) or to the schedule's smallest sigma (``sigma_min``, then the sample is that x).
     """
 
     solver: str
@@ -64,12 +66,13 @@ class Peer:
     order: int = 2
     variant: str = ""
     clip: bool = False
+    final: str = "zero"
 
     @property
     def label(self) -> str:
-        """E.g. ``"unipc-3 bh1, karras, clip"``."""
+        """E.g. ``"unipc-3 bh1, karras, clip, sigma_min"``."""
         name = self.solver + (f"-{self.order}" if self.solver != "ddim" else "") + (f" {self.variant}" if self.variant else "")
-        return f"{name}, {self.grid}" + (", clip" if self.clip else "")
+        return f"{name}, {self.grid}" + (", clip" if self.clip else "") + (", sigma_min" if self.final != "zero" else "")
 
     def scheduler(self):
         """A fresh diffusers scheduler for this configuration (schedulers are stateful)."""
@@ -82,6 +85,9 @@ class Peer:
         if self.solver == "ddim":
             return DDIMScheduler(**SCHED, clip_sample=self.clip, set_alpha_to_one=True, **grid)
         options = {"solver_order": self.order, "thresholding": self.clip, "sample_max_value": 1.0}
+        if self.solver == "deis":  # no final_sigmas_type: it ends at sigma 0
+            return DEISMultistepScheduler(**SCHED, **options, **grid)
+        options["final_sigmas_type"] = self.final
         if self.solver == "dpm++":
             return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", **options, **grid)
         if self.solver == "dpm++ single":  # its grid is its own (no timestep_spacing)
@@ -89,7 +95,6 @@ class Peer:
                                                 **({} if self.grid == "linspace" else grid))
         if self.solver == "unipc":
             return UniPCMultistepScheduler(**SCHED, solver_type=self.variant or "bh2", **options, **grid)
-        if self.solver == "deis":
             return DEISMultistepScheduler(**SCHED, **options, **grid)
         raise ValueError(f"unknown solver {self.solver!r}")
 
@@ -99,19 +104,45 @@ def all_peers() -> list[Peer]:
 
     DDIM on its three spacings; DPM-Solver++ (multistep, orders 2 and 3, on all seven grids; single-step,
     orders 2 and 3, on its own grid and the three sigma schedules); UniPC (orders 2 and 3, B(h) bh1 and bh2)
-    and DEIS (orders 2 and 3) on the six grids they offer; each with and without x0 clipping. Solvers
-    that spend two calls per step (Heun) or add noise (DDPM, SDE variants) are left out: at these
-    budgets they trail the multistep ODE solvers (``benchmarks/stochastic_vs_ode.py``).
+    and DEIS (orders 2 and 3) on the six grids they offer; each with and without x0 clipping, and each
+    that has the option with both final sigmas. UniPC's bh1 runs with ``sigma_min`` only: with a final
+    sigma of zero its B(h) = h is infinite on the last step and every sample is NaN. Solvers that spend
+    two calls per step (Heun) or add noise (DDPM, SDE variants) are left out: at these budgets they
+    trail the multistep ODE solvers (``benchmarks/stochastic_vs_ode.py``). 190 configurations.
     """
     spacings, schedules = ("leading", "linspace", "trailing"), ("karras", "exponential", "beta")
     out = []
     for clip in (False, True):
         out += [Peer("ddim", g, clip=clip) for g in spacings]
         for order in (2, 3):
-            out += [Peer("dpm++", g, order, clip=clip) for g in (*spacings, *schedules, "lu")]
-            out += [Peer("dpm++ single", g, order, clip=clip) for g in ("linspace", *schedules)]
-            out += [Peer("unipc", g, order, v, clip) for v in ("bh1", "bh2") for g in (*spacings, *schedules)]
             out += [Peer("deis", g, order, clip=clip) for g in (*spacings, *schedules)]
+            out += [Peer("unipc", g, order, "bh1", clip, "sigma_min") for g in (*spacings, *schedules)]
+            for final in ("zero", "sigma_min"):
+                out += [Peer("dpm++", g, order, clip=clip, final=final) for g in (*spacings, *schedules, "lu")]
+                out += [Peer("dpm++ single", g, order, clip=clip, final=final) for g in ("linspace", *schedules)]
+                out += [Peer("unipc", g, order, "bh2", clip, final) for g in (*spacings, *schedules)]
+    return out
+
+
+def in_old_bar(peer: Peer) -> bool:
+    """Whether ``peer`` is one of the sampler claims' 11 configurations (order 2, bh2, no clipping, four grids)."""
+    return (not peer.clip and peer.order == 2 and peer.final == "zero" and peer.grid in ("leading", "linspace", "trailing", "karras")
+            and (peer.solver, peer.variant) in (("ddim", ""), ("dpm++", ""), ("unipc", "bh2"))
+            and not (peer.solver == "ddim" and peer.grid == "karras"))
+
+
+def bar_from(path: Path, top: int) -> dict[int, list[Peer]]:
+    """{budget: the old bar's 11 configurations and, per feature space, the ``top`` best of ``path``'s peers at
+    that budget} (``path``: a run of this script on the choose cell with every configuration)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["family"] == "peer"]
+    spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
+    out = {}
+    for nfe in sorted({r["budget"] for r in rows}):
+        chosen = {p for p in all_peers() if in_old_bar(p)}
+        for space in spaces:
+            ranked = sorted((r for r in rows if r["budget"] == nfe), key=lambda r: r[f"{space}/fd"])
+            chosen.update(Peer(**r["peer"]) for r in ranked[:top])
+        out[nfe] = sorted(chosen, key=lambda p: p.label)
     return out
 
 

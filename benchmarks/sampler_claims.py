@@ -9,11 +9,13 @@ The rules (top of BENCHMARKS.md): settings are chosen in step 1 only; step 2 rep
 another training run (a second ``seed_everything``) and two other sampling seeds; FD, KID and
 precision/recall in every feature space the evaluator has (``bdiff.metrics.features``: the
 digits CNN, an MLP classifier from another seed, raw pixels); the bar per budget and feature
-space is the best peer: diffusers' DDIM, DPM-Solver++(2M) and UniPC on every grid diffusers
-offers (leading, linspace, trailing, Karras sigmas; DDIM has no Karras mode). A recipe "wins"
-only if its FD is below the bar in every space, on every run and seed.
+space is the best peer: diffusers' DDIM, DPM-Solver++(2M) and UniPC on the leading, linspace,
+trailing and Karras grids (DDIM has no Karras mode), and, once ``benchmarks/peer_bar.py`` has run
+every solver, grid and option diffusers offers on the choose cell, the best 5 of those per budget
+and feature space (:func:`extra_peers`). A recipe "wins" only if its FD is below the bar in every
+space, on every run and seed.
 
-Candidates are families of uncertainty- and critic-driven recipes, of grids fitted to the run's
+Candidates are families of uncertainty- and critic-driven recipes, of UniPC's bh1 variant, of grids fitted to the run's
 checkpoint, of epsilon scaling on those grids (constant and with a slope in t), and of guidance by
 a second critic that learns the model's ODE rather than a 10-step solver (:data:`ODE_CRITIC_FAKES`;
 :func:`candidates`,
@@ -35,7 +37,8 @@ import argparse
 import json
 import os
 import sys
-from functools import cached_property
+from collections.abc import Callable
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import GRIDS, run_diffusers, run_ours, write_results  # noqa: E402
+from peers import GRIDS, Peer, bar_from, in_old_bar, run_diffusers, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -58,6 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (5, 10, 20)
 PEERS = ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc")
+PEER_BAR_CHOOSE = RESULTS / "peer_bar_choose.json"
+"""Every diffusers option on the choose cell (``benchmarks/peer_bar.py``): its best join the bar (:func:`extra_peers`)."""
+EXTRA_PEERS_TOP = 5
+FIRST_11 = tuple(f"{peer}, " for peer in PEERS)
+"""Label prefixes of the first 11 configurations' rows (the extra ones read ``diffusers <Peer.label>``)."""
+"""Configurations per budget and feature space that join the bar from :data:`PEER_BAR_CHOOSE`."""
 OUR_GRIDS = {"leading": {"name": "leading"}, "linspace": {"name": "linspace"}, "trailing": {"name": "trailing"},
              "karras5": {"name": "karras", "rho": 5.0}, "karras7": {"name": "karras", "rho": 7.0}}
 FITTED_GRIDS = {"fitted": {"name": "fitted"}, "fitted from T-1": {"name": "fitted", "late_start": False}}
@@ -112,6 +121,8 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
         for scale in EPS_SCALES:
             out[f"unipc + eps scaling {scale}, {grid}"] = ("eps scaling", {
                 "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "eps_scaling", "scale": scale}]})
+    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+        out[f"unipc bh1, {grid}"] = ("unipc bh1", {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": nfe, "spacing": spacing})
     grid = SLOPE_GRID.get(nfe, "fitted")
     for weight in ODE_CRITIC_WEIGHTS:
         out[f"unipc + ODE critic w {weight}, {grid}"] = ("fitted grid+ODE critic", {
@@ -195,18 +206,34 @@ class Run:
         return str(cached_critic(self.ckpt, out_dir, sampler=str(recipe), fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
 
 
-def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict) -> list[dict[str, Any]]:
-    """Every peer on every grid at ``nfe`` steps."""
+def extra_peers(nfe: int) -> list[Peer]:
+    """The bar's configurations beyond the first 11 at ``nfe``: the best per feature space of every diffusers
+    option on the choose cell (``benchmarks/peer_bar.py``, :data:`PEER_BAR_CHOOSE`; ranked on 500 samples each, so
+    :data:`EXTRA_PEERS_TOP` per space, not 1); none before that ran."""
+    if not PEER_BAR_CHOOSE.is_file():
+        return []
+    return [p for p in bar_from(PEER_BAR_CHOOSE, EXTRA_PEERS_TOP).get(nfe, []) if not in_old_bar(p)]
+
+
+def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set[str]) -> list[dict[str, Any]]:
+    """Every bar configuration at ``nfe`` steps not in ``done`` (labels): the first 11 (:data:`PEERS` on
+    :data:`GRIDS`) and :func:`extra_peers`."""
     x_T = NoiseSource(seed, range(n)).draw(tuple(run.denoiser.image_shape))
-    rows = []
+    runs: dict[str, Callable[[], Any]] = {}
     for peer in PEERS:
         for grid in GRIDS:
-            if peer == "diffusers-ddim" and grid == "karras":
-                continue
-            samples = run_diffusers(peer, nfe, run.denoiser, x_T, seed, 1000, spacing=grid)
-            rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": f"{peer}, {grid}", "family": "peer",
-                         "nfe": samples.nfe, "nfe_max": samples.nfe, **score_row(samples.images, references, {})})
-            report(rows[-1], references)
+            if not (peer == "diffusers-ddim" and grid == "karras"):
+                runs[f"{peer}, {grid}"] = partial(run_diffusers, peer, nfe, run.denoiser, x_T, seed, 1000, spacing=grid)
+    for peer in extra_peers(nfe):
+        runs[f"diffusers {peer.label}"] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
+    rows = []
+    for name, sample in runs.items():
+        if name in done:
+            continue
+        samples = sample()
+        rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",
+                     "nfe": samples.nfe, "nfe_max": samples.nfe, **score_row(samples.images, references, {})})
+        report(rows[-1], references)
     return rows
 
 
@@ -287,6 +314,11 @@ def summary_table(rows: list[dict], spaces: list[str], choice: dict) -> str:
             best = [min((r for r in at if r["family"] == "peer" and (r["run"], r["seed"]) == c),
                         key=lambda r: r[f"{space}/fd"]) for c in cells]
             lines.append(f"| {space} | " + " | ".join(f"{b[space + '/fd']:.3g} ({b['sampler']})" for b in best) + " |")
+            if any(r["family"] == "peer" and not r["sampler"].startswith(FIRST_11) for r in at):
+                first = [min((r for r in at if r["sampler"].startswith(FIRST_11) and (r["run"], r["seed"]) == c),
+                             key=lambda r: r[f"{space}/fd"]) for c in cells]
+                lines.append(f"| {space}, first 11 only | " + " | ".join(
+                    f"{b[space + '/fd']:.3g} ({b['sampler']})" for b in first) + " |")
         lines.append("")
         head = ["recipe", *[f"{s} FD / best peer" for s in spaces], "<= 0.8x everywhere",
                 *[f"{s} precision - peer's" for s in spaces], *[f"{s} filter (clusters)" for s in spaces]]
@@ -379,9 +411,9 @@ def main() -> None:
         run = Run(label, Path(path))
         for seed in args.seeds:
             for nfe in args.budgets:
-                if not any(r["family"] == "peer" and (r["run"], r["seed"], r["budget"]) == (label, seed, nfe)
-                           for r in earlier):  # with --append, peers already measured are kept
-                    rows += peer_rows(run, seed, nfe, args.n, references)
+                measured = {r["sampler"] for r in earlier if r["family"] == "peer" and
+                            (r["run"], r["seed"], r["budget"]) == (label, seed, nfe)}
+                rows += peer_rows(run, seed, nfe, args.n, references, measured)  # --append keeps those measured
                 tried = (candidates(nfe, CRITIC_PLACEHOLDER) if choice is None else
                          {name: tuple(v) for name, v in choice[str(nfe)]["recipes"].items()})
                 done = {r["sampler"] for r in earlier if (r["run"], r["seed"], r["budget"]) == (label, seed, nfe)}
