@@ -30,14 +30,15 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Peer, all_peers, bar_from, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
+from peers import (Peer, all_peers, bar_from, in_old_bar, parse_run, run_ours, run_peer, screened_peers,  # noqa: E402
+                   write_results)
 from sampler_claims import score_row  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
@@ -50,20 +51,37 @@ RESULTS = ROOT / "benchmarks" / "results"
 ENTRY = "--nfe entry"
 
 
-def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dict, peers: list[Peer]) -> list[dict]:
-    """The ``--nfe`` entry and every peer on one (run, sampling seed, budget) cell."""
+def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dict, peers: list[Peer],
+              clip_leaders: int = 0, clip_all_up_to: int = 0) -> list[dict]:
+    """The ``--nfe`` entry and every peer on one (run, sampling seed, budget) cell, then the x0-clipped twin of
+    every peer (at ``nfe`` <= ``clip_all_up_to``) or of the ``clip_leaders`` best peers per feature space."""
     x_T = NoiseSource(seed, range(n)).draw(tuple(denoiser.image_shape))
     base = {"run": label, "seed": seed, "budget": nfe}
     entry = run_ours(recipe_for_budget(nfe), denoiser, n, seed, 1000)
     rows = [{**base, "sampler": ENTRY, "family": "entry", "old_bar": False, **score_row(entry.images, references, {})}]
     print_row(rows[-1], references)
-    for peer in peers:
+    def run(peer: Peer) -> None:
         samples = run_peer(peer, nfe, denoiser, x_T, 1000)
         finite = bool(torch.isfinite(samples.images).all())  # some order-3 configurations blow up at few steps
         scores = score_row(samples.images, references, {}) if finite else {f"{s}/fd": float("inf") for s in references}
         rows.append({**base, "sampler": peer.label, "family": "peer", "peer": asdict(peer), "old_bar": in_old_bar(peer),
                      "diverged": not finite, **scores})
         print_row(rows[-1], references)
+
+    for peer in peers:
+        run(peer)
+    if nfe <= clip_all_up_to:  # x0 clipping on every configuration: it rescues order 3 on steep grids at few steps
+        for peer in [p for p in peers if not p.clip]:
+            run(replace(peer, clip=True))
+    elif clip_leaders:  # x0 clipping on the best few of each space
+        ran = {r["sampler"] for r in rows}
+        for space in references:
+            ranked = sorted((r for r in rows if r["family"] == "peer"), key=lambda r: r[f"{space}/fd"])
+            for r in ranked[:clip_leaders]:
+                twin = replace(Peer(**r["peer"]), clip=True)
+                if twin.label not in ran:
+                    run(twin)
+                    ran.add(twin.label)
     return rows
 
 
@@ -92,12 +110,18 @@ def summary(rows: list[dict], spaces: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", nargs="+", required=True, help="label=checkpoint:seed[,seed...], one per training run")
+    p.add_argument("--run", nargs="+", default=[], help="label=checkpoint:seed[,seed...], one per training run")
     p.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stem", default="peer_bar")
     p.add_argument("--summarise", action="store_true", help="rewrite <stem>_summary.md from <stem>.json (no sampling)")
+    p.add_argument("--configs", choices=["screen", "all"], default="screen",
+                   help="screen: peers.screened_peers (76, then --clip-leaders); all: every one of peers.all_peers (190)")
+    p.add_argument("--clip-leaders", type=int, default=3, help="screen: clipped twins of this many leaders per space")
+    p.add_argument("--clip-all-up-to", type=int, default=5,
+                   help="screen: at budgets up to this, the clipped twin of every configuration (on 500 samples, clipping "
+                        "took DPM-Solver++(3M) on the log-SNR grid from 30 to the best FD at 5 NFE)")
     p.add_argument("--bar-from", default=None,
                    help="stem of a run with every configuration (the choose cell): run only the old bar and its --top best")
     p.add_argument("--top", type=int, default=5, help="with --bar-from: configurations kept per budget and feature space")
@@ -105,12 +129,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*lower_order_final.*")
+    if not args.run and not args.summarise:
+        p.error("--run is needed (unless --summarise)")
     out = RESULTS / f"{args.stem}.json"
     rows = json.loads(out.read_text())["rows"] if args.summarise or args.resume else []
     if not args.summarise:
         references = references_for()
         if args.bar_from is None:
-            peers = {nfe: all_peers() for nfe in args.budgets}
+            peers = {nfe: all_peers() if args.configs == "all" else screened_peers() for nfe in args.budgets}
         else:
             peers = bar_from(RESULTS / f"{args.bar_from}.json", args.top)
         print({nfe: len(v) for nfe, v in peers.items()}, "peer configurations per budget", flush=True)
@@ -121,12 +147,15 @@ def main() -> None:
                 for nfe in args.budgets:
                     if any((r["run"], r["seed"], r["budget"]) == (label, seed, nfe) for r in rows):
                         continue  # --resume: this cell is done
-                    rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers[nfe])
+                    rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers[nfe],
+                                      args.clip_leaders if args.bar_from is None else 0,
+                                      args.clip_all_up_to if args.bar_from is None else 0)
                     RESULTS.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps({"runs": args.run, "n": args.n, "rows": rows}, indent=2))  # after each cell
     spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
     columns = ["run", "seed", "budget", "sampler", "old_bar", *[f"{s}/{k}" for s in spaces for k in ("fd", "kid", "precision", "recall")]]
-    write_results(RESULTS, args.stem, {"runs": args.run, "n": args.n, "rows": rows}, rows, columns)
+    payload = json.loads(out.read_text()) if args.summarise else {"runs": args.run, "n": args.n}
+    write_results(RESULTS, args.stem, {**payload, "rows": rows}, rows, columns)
     text = summary(rows, spaces)
     (RESULTS / f"{args.stem}_summary.md").write_text(text + "\n")
     print(text)

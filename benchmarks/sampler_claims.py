@@ -226,15 +226,30 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
                 runs[f"{peer}, {grid}"] = partial(run_diffusers, peer, nfe, run.denoiser, x_T, seed, 1000, spacing=grid)
     for peer in extra_peers(nfe):
         runs[f"diffusers {peer.label}"] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
+    screened = screened_rows(run.label, seed, nfe, n)
     rows = []
     for name, sample in runs.items():
         if name in done:
             continue
-        samples = sample()
-        rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",
-                     "nfe": samples.nfe, "nfe_max": samples.nfe, **score_row(samples.images, references, {})})
+        if name in screened:  # the same configuration, network, noise and scoring: peer_bar.py's row as it is
+            scores = {k: v for k, v in screened[name].items() if "/" in k}
+            rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",
+                         "nfe": float(nfe), "nfe_max": float(nfe), **scores})
+        else:
+            samples = sample()
+            rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",
+                         "nfe": samples.nfe, "nfe_max": samples.nfe, **score_row(samples.images, references, {})})
         report(rows[-1], references)
     return rows
+
+
+def screened_rows(label: str, seed: int, nfe: int, n: int) -> dict[str, dict]:
+    """{"diffusers <Peer.label>": row} of :data:`PEER_BAR_CHOOSE` at this run label, seed, budget and sample count."""
+    if not PEER_BAR_CHOOSE.is_file():
+        return {}
+    payload = json.loads(PEER_BAR_CHOOSE.read_text())
+    return {f"diffusers {r['sampler']}": r for r in payload["rows"] if payload["n"] == n and r["family"] == "peer"
+            and (r["run"], r["seed"], r["budget"]) == (label, seed, nfe) and not r.get("diverged")}
 
 
 def recipe_row(run: Run, seed: int, nfe: int, n: int, name: str, family: str, spec: dict, references: dict) -> dict:
