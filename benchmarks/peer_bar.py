@@ -1,26 +1,27 @@
 """How high is the bar? Every diffusers solver, grid and option against what ``--nfe`` runs (issue 14).
 
-    # every configuration on the choose cell (run A, sampling seed 1), 500 samples each: ~30 min on 2 CPU cores
-    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --n 500 --stem peer_bar_choose
-    # the report cells: the old bar and the choose cell's 5 best per budget and feature space
-    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:0,2 \
-        B=runs/cos1/bdiff/<id2>/checkpoints/last.ckpt:0,2 --bar-from peer_bar_choose
+    # the screen, on the choose cell (run A, sampling seed 1): ~40 min on 2 CPU cores
+    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --stem peer_bar_choose
+    # a first pass with every configuration on 500 samples each (~20 min): ranks that do not hold on 2,000
+    python benchmarks/peer_bar.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 --configs all --n 500 \
+        --clip-leaders 0 --clip-all-up-to 0 --stem peer_bar_all_n500
 
-The sampler claims' bar (``benchmarks/sampler_claims.py``) is the best of 11 diffusers
+The sampler claims' bar (``benchmarks/sampler_claims.py``) was the best of 11 diffusers
 configurations: DDIM, DPM-Solver++(2M) and UniPC (order 2, bh2) on the leading, linspace, trailing
-and Karras grids. diffusers offers more, and an independent check may use any of it. This script
-runs all of it (:func:`peers.all_peers`, 190 configurations: DPM-Solver++ multistep and single-step,
-UniPC with B(h) bh1 and bh2, DEIS, each at order 2 and 3; the exponential, beta and log-SNR-uniform
-grids beside the four above; with and without clipping the x0 prediction to the data range; the last
-step to sigma 0 or to the smallest sigma)
-on the same network from the same per-sample noise, and reports, per budget, (training run, sampling
-seed) cell and feature space: the best of the 11 (the old bar), the best of all that ran (the new bar)
-and what the ``--nfe`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`) reads against each.
-All 190 at 2,000 samples would cost about 1.5 h per cell on 2 CPU cores, so they run on the choose cell
-only, with 500 samples each (enough to rank them, not to report); the report cells run, with 2,000, the
-old bar and the choose cell's ``--top`` best per budget and space (``--bar-from``; 5: ranks on 500
-samples are not ranks on 2,000, where FD's bias, larger for samples that spread more, weighs less).
-A configuration whose samples are not finite (order 3 on some sigma grids at few steps) reads FD inf.
+and Karras grids. diffusers offers more, and an independent check may use any of it
+(:func:`peers.all_peers`, 190 configurations: DPM-Solver++ multistep and single-step, UniPC with B(h)
+bh1 and bh2, DEIS, each at order 2 and 3; the exponential, beta and log-SNR-uniform grids beside the
+four above; with and without clipping the x0 prediction to the data range; the last step to sigma 0
+or to the smallest sigma). All of them at 2,000 samples would cost about 1.5 h per cell on 2 CPU
+cores. The screen runs :func:`peers.screened_peers` (76: no beta grid, no DDIM, no clipping; why in
+its docstring) at 2,000 samples, then the x0-clipped twin of every one at 5 NFE and of the 3 leaders
+per space above, on the same network from the same per-sample noise. It reports, per budget, cell
+and feature space: the best of the first 11's configurations that ran (the old bar; DDIM only with
+``--configs all``), the best of all that ran (the new bar), and what the ``--nfe`` recipe
+(:func:`bdiff.sampling.budget.recipe_for_budget`) reads against each. ``sampler_claims.py`` takes the
+screen's best per budget and space into its bar (:func:`sampler_claims.extra_peers`) and measures
+them on the report cells. ``--bar-from`` runs the old bar and a screen's ``--top`` best elsewhere.
+A configuration whose samples are not finite reads FD inf.
 Writes ``benchmarks/results/<stem>.{json,md}`` and ``<stem>_summary.md``.
 """
 
@@ -92,7 +93,8 @@ def print_row(row: dict, references: dict) -> None:
 
 def summary(rows: list[dict], spaces: list[str]) -> str:
     """Markdown: per budget and cell, the best old-bar and new-bar peer per space and the entry's ratio to each."""
-    lines = ["| budget | cell | space | old bar: best of 11 | new bar: best of all | entry FD | entry / old bar | entry / new bar |",
+    lines = ["| budget | cell | space | old bar: best of the first 11 | new bar: best of all | entry FD | entry / old bar | "
+             "entry / new bar |",
              "|---|---|---|---|---|---|---|---|"]
     for nfe in sorted({r["budget"] for r in rows}):
         for cell in sorted({(r["run"], r["seed"]) for r in rows if r["budget"] == nfe}):

@@ -11,7 +11,7 @@ precision/recall in every feature space the evaluator has (``bdiff.metrics.featu
 digits CNN, an MLP classifier from another seed, raw pixels); the bar per budget and feature
 space is the best peer: diffusers' DDIM, DPM-Solver++(2M) and UniPC on the leading, linspace,
 trailing and Karras grids (DDIM has no Karras mode), and, once ``benchmarks/peer_bar.py`` has run
-every solver, grid and option diffusers offers on the choose cell, the best 5 of those per budget
+every solver, grid and option diffusers offers on the choose cell, the best 3 of those per budget
 and feature space (:func:`extra_peers`). A recipe "wins" only if its FD is below the bar in every
 space, on every run and seed.
 
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import GRIDS, Peer, bar_from, in_old_bar, run_diffusers, run_ours, run_peer, write_results  # noqa: E402
+from peers import GRIDS, Peer, bar_from, in_old_bar, parse_run, run_diffusers, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -63,10 +63,10 @@ BUDGETS = (5, 10, 20)
 PEERS = ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc")
 PEER_BAR_CHOOSE = RESULTS / "peer_bar_choose.json"
 """Every diffusers option on the choose cell (``benchmarks/peer_bar.py``): its best join the bar (:func:`extra_peers`)."""
-EXTRA_PEERS_TOP = 5
+EXTRA_PEERS_TOP = 3
+"""Configurations per budget and feature space that join the bar from :data:`PEER_BAR_CHOOSE`."""
 FIRST_11 = tuple(f"{peer}, " for peer in PEERS)
 """Label prefixes of the first 11 configurations' rows (the extra ones read ``diffusers <Peer.label>``)."""
-"""Configurations per budget and feature space that join the bar from :data:`PEER_BAR_CHOOSE`."""
 OUR_GRIDS = {"leading": {"name": "leading"}, "linspace": {"name": "linspace"}, "trailing": {"name": "trailing"},
              "karras5": {"name": "karras", "rho": 5.0}, "karras7": {"name": "karras", "rho": 7.0}}
 FITTED_GRIDS = {"fitted": {"name": "fitted"}, "fitted from T-1": {"name": "fitted", "late_start": False}}
@@ -208,8 +208,8 @@ class Run:
 
 def extra_peers(nfe: int) -> list[Peer]:
     """The bar's configurations beyond the first 11 at ``nfe``: the best per feature space of every diffusers
-    option on the choose cell (``benchmarks/peer_bar.py``, :data:`PEER_BAR_CHOOSE`; ranked on 500 samples each, so
-    :data:`EXTRA_PEERS_TOP` per space, not 1); none before that ran."""
+    option on the choose cell (``benchmarks/peer_bar.py``, :data:`PEER_BAR_CHOOSE`; measured on 2,000 samples;
+    :data:`EXTRA_PEERS_TOP` per space); none before that ran."""
     if not PEER_BAR_CHOOSE.is_file():
         return []
     return [p for p in bar_from(PEER_BAR_CHOOSE, EXTRA_PEERS_TOP).get(nfe, []) if not in_old_bar(p)]
@@ -226,7 +226,7 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
                 runs[f"{peer}, {grid}"] = partial(run_diffusers, peer, nfe, run.denoiser, x_T, seed, 1000, spacing=grid)
     for peer in extra_peers(nfe):
         runs[f"diffusers {peer.label}"] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
-    screened = screened_rows(run.label, seed, nfe, n)
+    screened = screened_rows(run, seed, nfe, n)
     rows = []
     for name, sample in runs.items():
         if name in done:
@@ -237,19 +237,26 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
                          "nfe": float(nfe), "nfe_max": float(nfe), **scores})
         else:
             samples = sample()
+            if not torch.isfinite(samples.images).all():  # an extra configuration that blows up on this cell
+                print(f"{run.label} seed {seed} NFE {nfe} {name}: not finite, left out of the bar", flush=True)
+                continue
             rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",
                          "nfe": samples.nfe, "nfe_max": samples.nfe, **score_row(samples.images, references, {})})
         report(rows[-1], references)
     return rows
 
 
-def screened_rows(label: str, seed: int, nfe: int, n: int) -> dict[str, dict]:
-    """{"diffusers <Peer.label>": row} of :data:`PEER_BAR_CHOOSE` at this run label, seed, budget and sample count."""
+def screened_rows(run: Run, seed: int, nfe: int, n: int) -> dict[str, dict]:
+    """{"diffusers <Peer.label>": row} of :data:`PEER_BAR_CHOOSE` on this run (same label and checkpoint), seed,
+    budget and sample count."""
     if not PEER_BAR_CHOOSE.is_file():
         return {}
     payload = json.loads(PEER_BAR_CHOOSE.read_text())
-    return {f"diffusers {r['sampler']}": r for r in payload["rows"] if payload["n"] == n and r["family"] == "peer"
-            and (r["run"], r["seed"], r["budget"]) == (label, seed, nfe) and not r.get("diverged")}
+    checkpoints = {label: Path(ckpt).resolve() for label, ckpt, _ in map(parse_run, payload["runs"])}
+    if payload["n"] != n or checkpoints.get(run.label) != run.ckpt.resolve():
+        return {}
+    return {f"diffusers {r['sampler']}": r for r in payload["rows"] if r["family"] == "peer"
+            and (r["run"], r["seed"], r["budget"]) == (run.label, seed, nfe) and not r.get("diverged")}
 
 
 def recipe_row(run: Run, seed: int, nfe: int, n: int, name: str, family: str, spec: dict, references: dict) -> dict:
