@@ -88,9 +88,9 @@ DPM-Solver++(2M) steps, no better than 20 in the classifier spaces), so it learn
 than a 10-step solver's (the first critic's fakes: ``configs/sampler/dpmpp.yaml``, 1 per real one)."""
 ODE_CRITIC_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
-NFE_ENTRY_ROWS = {5: "unipc, fitted", 10: "unipc, fitted from T-1", 20: "diffusers-dpm++2m, leading"}
-"""The rows that measure :data:`bdiff.sampling.budget.BEST_RECIPES`, what ``--nfe`` runs (the 20-NFE entry is the
-peer's own configuration, which our DPM-Solver++(2M) matches step for step); :func:`check_entry_rows` keeps them in step."""
+NFE_ENTRY_ROWS = {5: "unipc bh1, fitted", 10: "unipc, fitted from T-1", 20: "unipc bh1, leading"}
+"""The rows that measure :data:`bdiff.sampling.budget.BEST_RECIPES`, what ``--nfe`` runs; :func:`check_entry_rows`
+keeps them in step."""
 
 
 def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -2,18 +2,17 @@
 
 :data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
 under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
-On the current (10-minute) default the choose run (training seed 0, sampling seed 1) picked, at
-5 and 10 NFE, UniPC on a timestep grid *fitted to the checkpoint* (:mod:`bdiff.sampling.fitted_grid`;
-fitted once per loaded checkpoint, ~1 min on 2 CPU cores): 0.48 / 0.48 / 0.60x the best diffusers
-peer (digits / MLP / pixel features) at 5 NFE with the fit's own start (t = 789 there), 0.43 /
-0.79 / 0.65x at 10 NFE with the grid starting at T-1. At 20 NFE nothing of ours beat the best
-peer's configuration in every space (the fitted grid 1.07x in its worst space; every 20-step
-ODE solution sits near the ODE's own FD), so that entry is the peer's: DPM-Solver++(2M) on
-diffusers' ``leading`` grid (1.04x). No entry has a critic: it needs one trained for the
-checkpoint. An entry is replaced only by a recipe that beats it in every feature space on the
-choose cell (the issue's definition of a win): epsilon scaling (:mod:`bdiff.sampling.eps_scaling`)
-had the lowest worst-space ratio there at every budget, but traded one space for another against
-these entries (or led by 1-2%, which the report cells reversed), so none of them changed.
+The choose run (training seed 0, sampling seed 1) picked: at 5 NFE, UniPC with B(h) = h ("bh1") on a
+timestep grid *fitted to the checkpoint* (:mod:`bdiff.sampling.fitted_grid`; fitted once per
+loaded checkpoint, ~1 min on 2 CPU cores) with the fit's own start; at 10 NFE, UniPC (bh2) on the
+fitted grid started at T-1; at 20 NFE, UniPC bh1 on diffusers' ``leading`` grid. The bar is the
+best diffusers configuration per feature space, among every solver, grid and option diffusers
+offers (``benchmarks/peer_bar.py``): against it the 5-NFE entry is 0.32-0.66x on the report cells
+(met), the 10-NFE entry 0.73-1.11x and the 20-NFE one 0.97-1.17x (missed). No entry has a critic:
+it needs one trained for the checkpoint. An entry is replaced only by a recipe that beats it in
+every feature space on the choose cell (the issue's definition of a win): epsilon scaling
+(:mod:`bdiff.sampling.eps_scaling`) traded one space for another against these entries, or led
+by 1-2%, which the report cells reversed, so it is in none of them.
 Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
 it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
 """
@@ -27,9 +26,9 @@ from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
-    5: {"stepper": "unipc", "steps": 5, "spacing": {"name": "fitted"}},
+    5: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 5, "spacing": {"name": "fitted"}},
     10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
-    20: {"stepper": "dpmpp_2m", "steps": 20, "spacing": "leading"},
+    20: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 20, "spacing": {"name": "leading"}},
 }
 """{budget: recipe dict}; see the module docstring for where each entry comes from."""
 
