@@ -92,16 +92,20 @@ def test_sampler_with_dpmpp_2m_matches_diffusers(steps: int) -> None:
     torch.testing.assert_close(ours, _diffusers_loop(ref, den, x_T.clone()), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20])
-def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
+def _unipc_reference(steps: int, solver_type: str, final: str):
+    """diffusers' UniPC (order 2, data prediction, trailing grid) set to ``steps``, the toy denoiser, noise and x_T."""
     from diffusers import UniPCMultistepScheduler
 
-    ref = UniPCMultistepScheduler(**SCHED, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-                                  final_sigmas_type="zero", timestep_spacing="trailing")
+    ref = UniPCMultistepScheduler(**SCHED, solver_order=2, solver_type=solver_type, predict_x0=True, lower_order_final=True,
+                                  final_sigmas_type=final, timestep_spacing="trailing")
     ref.set_timesteps(steps)
-    den = ToyDenoiser()
     noise = NoiseSource(0, range(3))
-    x_T = noise.draw((1, 4, 4))
+    return ref, ToyDenoiser(), noise, noise.draw((1, 4, 4))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20])
+def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
+    ref, den, noise, x_T = _unipc_reference(steps, "bh2", "zero")
     state = Sampler(den, UniPC(), steps).run(x_T, noise)
     expected = _diffusers_loop(ref, den, x_T.clone())
     torch.testing.assert_close(state.x, expected, rtol=1e-4, atol=1e-4)
@@ -115,16 +119,9 @@ def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
 def test_unipc_bh1_matches_diffusers_up_to_its_final_step(steps: int) -> None:
     """bh1 step for step as diffusers' (whose bh1 is NaN with a final sigma of zero, so it runs to sigma_min: only
     the final step differs); ours ends with the x0 estimate, finite, and away from bh2's."""
-    from diffusers import UniPCMultistepScheduler
-
     from bdiff.sampling.callbacks import Recorder
 
-    ref = UniPCMultistepScheduler(**SCHED, solver_order=2, solver_type="bh1", predict_x0=True, lower_order_final=True,
-                                  final_sigmas_type="sigma_min", timestep_spacing="trailing")
-    ref.set_timesteps(steps)
-    den = ToyDenoiser()
-    noise = NoiseSource(0, range(3))
-    x_T = noise.draw((1, 4, 4))
+    ref, den, noise, x_T = _unipc_reference(steps, "bh1", "sigma_min")
     expected, x = [], x_T.clone()
     for t in ref.timesteps:
         x = ref.step(den.eps(x, torch.full((3,), int(t))), t, x).prev_sample
