@@ -61,6 +61,7 @@ def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dic
     entry = run_ours(recipe_for_budget(nfe), denoiser, n, seed, 1000)
     rows = [{**base, "sampler": ENTRY, "family": "entry", "old_bar": False, **score_row(entry.images, references, {})}]
     print_row(rows[-1], references)
+
     def run(peer: Peer) -> None:
         samples = run_peer(peer, nfe, denoiser, x_T, 1000)
         finite = bool(torch.isfinite(samples.images).all())  # some order-3 configurations blow up at few steps
@@ -140,7 +141,7 @@ def main() -> None:
         if args.bar_from is None:
             peers = {nfe: all_peers() if args.configs == "all" else screened_peers() for nfe in args.budgets}
         else:
-            peers = bar_from(RESULTS / f"{args.bar_from}.json", args.top)
+            peers = bar_from(json.loads((RESULTS / f"{args.bar_from}.json").read_text())["rows"], args.top)
         print({nfe: len(v) for nfe, v in peers.items()}, "peer configurations per budget", flush=True)
         for item in args.run:
             label, ckpt, seeds = parse_run(item)

@@ -143,10 +143,10 @@ def in_old_bar(peer: Peer) -> bool:
             and not (peer.solver == "ddim" and peer.grid == "karras"))
 
 
-def bar_from(path: Path, top: int) -> dict[int, list[Peer]]:
-    """{budget: the old bar's 11 configurations and, per feature space, the ``top`` best of ``path``'s peers at
-    that budget} (``path``: a run of this script on the choose cell with every configuration)."""
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["family"] == "peer"]
+def bar_from(rows: list[dict], top: int) -> dict[int, list[Peer]]:
+    """{budget: the old bar's 11 configurations and, per feature space, the ``top`` best peers of ``rows`` at
+    that budget} (``rows``: a ``benchmarks/peer_bar.py`` screen's, with a ``peer`` field each)."""
+    rows = [r for r in rows if r["family"] == "peer"]
     spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
     out = {}
     for nfe in sorted({r["budget"] for r in rows}):

@@ -38,7 +38,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +206,20 @@ class Run:
         return str(cached_critic(self.ckpt, out_dir, sampler=str(recipe), fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
 
 
+@cache
+def peer_screen() -> dict[str, Any] | None:
+    """:data:`PEER_BAR_CHOOSE`'s payload, read once per process; None before ``benchmarks/peer_bar.py`` ran."""
+    return json.loads(PEER_BAR_CHOOSE.read_text()) if PEER_BAR_CHOOSE.is_file() else None
+
+
 def extra_peers(nfe: int) -> list[Peer]:
     """The bar's configurations beyond the first 11 at ``nfe``: the best per feature space of every diffusers
     option on the choose cell (``benchmarks/peer_bar.py``, :data:`PEER_BAR_CHOOSE`; measured on 2,000 samples;
     :data:`EXTRA_PEERS_TOP` per space); none before that ran."""
-    if not PEER_BAR_CHOOSE.is_file():
+    screen = peer_screen()
+    if screen is None:
         return []
-    return [p for p in bar_from(PEER_BAR_CHOOSE, EXTRA_PEERS_TOP).get(nfe, []) if not in_old_bar(p)]
+    return [p for p in bar_from(screen["rows"], EXTRA_PEERS_TOP).get(nfe, []) if not in_old_bar(p)]
 
 
 def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set[str]) -> list[dict[str, Any]]:
@@ -249,9 +256,9 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
 def screened_rows(run: Run, seed: int, nfe: int, n: int) -> dict[str, dict]:
     """{"diffusers <Peer.label>": row} of :data:`PEER_BAR_CHOOSE` on this run (same label and checkpoint), seed,
     budget and sample count."""
-    if not PEER_BAR_CHOOSE.is_file():
+    payload = peer_screen()
+    if payload is None:
         return {}
-    payload = json.loads(PEER_BAR_CHOOSE.read_text())
     checkpoints = {label: Path(ckpt).resolve() for label, ckpt, _ in map(parse_run, payload["runs"])}
     if payload["n"] != n or checkpoints.get(run.label) != run.ckpt.resolve():
         return {}
