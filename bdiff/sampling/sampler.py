@@ -13,7 +13,7 @@ for an MMSE denoiser, d E[eps|x_t]/dx_t = (I - Cov[eps|x_t]) / sigma_t, with
 Cov[eps|x_t] read off the aleatoric head (clamped to [0, 1]). So per pixel
 
     dx0 = (v_al * dx_t) / alpha_t  -  sqrt(Var_q[x0_hat]) * xi
-    dx_s = a dx_t + b (w_cur dx0 + w_prev dx0_prev)
+    dx_s = a dx_t + b (w_cur dx0 + sum_k w_k dx0_k)
 
 with the same standard-normal xi at every step (the same weights act at every
 step: perturbations add coherently), carried as a signed amplitude; the map is

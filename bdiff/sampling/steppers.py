@@ -2,9 +2,10 @@
 
 Every stepper moves x_t to x_s (s < t; s = -1 means the final image, a_s = 1) as
 
-    x_s = a * x_t + b * D + noise_std * z,      D = w_cur * x0_hat(t) + w_prev * x0_hat(t_prev)
+    x_s = a * x_t + b * D + noise_std * z,      D = w_cur * x0_hat(t) + sum_k w_k * x0_hat(t_k)
 
-with per-sample coefficients. Writing them this way lets the sampler propagate
+with per-sample coefficients, t_k the starts of the sample's last K steps (K = 0 for single-step
+methods, 1 for DPM-Solver++(2M), the order for UniPC). Writing them this way lets the sampler propagate
 variance generically (:mod:`bdiff.sampling.sampler`) and lets tests compare
 each stepper with diffusers' ``step`` on identical inputs.
 
@@ -12,12 +13,12 @@ each stepper with diffusers' ``step`` on identical inputs.
 * DDIM (Song et al. 2021, eq. 12), with ``eta``.
 * DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), data prediction,
   second-order multistep with a first-order first step and (optionally) last step.
-* UniPC (Zhao et al. 2023), order 2, bh2 or bh1: DPM-Solver++(2M) (rescaled for bh1) as
-  predictor plus a corrector, also linear in (x_t, x0 estimates), applied by its ``step`` to
-  x_t before the predictor.
+* UniPC (Zhao et al. 2023), order 2 or 3, bh2 or bh1: a multistep predictor (at order 2,
+  DPM-Solver++(2M), rescaled for bh1) plus a corrector, also linear in (x_t, x0 estimates),
+  applied by its ``step`` to x_t before the predictor.
 
 A step is one pure function, :meth:`Stepper.step`, of typed inputs and a frozen multistep
-:class:`Memory` (UniPC's :class:`CorrectorMemory` adds its corrector's fields).
+:class:`Memory` of the last K steps (UniPC's :class:`CorrectorMemory` adds the predictor's output).
 
 Timestep grids (trailing, Karras) are the schedule's: :mod:`bdiff.schedule`.
 """
@@ -25,7 +26,7 @@ Timestep grids (trailing, Karras) are the schedule's: :mod:`bdiff.schedule`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -36,21 +37,26 @@ from bdiff.schedule import NoiseSchedule
 
 
 class StepCoefficients(NamedTuple):
-    """Per-sample coefficients of one step, each (B,) float64 (see module docstring)."""
+    """Per-sample coefficients of one step (see module docstring): a, b, w_cur, noise_std (B,) float64;
+    w_hist (K,B) float64, the weights of the memory's K earlier x0 estimates (newest first)."""
 
     a: Tensor
     b: Tensor
     w_cur: Tensor
-    w_prev: Tensor
+    w_hist: Tensor
     noise_std: Tensor
+
+
+HISTORY_FIELDS = ("a", "x0", "amp_x0")
+""":class:`Memory` fields that stack the last K steps along a leading dimension."""
 
 
 @dataclass(frozen=True)
 class Memory:
-    """A multistep stepper's memory of each sample's previous accepted step.
+    """A multistep stepper's memory of each sample's last K accepted steps, newest first (K = ``Stepper.depth``).
 
-    a: that step's a_t (B,) float64, NaN where there is none (a first step, or just restarted);
-    x0, amp_x0: its x0 estimate and the estimate's signed amplitude (B,C,H,W), 0 where ``a`` is NaN.
+    a: those steps' a_t (K,B) float64, NaN where there is none (fewer steps so far, or just restarted);
+    x0, amp_x0: their x0 estimates and the estimates' signed amplitudes (K,B,C,H,W), 0 where ``a`` is NaN.
     """
 
     a: Tensor
@@ -58,29 +64,44 @@ class Memory:
     amp_x0: Tensor
 
     @classmethod
-    def empty(cls, x: Tensor) -> Memory:
+    def empty(cls, x: Tensor, depth: int) -> Memory:
         """No previous step for any row of ``x`` (B,C,H,W): NaN alpha-bars (and ``x_pred``), zero images."""
-        nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-        blank = {"a": nan, "a2": nan, "x_pred": torch.full_like(x, float("nan"))}
-        return cls(**{f.name: blank.get(f.name, torch.zeros_like(x)) for f in fields(cls)})
+        nan = torch.full((depth, x.shape[0]), float("nan"), dtype=torch.float64, device=x.device)
+        zeros = x.new_zeros((depth, *x.shape))
+        blank = {"a": nan, "x0": zeros, "amp_x0": zeros, "x_pred": torch.full_like(x, float("nan"))}
+        return cls(**{f.name: blank[f.name] for f in fields(cls)})
+
+    @property
+    def depth(self) -> int:
+        """K, the number of earlier steps held."""
+        return self.a.shape[0]
 
     def where(self, rows: Tensor, other: Memory) -> Memory:
         """``other``'s entries for the samples in ``rows`` (B,) bool, this memory's for the rest."""
-        def pick(mine: Tensor, theirs: Tensor) -> Tensor:
-            return torch.where(NoiseSchedule.broadcast(rows, mine), theirs, mine)
+        def pick(name: str, mine: Tensor, theirs: Tensor) -> Tensor:
+            batch_dim = 1 if name in HISTORY_FIELDS else 0
+            shape = [1] * mine.dim()
+            shape[batch_dim] = -1
+            return torch.where(rows.reshape(shape), theirs, mine)
 
-        return type(self)(**{f.name: pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return type(self)(**{f.name: pick(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
+    def pushed(self, a_t: Tensor, x0: Tensor, amp_x0: Tensor) -> Memory:
+        """This memory with the step just taken (a_t (B,), x0 and amp_x0 (B,C,H,W)) first and the oldest dropped."""
+        if self.depth == 0:
+            return self
+
+        def push(new: Tensor, old: Tensor) -> Tensor:
+            return torch.cat([new.unsqueeze(0), old[:-1]])
+
+        return replace(self, a=push(a_t, self.a), x0=push(x0, self.x0), amp_x0=push(amp_x0, self.amp_x0))
 
 
 @dataclass(frozen=True)
 class CorrectorMemory(Memory):
-    """UniPC's memory: :class:`Memory`, the step before it (``a2``, ``x0_2``, ``amp_x0_2``) for the
-    corrector's second order, and the predictor's output ``x_pred`` (B,C,H,W), NaN where none: only
+    """UniPC's memory: :class:`Memory` and the predictor's output ``x_pred`` (B,C,H,W), NaN where none: only
     pixels still equal to it (no callback rewrote them: refinement, pinning) are corrected."""
 
-    a2: Tensor
-    x0_2: Tensor
-    amp_x0_2: Tensor
     x_pred: Tensor
 
 
@@ -96,21 +117,23 @@ NoiseSampler = Callable[[Tensor], Tensor]  # rows (B,) bool -> standard normal d
 
 
 class Stepper:
-    """Base class: ``coefficients(a_t, a_s, a_prev)`` gives a step's linear form (all (B,) float64);
+    """Base class: ``coefficients(a_t, a_s, a_hist)`` gives a step's linear form (a_t, a_s (B,) float64);
     :meth:`step` applies it.
 
-    ``a_prev`` is a_{t_prev} of the previous step's start (B,), NaN where none
-    (first step of a sample); single-step methods ignore it.
+    ``a_hist`` (K,B) float64 holds a_t of the sample's last K steps' starts, newest first, NaN where none
+    (:class:`Memory`); single-step methods (``depth`` 0) get K = 0.
     """
 
     name: str = "base"
+    depth: int = 0
+    """How many earlier steps the memory holds (:class:`Memory`)."""
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
         raise NotImplementedError
 
     def memory(self, x: Tensor) -> Memory:
         """An empty memory for the batch ``x`` (B,C,H,W)."""
-        return Memory.empty(x)
+        return Memory.empty(x, self.depth)
 
     def step(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
@@ -123,12 +146,19 @@ class Stepper:
         whose step is stochastic (as k-diffusion's ``noise_sampler``).
         """
         c = self.coefficients(a_t, a_s, memory.a)
-        a, b, w_cur, w_prev, sd = (NoiseSchedule.broadcast(v, x) for v in c)
-        x_next = a * x + b * (w_cur * x0 + w_prev * memory.x0)
+        a, b, w_cur, sd = (NoiseSchedule.broadcast(v, x) for v in (c.a, c.b, c.w_cur, c.noise_std))
+        x_next = a * x + b * self._combine(w_cur * x0, c.w_hist, memory.x0)
         if bool((c.noise_std > 0).any()):
             x_next = x_next + sd * noise(c.noise_std > 0)
-        amp_next = a * amp + b * (w_cur * amp_x0 + w_prev * memory.amp_x0)
-        return StepOut(x_next, amp_next, Memory(a_t, x0, amp_x0))
+        amp_next = a * amp + b * self._combine(w_cur * amp_x0, c.w_hist, memory.amp_x0)
+        return StepOut(x_next, amp_next, memory.pushed(a_t, x0, amp_x0))
+
+    @staticmethod
+    def _combine(current: Tensor, weights: Tensor, history: Tensor) -> Tensor:
+        """``current`` (B,C,H,W) + sum_k weights[k] * history[k]; weights (K,B), history (K,B,C,H,W)."""
+        for w, h in zip(weights, history):
+            current = current + NoiseSchedule.broadcast(w, h) * h
+        return current
 
 
 class DDPM(Stepper):
@@ -136,14 +166,14 @@ class DDPM(Stepper):
 
     name = "ddpm"
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
         alpha = a_t / a_s
         beta = 1 - alpha
         b = a_s.sqrt() * beta / (1 - a_t)
         a = alpha.sqrt() * (1 - a_s) / (1 - a_t)
         var = ((1 - a_s) / (1 - a_t) * beta).clamp(min=1e-20)
         zero = torch.zeros_like(a)
-        return StepCoefficients(a, b, torch.ones_like(a), zero, torch.where(a_s < 1, var.sqrt(), zero))
+        return StepCoefficients(a, b, torch.ones_like(a), a_hist.new_zeros(a_hist.shape), torch.where(a_s < 1, var.sqrt(), zero))
 
 
 class DDIM(Stepper):
@@ -154,12 +184,12 @@ class DDIM(Stepper):
     def __init__(self, eta: float = 0.0) -> None:
         self.eta = as_number("DDIM eta", eta, 0)
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
         sigma = self.eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
         dir_coef = (1 - a_s - sigma**2).clamp(min=0).sqrt()  # coefficient of eps_hat
         a = dir_coef / (1 - a_t).sqrt()
         b = a_s.sqrt() - a * a_t.sqrt()
-        return StepCoefficients(a, b, torch.ones_like(a), torch.zeros_like(a), sigma)
+        return StepCoefficients(a, b, torch.ones_like(a), a_hist.new_zeros(a_hist.shape), sigma)
 
 
 class DPMSolverPP2M(Stepper):
@@ -171,60 +201,81 @@ class DPMSolverPP2M(Stepper):
     """
 
     name = "dpmpp_2m"
+    depth = 1
 
     @staticmethod
     def _sigma_over_alpha(a: Tensor) -> Tensor:
         return ((1 - a) / a).sqrt()  # e^{-lambda}
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_prev: Tensor) -> StepCoefficients:
+    @classmethod
+    def _lambda(cls, a: Tensor) -> Tensor:
+        """log(alpha / sigma) at alpha-bar ``a``; +inf at a = 1, NaN where ``a`` is NaN."""
+        return -torch.log(cls._sigma_over_alpha(a))
+
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
         rho_t, rho_s = self._sigma_over_alpha(a_t), self._sigma_over_alpha(a_s)
         a = ((1 - a_s) / (1 - a_t)).sqrt()  # sigma_s / sigma_t
         exp_neg_h = rho_s / rho_t  # e^{-h}; 0 at the final step (sigma_s = 0)
         b = a_s.sqrt() * (1 - exp_neg_h)
         h = torch.log(rho_t) - torch.log(rho_s)
-        h_prev = torch.log(self._sigma_over_alpha(a_prev)) - torch.log(rho_t)
+        h_prev = torch.log(self._sigma_over_alpha(a_hist[0])) - torch.log(rho_t)
         second = torch.isfinite(h_prev) & torch.isfinite(h)
         half_over_r = torch.where(second, 0.5 * h / h_prev * self._second_order_gain(h), torch.zeros_like(h))
         half_over_r = torch.nan_to_num(half_over_r, nan=0.0, posinf=0.0, neginf=0.0)
-        zero = torch.zeros_like(a)
-        return StepCoefficients(a, b, 1 + half_over_r, -half_over_r, zero)
+        w_hist = torch.cat([-half_over_r.unsqueeze(0), a_hist.new_zeros((a_hist.shape[0] - 1, a_hist.shape[1]))])
+        return StepCoefficients(a, b, 1 + half_over_r, w_hist, torch.zeros_like(a))
 
     def _second_order_gain(self, h: Tensor) -> Tensor:
-        """Factor on the second-order term, relative to DPM-Solver++(2M)'s (which is 1). (B,) float64."""
+        """Factor on the higher-order terms, relative to DPM-Solver++(2M)'s (which is 1). (B,) float64."""
         return torch.ones_like(h)
 
 
 class UniPC(DPMSolverPP2M):
-    """UniPC (Zhao et al. 2023, "UniPC"), order 2, data prediction, B(h) = e^h - 1 ("bh2") or h ("bh1").
+    """UniPC (Zhao et al. 2023, "UniPC"), order 2 or 3, data prediction, B(h) = e^h - 1 ("bh2") or h ("bh1").
 
-    With bh2 the predictor UniP-2 is DPM-Solver++(2M) itself (same coefficients); bh1 scales its
-    second-order term by h / (1 - e^{-h}) (UniPC's B(h) = h in place of e^h - 1; the paper
-    recommends bh1 for unconditional sampling with few steps). The corrector UniC
-    reuses the model output m_s that the next step evaluates anyway at the predicted x_s, so it
-    costs no extra denoiser call: with t the previous step's start and p the one before,
+    Predictor UniP-p from x_t, with the model outputs m_t (now) and m_1, m_2 of earlier steps
+    (Alg. 2 of the paper; ``multistep_uni_p_bh_update`` in diffusers):
 
-        x_s <- x_s - alpha_s B(h) [ (rho_0 - 1/2) D1 + rho_1 (m_s - m_t) ],   D1 = (m_p - m_t) / r,
-        h = lambda_s - lambda_t,  r = (lambda_p - lambda_t) / h,
+        x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) m_t - alpha_s B(h) sum_k rho_k D_k,
+        D_k = (m_k - m_t) / r_k,  r_k = (lambda_k - lambda_t) / h,  h = lambda_s - lambda_t,
 
-    with (rho_0, rho_1) solving UniPC's order-2 system (paper eq. 8 / Alg. 2); after a
-    first-order step (no p) the correction is - alpha_s B(h) (m_s - m_t) / 2. m_s stays the
-    model output of the uncorrected x_s, as in the paper and diffusers'
-    ``UniPCMultistepScheduler`` (matched in the tests). The final step, to sigma = 0, is first
-    order (the x0 estimate itself), so B(h) never enters it; diffusers' bh1 with
-    ``final_sigmas_type="zero"`` multiplies its zero second-order term by B(h) = -inf there and
-    returns NaN, so its bh1 is only usable with ``final_sigmas_type="sigma_min"``.
+    with rho = 1/2 at order 2 (so UniP-2 with bh2 is DPM-Solver++(2M) itself, and bh1 scales its
+    second-order term by h / (1 - e^{-h}); the paper recommends bh1 for unconditional sampling with
+    few steps) and, at order 3, (rho_1, rho_2) solving sum_k rho_k r_k^(i-1) = b_i for i = 1, 2, where
+    b_i = i! phi_(i+1)(h) / B(h) in UniPC's data-prediction form. The order rises one per step as
+    history builds up (a first step is first order), and the final step, to sigma = 0, is first
+    order (the x0 estimate itself: h is infinite there).
+
+    The corrector UniC reuses the model output m_s that the next step evaluates anyway at the
+    predicted x_s, so it costs no extra denoiser call. For a predictor step of order p it solves
+    the p x p system sum_k rho_k r_k^(i-1) = b_i (k over the predictor's D_k and r = 1 for
+    m_s - m_t) and moves x_s by the difference to the predictor:
+
+        x_s <- x_s - alpha_s B(h) [ sum_k (rho_k^C - rho_k^P) D_k + rho_p^C (m_s - m_t) ],
+
+    (order 1: rho^C = 1/2). m_s stays the model output of the uncorrected x_s, as in the paper and
+    diffusers' ``UniPCMultistepScheduler`` (matched step for step in the tests). diffusers' bh1 with
+    ``final_sigmas_type="zero"`` multiplies its zero higher-order term by B(h) = -inf on the last
+    step and returns NaN, so its bh1 is only usable with ``final_sigmas_type="sigma_min"``; and
+    with ``lower_order_final`` and fewer than 15 steps diffusers also lowers the order of the step
+    before the last, which this stepper does not (a step does not know how many follow).
 
     Args:
         variant: ``"bh2"`` (default) or ``"bh1"``.
+        order: 2 (default) or 3.
     """
 
     name = "unipc"
     VARIANTS = ("bh1", "bh2")
+    ORDERS = (2, 3)
 
-    def __init__(self, variant: str = "bh2") -> None:
+    def __init__(self, variant: str = "bh2", order: int = 2) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"UniPC variant must be one of {self.VARIANTS} (its B(h)), got {variant!r}")
-        self.variant = variant
+        if order not in self.ORDERS or isinstance(order, bool):
+            raise ValueError(f"UniPC order must be one of {self.ORDERS}, got {order!r}")
+        self.variant, self.order = variant, int(order)
+        self.depth = self.order  # the corrector of an order-p step reads m_t and the p - 1 outputs before it
 
     def _b(self, h: Tensor) -> Tensor:
         """B(-h) of UniPC's data-prediction form: e^{-h} - 1 (bh2) or -h (bh1). (B,) float64."""
@@ -234,60 +285,120 @@ class UniPC(DPMSolverPP2M):
         gain = self._b(h) / torch.expm1(-h)  # 1 for bh2; h / (1 - e^{-h}) for bh1
         return torch.where(torch.isfinite(gain), gain, torch.ones_like(h))
 
+    def _b_terms(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """UniPC's right-hand sides b_1, b_2, b_3 (each (B,) float64): b_i = i! phi_(i+1)(-h) / B(-h), with
+        phi_2 = (e^{-h} - 1)/(-h) - 1 and phi_(i+1) = phi_i / (-h) - 1/i! (diffusers' ``h_phi_k`` recursion)."""
+        B, hh = self._b(h), -h
+        phi = torch.expm1(hh) / hh - 1
+        terms, factorial = [], 1
+        for i in (1, 2, 3):
+            terms.append(phi * factorial / B)
+            factorial *= i + 1
+            phi = phi / hh - 1 / factorial
+        return terms[0], terms[1], terms[2]
+
+    def _ratios(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> tuple[Tensor, Tensor]:
+        """h = lambda_s - lambda_t (B,) and r_k = (lambda_k - lambda_t) / h for the memory's steps (K,B)."""
+        h = self._lambda(a_s) - self._lambda(a_t)
+        return h, (self._lambda(a_hist) - self._lambda(a_t)) / h
+
+    @staticmethod
+    def _predictor_rhos(r1: Tensor, r2: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+        """UniP-3's (rho_1, rho_2), each (B,): rho_1 + rho_2 = b_1, r_1 rho_1 + r_2 rho_2 = b_2 (Cramer's rule)."""
+        return (b1 * r2 - b2) / (r2 - r1), (b2 - b1 * r1) / (r2 - r1)
+
+    def _third_order(self, h: Tensor, r: Tensor) -> Tensor:
+        """Rows (B,) bool whose step is of order 3: the order asks for it, two earlier steps, a finite h."""
+        if self.order < 3:
+            return torch.zeros_like(h, dtype=torch.bool)
+        return torch.isfinite(h) & torch.isfinite(r[0]) & torch.isfinite(r[1])
+
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+        c = super().coefficients(a_t, a_s, a_hist)  # orders 1 and 2
+        h, r = self._ratios(a_t, a_s, a_hist)
+        third = self._third_order(h, r)
+        if not bool(third.any()):
+            return c
+        b1, b2, _ = self._b_terms(h)
+        rho1, rho2 = self._predictor_rhos(r[0], r[1], b1, b2)
+        gain = self._second_order_gain(h)
+        w1, w2 = gain * rho1 / r[0], gain * rho2 / r[1]  # - alpha_s B rho_k D_k over b = alpha_s (1 - e^{-h})
+        w_hist = c.w_hist.clone()
+        w_hist[0], w_hist[1] = torch.where(third, w1, w_hist[0]), torch.where(third, w2, w_hist[1])
+        return c._replace(w_cur=torch.where(third, 1 - w1 - w2, c.w_cur), w_hist=w_hist)
+
     def memory(self, x: Tensor) -> CorrectorMemory:
-        return CorrectorMemory.empty(x)
+        return CorrectorMemory.empty(x, self.depth)
 
     def step(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
         noise: NoiseSampler,
     ) -> StepOut:
-        """Correct x_t with the model output just evaluated there (UniC), then predict x_s (UniP-2)."""
+        """Correct x_t with the model output just evaluated there (UniC), then predict x_s (UniP)."""
         if not isinstance(memory, CorrectorMemory):
             raise TypeError(f"UniPC steps with its CorrectorMemory (UniPC().memory(x)), got {type(memory).__name__}")
         x, amp = self.correct(x, amp, x0, amp_x0, a_t, memory)
         out = super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
-        m = out.memory
-        x_pred = out.x_next.clone()  # callbacks edit x_next in place
-        return out._replace(memory=CorrectorMemory(m.a, m.x0, m.amp_x0, memory.a, memory.x0, memory.amp_x0, x_pred))
+        return out._replace(memory=replace(out.memory, x_pred=out.x_next.clone()))  # callbacks edit x_next in place
 
     def correct(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, memory: CorrectorMemory
     ) -> tuple[Tensor, Tensor]:
-        """x_t and its amplitude after UniC: x += c_t m_t + c_1 m_prev + c_2 m_prev2, amplitudes alike.
+        """x_t and its amplitude after UniC: x += c_t m_t + sum_k c_k m_k (the memory's), amplitudes alike.
 
         m_t = ``x0`` is the model output at the uncorrected x_t (as in UniPC); only pixels the
         previous predictor step produced are moved (none on a first step or after a restart).
         """
-        c_now, c_1, c_2 = self.corrector(a_t, memory.a, memory.a2)
-        mask = (x == memory.x_pred) & NoiseSchedule.broadcast(torch.isfinite(c_now) & torch.isfinite(c_1), x)
-        c_now, c_1, c_2 = (NoiseSchedule.broadcast(torch.nan_to_num(c), x) for c in (c_now, c_1, c_2))
-        x_c = torch.where(mask, x + c_now * x0 + c_1 * memory.x0 + c_2 * memory.x0_2, x)
-        amp_c = torch.where(mask, amp + c_now * amp_x0 + c_1 * memory.amp_x0 + c_2 * memory.amp_x0_2, amp)
-        return x_c, amp_c
+        c_now, c_hist = self.corrector(a_t, memory.a)
+        mask = (x == memory.x_pred) & NoiseSchedule.broadcast(torch.isfinite(c_now) & torch.isfinite(c_hist[0]), x)
+        c_now, c_hist = torch.nan_to_num(c_now), torch.nan_to_num(c_hist)
+        x_c = self._combine(x + NoiseSchedule.broadcast(c_now, x) * x0, c_hist, memory.x0)
+        amp_c = self._combine(amp + NoiseSchedule.broadcast(c_now, x) * amp_x0, c_hist, memory.amp_x0)
+        return torch.where(mask, x_c, x), torch.where(mask, amp_c, amp)
 
-    def corrector(self, a_s: Tensor, a_t: Tensor, a_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Weights (c_s, c_t, c_p), each (B,) float64: x_s += c_s m_s + c_t m_t + c_p m_p.
+    def corrector(self, a_s: Tensor, a_hist: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights c_s (B,) and c_hist (K,B), float64: x_s += c_s m_s + sum_k c_hist[k] m_hist[k].
 
-        a_s: a at the point just evaluated; a_t: the previous step's start; a_p: the step
-        before that, NaN where the previous step was first-order (then c_p = 0).
+        a_s: a at the point just evaluated; a_hist: the memory's (K,B), newest first, so a_hist[0] is the
+        previous step's start t. The previous predictor step's order is 1 + its earlier steps used
+        (NaN entries mark none); where there is no previous step every weight is NaN.
         """
-        def lam(a: Tensor) -> Tensor:  # log(alpha / sigma)
-            return -torch.log(self._sigma_over_alpha(a))
-
-        h = lam(a_s) - lam(a_t)
-        B = self._b(h)
-        scale = a_s.sqrt() * B  # alpha_s B(h)
-        phi_1 = torch.expm1(-h) / -h - 1
-        b1 = phi_1 / B
-        b2 = 2 * (phi_1 / -h - 0.5) / B
-        r = (lam(a_p) - lam(a_t)) / h
-        second = torch.isfinite(r)
-        r = torch.where(second, r, torch.full_like(r, -1.0))  # placeholder where unused
-        rho_0 = (b1 - b2) / (1 - r)
+        h, r = self._ratios(a_hist[0], a_s, a_hist[1:])
+        scale = a_s.sqrt() * self._b(h)  # alpha_s B(h)
+        b1, b2, b3 = self._b_terms(h)
+        c_hist = torch.zeros_like(a_hist)
+        second = torch.isfinite(r[0])  # order 2: rho^C solves [[1, 1], [r_1, 1]] rho = (b_1, b_2)
+        r1 = torch.where(second, r[0], torch.full_like(h, -1.0))  # placeholder where unused
+        rho_0 = (b1 - b2) / (1 - r1)
         rho_1 = b1 - rho_0
         c_s = torch.where(second, -scale * rho_1, -0.5 * scale)
-        c_p = torch.where(second, -scale * (rho_0 - 0.5) / r, torch.zeros_like(h))
-        return c_s, -c_s - c_p, c_p
+        c_hist[1] = torch.where(second, -scale * (rho_0 - 0.5) / r1, torch.zeros_like(h))
+        third = self._third_order(h, r)
+        if bool(third.any()):
+            c_s3, c_13, c_23 = self._third_order_corrector(scale, r, b1, b2, b3, third)
+            c_s = torch.where(third, c_s3, c_s)
+            c_hist[1], c_hist[2] = torch.where(third, c_13, c_hist[1]), torch.where(third, c_23, c_hist[2])
+        c_hist[0] = -c_s - c_hist[1:].sum(0)  # the weights of a correction sum to zero
+        return c_s, c_hist
+
+    def _third_order_corrector(
+        self, scale: Tensor, r: Tensor, b1: Tensor, b2: Tensor, b3: Tensor, rows: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """UniC-3's weights on m_s, m_1, m_2 (each (B,)) after a UniP-3 step, valid where ``rows`` (B,) bool.
+
+        Solves [[1, 1, 1], [r_1, r_2, 1], [r_1^2, r_2^2, 1]] rho^C = (b_1, b_2, b_3) per sample (a 3 x 3
+        system, torch.linalg.solve; the identity stands in where a row is not of order 3).
+        """
+        r1, r2 = (torch.where(rows, v, torch.full_like(v, -1.0 - i)) for i, v in enumerate(r[:2]))
+        one = torch.ones_like(r1)
+        system = torch.stack([torch.stack([one, one, one], -1), torch.stack([r1, r2, one], -1),
+                              torch.stack([r1**2, r2**2, one], -1)], -2)  # (B, 3, 3)
+        rhs = torch.stack([torch.where(rows, v, one) for v in (b1, b2, b3)], -1)
+        rho_c = torch.linalg.solve(system, rhs)  # (B, 3)
+        rho_p1, rho_p2 = self._predictor_rhos(r1, r2, b1, b2)
+        c_1 = -scale * (rho_c[:, 0] - rho_p1) / r1
+        c_2 = -scale * (rho_c[:, 1] - rho_p2) / r2
+        return -scale * rho_c[:, 2], c_1, c_2
 
 
 STEPPERS: dict[str, type[Stepper]] = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M, "unipc": UniPC}
