@@ -15,7 +15,8 @@ every solver, grid and option diffusers offers on the choose cell, the best 3 of
 and feature space (:func:`extra_peers`). A recipe "wins" only if its FD is below the bar in every
 space, on every run and seed.
 
-Candidates are families of uncertainty- and critic-driven recipes, of UniPC's bh1 variant, of grids fitted to the run's
+Candidates are families of uncertainty- and critic-driven recipes, of UniPC's bh1 variant and order 3 (with
+and without a second-order step before the last), of grids fitted to the run's
 checkpoint, of epsilon scaling on those grids (constant and with a slope in t), and of guidance by
 a second critic that learns the model's ODE rather than a 10-step solver (:data:`ODE_CRITIC_FAKES`;
 :func:`candidates`,
@@ -56,6 +57,7 @@ from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty,
 from bdiff.sampling.noise import NoiseSource  # noqa: E402
 from bdiff.sampling.recipe import Recipe  # noqa: E402
 from bdiff.sampling.sampler import SampleResult  # noqa: E402
+from bdiff.sampling.steppers import UniPC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,7 +90,7 @@ DPM-Solver++(2M) steps, no better than 20 in the classifier spaces), so it learn
 than a 10-step solver's (the first critic's fakes: ``configs/sampler/dpmpp.yaml``, 1 per real one)."""
 ODE_CRITIC_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 CRITIC = {"name": "critic", "weight": 2.0, "t_range": [0, 999], "threshold": 1.0}
-NFE_ENTRY_ROWS = {5: "unipc bh1, fitted", 10: "unipc, fitted from T-1", 20: "unipc bh1, leading"}
+NFE_ENTRY_ROWS = {5: "unipc-3 bh2 to the end, fitted", 10: "unipc, fitted from T-1", 20: "unipc bh1, leading"}
 """The rows that measure :data:`bdiff.sampling.budget.BEST_RECIPES`, what ``--nfe`` runs; :func:`check_entry_rows`
 keeps them in step."""
 
@@ -123,6 +125,12 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
                 "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "eps_scaling", "scale": scale}]})
     for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
         out[f"unipc bh1, {grid}"] = ("unipc bh1", {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": nfe, "spacing": spacing})
+    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+        for variant in UniPC.VARIANTS:
+            stepper = {"name": "unipc", "variant": variant, "order": 3}
+            out[f"unipc-3 {variant}, {grid}"] = ("unipc order 3", {"stepper": stepper, "steps": nfe, "spacing": spacing})
+            out[f"unipc-3 {variant} to the end, {grid}"] = (
+                "unipc order 3 to the end", {"stepper": {**stepper, "lower_order_final": False}, "steps": nfe, "spacing": spacing})
     grid = SLOPE_GRID.get(nfe, "fitted")
     for weight in ODE_CRITIC_WEIGHTS:
         out[f"unipc + ODE critic w {weight}, {grid}"] = ("fitted grid+ODE critic", {

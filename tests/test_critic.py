@@ -139,9 +139,9 @@ class ProbedDPMSolver(DPMSolverPP2M):
     def __init__(self) -> None:
         self.a_prev: list[torch.Tensor] = []
 
-    def step(self, x, amp, x0, amp_x0, a_t, a_s, memory, noise):
+    def step(self, x, amp, x0, amp_x0, a_t, a_s, memory, noise, a_after=None):
         self.a_prev.append(memory.a.clone())
-        return super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
+        return super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise, a_after)
 
 
 def test_a_restart_resets_the_multistep_memory_and_the_blending_filter() -> None:

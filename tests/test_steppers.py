@@ -92,15 +92,13 @@ def test_sampler_with_dpmpp_2m_matches_diffusers(steps: int) -> None:
     torch.testing.assert_close(ours, _diffusers_loop(ref, den, x_T.clone()), rtol=1e-4, atol=1e-4)
 
 
-def _unipc_reference(steps: int, solver_type: str, final: str, order: int = 2):
-    """diffusers' UniPC (data prediction, trailing grid) set to ``steps``, the toy denoiser, noise and x_T.
-
-    Order 3 runs without ``lower_order_final`` (which, below 15 steps, lowers the order of the step before the
-    last: ours does not know how many steps follow)."""
+def _unipc_reference(steps: int, solver_type: str, final: str, order: int = 2, lower_order_final: bool = True):
+    """diffusers' UniPC (data prediction, trailing grid) set to ``steps``, the toy denoiser, noise and x_T."""
     from diffusers import UniPCMultistepScheduler
 
     ref = UniPCMultistepScheduler(**SCHED, solver_order=order, solver_type=solver_type, predict_x0=True,
-                                  lower_order_final=order == 2, final_sigmas_type=final, timestep_spacing="trailing")
+                                  lower_order_final=lower_order_final, final_sigmas_type=final,
+                                  timestep_spacing="trailing")
     ref.set_timesteps(steps)
     noise = NoiseSource(0, range(3))
     return ref, ToyDenoiser(), noise, noise.draw((1, 4, 4))
@@ -118,17 +116,19 @@ def test_sampler_with_unipc_matches_diffusers(steps: int) -> None:
         assert (plain - expected).abs().max() > 1e-3
 
 
-def _unipc_matches_diffusers_up_to_the_final_step(steps: int, variant: str, order: int) -> torch.Tensor:
+def _unipc_matches_diffusers_up_to_the_final_step(steps: int, variant: str, order: int,
+                                                   lower_order_final: bool = True) -> torch.Tensor:
     """Our UniPC against diffusers' run to sigma_min (only the final step differs; ours ends with the x0
     estimate), step for step; returns our final images."""
     from bdiff.sampling.callbacks import Recorder
 
-    ref, den, noise, x_T = _unipc_reference(steps, variant, "sigma_min", order)
+    ref, den, noise, x_T = _unipc_reference(steps, variant, "sigma_min", order, lower_order_final)
     expected, x = [], x_T.clone()
     for t in ref.timesteps:
         x = ref.step(den.eps(x, torch.full((3,), int(t))), t, x).prev_sample
         expected.append(x)
-    state = Sampler(den, UniPC(variant, order), steps, callbacks=[Recorder(keys=("x",), max_samples=3)]).run(x_T, noise)
+    stepper = UniPC(variant, order, lower_order_final)
+    state = Sampler(den, stepper, steps, callbacks=[Recorder(keys=("x",), max_samples=3)]).run(x_T, noise)
     ours = [record["x"] for record in state.extras["recorder"]]  # x_t at the start of each step
     assert len(ours) == steps and state.nfe.tolist() == [steps] * 3
     for step, (mine, theirs) in enumerate(zip(ours[1:], expected[:-1])):
@@ -148,12 +148,14 @@ def test_unipc_bh1_matches_diffusers_up_to_its_final_step(steps: int) -> None:
         assert (bh2 - bh1).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("lower_order_final", [True, False], ids=["lower_order_final", "order_3_to_the_end"])
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("steps", [3, 4, 6, 10, 20])
-def test_unipc_order_3_matches_diffusers_up_to_its_final_step(variant: str, steps: int) -> None:
-    """UniP-3 and UniC-3 step for step as diffusers' ``solver_order=3``, and away from order 2."""
-    third = _unipc_matches_diffusers_up_to_the_final_step(steps, variant, 3)
-    if steps >= 4:  # the third step is the first of order 3; its correction shows from the fourth
+def test_unipc_order_3_matches_diffusers_up_to_its_final_step(variant: str, steps: int, lower_order_final: bool) -> None:
+    """UniP-3 and UniC-3 step for step as diffusers' ``solver_order=3`` (with ``lower_order_final`` the step
+    before the last is of order 2), and away from order 2."""
+    third = _unipc_matches_diffusers_up_to_the_final_step(steps, variant, 3, lower_order_final)
+    if steps >= 4 + lower_order_final:  # the third step is the first of order 3; its correction shows from the fourth
         noise = NoiseSource(0, range(3))
         second = Sampler(ToyDenoiser(), UniPC(variant), steps).run(noise.draw((1, 4, 4)), noise).x
         assert (second - third).abs().max() > 1e-4
@@ -171,7 +173,7 @@ def test_unipc_refuses_an_unknown_variant() -> None:
 
 def test_unipc_first_order_corrector_weights() -> None:
     c_now, (c_t, c_p) = UniPC().corrector(torch.tensor([0.5], dtype=torch.float64),
-                                          torch.tensor([[0.1], [float("nan")]], dtype=torch.float64))
+                                          torch.tensor([[0.1], [float("nan")]], dtype=torch.float64), torch.tensor([1]))
     assert c_p.item() == 0 and c_now.item() == pytest.approx(-c_t.item()) and c_now.item() != 0
 
 

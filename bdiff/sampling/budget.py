@@ -2,19 +2,24 @@
 
 :data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
 under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
-The choose run (training seed 0, sampling seed 1) picked: at 5 NFE, UniPC with B(h) = h ("bh1") on a
-timestep grid *fitted to the checkpoint* (:mod:`bdiff.sampling.fitted_grid`; fitted once per
-loaded checkpoint, ~1 min on 2 CPU cores) with the fit's own start; at 10 NFE, UniPC (bh2) on the
-fitted grid started at T-1; at 20 NFE, UniPC bh1 on diffusers' ``leading`` grid. The bar is the
-best diffusers configuration per feature space, among every solver, grid and option diffusers
-offers (``benchmarks/peer_bar.py``): against it the 5-NFE entry is 0.32-0.66x on the report cells
-(met), the 10-NFE entry 0.73-1.11x and the 20-NFE one 0.97-1.17x (missed). No entry has a critic:
-it needs one trained for the checkpoint. An entry is replaced only by a recipe that beats it in
-every feature space on the choose cell (the issue's definition of a win): epsilon scaling
-(:mod:`bdiff.sampling.eps_scaling`) traded one space for another against these entries, or led
-by 1-2%, which the report cells reversed, so it is in none of them.
-Another budget N takes the entry of the largest measured budget <= N (the smallest for N below
-it) with its steps and ``max_nfe`` set to N. Named recipes stay available with ``--config``.
+The choose run (training seed 0, sampling seed 1) picked: at 5 NFE, UniPC of order 3 (bh2) to the
+last step (no second-order step before it) on a timestep grid *fitted to the checkpoint*
+(:mod:`bdiff.sampling.fitted_grid`; fitted once per loaded checkpoint, ~1 min on 2 CPU cores) with
+the fit's own start; at 10 NFE, UniPC (bh2, order 2) on the fitted grid started at T-1; at 20 NFE,
+UniPC bh1 on diffusers' ``leading`` grid. The bar is the best diffusers configuration per feature
+space, among every solver, grid and option diffusers offers (``benchmarks/peer_bar.py``): against
+it the 5-NFE entry is 0.28-0.58x on the report cells (met), the 10-NFE entry 0.73-1.11x and the
+20-NFE one 0.97-1.17x (missed). No entry has a critic: it needs one trained for the checkpoint. An
+entry is replaced only by a recipe that beats it in every feature space on the choose cell (the
+issue's definition of a win): epsilon scaling (:mod:`bdiff.sampling.eps_scaling`) traded one space
+for another against these entries, or led by 1-2%, which the report cells reversed, so it is in
+none of them.
+
+Another budget N takes the entry of the largest listed budget <= N (the smallest for N below it)
+with its steps and ``max_nfe`` set to N. The 6-call entry (UniPC bh1, order 2, on the fitted grid:
+the 5-NFE entry before the twelfth session) is there because the order-3 recipe does not carry
+over: on the choose cell it loses to it in one space at 6 calls and reads 2-4x its FD from 7 to
+10 (``benchmarks/budgets_between.py``). Named recipes stay available with ``--config``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
 BEST_RECIPES: dict[int, dict[str, Any]] = {
-    5: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 5, "spacing": {"name": "fitted"}},
+    5: {"stepper": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}, "steps": 5,
+        "spacing": {"name": "fitted"}},
+    6: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 6, "spacing": {"name": "fitted"}},
     10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
     20: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 20, "spacing": {"name": "leading"}},
 }

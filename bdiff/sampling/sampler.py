@@ -208,7 +208,9 @@ class Sampler:
             return z
 
         a_t, a_s = self.schedule.alpha_bar(state.t), self.schedule.alpha_bar(state.t_next)
-        out: StepOut = self.stepper.step(state.x, state.amp, state.x0, self._amp_x0(state), a_t, a_s, memory, noise)
+        a_after = self.schedule.alpha_bar(self.next_on_grid(state.t_next))  # 1 where the next step is the last
+        out: StepOut = self.stepper.step(state.x, state.amp, state.x0, self._amp_x0(state), a_t, a_s, memory, noise,
+                                         a_after=a_after)
         state.x_next, state.amp_next, state.accept = out.x_next, out.amp_next, state.active.clone()
         return out.memory
 

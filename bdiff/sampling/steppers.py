@@ -68,7 +68,8 @@ class Memory:
         """No previous step for any row of ``x`` (B,C,H,W): NaN alpha-bars (and ``x_pred``), zero images."""
         nan = torch.full((depth, x.shape[0]), float("nan"), dtype=torch.float64, device=x.device)
         zeros = x.new_zeros((depth, *x.shape))
-        blank = {"a": nan, "x0": zeros, "amp_x0": zeros, "x_pred": torch.full_like(x, float("nan"))}
+        blank = {"a": nan, "x0": zeros, "amp_x0": zeros, "x_pred": torch.full_like(x, float("nan")),
+                 "order": torch.zeros(x.shape[0], dtype=torch.long, device=x.device)}
         return cls(**{f.name: blank[f.name] for f in fields(cls)})
 
     @property
@@ -99,10 +100,12 @@ class Memory:
 
 @dataclass(frozen=True)
 class CorrectorMemory(Memory):
-    """UniPC's memory: :class:`Memory` and the predictor's output ``x_pred`` (B,C,H,W), NaN where none: only
-    pixels still equal to it (no callback rewrote them: refinement, pinning) are corrected."""
+    """UniPC's memory: :class:`Memory`, the predictor's output ``x_pred`` (B,C,H,W), NaN where none (only
+    pixels still equal to it, which no callback rewrote (refinement, pinning), are corrected), and that
+    predictor step's ``order`` (B,) long, 0 where none: its corrector solves the system of the same order."""
 
     x_pred: Tensor
+    order: Tensor
 
 
 class StepOut(NamedTuple):
@@ -121,14 +124,16 @@ class Stepper:
     :meth:`step` applies it.
 
     ``a_hist`` (K,B) float64 holds a_t of the sample's last K steps' starts, newest first, NaN where none
-    (:class:`Memory`); single-step methods (``depth`` 0) get K = 0.
+    (:class:`Memory`); single-step methods (``depth`` 0) get K = 0. ``a_after`` (B,) float64, or None where
+    unknown, is a at the grid point after s (1 where the step after this one is the final one); only
+    UniPC's ``lower_order_final`` reads it.
     """
 
     name: str = "base"
     depth: int = 0
     """How many earlier steps the memory holds (:class:`Memory`)."""
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         raise NotImplementedError
 
     def memory(self, x: Tensor) -> Memory:
@@ -137,15 +142,15 @@ class Stepper:
 
     def step(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
-        noise: NoiseSampler,
+        noise: NoiseSampler, a_after: Tensor | None = None,
     ) -> StepOut:
         """x_t -> x_s by the linear form of the module docstring, the amplitude alongside (a pure function).
 
         x, amp, x0, amp_x0: (B,C,H,W), x_t and the x0 estimate with their signed amplitudes;
         a_t, a_s: (B,) float64 alpha-bars of the step's ends; ``noise(rows)`` draws z for the rows
-        whose step is stochastic (as k-diffusion's ``noise_sampler``).
+        whose step is stochastic (as k-diffusion's ``noise_sampler``); ``a_after``: see the class docstring.
         """
-        c = self.coefficients(a_t, a_s, memory.a)
+        c = self.coefficients(a_t, a_s, memory.a, a_after)
         a, b, w_cur, sd = (NoiseSchedule.broadcast(v, x) for v in (c.a, c.b, c.w_cur, c.noise_std))
         x_next = a * x + b * self._combine(w_cur * x0, c.w_hist, memory.x0)
         if bool((c.noise_std > 0).any()):
@@ -166,7 +171,7 @@ class DDPM(Stepper):
 
     name = "ddpm"
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         alpha = a_t / a_s
         beta = 1 - alpha
         b = a_s.sqrt() * beta / (1 - a_t)
@@ -184,7 +189,7 @@ class DDIM(Stepper):
     def __init__(self, eta: float = 0.0) -> None:
         self.eta = as_number("DDIM eta", eta, 0)
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         sigma = self.eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
         dir_coef = (1 - a_s - sigma**2).clamp(min=0).sqrt()  # coefficient of eps_hat
         a = dir_coef / (1 - a_t).sqrt()
@@ -212,7 +217,7 @@ class DPMSolverPP2M(Stepper):
         """log(alpha / sigma) at alpha-bar ``a``; +inf at a = 1, NaN where ``a`` is NaN."""
         return -torch.log(cls._sigma_over_alpha(a))
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         rho_t, rho_s = self._sigma_over_alpha(a_t), self._sigma_over_alpha(a_s)
         a = ((1 - a_s) / (1 - a_t)).sqrt()  # sigma_s / sigma_t
         exp_neg_h = rho_s / rho_t  # e^{-h}; 0 at the final step (sigma_s = 0)
@@ -256,25 +261,26 @@ class UniPC(DPMSolverPP2M):
     (order 1: rho^C = 1/2). m_s stays the model output of the uncorrected x_s, as in the paper and
     diffusers' ``UniPCMultistepScheduler`` (matched step for step in the tests). diffusers' bh1 with
     ``final_sigmas_type="zero"`` multiplies its zero higher-order term by B(h) = -inf on the last
-    step and returns NaN, so its bh1 is only usable with ``final_sigmas_type="sigma_min"``; and
-    with ``lower_order_final`` and fewer than 15 steps diffusers also lowers the order of the step
-    before the last, which this stepper does not (a step does not know how many follow).
+    step and returns NaN, so its bh1 is only usable with ``final_sigmas_type="sigma_min"``.
 
     Args:
         variant: ``"bh2"`` (default) or ``"bh1"``.
         order: 2 (default) or 3.
+        lower_order_final: at order 3, the step before the last is of order 2 (diffusers' option of the same
+            name and default; the sampler says which step that is through ``a_after``). Without it, order 3 on
+            the digits model's fitted 10-step grid read 6x the FD of order 2 (``benchmarks/sampler_claims.py``).
     """
 
     name = "unipc"
     VARIANTS = ("bh1", "bh2")
     ORDERS = (2, 3)
 
-    def __init__(self, variant: str = "bh2", order: int = 2) -> None:
+    def __init__(self, variant: str = "bh2", order: int = 2, lower_order_final: bool = True) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"UniPC variant must be one of {self.VARIANTS} (its B(h)), got {variant!r}")
         if order not in self.ORDERS or isinstance(order, bool):
             raise ValueError(f"UniPC order must be one of {self.ORDERS}, got {order!r}")
-        self.variant, self.order = variant, int(order)
+        self.variant, self.order, self.lower_order_final = variant, int(order), bool(lower_order_final)
         self.depth = self.order  # the corrector of an order-p step reads m_t and the p - 1 outputs before it
 
     def _b(self, h: Tensor) -> Tensor:
@@ -307,16 +313,21 @@ class UniPC(DPMSolverPP2M):
         """UniP-3's (rho_1, rho_2), each (B,): rho_1 + rho_2 = b_1, r_1 rho_1 + r_2 rho_2 = b_2 (Cramer's rule)."""
         return (b1 * r2 - b2) / (r2 - r1), (b2 - b1 * r1) / (r2 - r1)
 
-    def _third_order(self, h: Tensor, r: Tensor) -> Tensor:
-        """Rows (B,) bool whose step is of order 3: the order asks for it, two earlier steps, a finite h."""
-        if self.order < 3:
-            return torch.zeros_like(h, dtype=torch.bool)
-        return torch.isfinite(h) & torch.isfinite(r[0]) & torch.isfinite(r[1])
+    def predictor_order(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> Tensor:
+        """The order of each sample's predictor step (B,) long: 1 + the earlier steps it uses, at most ``order``;
+        1 on the final step (h is infinite) and, with ``lower_order_final``, at most 2 on the one before it
+        (``a_after`` = 1), as diffusers' ``lower_order_final``."""
+        h, r = self._ratios(a_t, a_s, a_hist)
+        second = torch.isfinite(h) & torch.isfinite(r[0])
+        third = second & torch.isfinite(r[1]) if self.order >= 3 else torch.zeros_like(second)
+        if self.lower_order_final and a_after is not None:
+            third = third & (a_after < 1)
+        return 1 + second.long() + third.long()
 
-    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor) -> StepCoefficients:
+    def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         c = super().coefficients(a_t, a_s, a_hist)  # orders 1 and 2
         h, r = self._ratios(a_t, a_s, a_hist)
-        third = self._third_order(h, r)
+        third = self.predictor_order(a_t, a_s, a_hist, a_after) == 3
         if not bool(third.any()):
             return c
         b1, b2, _ = self._b_terms(h)
@@ -332,14 +343,16 @@ class UniPC(DPMSolverPP2M):
 
     def step(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, a_s: Tensor, memory: Memory,
-        noise: NoiseSampler,
+        noise: NoiseSampler, a_after: Tensor | None = None,
     ) -> StepOut:
         """Correct x_t with the model output just evaluated there (UniC), then predict x_s (UniP)."""
         if not isinstance(memory, CorrectorMemory):
             raise TypeError(f"UniPC steps with its CorrectorMemory (UniPC().memory(x)), got {type(memory).__name__}")
         x, amp = self.correct(x, amp, x0, amp_x0, a_t, memory)
-        out = super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise)
-        return out._replace(memory=replace(out.memory, x_pred=out.x_next.clone()))  # callbacks edit x_next in place
+        out = super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise, a_after)
+        order = self.predictor_order(a_t, a_s, memory.a, a_after)
+        # x_pred is a copy: callbacks edit x_next in place
+        return out._replace(memory=replace(out.memory, x_pred=out.x_next.clone(), order=order))
 
     def correct(
         self, x: Tensor, amp: Tensor, x0: Tensor, amp_x0: Tensor, a_t: Tensor, memory: CorrectorMemory
@@ -349,31 +362,31 @@ class UniPC(DPMSolverPP2M):
         m_t = ``x0`` is the model output at the uncorrected x_t (as in UniPC); only pixels the
         previous predictor step produced are moved (none on a first step or after a restart).
         """
-        c_now, c_hist = self.corrector(a_t, memory.a)
+        c_now, c_hist = self.corrector(a_t, memory.a, memory.order)
         mask = (x == memory.x_pred) & NoiseSchedule.broadcast(torch.isfinite(c_now) & torch.isfinite(c_hist[0]), x)
         c_now, c_hist = torch.nan_to_num(c_now), torch.nan_to_num(c_hist)
         x_c = self._combine(x + NoiseSchedule.broadcast(c_now, x) * x0, c_hist, memory.x0)
         amp_c = self._combine(amp + NoiseSchedule.broadcast(c_now, x) * amp_x0, c_hist, memory.amp_x0)
         return torch.where(mask, x_c, x), torch.where(mask, amp_c, amp)
 
-    def corrector(self, a_s: Tensor, a_hist: Tensor) -> tuple[Tensor, Tensor]:
+    def corrector(self, a_s: Tensor, a_hist: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
         """Weights c_s (B,) and c_hist (K,B), float64: x_s += c_s m_s + sum_k c_hist[k] m_hist[k].
 
         a_s: a at the point just evaluated; a_hist: the memory's (K,B), newest first, so a_hist[0] is the
-        previous step's start t. The previous predictor step's order is 1 + its earlier steps used
-        (NaN entries mark none); where there is no previous step every weight is NaN.
+        previous step's start t; order (B,) long: the previous predictor step's order (1-3). Where there
+        is no previous step every weight is NaN.
         """
         h, r = self._ratios(a_hist[0], a_s, a_hist[1:])
         scale = a_s.sqrt() * self._b(h)  # alpha_s B(h)
         b1, b2, b3 = self._b_terms(h)
         c_hist = torch.zeros_like(a_hist)
-        second = torch.isfinite(r[0])  # order 2: rho^C solves [[1, 1], [r_1, 1]] rho = (b_1, b_2)
+        second = order >= 2  # order 2: rho^C solves [[1, 1], [r_1, 1]] rho = (b_1, b_2)
         r1 = torch.where(second, r[0], torch.full_like(h, -1.0))  # placeholder where unused
         rho_0 = (b1 - b2) / (1 - r1)
         rho_1 = b1 - rho_0
         c_s = torch.where(second, -scale * rho_1, -0.5 * scale)
         c_hist[1] = torch.where(second, -scale * (rho_0 - 0.5) / r1, torch.zeros_like(h))
-        third = self._third_order(h, r)
+        third = order == 3
         if bool(third.any()):
             c_s3, c_13, c_23 = self._third_order_corrector(scale, r, b1, b2, b3, third)
             c_s = torch.where(third, c_s3, c_s)
