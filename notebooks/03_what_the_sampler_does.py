@@ -19,7 +19,7 @@
 # The same seeds (so the same starting noise) through the sampler recipes in
 # `configs/sampler/`: plain DPM-Solver++, with precision-weighted blending, with adaptive
 # step sizes, with refinement of uncertain regions, all of them together, and UniPC on a
-# timestep grid fitted to this checkpoint (`unipc_fitted`; `--nfe 5` runs it with UniPC's bh1). We compare the
+# timestep grid fitted to this checkpoint (`unipc_fitted`; `--nfe 5` runs it with UniPC of order 3). We compare the
 # finished images and uncertainty maps, the blending gains, the step-size traces and the
 # number of denoiser calls (NFE) each sample cost.
 

@@ -33,6 +33,8 @@ MAX_STEPS = 10  # ddpm.yaml's 1000 steps are cut to this; every other recipe run
 VARIANTS: dict[str, dict[str, Any]] = {
     "unipc_critic_restart": {"stepper": {"name": "unipc"}, "steps": 6, "callbacks": [
         {"name": "blend"}, {"name": "critic", "weight": 1.0, "threshold": 1e9, "retries": 2, "t_back": 200}]},
+    "unipc3_critic_restart": {"stepper": {"name": "unipc", "variant": "bh1", "order": 3}, "steps": 6, "callbacks": [
+        {"name": "critic", "weight": 1.0, "threshold": 1e9, "retries": 1, "t_back": 500}]},
     "dpmpp_critic_region": {"stepper": {"name": "dpmpp_2m"}, "steps": 6, "callbacks": [
         {"name": "critic", "weight": 0.5, "threshold": 1e9, "retries": 1, "t_back": 300, "mode": "region"},
         {"name": "recorder", "keys": ["x0", "var"]}]},
@@ -131,6 +133,7 @@ def test_recipe_gives_the_golden_samples(name: str, current: dict[str, dict[str,
 def test_the_variants_exercise_the_restart_paths(current: dict[str, dict[str, Tensor]]) -> None:
     assert current["unipc_critic_restart"]["critic_retries"].tolist() == [2, 2]
     assert current["dpmpp_critic_region"]["critic_retries"].tolist() == [1, 1]
+    assert current["unipc3_critic_restart"]["critic_retries"].tolist() == [1, 1]
     assert int(current["ddim_eta_refine"]["refine_passes"].sum()) > 0
 
 

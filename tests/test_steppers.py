@@ -192,7 +192,7 @@ class _ShrunkDenoiser(ToyDenoiser):
         return Prediction(self.schedule.x0_to_eps(x, t, x0), torch.zeros_like(x), torch.ones_like(x))
 
 
-@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC(), UniPC("bh1", 3)], ids=["dpmpp_2m", "unipc", "unipc3"])
 def test_steppers_see_predictions_as_callbacks_left_them(stepper) -> None:
     noise = NoiseSource(0, range(3))
     x_T = noise.draw((1, 4, 4))
@@ -213,7 +213,7 @@ class _RejectOnce(SamplerCallback):
             self.done = True
 
 
-@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC(), UniPC("bh1", 3)], ids=["dpmpp_2m", "unipc", "unipc3"])
 def test_a_rejected_and_retried_step_lands_where_an_accepted_one_does(stepper) -> None:
     noise = NoiseSource(0, range(3))
     x_T = noise.draw((1, 4, 4))
@@ -320,7 +320,8 @@ def test_bad_sampler_arguments() -> None:
         Sampler(ToyDenoiser(), DDIM(), 5).sample(0)
 
 
-@pytest.mark.parametrize("stepper", [DDPM(), DDIM(0.5), DPMSolverPP2M(), UniPC()], ids=lambda s: s.name)
+@pytest.mark.parametrize("stepper", [DDPM(), DDIM(0.5), DPMSolverPP2M(), UniPC(), UniPC(order=3)],
+                         ids=["ddpm", "ddim", "dpmpp_2m", "unipc", "unipc3"])
 def test_a_step_is_a_pure_function_and_the_sampler_keeps_no_job_state(stepper) -> None:
     """Stepper.step leaves its inputs and memory as they were and gives the same output twice;
     Sampler.run stores nothing on the Sampler (one Sampler can serve several jobs)."""
