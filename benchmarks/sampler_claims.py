@@ -16,7 +16,7 @@ and feature space (:func:`extra_peers`). A recipe "wins" only if its FD is below
 space, on every run and seed.
 
 Candidates are families of uncertainty- and critic-driven recipes, of UniPC's bh1 variant and order 3 (with
-and without a second-order step before the last), of grids fitted to the run's
+and without a second-order step before the last), of the x0 estimate clipped to [-1, 1], of grids fitted to the run's
 checkpoint, of epsilon scaling on those grids (constant and with a slope in t), and of guidance by
 a second critic that learns the model's ODE rather than a 10-step solver (:data:`ODE_CRITIC_FAKES`;
 :func:`candidates`,
@@ -81,6 +81,11 @@ EPS_SLOPES = {"scale": (0.99, 0.995, 1.0, 1.005), "slope": (-0.02, -0.01, 0.01, 
 """Epsilon scaling with lambda_t = scale + slope * t/(T-1) (Ning et al.'s linear schedule), on each budget's
 ``SLOPE_GRID``: the grid its best constant lambda was chosen on."""
 SLOPE_GRID = {5: "fitted", 10: "fitted from T-1", 20: "fitted"}
+CLIP_STEPPERS = {"unipc": "unipc", "unipc bh1": {"name": "unipc", "variant": "bh1"},
+                 "unipc-3 bh1": {"name": "unipc", "variant": "bh1", "order": 3},
+                 "unipc-3 bh2 to the end": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}}
+"""The steppers tried with the x0 estimate clipped to [-1, 1] (:mod:`bdiff.sampling.clip_x0`): the ``--nfe`` entries'
+and order 3 (clipping rescued diffusers' order 3 on steep grids at 5 NFE in the peer screen)."""
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 ODE_CRITIC_PLACEHOLDER = "<ODE critic of the run>"
 ODE_CRITIC_FAKES = {"recipe": {"stepper": {"name": "dpmpp_2m"}, "steps": 50, "spacing": "leading", "posterior_samples": 8},
@@ -131,6 +136,10 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
             out[f"unipc-3 {variant}, {grid}"] = ("unipc order 3", {"stepper": stepper, "steps": nfe, "spacing": spacing})
             out[f"unipc-3 {variant} to the end, {grid}"] = (
                 "unipc order 3 to the end", {"stepper": {**stepper, "lower_order_final": False}, "steps": nfe, "spacing": spacing})
+    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+        for label, stepper in CLIP_STEPPERS.items():
+            out[f"{label} + clip x0, {grid}"] = (
+                "clip x0", {"stepper": stepper, "steps": nfe, "spacing": spacing, "callbacks": [{"name": "clip_x0"}]})
     grid = SLOPE_GRID.get(nfe, "fitted")
     for weight in ODE_CRITIC_WEIGHTS:
         out[f"unipc + ODE critic w {weight}, {grid}"] = ("fitted grid+ODE critic", {

@@ -30,6 +30,7 @@ from bdiff.denoiser import Denoiser
 from bdiff.sampling.autoguidance import Autoguidance
 from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
 from bdiff.sampling.critic import CriticCorrection
+from bdiff.sampling.clip_x0 import ClipX0
 from bdiff.sampling.eps_scaling import EpsilonScaling
 from bdiff.sampling.fitted_grid import fitted_timesteps
 from bdiff.sampling.sampler import Sampler, SamplerCallback
@@ -43,6 +44,7 @@ CALLBACKS: dict[str, type[SamplerCallback]] = {
     "recorder": Recorder,
     "critic": CriticCorrection,
     "eps_scaling": EpsilonScaling,
+    "clip_x0": ClipX0,
     "autoguidance": Autoguidance,
 }
 RECIPE_SPACINGS = (*SPACINGS, "fitted")
