@@ -35,7 +35,7 @@ from bdiff.metrics.features import DIGITS_SPACES
 from bdiff.metrics.report import markdown_table, quality_in_spaces
 from bdiff.sampling.noise import NoiseSource
 
-from peers import GRIDS, run_diffusers, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from peers import GRIDS, Peer, run_peer, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_T = (10, 50, 100, 250, 500, 750)
@@ -67,7 +67,7 @@ def sample_rows(label: str, ckpt: Path, args: argparse.Namespace, references: di
         x_T = NoiseSource(seed, range(args.n)).draw(tuple(denoiser.image_shape))
         for nfe in args.nfe:
             for grid in args.grids:
-                samples = run_diffusers(SOLVER, nfe, denoiser, x_T, seed, args.batch, spacing=grid)
+                samples = run_peer(Peer.from_label(f"{SOLVER}, {grid}"), nfe, denoiser, x_T, args.batch)
                 spaces = quality_in_spaces(samples.images, references)
                 row = {"model": label, "seed": seed, "nfe": nfe, "grid": grid, "seconds": samples.seconds}
                 for space, q in spaces.items():

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import run_diffusers, run_ours, write_results  # noqa: E402
+from peers import Peer, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import digits_split, references_for  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> None:
                 sets = {"--nfe entry": run_ours(recipe_for_budget(nfe), denoiser, args.n, seed, 1000).images}
                 peers = best_peers(claims, label, seed, nfe, spaces)
                 for config in dict.fromkeys(peers.values()):
-                    name, _, grid = config.partition(", ")
-                    sets[config] = run_diffusers(name, nfe, denoiser, x_T, seed, 1000, spacing=grid).images
+                    sets[config] = run_peer(Peer.from_label(config), nfe, denoiser, x_T, 1000).images
                 for space, (extractor, f_real) in references.items():
                     row = {"run": label, "seed": seed, "budget": nfe, "space": space, "best peer": peers[space],
                            "memorizer": baseline[space]["memorizer"], f"unseen digits (n={small})": baseline[space]["unseen_small"]}

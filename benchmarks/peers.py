@@ -3,12 +3,12 @@
 Every sampler starts from the same per-sample noise (sample i depends only on (seed, i)) and
 uses the same posterior-mean network. ``benchmarks/sampler_claims.py`` runs the peer comparison
 (every diffusers solver on every grid it offers against our recipes, in three feature spaces);
-``benchmarks/denoiser_quality.py`` uses the same runners to compare networks.
+``benchmarks/denoiser_quality.py`` and ``benchmarks/fd_floor.py`` use the same runners (:func:`run_peer` for any
+diffusers configuration, :class:`Peer`; :func:`run_ours` for our recipes).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -29,23 +29,9 @@ GRIDS = ("leading", "linspace", "trailing", "karras")
 """Every timestep grid diffusers offers: its three ``timestep_spacing`` values and ``use_karras_sigmas``."""
 
 
-def diffusers_scheduler(name: str, grid: str = "trailing"):
-    """A fresh diffusers scheduler on one of :data:`GRIDS`; a ``-karras`` suffix on ``name`` means ``grid="karras"``."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    base, karras = name.removesuffix("-karras"), name.endswith("-karras") or grid == "karras"
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
-    spacing = {"use_karras_sigmas": True} if karras else {"timestep_spacing": grid}
-    if base == "diffusers-ddim" and not karras:
-        return DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=True, **spacing)
-    if base == "diffusers-dpm++2m":
-        return DPMSolverMultistepScheduler(**SCHED, algorithm_type="dpmsolver++", solver_order=2, **spacing)
-    if base == "diffusers-unipc":
-        return UniPCMultistepScheduler(**SCHED, **spacing)
-    if base == "diffusers-ddpm" and not karras:
-        return DDPMScheduler(**SCHED, clip_sample=False, **spacing)
-    raise ValueError(name)
+FIRST_11_SOLVERS = {"diffusers-ddim": ("ddim", ""), "diffusers-dpm++2m": ("dpm++", ""), "diffusers-unipc": ("unipc", "bh2")}
+"""The sampler claims' first 11 configurations are labelled "<one of these>, <grid>": {name: (solver, variant)},
+order 2, diffusers' defaults otherwise (:meth:`Peer.from_label`)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +53,26 @@ class Peer:
     variant: str = ""
     clip: bool = False
     final: str = "zero"
+
+    @classmethod
+    def from_label(cls, label: str) -> Peer:
+        """The configuration a result row's ``sampler`` names: one of the first 11 by solver and grid
+        (``"diffusers-unipc, leading"``, :data:`FIRST_11_SOLVERS`) or any other by its :attr:`label` after
+        ``"diffusers "`` (``"diffusers unipc-3 bh1, leading, sigma_min"``). ValueError for anything else."""
+        name, _, rest = label.partition(", ")
+        if name in FIRST_11_SOLVERS:
+            solver, variant = FIRST_11_SOLVERS[name]
+            return cls(solver, rest, variant=variant)
+        tokens = name.removeprefix("diffusers ").split(" ")
+        variant = tokens.pop() if tokens[-1] in ("bh1", "bh2") else ""
+        solver, _, order = " ".join(tokens).rpartition("-")
+        grid, *flags = rest.split(", ")
+        peer = cls(solver or "ddim", grid, int(order) if order.isdigit() else 2, variant, "clip" in flags,
+                   "sigma_min" if "sigma_min" in flags else "zero")
+        if not name.startswith("diffusers ") or f"diffusers {peer.label}" != label:
+            raise ValueError(f"{label!r} names no diffusers configuration (e.g. 'diffusers-unipc, leading' or "
+                             f"'diffusers unipc-3 bh1, leading, sigma_min')")
+        return peer
 
     @property
     def label(self) -> str:
@@ -177,48 +183,6 @@ def run_peer(peer: Peer, steps: int, denoiser, x_T: torch.Tensor, batch: int) ->
         out.append(x.clamp(-1, 1))
     seconds = time.perf_counter() - start
     return SampleSet((torch.cat(out) + 1) / 2, None, float(calls), seconds, {"peer": peer.label, "steps": steps})
-
-
-def set_diffusers_timesteps(sched, steps: int, grid: list[int] | None) -> None:
-    """``steps`` timesteps as the scheduler spaces them, or exactly ``grid`` (descending train timesteps).
-
-    DPMSolverMultistepScheduler takes custom timesteps itself. UniPC's set_timesteps does not,
-    so we set its ``timesteps`` and ``sigmas`` (sqrt((1-a)/a) at each, then 0) as its own
-    set_timesteps does for a grid it chose; on the trailing grid this reproduces its FD exactly.
-    """
-    if grid is None:
-        sched.set_timesteps(steps)
-    elif "timesteps" in inspect.signature(sched.set_timesteps).parameters:
-        sched.set_timesteps(timesteps=list(grid))
-    else:
-        sched.set_timesteps(len(grid))
-        ac = sched.alphas_cumprod.double()
-        sigmas = ((1 - ac) / ac).sqrt()[torch.tensor(grid)].float()
-        sched.timesteps = torch.tensor(grid, dtype=torch.long)
-        sched.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-@torch.no_grad()
-def run_diffusers(name: str, steps: int, denoiser, x_T: torch.Tensor, seed: int, batch: int,
-                  grid: list[int] | None = None, spacing: str = "trailing") -> SampleSet:
-    """Sample with a diffusers scheduler (on its ``spacing`` grid, or on explicit timesteps ``grid``);
-    model output = our posterior-mean eps."""
-    out = []
-    start = time.perf_counter()
-    for lo in range(0, len(x_T), batch):
-        sched = diffusers_scheduler(name, spacing)  # stateful: a fresh one per run
-        set_diffusers_timesteps(sched, steps, grid)
-        x = x_T[lo : lo + batch].clone()
-        gen = torch.Generator().manual_seed(seed + lo)
-        for t in sched.timesteps:
-            eps = denoiser.predict(x, torch.full((len(x),), int(t), dtype=torch.long)).eps
-            kwargs = {"generator": gen} if name == "diffusers-ddpm" else {}
-            x = sched.step(eps, t, x, **kwargs).prev_sample
-        out.append(x.clamp(-1, 1))
-    seconds = time.perf_counter() - start
-    images = (torch.cat(out) + 1) / 2
-    config = {"sampler": name, "steps": steps, "grid": grid, "spacing": spacing}
-    return SampleSet(images, None, float(len(sched.timesteps)), seconds, config)
 
 
 def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,

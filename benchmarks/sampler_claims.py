@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import GRIDS, Peer, bar_from, in_old_bar, parse_run, run_diffusers, run_ours, run_peer, write_results  # noqa: E402
+from peers import GRIDS, Peer, bar_from, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -247,7 +247,7 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
     for peer in PEERS:
         for grid in GRIDS:
             if not (peer == "diffusers-ddim" and grid == "karras"):
-                runs[f"{peer}, {grid}"] = partial(run_diffusers, peer, nfe, run.denoiser, x_T, seed, 1000, spacing=grid)
+                runs[f"{peer}, {grid}"] = partial(run_peer, Peer.from_label(f"{peer}, {grid}"), nfe, run.denoiser, x_T, 1000)
     for peer in extra_peers(nfe):
         runs[f"diffusers {peer.label}"] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
     screened = screened_rows(run, seed, nfe, n)
