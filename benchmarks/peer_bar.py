@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import (Peer, all_peers, bar_from, in_old_bar, parse_run, run_ours, run_peer, screened_peers,  # noqa: E402
+from peers import (Peer, all_peers, bar_from, diverged, in_old_bar, parse_run, run_ours, run_peer, screened_peers,  # noqa: E402
                    write_results)
 from sampler_claims import score_row  # noqa: E402
 
@@ -64,10 +64,10 @@ def cell_rows(label: str, denoiser, seed: int, nfe: int, n: int, references: dic
 
     def run(peer: Peer) -> None:
         samples = run_peer(peer, nfe, denoiser, x_T, 1000)
-        finite = bool(torch.isfinite(samples.images).all())  # some order-3 configurations blow up at few steps
-        scores = score_row(samples.images, references, {}) if finite else {f"{s}/fd": float("inf") for s in references}
+        blown_up = diverged(samples)
+        scores = {f"{s}/fd": float("inf") for s in references} if blown_up else score_row(samples.images, references, {})
         rows.append({**base, "sampler": peer.label, "family": "peer", "peer": asdict(peer), "old_bar": in_old_bar(peer),
-                     "diverged": not finite, **scores})
+                     "diverged": blown_up, **scores})
         print_row(rows[-1], references)
 
     for peer in peers:

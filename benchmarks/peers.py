@@ -185,6 +185,11 @@ def run_peer(peer: Peer, steps: int, denoiser, x_T: torch.Tensor, batch: int) ->
     return SampleSet((torch.cat(out) + 1) / 2, None, float(calls), seconds, {"peer": peer.label, "steps": steps})
 
 
+def diverged(samples: SampleSet) -> bool:
+    """Whether any sample is not finite (some order-3 configurations blow up at few steps; they are no bar)."""
+    return not bool(torch.isfinite(samples.images).all())
+
+
 def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
              on_chunk: Callable[[SampleResult], None] | None = None) -> SampleSet:
     """``n`` samples with ``recipe`` in chunks of ``batch``; ``on_chunk`` sees each chunk's full result (extras)."""

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import GRIDS, Peer, bar_from, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
+from peers import GRIDS, Peer, bar_from, diverged, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -261,7 +261,7 @@ def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set
                          "nfe": float(nfe), "nfe_max": float(nfe), **scores})
         else:
             samples = sample()
-            if not torch.isfinite(samples.images).all():  # an extra configuration that blows up on this cell
+            if diverged(samples):  # an extra configuration that blows up on this cell
                 print(f"{run.label} seed {seed} NFE {nfe} {name}: not finite, left out of the bar", flush=True)
                 continue
             rows.append({"run": run.label, "seed": seed, "budget": nfe, "sampler": name, "family": "peer",

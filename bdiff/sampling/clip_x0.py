@@ -27,7 +27,8 @@ from bdiff.sampling.state import SamplerState
 
 
 class ClipX0(SamplerCallback):
-    """Clamp every x0 estimate to [-``limit``, ``limit``] and take the noise prediction that gives it (module docstring).
+    """Clamp every x0 estimate to [-``limit``, ``limit``] and take the noise prediction that gives it (module
+    docstring).
 
     Args:
         limit: the data's largest absolute value (> 0; 1 for images scaled to [-1, 1]).

@@ -178,7 +178,8 @@ class DDPM(Stepper):
         a = alpha.sqrt() * (1 - a_s) / (1 - a_t)
         var = ((1 - a_s) / (1 - a_t) * beta).clamp(min=1e-20)
         zero = torch.zeros_like(a)
-        return StepCoefficients(a, b, torch.ones_like(a), a_hist.new_zeros(a_hist.shape), torch.where(a_s < 1, var.sqrt(), zero))
+        noise_std = torch.where(a_s < 1, var.sqrt(), zero)
+        return StepCoefficients(a, b, torch.ones_like(a), a_hist.new_zeros(a_hist.shape), noise_std)
 
 
 class DDIM(Stepper):
