@@ -1,9 +1,10 @@
 """What ``--nfe N`` runs between the measured budgets: each candidate entry at every N in a range.
 
     python benchmarks/budgets_between.py --run A=runs/cos0/bdiff/6m7k765u/checkpoints/last.ckpt:1 --nfe 5 6 7 8 9 10
+    python benchmarks/budgets_between.py --run A=... --nfe 3 4 12 15 18 --stem budgets_between_more
 
-:data:`bdiff.sampling.budget.BEST_RECIPES` is measured at 5, 10 and 20 denoiser calls; any other
-budget N takes the entry of the largest measured budget <= N with N steps. A recipe that wins at 5
+:data:`bdiff.sampling.budget.BEST_RECIPES` lists a few budgets (the sampler claims measure 5, 10 and 20
+denoiser calls); any other budget N takes the entry of the largest listed budget <= N with N steps. A recipe that wins at 5
 calls need not at 8 (UniPC of order 3 to the last step, the 5-NFE winner of the twelfth session,
 read 6x the FD of order 2 at 10 calls on the fitted grid), so this runs each candidate entry (the
 ``--nfe`` table's own and :data:`CANDIDATES`) at every N on the choose cell of the sampler claims
@@ -36,8 +37,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "unipc-3 bh2 to the end, fitted": {
         "stepper": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}, "spacing": FITTED},
     "unipc, fitted from T-1": {"stepper": "unipc", "spacing": {"name": "fitted", "late_start": False}},
+    "unipc bh1, leading": {"stepper": {"name": "unipc", "variant": "bh1"}, "spacing": {"name": "leading"}},
 }
-"""Recipes (without ``steps``) tried at every budget: the 5- and 10-NFE entries of the sessions and their rivals."""
+"""Recipes (without ``steps``) tried at every budget: the 5-, 10- and 20-NFE entries of the sessions and their rivals."""
 
 
 def main() -> None:

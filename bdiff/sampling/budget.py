@@ -16,10 +16,12 @@ for another against these entries, or led by 1-2%, which the report cells revers
 none of them.
 
 Another budget N takes the entry of the largest listed budget <= N (the smallest for N below it)
-with its steps and ``max_nfe`` set to N. The 6-call entry (UniPC bh1, order 2, on the fitted grid:
-the 5-NFE entry before the twelfth session) is there because the order-3 recipe does not carry
-over: on the choose cell it loses to it in one space at 6 calls and reads 2-4x its FD from 7 to
-10 (``benchmarks/budgets_between.py``). Named recipes stay available with ``--config``.
+with its steps and ``max_nfe`` set to N. The 3- and 6-call entries (UniPC bh1, order 2, on the
+fitted grid: the 5-NFE entry before the twelfth session) are there because the order-3 recipe wins
+at 5 calls only: on the choose cell it loses to it at 3 calls in every space, at 4 and 6 in one or
+two, and reads 2-4x its FD from 7 to 10 (``benchmarks/budgets_between.py``). From 11 to 19 calls
+neither the 10- nor the 20-NFE entry beat the other in every space there (at 12, 15 and 18).
+Named recipes stay available with ``--config``.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from typing import Any
 from bdiff.checks import as_integer
 from bdiff.sampling.recipe import Recipe
 
+_UNIPC_BH1_FITTED: dict[str, Any] = {"stepper": {"name": "unipc", "variant": "bh1"}, "spacing": {"name": "fitted"}}
+
 BEST_RECIPES: dict[int, dict[str, Any]] = {
+    3: {**_UNIPC_BH1_FITTED, "steps": 3},
     5: {"stepper": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}, "steps": 5,
         "spacing": {"name": "fitted"}},
-    6: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 6, "spacing": {"name": "fitted"}},
+    6: {**_UNIPC_BH1_FITTED, "steps": 6},
     10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
     20: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 20, "spacing": {"name": "leading"}},
 }
