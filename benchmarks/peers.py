@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -62,14 +63,18 @@ class Peer:
         name, _, rest = label.partition(", ")
         if name in FIRST_11_SOLVERS:
             solver, variant = FIRST_11_SOLVERS[name]
-            return cls(solver, rest, variant=variant)
+            peer = cls(solver, rest, variant=variant)
+            if not in_old_bar(peer):
+                raise ValueError(f"{label!r} names none of the first 11 configurations (grids: {', '.join(GRIDS)}; "
+                                 "DDIM has no Karras grid)")
+            return peer
         tokens = name.removeprefix("diffusers ").split(" ")
         variant = tokens.pop() if tokens[-1] in ("bh1", "bh2") else ""
         solver, _, order = " ".join(tokens).rpartition("-")
         grid, *flags = rest.split(", ")
         peer = cls(solver or "ddim", grid, int(order) if order.isdigit() else 2, variant, "clip" in flags,
                    "sigma_min" if "sigma_min" in flags else "zero")
-        if not name.startswith("diffusers ") or f"diffusers {peer.label}" != label:
+        if not name.startswith("diffusers ") or f"diffusers {peer.label}" != label or peer not in _all_peer_set():
             raise ValueError(f"{label!r} names no diffusers configuration (e.g. 'diffusers-unipc, leading' or "
                              f"'diffusers unipc-3 bh1, leading, sigma_min')")
         return peer
@@ -130,6 +135,12 @@ def all_peers() -> list[Peer]:
     return out
 
 
+@cache
+def _all_peer_set() -> frozenset[Peer]:
+    """:func:`all_peers` as a set, built once."""
+    return frozenset(all_peers())
+
+
 def screened_peers() -> list[Peer]:
     """:func:`all_peers` without x0 clipping, the beta grid and DDIM: 76 configurations, affordable at 2,000 samples.
 
@@ -186,7 +197,8 @@ def run_peer(peer: Peer, steps: int, denoiser, x_T: torch.Tensor, batch: int) ->
 
 
 def diverged(samples: SampleSet) -> bool:
-    """Whether any sample is not finite (some order-3 configurations blow up at few steps; they are no bar)."""
+    """Whether any sample is NaN (some order-3 configurations blow up at few steps; they are no bar). :func:`run_peer`
+    clamps images to [-1, 1], so an infinite sample reads as a saturated one (and a far FD), not as diverged."""
     return not bool(torch.isfinite(samples.images).all())
 
 

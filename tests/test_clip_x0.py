@@ -75,6 +75,28 @@ def test_clipped_pixels_are_in_range_and_lose_their_epistemic_variance() -> None
     assert (var[at_limit] == 0).all() and (var[~at_limit] == 1e-3).all()
 
 
+class _EpsFinite(SamplerCallback):
+    """Fails unless every noise prediction the callbacks after ClipX0 see is finite."""
+
+    def after_prediction(self, state, sampler) -> None:
+        assert torch.isfinite(state.prediction.eps).all(), "a finished sample (t = -1) got a non-finite eps"
+
+
+class _FinishFirst(SamplerCallback):
+    """Before the third model call, marks sample 0 finished (t = -1), as adaptive steps or a critic's pass can."""
+
+    def before_model(self, state, sampler) -> None:
+        if state.step == 2:
+            state.t[0], state.active[0] = -1, False
+
+
+def test_finished_samples_keep_their_prediction() -> None:
+    """A finished sample (t = -1, x0 = x beyond [-1, 1]) has no eps to recompute: clipping leaves its row alone."""
+    noise, x_T = _x_T()
+    result = Sampler(ToyDenoiser(), DDIM(), 6, [_FinishFirst(), ClipX0(), _EpsFinite()]).run(x_T, noise)
+    assert result.nfe.tolist() == [2, 6, 6]
+
+
 def test_clip_x0_is_a_recipe_callback_and_refuses_a_bad_limit() -> None:
     recipe = Recipe.from_dict({"stepper": "ddim", "steps": 4, "callbacks": [{"name": "clip_x0", "limit": 1.0}]})
     assert isinstance(recipe.build_callbacks()[0], ClipX0)

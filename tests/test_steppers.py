@@ -161,9 +161,19 @@ def test_unipc_order_3_matches_diffusers_up_to_its_final_step(variant: str, step
         assert (second - third).abs().max() > 1e-4
 
 
-def test_unipc_refuses_an_unknown_order() -> None:
+def test_unipc_refuses_an_unknown_order_and_a_memory_or_call_it_cannot_step_with() -> None:
     with pytest.raises(ValueError, match="order"):
         UniPC(order=4)
+    with pytest.raises(ValueError, match="lower_order_final must be true or false"):
+        UniPC(order=3, lower_order_final="false")
+    x = torch.zeros(2, 1, 4, 4)
+    a = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    third = UniPC(order=3)
+    with pytest.raises(ValueError, match="keeps 3 earlier steps but got a memory of 2"):
+        third.step(x, x, x, x, a, 2 * a, UniPC().memory(x), lambda rows: x, a_after=a)
+    with pytest.raises(ValueError, match="needs a_after"):
+        third.step(x, x, x, x, a, 2 * a, third.memory(x), lambda rows: x)
+    UniPC(order=3, lower_order_final=False).step(x, x, x, x, a, 2 * a, third.memory(x), lambda rows: x)  # needs none
 
 
 def test_unipc_refuses_an_unknown_variant() -> None:
@@ -329,11 +339,13 @@ def test_a_step_is_a_pure_function_and_the_sampler_keeps_no_job_state(stepper) -
     x, amp, x0, amp_x0 = (torch.randn(3, 1, 4, 4, generator=g) for _ in range(4))
     sched = NoiseSchedule("linear")
     a_t, a_s = sched.alpha_bar(torch.tensor([900, 500, 100])), sched.alpha_bar(torch.tensor([700, 300, -1]))
+    after = {"a_after": torch.full((3,), 0.5, dtype=torch.float64)}  # no step is the one before the last
     memory = stepper.step(x, amp, x0, amp_x0, sched.alpha_bar(torch.tensor([999, 700, 300])), a_t,
-                          stepper.memory(x), lambda rows: torch.ones_like(x)).memory
+                          stepper.memory(x), lambda rows: torch.ones_like(x), **after).memory
     inputs = [v.clone() for v in (x, amp, x0, amp_x0)]
     kept = {k: v.clone() for k, v in vars(memory).items()}
-    first, second = (stepper.step(x, amp, x0, amp_x0, a_t, a_s, memory, lambda rows: torch.ones_like(x)) for _ in range(2))
+    first, second = (stepper.step(x, amp, x0, amp_x0, a_t, a_s, memory, lambda rows: torch.ones_like(x), **after)
+                     for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x, amp, x0, amp_x0)))
     assert all(torch.equal(v.nan_to_num(), getattr(memory, k).nan_to_num()) for k, v in kept.items())
     assert torch.equal(first.x_next, second.x_next) and torch.equal(first.amp_next, second.amp_next)

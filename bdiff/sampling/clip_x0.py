@@ -40,10 +40,11 @@ class ClipX0(SamplerCallback):
         self.limit = as_number("clip_x0 limit", limit, 0, exclusive=True)
 
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
+        active = sampler.schedule.broadcast(state.active, state.x)  # finished samples (t = -1) have no eps to clip
         clipped = state.x0.clamp(-self.limit, self.limit)
-        moved = clipped != state.x0
+        moved = (clipped != state.x0) & active
         if not bool(moved.any()):
             return
-        eps = sampler.schedule.x0_to_eps(state.x, state.t, clipped)
+        eps = torch.where(active, sampler.schedule.x0_to_eps(state.x, state.t, clipped), state.prediction.eps)
         var = torch.where(moved, torch.zeros_like(state.prediction.var_epistemic), state.prediction.var_epistemic)
         sampler.replace_prediction(state, eps, var, state.active)

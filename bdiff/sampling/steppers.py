@@ -47,10 +47,6 @@ class StepCoefficients(NamedTuple):
     noise_std: Tensor
 
 
-HISTORY_FIELDS = ("a", "x0", "amp_x0")
-""":class:`Memory` fields that stack the last K steps along a leading dimension."""
-
-
 @dataclass(frozen=True)
 class Memory:
     """A multistep stepper's memory of each sample's last K accepted steps, newest first (K = ``Stepper.depth``).
@@ -65,12 +61,10 @@ class Memory:
 
     @classmethod
     def empty(cls, x: Tensor, depth: int) -> Memory:
-        """No previous step for any row of ``x`` (B,C,H,W): NaN alpha-bars (and ``x_pred``), zero images."""
+        """A memory of ``depth`` steps with no step yet for any row of ``x`` (B,C,H,W): NaN alpha-bars, zero images."""
         nan = torch.full((depth, x.shape[0]), float("nan"), dtype=torch.float64, device=x.device)
         zeros = x.new_zeros((depth, *x.shape))
-        blank = {"a": nan, "x0": zeros, "amp_x0": zeros, "x_pred": torch.full_like(x, float("nan")),
-                 "order": torch.zeros(x.shape[0], dtype=torch.long, device=x.device)}
-        return cls(**{f.name: blank[f.name] for f in fields(cls)})
+        return cls(nan, zeros, zeros)
 
     @property
     def depth(self) -> int:
@@ -79,8 +73,10 @@ class Memory:
 
     def where(self, rows: Tensor, other: Memory) -> Memory:
         """``other``'s entries for the samples in ``rows`` (B,) bool, this memory's for the rest."""
+        history = {f.name for f in fields(Memory)}  # stacked (K,B,...); a subclass's own fields are (B,...)
+
         def pick(name: str, mine: Tensor, theirs: Tensor) -> Tensor:
-            batch_dim = 1 if name in HISTORY_FIELDS else 0
+            batch_dim = 1 if name in history else 0
             shape = [1] * mine.dim()
             shape[batch_dim] = -1
             return torch.where(rows.reshape(shape), theirs, mine)
@@ -106,6 +102,13 @@ class CorrectorMemory(Memory):
 
     x_pred: Tensor
     order: Tensor
+
+    @classmethod
+    def empty(cls, x: Tensor, depth: int) -> CorrectorMemory:
+        """No step yet: :meth:`Memory.empty`, ``x_pred`` NaN and ``order`` 0 for every row of ``x`` (B,C,H,W)."""
+        blank = Memory.empty(x, depth)
+        order = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return cls(blank.a, blank.x0, blank.amp_x0, torch.full_like(x, float("nan")), order)
 
 
 class StepOut(NamedTuple):
@@ -150,6 +153,9 @@ class Stepper:
         a_t, a_s: (B,) float64 alpha-bars of the step's ends; ``noise(rows)`` draws z for the rows
         whose step is stochastic (as k-diffusion's ``noise_sampler``); ``a_after``: see the class docstring.
         """
+        if memory.depth != self.depth:
+            raise ValueError(f"{self.name} keeps {self.depth} earlier steps but got a memory of {memory.depth}: "
+                             "start from this stepper's own memory(x)")
         c = self.coefficients(a_t, a_s, memory.a, a_after)
         a, b, w_cur, sd = (NoiseSchedule.broadcast(v, x) for v in (c.a, c.b, c.w_cur, c.noise_std))
         x_next = a * x + b * self._combine(w_cur * x0, c.w_hist, memory.x0)
@@ -239,16 +245,19 @@ class DPMSolverPP2M(Stepper):
 class UniPC(DPMSolverPP2M):
     """UniPC (Zhao et al. 2023, "UniPC"), order 2 or 3, data prediction, B(h) = e^h - 1 ("bh2") or h ("bh1").
 
+    In the data-prediction form below B stands for B(-h) (e^{-h} - 1 for bh2, -h for bh1), as in
+    diffusers' ``B_h`` with ``hh = -h``.
+
     Predictor UniP-p from x_t, with the model outputs m_t (now) and m_1, m_2 of earlier steps
     (Alg. 2 of the paper; ``multistep_uni_p_bh_update`` in diffusers):
 
-        x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) m_t - alpha_s B(h) sum_k rho_k D_k,
+        x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) m_t - alpha_s B sum_k rho_k D_k,
         D_k = (m_k - m_t) / r_k,  r_k = (lambda_k - lambda_t) / h,  h = lambda_s - lambda_t,
 
     with rho = 1/2 at order 2 (so UniP-2 with bh2 is DPM-Solver++(2M) itself, and bh1 scales its
     second-order term by h / (1 - e^{-h}); the paper recommends bh1 for unconditional sampling with
     few steps) and, at order 3, (rho_1, rho_2) solving sum_k rho_k r_k^(i-1) = b_i for i = 1, 2, where
-    b_i = i! phi_(i+1)(h) / B(h) in UniPC's data-prediction form. The order rises one per step as
+    b_i = i! phi_(i+1)(-h) / B (:meth:`_b_terms`). The order rises one per step as
     history builds up (a first step is first order), and the final step, to sigma = 0, is first
     order (the x0 estimate itself: h is infinite there).
 
@@ -257,7 +266,7 @@ class UniPC(DPMSolverPP2M):
     the p x p system sum_k rho_k r_k^(i-1) = b_i (k over the predictor's D_k and r = 1 for
     m_s - m_t) and moves x_s by the difference to the predictor:
 
-        x_s <- x_s - alpha_s B(h) [ sum_k (rho_k^C - rho_k^P) D_k + rho_p^C (m_s - m_t) ],
+        x_s <- x_s - alpha_s B [ sum_k (rho_k^C - rho_k^P) D_k + rho_p^C (m_s - m_t) ],
 
     (order 1: rho^C = 1/2). m_s stays the model output of the uncorrected x_s, as in the paper and
     diffusers' ``UniPCMultistepScheduler`` (matched step for step in the tests). diffusers' bh1 with
@@ -279,9 +288,11 @@ class UniPC(DPMSolverPP2M):
     def __init__(self, variant: str = "bh2", order: int = 2, lower_order_final: bool = True) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"UniPC variant must be one of {self.VARIANTS} (its B(h)), got {variant!r}")
-        if order not in self.ORDERS or isinstance(order, bool):
+        if order not in self.ORDERS:
             raise ValueError(f"UniPC order must be one of {self.ORDERS}, got {order!r}")
-        self.variant, self.order, self.lower_order_final = variant, int(order), bool(lower_order_final)
+        if not isinstance(lower_order_final, bool):
+            raise ValueError(f"UniPC lower_order_final must be true or false, got {lower_order_final!r}")
+        self.variant, self.order, self.lower_order_final = variant, int(order), lower_order_final
         self.depth = self.order  # the corrector of an order-p step reads m_t and the p - 1 outputs before it
 
     def _b(self, h: Tensor) -> Tensor:
@@ -321,7 +332,10 @@ class UniPC(DPMSolverPP2M):
         h, r = self._ratios(a_t, a_s, a_hist)
         second = torch.isfinite(h) & torch.isfinite(r[0])
         third = second & torch.isfinite(r[1]) if self.order >= 3 else torch.zeros_like(second)
-        if self.lower_order_final and a_after is not None:
+        if self.order >= 3 and self.lower_order_final:
+            if a_after is None:
+                raise ValueError("UniPC of order 3 with lower_order_final needs a_after, a at the grid point after the "
+                                 "step (the Sampler passes it); pass it, or set lower_order_final=False")
             third = third & (a_after < 1)
         return 1 + second.long() + third.long()
 
@@ -375,10 +389,10 @@ class UniPC(DPMSolverPP2M):
 
         a_s: a at the point just evaluated; a_hist: the memory's (K,B), newest first, so a_hist[0] is the
         previous step's start t; order (B,) long: the previous predictor step's order (1-3). Where there
-        is no previous step every weight is NaN.
+        is no previous step c_s and c_hist[0] are NaN (:meth:`correct` then leaves x as it is).
         """
         h, r = self._ratios(a_hist[0], a_s, a_hist[1:])
-        scale = a_s.sqrt() * self._b(h)  # alpha_s B(h)
+        scale = a_s.sqrt() * self._b(h)  # alpha_s B
         b1, b2, b3 = self._b_terms(h)
         c_hist = torch.zeros_like(a_hist)
         second = order >= 2  # order 2: rho^C solves [[1, 1], [r_1, 1]] rho = (b_1, b_2)
@@ -401,7 +415,8 @@ class UniPC(DPMSolverPP2M):
         """UniC-3's weights on m_s, m_1, m_2 (each (B,)) after a UniP-3 step, valid where ``rows`` (B,) bool.
 
         Solves [[1, 1, 1], [r_1, r_2, 1], [r_1^2, r_2^2, 1]] rho^C = (b_1, b_2, b_3) per sample (a 3 x 3
-        system, torch.linalg.solve; the identity stands in where a row is not of order 3).
+        system, torch.linalg.solve; rows not of order 3 solve a stand-in system with r = (-1, -2), whose
+        result is discarded).
         """
         r1, r2 = (torch.where(rows, v, torch.full_like(v, -1.0 - i)) for i, v in enumerate(r[:2]))
         one = torch.ones_like(r1)
