@@ -341,10 +341,10 @@ class UniPC(DPMSolverPP2M):
 
     def coefficients(self, a_t: Tensor, a_s: Tensor, a_hist: Tensor, a_after: Tensor | None = None) -> StepCoefficients:
         c = super().coefficients(a_t, a_s, a_hist)  # orders 1 and 2
-        h, r = self._ratios(a_t, a_s, a_hist)
         third = self.predictor_order(a_t, a_s, a_hist, a_after) == 3
         if not bool(third.any()):
             return c
+        h, r = self._ratios(a_t, a_s, a_hist)
         b1, b2, _ = self._b_terms(h)
         rho1, rho2 = self._predictor_rhos(r[0], r[1], b1, b2)
         gain = self._second_order_gain(h)
