@@ -57,7 +57,7 @@ def main() -> None:
     for nfe in args.nfe:
         entry = recipe_for_budget(nfe).as_dict()
         for name, spec in CANDIDATES.items():
-            recipe = Recipe.from_dict({**rescale(spec, nfe), "steps": nfe}, name=name)
+            recipe = Recipe.from_dict(rescale(spec, nfe), name=name)
             for seed in seeds:
                 samples = run_ours(recipe, run.denoiser, args.n, seed, 1000)
                 is_entry = (recipe.stepper, recipe.spacing) == (entry["stepper"], entry["spacing"])

@@ -62,12 +62,10 @@ class Peer:
         ``"diffusers "`` (``"diffusers unipc-3 bh1, leading, sigma_min"``). ValueError for anything else."""
         name, _, rest = label.partition(", ")
         if name in FIRST_11_SOLVERS:
-            solver, variant = FIRST_11_SOLVERS[name]
-            peer = cls(solver, rest, variant=variant)
-            if not in_old_bar(peer):
+            if label not in first_11():
                 raise ValueError(f"{label!r} names none of the first 11 configurations (grids: {', '.join(GRIDS)}; "
                                  "DDIM has no Karras grid)")
-            return peer
+            return first_11()[label]
         tokens = name.removeprefix("diffusers ").split(" ")
         variant = tokens.pop() if tokens[-1] in ("bh1", "bh2") else ""
         solver, _, order = " ".join(tokens).rpartition("-")
@@ -153,11 +151,17 @@ def screened_peers() -> list[Peer]:
     return [p for p in all_peers() if not p.clip and p.grid != "beta" and p.solver != "ddim"]
 
 
+@cache
+def first_11() -> dict[str, Peer]:
+    """The sampler claims' first 11 configurations by row label (``"diffusers-unipc, leading"``): each of
+    :data:`FIRST_11_SOLVERS` on each of :data:`GRIDS` (DDIM has no Karras grid), order 2, no clipping."""
+    return {f"{name}, {grid}": Peer(solver, grid, variant=variant) for name, (solver, variant) in FIRST_11_SOLVERS.items()
+            for grid in GRIDS if not (solver == "ddim" and grid == "karras")}
+
+
 def in_old_bar(peer: Peer) -> bool:
-    """Whether ``peer`` is one of the sampler claims' 11 configurations (order 2, bh2, no clipping, four grids)."""
-    return (not peer.clip and peer.order == 2 and peer.final == "zero" and peer.grid in ("leading", "linspace", "trailing", "karras")
-            and (peer.solver, peer.variant) in (("ddim", ""), ("dpm++", ""), ("unipc", "bh2"))
-            and not (peer.solver == "ddim" and peer.grid == "karras"))
+    """Whether ``peer`` is one of the sampler claims' first 11 configurations (:func:`first_11`)."""
+    return peer in first_11().values()
 
 
 def bar_from(rows: list[dict], top: int) -> dict[int, list[Peer]]:
@@ -167,7 +171,7 @@ def bar_from(rows: list[dict], top: int) -> dict[int, list[Peer]]:
     spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
     out = {}
     for nfe in sorted({r["budget"] for r in rows}):
-        chosen = {p for p in all_peers() if in_old_bar(p)}
+        chosen = set(first_11().values())
         for space in spaces:
             ranked = sorted((r for r in rows if r["budget"] == nfe), key=lambda r: r[f"{space}/fd"])
             chosen.update(Peer(**r["peer"]) for r in ranked[:top])

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import GRIDS, Peer, bar_from, diverged, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
+from peers import FIRST_11_SOLVERS, Peer, bar_from, diverged, first_11, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
 
 from bdiff.checkpoint import load_model  # noqa: E402
 from bdiff.evaluate import references_for  # noqa: E402
@@ -62,17 +62,18 @@ from bdiff.sampling.steppers import UniPC  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (5, 10, 20)
-PEERS = ("diffusers-ddim", "diffusers-dpm++2m", "diffusers-unipc")
 PEER_BAR_CHOOSE = RESULTS / "peer_bar_choose.json"
 """Every diffusers option on the choose cell (``benchmarks/peer_bar.py``): its best join the bar (:func:`extra_peers`)."""
 EXTRA_PEERS_TOP = 3
 """Configurations per budget and feature space that join the bar from :data:`PEER_BAR_CHOOSE`."""
-FIRST_11 = tuple(f"{peer}, " for peer in PEERS)
+FIRST_11 = tuple(f"{name}, " for name in FIRST_11_SOLVERS)
 """Label prefixes of the first 11 configurations' rows (the extra ones read ``diffusers <Peer.label>``)."""
 OUR_GRIDS = {"leading": {"name": "leading"}, "linspace": {"name": "linspace"}, "trailing": {"name": "trailing"},
              "karras5": {"name": "karras", "rho": 5.0}, "karras7": {"name": "karras", "rho": 7.0}}
 FITTED_GRIDS = {"fitted": {"name": "fitted"}, "fitted from T-1": {"name": "fitted", "late_start": False}}
 """Grids fitted to the run's checkpoint (:mod:`bdiff.sampling.fitted_grid`): starting where the fit says, or at T-1."""
+STEPPER_GRIDS = {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}
+"""The grids the stepper families (UniPC bh1, order 3, x0 clipping) are tried on."""
 TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.25, 0.3), 20: (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
 """Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
 EPS_SCALES = (0.98, 0.99, 0.995, 0.998, 1.002, 1.005, 1.01, 1.02, 1.04)
@@ -128,15 +129,15 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
         for scale in EPS_SCALES:
             out[f"unipc + eps scaling {scale}, {grid}"] = ("eps scaling", {
                 "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{"name": "eps_scaling", "scale": scale}]})
-    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+    for grid, spacing in STEPPER_GRIDS.items():
         out[f"unipc bh1, {grid}"] = ("unipc bh1", {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": nfe, "spacing": spacing})
-    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+    for grid, spacing in STEPPER_GRIDS.items():
         for variant in UniPC.VARIANTS:
             stepper = {"name": "unipc", "variant": variant, "order": 3}
             out[f"unipc-3 {variant}, {grid}"] = ("unipc order 3", {"stepper": stepper, "steps": nfe, "spacing": spacing})
             out[f"unipc-3 {variant} to the end, {grid}"] = (
                 "unipc order 3 to the end", {"stepper": {**stepper, "lower_order_final": False}, "steps": nfe, "spacing": spacing})
-    for grid, spacing in {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}.items():
+    for grid, spacing in STEPPER_GRIDS.items():
         for label, stepper in CLIP_STEPPERS.items():
             out[f"{label} + clip x0, {grid}"] = (
                 "clip x0", {"stepper": stepper, "steps": nfe, "spacing": spacing, "callbacks": [{"name": "clip_x0"}]})
@@ -240,14 +241,12 @@ def extra_peers(nfe: int) -> list[Peer]:
 
 
 def peer_rows(run: Run, seed: int, nfe: int, n: int, references: dict, done: set[str]) -> list[dict[str, Any]]:
-    """Every bar configuration at ``nfe`` steps not in ``done`` (labels): the first 11 (:data:`PEERS` on
-    :data:`GRIDS`) and :func:`extra_peers`."""
+    """Every bar configuration at ``nfe`` steps not in ``done`` (labels): the first 11 (:func:`peers.first_11`)
+    and :func:`extra_peers`."""
     x_T = NoiseSource(seed, range(n)).draw(tuple(run.denoiser.image_shape))
     runs: dict[str, Callable[[], Any]] = {}
-    for peer in PEERS:
-        for grid in GRIDS:
-            if not (peer == "diffusers-ddim" and grid == "karras"):
-                runs[f"{peer}, {grid}"] = partial(run_peer, Peer.from_label(f"{peer}, {grid}"), nfe, run.denoiser, x_T, 1000)
+    for label, peer in first_11().items():
+        runs[label] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
     for peer in extra_peers(nfe):
         runs[f"diffusers {peer.label}"] = partial(run_peer, peer, nfe, run.denoiser, x_T, 1000)
     screened = screened_rows(run, seed, nfe, n)
