@@ -4,8 +4,8 @@
         --config configs/sampler/dpmpp_blend.yaml --n 1000 --seed 0 --out samples.npz
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
 
-``--nfe N`` picks the measured-best recipe for N denoiser calls per sample
-(:mod:`bdiff.sampling.budget`). The command line is a jsonargparse parser, like train.py's:
+``--nfe N`` picks the measured-best recipe for at most N denoiser calls per sample
+(:mod:`bdiff.sampling.budget`; at some budgets it takes fewer). The command line is a jsonargparse parser, like train.py's:
 a recipe's keys (``stepper``, ``steps``, ``spacing``, ``posterior_samples``, ``callbacks``) are
 options of their own, so ``--config`` reads a recipe file, later options override its keys
 (``--config configs/sampler/unipc.yaml --steps 20``), a recipe can be given without a file
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
     p.add_argument("--nfe", type=Optional[int], default=None,
                    help="a budget of denoiser calls per sample: use the measured-best recipe for it "
-                        "(bdiff.sampling.budget) instead of a recipe")
+                        "(bdiff.sampling.budget; it may take fewer calls) instead of a recipe")
     add_recipe_arguments(p)
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,7 @@ import pytest
 from bdiff.checkpoint import load_model
 from bdiff.metrics.samples_file import load_samples
 from bdiff.sample import main
-from bdiff.sampling.budget import BEST_RECIPES, recipe_for_budget
+from bdiff.sampling.budget import BEST_RECIPES, FEWER_CALLS, recipe_for_budget
 
 
 @pytest.fixture(autouse=True)
@@ -23,14 +23,23 @@ def test_the_table_has_every_measured_budget_and_no_critic() -> None:
     for budget in BEST_RECIPES:
         recipe = recipe_for_budget(budget)
         assert recipe.steps <= budget and not any(c["name"] == "critic" for c in recipe.callbacks)
-    assert recipe_for_budget(7).steps == 7 and recipe_for_budget(7).spacing["name"] == "fitted"  # the lower entry, rescaled
+    assert recipe_for_budget(9).steps == 9 and recipe_for_budget(9).spacing["name"] == "fitted"  # the lower entry, rescaled
     # order 3 to the last step won at 5 calls only (it lost at 3, 4 and 6 and collapses from 7): it runs at 5 alone
     assert recipe_for_budget(5).stepper["order"] == 3
     assert not any("order" in recipe_for_budget(n).stepper for n in (1, 2, 4, 6, 9))
     assert recipe_for_budget(30).stepper == {"name": "unipc", "variant": "bh1"} and recipe_for_budget(30).steps == 30
 
 
-@pytest.mark.parametrize("nfe", [1, 2, 4, 5, 7, 10, 13, 20, 30])
+def test_some_budgets_run_a_shorter_entry_as_it_is() -> None:
+    """On the fitted grids FD is not monotone in the steps: at 11 and 12 calls the 10-call entry beat itself stretched."""
+    for budget, shorter in FEWER_CALLS.items():
+        assert shorter in BEST_RECIPES and shorter < budget and budget not in BEST_RECIPES
+        assert recipe_for_budget(budget).as_dict() == {**recipe_for_budget(shorter).as_dict(), "name": f"best-at-{budget}-nfe"}
+    assert recipe_for_budget(12).steps == 10 and recipe_for_budget(13).steps == 13  # 13 stretches the 10-call entry
+    assert recipe_for_budget(7).steps == 6 and recipe_for_budget(8).steps == 8
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4, 5, 7, 10, 12, 13, 20, 30])
 def test_the_chosen_recipe_never_spends_more_than_the_budget(last_ckpt: Path, nfe: int) -> None:
     recipe = recipe_for_budget(nfe)
     result = recipe.build(load_model(last_ckpt, num_samples=2)).sample(6, seed=0)

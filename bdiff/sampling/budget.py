@@ -16,11 +16,12 @@ for another against these entries, or led by 1-2%, which the report cells revers
 none of them.
 
 Another budget N takes the entry of the largest listed budget <= N (the smallest for N below it)
-with its steps and ``max_nfe`` set to N. The 3- and 6-call entries (UniPC bh1, order 2, on the
+with its steps and ``max_nfe`` set to N, except the budgets in :data:`FEWER_CALLS`, which run that
+entry as it is, with fewer calls than N. The 3- and 6-call entries (UniPC bh1, order 2, on the
 fitted grid: the 5-NFE entry before the twelfth session) are there because the order-3 recipe wins
 at 5 calls only: on the choose cell it loses to it at 3 calls in every space, at 4 and 6 in one or
 two, and reads 2-4x its FD from 7 to 10 (``benchmarks/budgets_between.py``). From 11 to 19 calls
-neither the 10- nor the 20-NFE entry beat the other in every space there (at 12, 15 and 18).
+the 20-NFE entry (UniPC bh1, leading grid) beat the 10-NFE one, stretched or not, in every space at no budget.
 Named recipes stay available with ``--config``.
 """
 
@@ -44,6 +45,17 @@ BEST_RECIPES: dict[int, dict[str, Any]] = {
 }
 """{budget: recipe dict}; see the module docstring for where each entry comes from."""
 
+FEWER_CALLS: dict[int, int] = {7: 6, 11: 10, 12: 10, 15: 10, 16: 10, 19: 10}
+"""{budget N: listed budget b < N} where ``--nfe N`` runs b's entry as it is (b calls) rather than stretched to N
+steps: on the fitted grids FD is not monotone in the number of steps. Over the five cells (the choose cell and
+the four report cells), the 10-call entry read 0.54-0.87x the digits FD of itself stretched to 11-19 steps,
+0.73-1.02x its MLP FD and 0.95-1.07x its pixel FD; the 6-call entry read 0.54-0.89 / 0.65-0.97 / 0.80-0.97x
+itself stretched to 7 (``benchmarks/budgets_between.py``; BENCHMARKS.md, "Budgets between the measured ones").
+A budget is here where the shorter run beat the stretched one in every feature space on the choose cell and no
+report cell reversed that in every space. The stretched entry stays at 13, 14, 17 and 18 (on the choose cell it
+read 0.4-2.7% lower pixel FD) and at 8 (on run B the shorter run read 0.98-1.19x its FD, 1.04-1.13x in every
+space on sampling seed 2)."""
+
 
 def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
     """``spec`` for a budget of ``nfe`` calls: ``nfe`` solver steps, every ``max_nfe`` set to ``nfe``."""
@@ -57,8 +69,11 @@ def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
 
 def recipe_for_budget(nfe: int, posterior_samples: int = 8) -> Recipe:
     """The measured-best :class:`Recipe` for at most ``nfe`` sequential denoiser calls per sample (ValueError if < 1),
-    with ``posterior_samples`` weight samples per prediction."""
+    with ``posterior_samples`` weight samples per prediction. It may take fewer calls (:data:`FEWER_CALLS`)."""
     as_integer("the budget (--nfe, denoiser calls per sample)", nfe, 1)
-    budget = max((b for b in BEST_RECIPES if b <= nfe), default=min(BEST_RECIPES))
-    spec = {**rescale(BEST_RECIPES[budget], nfe), "posterior_samples": posterior_samples}
+    if nfe in FEWER_CALLS:
+        budget = steps = FEWER_CALLS[nfe]
+    else:
+        budget, steps = max((b for b in BEST_RECIPES if b <= nfe), default=min(BEST_RECIPES)), nfe
+    spec = {**rescale(BEST_RECIPES[budget], steps), "posterior_samples": posterior_samples}
     return Recipe.from_dict(spec, name=f"best-at-{nfe}-nfe")
