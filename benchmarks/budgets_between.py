@@ -52,14 +52,15 @@ CHOOSE_CELL = ("A", 1)
 
 def shorter_vs_stretched(rows: list[dict]) -> str:
     """Markdown: at each budget N between listed ones, FD of the lower listed entry run as it is (its own calls)
-    over FD of it stretched to N steps, per space, on the choose cell and as a range over the other cells, and
+    over FD of it stretched to N steps, per space, on the choose cell and as a range over the other cells in
+    ``rows`` (the report cells, or a third training run's), and
     how many calls ``--nfe N`` spends (:data:`~bdiff.sampling.budget.FEWER_CALLS`).
 
     rows: this script's rows (several files' together); a pair needs both the recipe's row at the listed
     budget b and at N, on the same cell. ``*`` marks a choose-cell ratio below 1 in every space (the shorter
     run wins there)."""
     fd = {(r["run"], r["seed"], r["nfe"], r["recipe"].removesuffix(" (the --nfe entry)")): r for r in rows}
-    lines = ["| N | runs as is | recipe | choose cell (" + " / ".join(SPACES) + ") | report cells (" + " / ".join(SPACES)
+    lines = ["| N | runs as is | recipe | choose cell (" + " / ".join(SPACES) + ") | other cells (" + " / ".join(SPACES)
              + ") | --nfe N runs |", "|---|---|---|---|---|---|"]
     for run, seed, nfe, name in sorted({k for k in fd if k[2] not in BEST_RECIPES}, key=lambda k: (k[2], k[3])):
         if (run, seed) != CHOOSE_CELL:

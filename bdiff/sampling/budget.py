@@ -45,16 +45,16 @@ BEST_RECIPES: dict[int, dict[str, Any]] = {
 }
 """{budget: recipe dict}; see the module docstring for where each entry comes from."""
 
-FEWER_CALLS: dict[int, int] = {7: 6, 11: 10, 12: 10, 15: 10, 16: 10, 19: 10}
+FEWER_CALLS: dict[int, int] = {11: 10, 12: 10, 15: 10, 16: 10, 19: 10}
 """{budget N: listed budget b < N} where ``--nfe N`` runs b's entry as it is (b calls) rather than stretched to N
-steps: on the fitted grids FD is not monotone in the number of steps. Over the five cells (the choose cell and
-the four report cells), the 10-call entry read 0.54-0.87x the digits FD of itself stretched to 11-19 steps,
-0.73-1.02x its MLP FD and 0.95-1.07x its pixel FD; the 6-call entry read 0.54-0.89 / 0.65-0.97 / 0.80-0.97x
-itself stretched to 7 (``benchmarks/budgets_between.py``; BENCHMARKS.md, "Budgets between the measured ones").
-A budget is here where the shorter run beat the stretched one in every feature space on the choose cell and no
-report cell reversed that in every space. The stretched entry stays at 13, 14, 17 and 18 (on the choose cell it
-read 0.4-2.7% lower pixel FD) and at 8 (on run B the shorter run read 0.98-1.19x its FD, 1.04-1.13x in every
-space on sampling seed 2)."""
+steps: on the fitted grids FD is not monotone in the number of steps. Over the choose cell and the four report
+cells, the 10-call entry read 0.54-0.87x the digits FD of itself stretched to 11-19 steps, 0.73-1.02x its MLP FD
+and 0.95-1.07x its pixel FD (``benchmarks/budgets_between.py``; BENCHMARKS.md, "Budgets between the measured
+ones"). A budget is here where the shorter run beat the stretched one in every feature space on the choose cell
+and no report cell, nor the third training run (run C), reversed that in every space. The stretched entry stays
+at 13, 14, 17 and 18 (on the choose cell it read 0.4-2.7% lower pixel FD) and at 7 and 8, where the 6-call entry
+as it is won on the choose cell but read 1.15-1.55x the stretched entry's FD in every space on run C (and
+1.04-1.13x on run B, sampling seed 2, at 8)."""
 
 
 def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
