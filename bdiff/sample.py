@@ -227,6 +227,9 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
     start = time.perf_counter()  # the samples file's seconds: sampling only, not W&B's start-up
     try:
         denoiser = load_model(args.ckpt, map_location=device, num_samples=recipe.posterior_samples)
+        if args.nfe is not None and recipe.steps < args.nfe and rank == 0:
+            print(f"--nfe {args.nfe}: the {recipe.steps}-call recipe as it is (it measured better than itself stretched "
+                  f"to {args.nfe} steps; bdiff.sampling.budget.FEWER_CALLS)", file=sys.stderr, flush=True)
         if recipe.spacing.get("name") == "fitted" and rank == 0:
             print("timestep grid: fitted to this checkpoint (its first use solves teacher ODE trajectories, "
                   "later ones read the cache; bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)

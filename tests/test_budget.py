@@ -54,6 +54,14 @@ def test_sample_with_nfe_writes_samples_made_within_the_budget(last_ckpt: Path, 
     assert s.config["recipe"]["name"] == "best-at-10-nfe" and s.config["recipe"]["posterior_samples"] == 2
 
 
+def test_a_budget_that_runs_a_shorter_entry_says_so(last_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s.npz"
+    main(["--ckpt", str(last_ckpt), "--nfe", "12", "--posterior_samples", "2", "--n", "3", "--out", str(out)])
+    s = load_samples(out)
+    assert s.config["recipe"]["steps"] == 10 and s.nfe <= 10 and s.config["recipe"]["name"] == "best-at-12-nfe"
+    assert "--nfe 12: the 10-call recipe as it is" in capsys.readouterr().err
+
+
 def test_nfe_is_refused_with_a_config_a_critic_or_below_one(last_ckpt: Path, tmp_path: Path, capsys) -> None:
     for argv in (["--nfe", "10", "--config", "configs/sampler/dpmpp.yaml"], [], ["--nfe", "0"],
                  ["--nfe", "10", "--critic", "critic.ckpt"]):
