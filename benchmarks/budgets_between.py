@@ -53,8 +53,8 @@ CHOOSE_CELL = ("A", 1)
 def shorter_vs_stretched(rows: list[dict]) -> str:
     """Markdown: at each budget N between listed ones, FD of the lower listed entry run as it is (its own calls)
     over FD of it stretched to N steps, per space, on the choose cell and as a range over the other cells in
-    ``rows`` (the report cells, or a third training run's), and
-    how many calls ``--nfe N`` spends (:data:`~bdiff.sampling.budget.FEWER_CALLS`).
+    ``rows`` (the report cells, or a third training run's), and how many calls ``--nfe N`` spends
+    (:data:`~bdiff.sampling.budget.FEWER_CALLS`).
 
     rows: this script's rows (several files' together); a pair needs both the recipe's row at the listed
     budget b and at N, on the same cell. ``*`` marks a choose-cell ratio below 1 in every space (the shorter
