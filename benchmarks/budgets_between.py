@@ -46,8 +46,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "unipc bh1, leading": {"stepper": {"name": "unipc", "variant": "bh1"}, "spacing": {"name": "leading"}},
 }
 """Recipes (without ``steps``) tried at every budget: the 5-, 10- and 20-NFE entries of the sessions and their rivals."""
-SPACES = ("digits", "digits_mlp", "pixels")
 CHOOSE_CELL = ("A", 1)
+"""(run label, sampling seed) of the choose cell in the commands above (BENCHMARKS.md's rules)."""
+ENTRY_MARK = " (the --nfe entry)"
 
 
 def shorter_vs_stretched(rows: list[dict]) -> str:
@@ -59,8 +60,9 @@ def shorter_vs_stretched(rows: list[dict]) -> str:
     rows: this script's rows (several files' together); a pair needs both the recipe's row at the listed
     budget b and at N, on the same cell. ``*`` marks a choose-cell ratio below 1 in every space (the shorter
     run wins there)."""
-    fd = {(r["run"], r["seed"], r["nfe"], r["recipe"].removesuffix(" (the --nfe entry)")): r for r in rows}
-    lines = ["| N | runs as is | recipe | choose cell (" + " / ".join(SPACES) + ") | other cells (" + " / ".join(SPACES)
+    spaces = [key.removesuffix("/fd") for key in rows[0] if key.endswith("/fd")]
+    fd = {(r["run"], r["seed"], r["nfe"], r["recipe"].removesuffix(ENTRY_MARK)): r for r in rows}
+    lines = ["| N | runs as is | recipe | choose cell (" + " / ".join(spaces) + ") | other cells (" + " / ".join(spaces)
              + ") | --nfe N runs |", "|---|---|---|---|---|---|"]
     for run, seed, nfe, name in sorted({k for k in fd if k[2] not in BEST_RECIPES}, key=lambda k: (k[2], k[3])):
         if (run, seed) != CHOOSE_CELL:
@@ -68,13 +70,13 @@ def shorter_vs_stretched(rows: list[dict]) -> str:
         shorter = max((b for b in BEST_RECIPES if b < nfe), default=None)
         if shorter is None or rescale(CANDIDATES[name], shorter) != BEST_RECIPES[shorter]:
             continue  # only the entry --nfe runs at the shorter budget
-        ratios = {cell: [fd[(*cell, shorter, name)][f"{s}/fd"] / fd[(*cell, nfe, name)][f"{s}/fd"] for s in SPACES]
+        ratios = {cell: [fd[(*cell, shorter, name)][f"{s}/fd"] / fd[(*cell, nfe, name)][f"{s}/fd"] for s in spaces]
                   for cell in {k[:2] for k in fd} if (*cell, shorter, name) in fd and (*cell, nfe, name) in fd}
         if CHOOSE_CELL not in ratios:
             continue
         choose = ratios.pop(CHOOSE_CELL)
         others = " / ".join(f"{min(r[i] for r in ratios.values()):.3f}-{max(r[i] for r in ratios.values()):.3f}"
-                            for i in range(len(SPACES))) if ratios else "not run"
+                            for i in range(len(spaces))) if ratios else "not run"
         runs = recipe_for_budget(nfe).steps
         lines.append(f"| {nfe} | {shorter} | {name} | {' / '.join(f'{v:.3f}' for v in choose)}"
                      f"{' *' if max(choose) < 1 else ''} | {others} | {runs} calls |")
@@ -113,7 +115,7 @@ def main() -> None:
                 is_entry = (recipe.stepper, recipe.spacing, recipe.steps) == (entry["stepper"], entry["spacing"], entry["steps"])
                 for seed in seeds:
                     samples = run_ours(recipe, run.denoiser, args.n, seed, 1000)
-                    row = {"run": label, "seed": seed, "nfe": nfe, "recipe": name + (" (the --nfe entry)" if is_entry else ""),
+                    row = {"run": label, "seed": seed, "nfe": nfe, "recipe": name + (ENTRY_MARK if is_entry else ""),
                            **{k: v for k, v in score_row(samples.images, references, {}).items() if k.endswith("/fd")}}
                     print(row, flush=True)
                     rows.append(row)
