@@ -5,9 +5,9 @@
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
 
 ``--nfe N`` picks the measured-best recipe for at most N denoiser calls per sample
-(:mod:`bdiff.sampling.budget`; at some budgets it takes fewer). The command line is a jsonargparse parser, like train.py's:
-a recipe's keys (``stepper``, ``steps``, ``spacing``, ``posterior_samples``, ``callbacks``) are
-options of their own, so ``--config`` reads a recipe file, later options override its keys
+(:mod:`bdiff.sampling.budget`; at some budgets it takes fewer). The command line is a jsonargparse
+parser, like train.py's: a recipe's keys (``stepper``, ``steps``, ``spacing``, ``posterior_samples``,
+``callbacks``) are options of their own, so ``--config`` reads a recipe file, later options override its keys
 (``--config configs/sampler/unipc.yaml --steps 20``), a recipe can be given without a file
 (``--stepper unipc --steps 10``), and ``--print_config`` prints the whole job as YAML, which
 ``--config job.yaml`` runs again.

@@ -98,6 +98,8 @@ def main() -> None:
     args = p.parse_args()
     if args.summarise:
         rows = [r for stem in args.summarise for r in json.loads((RESULTS / f"{stem}.json").read_text())["rows"]]
+        if not rows:
+            p.error(f"--summarise {' '.join(args.summarise)}: these results hold no rows")
         table = shorter_vs_stretched(rows)
         (RESULTS / f"{args.stem}_shorter.md").write_text(table + "\n")
         print(table)
@@ -112,7 +114,7 @@ def main() -> None:
             entry = recipe_for_budget(nfe).as_dict()
             for name in args.recipes:
                 recipe = Recipe.from_dict(rescale(CANDIDATES[name], nfe), name=name)
-                is_entry = (recipe.stepper, recipe.spacing, recipe.steps) == (entry["stepper"], entry["spacing"], entry["steps"])
+                is_entry = all(getattr(recipe, k) == entry[k] for k in ("stepper", "spacing", "steps"))
                 for seed in seeds:
                     samples = run_ours(recipe, run.denoiser, args.n, seed, 1000)
                     row = {"run": label, "seed": seed, "nfe": nfe, "recipe": name + (ENTRY_MARK if is_entry else ""),

@@ -31,9 +31,10 @@ def test_the_table_has_every_measured_budget_and_no_critic() -> None:
 
 
 def test_some_budgets_run_a_shorter_entry_as_it_is() -> None:
-    """On the fitted grids FD is not monotone in the steps: at 11 and 12 calls the 10-call entry beat itself stretched."""
+    """On the fitted grids FD is not monotone in the steps: at 11, 12, 15, 16 and 19 calls the 10-call entry beat
+    itself stretched, so --nfe runs it as it is there."""
     for budget, shorter in FEWER_CALLS.items():
-        assert shorter in BEST_RECIPES and shorter < budget and budget not in BEST_RECIPES
+        assert shorter == max(b for b in BEST_RECIPES if b < budget) and budget not in BEST_RECIPES
         assert recipe_for_budget(budget).as_dict() == {**recipe_for_budget(shorter).as_dict(), "name": f"best-at-{budget}-nfe"}
     assert recipe_for_budget(12).steps == 10 and recipe_for_budget(13).steps == 13  # 13 stretches the 10-call entry
 

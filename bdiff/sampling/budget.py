@@ -52,9 +52,9 @@ cells, the 10-call entry read 0.54-0.87x the digits FD of itself stretched to 11
 and 0.95-1.07x its pixel FD (``benchmarks/budgets_between.py``; BENCHMARKS.md, "Budgets between the measured
 ones"). A budget is here where the shorter run beat the stretched one in every feature space on the choose cell
 and no report cell, nor the third training run (run C), reversed that in every space. The stretched entry stays
-at 13, 14, 17 and 18 (on the choose cell it read 0.4-2.7% lower pixel FD) and at 7 and 8, where the 6-call entry
-as it is won on the choose cell but read 1.15-1.55x the stretched entry's FD in every space on run C (and
-1.04-1.13x on run B, sampling seed 2, at 8)."""
+at 13, 14, 17 and 18 (on the choose cell the shorter run read 0.4-2.7% higher pixel FD) and at 7 and 8, where
+the 6-call entry as it is won on the choose cell but read 1.15-1.55x the stretched entry's FD in every space on
+run C (and 1.04-1.13x on run B, sampling seed 2, at 8)."""
 
 
 def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
