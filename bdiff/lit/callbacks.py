@@ -11,7 +11,8 @@
 * :class:`ExactResume`: saves the random-number generators and the position in the
   shuffled epoch in every checkpoint, so a run killed and resumed from a checkpoint
   continues bit for bit like one that never stopped (added to every fit by
-  :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`).
+  :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`), and the W&B run id, so
+  the resumed fit continues the same run folder and W&B run (:mod:`bdiff.lit.cli`).
 """
 
 from __future__ import annotations
@@ -291,6 +292,17 @@ def _artifact_line(logger: WandbLogger, run: Any, mode: str) -> str:
     return f"W&B checkpoints: artifact {name} (type model, aliases latest/best), logged {when}"
 
 
+WANDB_RUN_ID_KEY = "wandb_run_id"  # the checkpoint key :class:`ExactResume` stores the W&B run id under
+
+
+def wandb_run_id(trainer: pl.Trainer) -> str | None:
+    """The id of the first W&B logger's run (its ``version``: the run folder's name), None without one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger.version is not None:
+            return str(logger.version)
+    return None
+
+
 def collect_rng_states() -> dict[str, Any]:
     """This process's global RNG states (torch CPU and CUDA, NumPy, Python), as weights-only-loadable objects."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -399,6 +411,11 @@ class ExactResume(pl.Callback):
     the current epoch and the number of batches already trained in it; a resumed epoch replays
     the same permutation and skips the batches already seen (indices only, nothing is loaded).
 
+    Every checkpoint also records the id of the W&B run (``checkpoint["wandb_run_id"]``, the
+    first :class:`~lightning.pytorch.loggers.WandbLogger`'s ``version``, which names the run folder
+    ``<save_dir>/<project>/<id>``): ``train.py fit --ckpt_path ...`` gives it to the logger, so the
+    resumed fit writes into the same folder and continues the same W&B run (:mod:`bdiff.lit.cli`).
+
     Added to every fit by :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`.
     """
 
@@ -444,6 +461,11 @@ class ExactResume(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict or None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        run_id = wandb_run_id(trainer)
+        if run_id is not None:
+            checkpoint[WANDB_RUN_ID_KEY] = run_id
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = _train_loaders(trainer)

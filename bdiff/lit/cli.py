@@ -5,10 +5,16 @@ an error naming the key and the expected type), ``--print_config``, and the
 ``fit`` / ``validate`` subcommands, with Lightning's Trainer flags for free.
 ``python train.py`` with no subcommand means ``fit``; with no ``--config`` the
 default config (bundled digits) is used.
+
+``fit --ckpt_path <save_dir>/<project>/<id>/checkpoints/<name>.ckpt`` continues that run: the
+W&B logger gets the run id the checkpoint records (:class:`~bdiff.lit.callbacks.ExactResume`),
+or else the one its folder is named after, so checkpoints, sample grids and ``config.yaml`` go
+to the same run folder and the same W&B run continues (``resume="allow"``).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +23,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from bdiff.lit.callbacks import run_dir
+from bdiff.lit.callbacks import WANDB_RUN_ID_KEY, run_dir
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import ImageDataModule
 from bdiff.lit.module import DiffusionModule
@@ -61,9 +68,78 @@ def has_fast_bf16(accelerator: str) -> bool:
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 
 
+def _class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names, None if it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def checkpoint_run_id(ckpt_path: str | Path, project: str | None) -> tuple[str | None, str]:
+    """The W&B run id a checkpoint belongs to, and where it was found (for the one-line message).
+
+    First the id :class:`~bdiff.lit.callbacks.ExactResume` stores in every checkpoint, else the
+    folder layout of Lightning's ``ModelCheckpoint`` under a W&B logger,
+    ``<save_dir>/<project>/<id>/checkpoints/<name>.ckpt``; ``(None, why)`` when neither gives one.
+    """
+    path = Path(ckpt_path)
+    try:
+        try:  # memory-mapped: only the small entries are read
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... for bad files
+        raise ValueError(
+            f"--ckpt_path {str(path)!r}: cannot read the checkpoint, it is truncated, corrupt, or carries "
+            f"pickled objects that weights-only loading refuses ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
+    run_id = ckpt.get(WANDB_RUN_ID_KEY) if isinstance(ckpt, dict) else None
+    if isinstance(run_id, str) and run_id:
+        return run_id, "recorded in the checkpoint"
+    parts = path.resolve().parts
+    if len(parts) >= 4 and parts[-2] == "checkpoints" and (project is None or parts[-4] == project):
+        return parts[-3], "from its folder name"
+    return None, (f"it records no W&B run id and is not in a <save_dir>/{project or '<project>'}/<id>/checkpoints/ "
+                  "folder")
+
+
 class BdiffCLI(LightningCLI):
-    """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`) and
-    runs ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels."""
+    """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`), runs
+    ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels, and continues
+    the checkpoint's run folder and W&B run when ``fit`` resumes with ``--ckpt_path``."""
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            self._continue_run(self.config["fit"])
+
+    def _continue_run(self, config: Any) -> None:
+        """Give the W&B logger the run id of ``ckpt_path``'s run, unless it was given an id of its own."""
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(str(ckpt_path)).is_file():
+            return  # no resume, or "last"/"hpc"/a missing file: Lightning resolves or refuses those itself
+        loggers = config["trainer"].get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        for logger in loggers:
+            cls = _class(str(getattr(logger, "class_path", "")))
+            if cls is None or not issubclass(cls, WandbLogger):
+                continue
+            args = logger.get("init_args")
+            if args is None or args.get("id") or args.get("version"):
+                return  # an explicit id wins
+            project = args.get("project")
+            run_id, where = checkpoint_run_id(str(ckpt_path), project)
+            if run_id is None:
+                rank_zero_warn(f"--ckpt_path {ckpt_path}: {where}, so this fit starts a new W&B run (and a new run "
+                               "folder where ModelCheckpoint names no dirpath); give --trainer.logger.init_args.id=<id> "
+                               "to continue one")
+                return
+            args["id"] = run_id
+            folder = Path(str(args.get("save_dir") or config["trainer"].get("default_root_dir") or "."))
+            rank_zero_info(f"Resuming W&B run {run_id} ({where}): checkpoints, samples and config.yaml continue in "
+                           f"{folder / str(project) / run_id}")
+            return
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]

@@ -19,6 +19,11 @@ online; offline they stay on disk only (one line says so; ``log_model: true`` pu
 offline run, and ``wandb sync`` uploads them). At the end of fit
 :class:`~bdiff.lit.callbacks.SampleGrid` logs a ``wandb.Table`` of its final samples
 (:meth:`AutoWandbLogger.log_sample_table`), one row per sample, sortable by uncertainty.
+
+A run is continued by giving its ``id`` (W&B's ``resume="allow"``, which Lightning's logger always
+passes): ``train.py fit --ckpt_path <run>/checkpoints/last.ckpt`` does this by itself
+(:class:`bdiff.lit.cli.BdiffCLI`). Offline, W&B writes each part into its own
+``wandb/offline-run-<time>-<id>`` folder; ``wandb sync`` uploads the parts of one id as one run.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class AutoWandbLogger(WandbLogger):
         log_model: log the ModelCheckpoint files as W&B artifacts: ``auto`` (default) is
             ``True`` for an online run and ``False`` otherwise; ``True`` logs them when fit ends,
             ``"all"`` whenever one is saved (Lightning's ``WandbLogger(log_model=...)``).
+        id: the W&B run id: an existing run's continues it (its run folder
+            ``<save_dir>/<project>/<id>`` too); None: a new run. A fit resumed with
+            ``--ckpt_path`` gets the checkpoint's (:mod:`bdiff.lit.cli`).
     """
 
     def __init__(
@@ -59,6 +67,7 @@ class AutoWandbLogger(WandbLogger):
         mode: WandbMode | None = None,
         tags: list[str] | None = None,
         log_model: bool | Literal["auto", "all"] = "auto",
+        id: str | None = None,
     ) -> None:
         if log_model not in (True, False, "auto", "all"):
             raise ValueError(f"log_model must be true, false, 'auto' or 'all', got {log_model!r}")
@@ -74,10 +83,23 @@ class AutoWandbLogger(WandbLogger):
             if line:
                 rank_zero_info(" ".join(line))
         os.makedirs(save_dir, exist_ok=True)
-        super().__init__(project=project, name=name, save_dir=save_dir, mode=resolved, tags=tags, log_model=effective)
+        super().__init__(project=project, name=name, save_dir=save_dir, mode=resolved, tags=tags, log_model=effective,
+                         id=id)
         self.mode: WandbMode = resolved
+        self._run_id: str | None = id  # the first run's id: it names the run folder
         self.failures: list[str] = []  # one line per W&B failure survived, e.g. "log_metrics at step 12: OSError: ..."
         self._switched_off = False
+
+    @property
+    def version(self) -> str | None:
+        """The id of the run this logger started, which names the run folder ``<save_dir>/<project>/<id>``.
+
+        It stays that id after a failure moved logging to a fresh offline run (whose id differs), so
+        checkpoints keep their folder and a resumed fit continues the original run.
+        """
+        if self._run_id is None and self._experiment is not None:
+            self._run_id = getattr(self._experiment, "id", None)
+        return self._run_id
 
     @property
     def log_model(self) -> bool | str:
