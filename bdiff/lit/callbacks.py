@@ -13,6 +13,9 @@
   continues bit for bit like one that never stopped (added to every fit by
   :meth:`bdiff.lit.module.DiffusionModule.configure_callbacks`), and the W&B run id, so
   the resumed fit continues the same run folder and W&B run (:mod:`bdiff.lit.cli`).
+* :class:`FinalValidation`: validates after the fit's last step when the validation cadence
+  (``trainer.val_check_interval``) does not land on ``trainer.max_steps`` (added to every
+  fit by :class:`bdiff.lit.cli.BdiffCLI`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,25 @@ def last_validation_of_fit(trainer: pl.Trainer) -> bool:
     if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
         return True
     return trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs - 1
+
+
+class FinalValidation(pl.Callback):
+    """Validate after the fit's last optimizer step (``trainer.max_steps``), whatever the cadence.
+
+    Lightning validates every ``val_check_interval`` training batches (or every
+    ``check_val_every_n_epoch`` epochs), so a ``max_steps`` that the cadence does not divide ends
+    the fit without validating its final weights: the last checkpoint would carry a variance
+    calibration and a bottleneck GP fitted on older weights (:func:`last_validation_of_fit`) and
+    ``ModelCheckpoint(monitor=...)`` would never score them. At the last step this callback sets
+    ``trainer.should_stop``, for which Lightning's loop runs the validation of that batch; where the
+    cadence divides ``max_steps`` that is the one validation already due, not a second one. Under
+    an epoch cadence it validates only in an epoch that validates anyway.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

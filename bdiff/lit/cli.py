@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from bdiff.lit.callbacks import WANDB_RUN_ID_KEY, run_dir
+from bdiff.lit.callbacks import WANDB_RUN_ID_KEY, FinalValidation, run_dir
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import ImageDataModule
 from bdiff.lit.module import DiffusionModule
@@ -107,8 +107,9 @@ def checkpoint_run_id(ckpt_path: str | Path, project: str | None) -> tuple[str |
 
 class BdiffCLI(LightningCLI):
     """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`), runs
-    ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels, and continues
-    the checkpoint's run folder and W&B run when ``fit`` resumes with ``--ckpt_path``."""
+    ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels, validates
+    after the last step (:class:`~bdiff.lit.callbacks.FinalValidation`), and continues the checkpoint's
+    run folder and W&B run when ``fit`` resumes with ``--ckpt_path``."""
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -152,6 +153,11 @@ class BdiffCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         cfg["plugins"] = plugins
+        callbacks = cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if not any(isinstance(c, FinalValidation) for c in callbacks):
+            callbacks.append(FinalValidation())
+        cfg["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
