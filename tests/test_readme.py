@@ -7,6 +7,9 @@ temp paths, training runs stop after 2 steps,
 sample counts shrink, and commands that need a GPU, a cluster launcher or a dataset
 download are type-checked with ``--print_config`` instead. The install-and-test
 quickstart command is what CI itself runs, so it is not repeated here.
+
+The text checks: a newcomer finds what bdiff is, its picture and both quickstart commands on the
+first screen, and every link (files, BENCHMARKS.md section anchors) resolves.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from PIL import Image
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+BENCHMARKS = (ROOT / "BENCHMARKS.md").read_text()
+INSTALL_AND_TRAIN = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python train.py"
+TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m pytest -q'
+FIRST_SCREEN = 40  # lines
 
 
 def readme_commands() -> list[str]:
@@ -96,8 +103,8 @@ COMMANDS = readme_commands()
 
 def test_readme_shows_the_commands_we_expect() -> None:
     joined = "\n".join(COMMANDS)
-    for needed in ("python train.py", "bdiff.sample", "bdiff.evaluate", "feature_module cache", "notebooks/execute.py",
-                   "critic_module fit", "--critic"):
+    for needed in ("python train.py", "bdiff.sample", "--nfe", "bdiff.evaluate", "feature_module cache",
+                   "notebooks/execute.py", "critic_module fit", "--critic", "--model.epistemic_gp false"):
         assert needed in joined, needed
 
 
@@ -116,3 +123,62 @@ def test_readme_command_runs(command: str, last_ckpt: Path, workspace: Path) -> 
     args = [sys.executable if args[0] == "python" else args[0], *args[1:]]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation other than ``-`` and
+    ``_`` dropped, spaces to hyphens, ``-1``, ``-2`` ... on repeats. Lines inside code fences are not headings."""
+    anchors: set[str] = set()
+    in_fence = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and (m := re.match(r"#{1,6} (.+)", line)):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_github_anchors_follow_githubs_rule() -> None:
+    doc = "# Benchmarks\n## Sampler quality at 5, 10 and 20 NFE\n```bash\n# a comment\n```\n## Uncertainty: what `x` does\n## Benchmarks\n"
+    assert github_anchors(doc) == {"benchmarks", "sampler-quality-at-5-10-and-20-nfe", "uncertainty-what-x-does", "benchmarks-1"}
+
+
+def test_first_screen_has_what_bdiff_is_its_picture_and_the_quickstart() -> None:
+    first = README.splitlines()[:FIRST_SCREEN]
+    assert first[0].startswith("# bdiff")
+    assert any("docs/images/digits_samples.png" in line for line in first), "the samples picture"
+    assert INSTALL_AND_TRAIN in first, f"the install-and-train command within the first {FIRST_SCREEN} lines"
+    block = "\n".join(first).split("<!-- test-command -->\n", 1)[-1].split("\n<!-- /test-command -->", 1)[0]
+    assert block == f"```bash\n{TEST_COMMAND}\n```", "the CI test block (.ci/run runs it) within the first screen"
+
+
+def test_readme_links_resolve() -> None:
+    """Every relative link in README.md, BENCHMARKS.md and docs/*.md names an existing file, and every
+    BENCHMARKS.md#anchor an existing section (README and code docstrings cite those sections by title)."""
+    anchors = github_anchors(BENCHMARKS)
+    sources = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    linked_sections = 0
+    for source in sources:
+        for target in re.findall(r"\]\(([^)\s]+)\)", source.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            file = (source.parent / path).resolve() if path else source
+            assert file.exists(), f"{source.name}: {target}"
+            if anchor and file.name == "BENCHMARKS.md":
+                assert anchor in anchors, f"{source.name}: {target} (BENCHMARKS.md has {sorted(anchors)})"
+                linked_sections += 1
+    assert linked_sections, "README links its claims to BENCHMARKS.md sections"
+
+
+def test_every_measured_claim_links_to_its_benchmarks_section() -> None:
+    section = README.split("## What it measured", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")][1:]
+    assert 0 < len(rows) <= 10
+    for row in rows:
+        assert "](BENCHMARKS.md#" in row, row
