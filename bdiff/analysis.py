@@ -418,7 +418,9 @@ def prior_scale_sweep(
     for scale in prior_scales:
         pl.seed_everything(seed, verbose=False)
         bayes = BayesConfig(**{**hp["bayes"], "prior_scale": float(scale)})
-        module = DiffusionModule(net=UNetConfig(**hp["net"]), bayes=bayes, warm_start=str(ckpt), lr_warmup_steps=0)
+        # a constant learning rate, and no validation (so no bottleneck GP to fit)
+        module = DiffusionModule(net=UNetConfig(**hp["net"]), bayes=bayes, warm_start=str(ckpt), lr_warmup_steps=0,
+                                 lr_decay="none", epistemic_gp=False)
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
         trainer.fit(module, DigitsDataModule(batch_size=batch_size, seed=seed))

@@ -23,7 +23,9 @@ TINY = UNetConfig(base_channels=8, num_heads=2)
 
 
 def make(layers="head", **kw) -> BayesianUNet:
+    """sigma_0^2 = 1 unless given: the loss is then the per-image negative ELBO itself (the default 0.075 scales it)."""
     torch.manual_seed(0)
+    kw.setdefault("mean_likelihood_var", 1.0)
     return BayesianUNet(UNet(TINY), BayesConfig(layers=layers, **kw))
 
 
@@ -241,6 +243,13 @@ def test_objective_logliks_are_gaussian_log_densities() -> None:
 def test_bad_objective_is_a_clear_error(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         BayesConfig(**kw).validate()
+
+
+def test_nll_ignores_the_default_mean_likelihood_var() -> None:
+    """objective: nll learns the variance: switching to it needs no other change (1.0 is accepted too)."""
+    for kw in ({}, {"mean_likelihood_var": 1.0}):
+        BayesConfig(objective="nll", **kw).validate()
+    assert BayesConfig().mean_likelihood_var == 0.075  # the measured best for the hybrid objective
 
 
 def test_mean_likelihood_var_tightens_the_posterior_not_the_gradient_scale() -> None:

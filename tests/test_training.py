@@ -202,7 +202,8 @@ def test_nonfinite_network_output_raises_naming_the_step_or_is_skipped(mode: str
 def test_guide_scales_get_their_own_learning_rate() -> None:
     from bdiff.lit.module import DiffusionModule
 
-    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), lr=1e-3, lr_warmup_steps=0, guide_scale_lr_mult=30)
+    model = DiffusionModule(net=UNetConfig(base_channels=8, num_heads=2), lr=1e-3, lr_warmup_steps=0, guide_scale_lr_mult=30,
+                            lr_decay="none")  # no trainer, so no max_steps for the cosine
     opt = model.configure_optimizers()["optimizer"]
     scale_ids = {id(p) for n, p in model.named_parameters() if ".guide.scales." in n}
     groups = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}

@@ -101,7 +101,8 @@ def require_point_trunk(model: BayesianUNet, who: str) -> None:
     if outside:
         raise ValueError(
             f"{who} needs a model whose only Bayesian layers are the head; {outside[:3]} are Bayesian too "
-            "(train with bayes.layers: head, the default)"
+            "(train with bayes.layers: head, the default"
+            + (f", or set {who}: false)" if who.startswith("model.") else ")")
         )
 
 

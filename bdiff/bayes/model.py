@@ -44,6 +44,7 @@ from bdiff.nets import UNet
 
 LOG_2PI = math.log(2 * math.pi)
 OBJECTIVES = ("hybrid", "hybrid_shared", "nll", "mse")
+DEFAULT_MEAN_LIKELIHOOD_VAR = 0.075  # the held-out eps MSE of the default digits model
 
 
 @dataclass
@@ -70,9 +71,10 @@ class BayesConfig:
             likelihood in the ``hybrid``/``hybrid_shared``/``mse`` objectives. It sets how much
             the data outweigh the KL for the weights the mean uses (the posterior's width), not
             the gradient scale: the loss is sigma_0^2 x the per-image negative ELBO, so learning
-            rates and gradient clipping mean what they mean for a plain DDPM. 1 is L_simple's
-            implicit choice; the maximum-likelihood value is the held-out eps MSE (~0.075 on
-            the digits).
+            rates and gradient clipping mean what they mean for a plain DDPM. Default 0.075: the
+            maximum-likelihood value, the held-out eps MSE on the digits (BENCHMARKS.md, "Denoiser
+            quality"); 1 is L_simple's implicit choice. ``objective: nll`` learns the variance and
+            ignores this; any value other than the default or 1 is then an error.
         nll_beta: only with ``objective: nll``. 0 gives the exact Gaussian likelihood.
             beta > 0 is the beta-NLL of Seitzer et al. 2022: each pixel's log-likelihood is
             weighted by stop_grad(sigma^(2 beta)), so the mean is not starved where the
@@ -87,7 +89,7 @@ class BayesConfig:
     prior_center: Literal["zero", "init"] = "zero"
     guide_init_scale: float = 1e-3
     objective: Literal["hybrid", "hybrid_shared", "nll", "mse"] = "hybrid"
-    mean_likelihood_var: float = 1.0
+    mean_likelihood_var: float = DEFAULT_MEAN_LIKELIHOOD_VAR
     nll_beta: float = 0.0
     predictive_samples: int = 8
     predictive: Literal["auto", "sampled", "analytic"] = "auto"
@@ -105,10 +107,10 @@ class BayesConfig:
             raise ValueError(f"bayes.nll_beta must be in [0, 1], got {self.nll_beta}")
         if not 0 < self.mean_likelihood_var <= 1e3:
             raise ValueError(f"bayes.mean_likelihood_var must be in (0, 1000], got {self.mean_likelihood_var}")
-        if self.mean_likelihood_var != 1.0 and self.objective == "nll":
+        if self.objective == "nll" and self.mean_likelihood_var not in (1.0, DEFAULT_MEAN_LIKELIHOOD_VAR):
             raise ValueError(
-                "bayes.mean_likelihood_var only applies to the hybrid/hybrid_shared/mse objectives "
-                "(objective: nll learns the variance); set it to 1.0 or choose another objective"
+                f"bayes.mean_likelihood_var={self.mean_likelihood_var} only applies to the hybrid/hybrid_shared/mse "
+                "objectives (objective: nll learns the variance); leave it at its default or choose another objective"
             )
         if self.nll_beta and self.objective != "nll":
             raise ValueError(

@@ -6,6 +6,11 @@ an error naming the key and the expected type), ``--print_config``, and the
 ``python train.py`` with no subcommand means ``fit``; with no ``--config`` the
 default config (bundled digits) is used.
 
+Defaults live in the code, once: the model's measured-best settings are the defaults of
+:class:`~bdiff.lit.module.DiffusionModule` and :class:`~bdiff.bayes.BayesConfig`, the
+trainer's (``precision: bf16-mixed``) are :data:`TRAINER_DEFAULTS`; the YAMLs under
+``configs/`` hold only what is specific to their data (network shape, steps, data, callbacks).
+
 ``fit --ckpt_path <save_dir>/<project>/<id>/checkpoints/<name>.ckpt`` continues that run: the
 W&B logger gets the run id the checkpoint records (:class:`~bdiff.lit.callbacks.ExactResume`),
 or else the one its folder is named after, so checkpoints, sample grids and ``config.yaml`` go
@@ -34,6 +39,11 @@ from bdiff.lit.module import DiffusionModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
+#: Trainer settings every diffusion config inherits (``trainer_defaults`` of LightningCLI): bf16
+#: autocast with fp32 weights, ~20% off a digits step on 2 CPU cores (BENCHMARKS.md, "Denoiser
+#: quality"); :class:`BdiffCLI` runs 32-true where the device has no bf16 kernels.
+TRAINER_DEFAULTS: dict[str, Any] = {"precision": "bf16-mixed"}
+
 
 class SaveConfigToRun(SaveConfigCallback):
     """Write the full resolved config to ``<run dir>/config.yaml`` and log it to every logger."""
@@ -56,11 +66,12 @@ class SaveConfigToRun(SaveConfigCallback):
 def has_fast_bf16(accelerator: str) -> bool:
     """Whether the device a run with this ``trainer.accelerator`` lands on has bf16 kernels.
 
-    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: oneDNN's bf16 kernels (AVX-512 or newer, or Arm's
-    bf16 extension); without them torch emulates bf16 and mixed precision is slower than full.
+    CUDA: ``torch.cuda.is_bf16_supported`` not counting emulation (GPUs older than Ampere emulate it).
+    CPU: oneDNN's bf16 kernels (AVX-512 or newer, or Arm's bf16 extension). Without them torch
+    emulates bf16 and mixed precision is slower than full.
     """
     if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if accelerator not in ("cpu", "auto"):
         return True  # another accelerator: Lightning checks its own support
     # torch has no public query for this; its own tests and inductor call the same op.
@@ -173,6 +184,34 @@ def with_defaults(argv: Sequence[str], default_config: str | Path) -> list[str]:
     return args
 
 
+class _ParseOnly(BdiffCLI):
+    """Parses and checks a config like ``train.py``; builds nothing and seeds nothing."""
+
+    def _set_seed(self) -> None:  # LightningCLI's: seed_everything would reseed this process
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def resolved_config(config: str | Path, *overrides: str) -> dict[str, Any]:
+    """The run ``train.py fit --config <config> <overrides>`` would start, as plain data with every default
+    filled in (what ``--print_config`` prints and a run's ``config.yaml`` holds); nothing is built.
+
+    Example:
+        >>> resolved_config("configs/digits.yaml")["model"]["bayes"]["objective"]
+        'hybrid'
+    """
+    import yaml
+
+    cli = _ParseOnly(DiffusionModule, ImageDataModule, subclass_mode_data=True, save_config_callback=None,
+                     trainer_defaults=TRAINER_DEFAULTS, args=["--config", str(config), *overrides], run=False)
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+
+
 def main(default_config: str | Path, argv: Sequence[str] | None = None, run: bool = True) -> BdiffCLI:
     """Entry point used by ``train.py``."""
     args = with_defaults(sys.argv[1:] if argv is None else argv, default_config)
@@ -183,6 +222,7 @@ def main(default_config: str | Path, argv: Sequence[str] | None = None, run: boo
         ImageDataModule,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToRun,
+        trainer_defaults=TRAINER_DEFAULTS,
         args=None if argv is None else args,
         run=run,
         parser_kwargs={"fit": {"description": "Train a Bayesian diffusion model."}},

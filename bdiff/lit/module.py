@@ -54,9 +54,10 @@ class DiffusionModule(pl.LightningModule):
         lr: AdamW learning rate (after a linear warm-up of ``lr_warmup_steps``).
         weight_decay: AdamW weight decay on the deterministic weights and guide locs.
         lr_warmup_steps: steps of linear learning-rate warm-up.
-        lr_decay: after the warm-up, ``none`` keeps ``lr``; ``cosine`` anneals it to 0 at
+        lr_decay: after the warm-up, ``cosine`` (default) anneals ``lr`` to 0 at
             ``trainer.max_steps`` (SGDR's half cosine, Loshchilov & Hutter 2017), so the last
-            steps average out the gradient noise of a short run.
+            steps average out the gradient noise of a short run (BENCHMARKS.md, "Denoiser
+            quality"); needs ``trainer.max_steps``. ``none`` keeps ``lr``.
         kl_warmup_steps: steps over which the KL weight ramps to 1 (0: no warm-up).
         num_data: N, the training-set size the KL is divided by. None: taken from
             the datamodule's ``num_train`` at setup.
@@ -72,13 +73,13 @@ class DiffusionModule(pl.LightningModule):
             so held-out z^2 = 1 (:mod:`bdiff.bayes.recalibration`; where the epistemic variance
             alone exceeds the error, one common scale of both); it is saved in the checkpoint.
             0 keeps the variance head's raw output.
-        epistemic_gp: at every validation (EMA weights in place, before the calibration's
-            errors are collected) fit the bottleneck GP on up to 2,048 training images, three
-            noisings per image and t-knot (before the fit's last validation: 512 images, one)
-            (:mod:`bdiff.bayes.bottleneck_gp`): an epistemic variance that notices images unlike
-            the training data, which the head's posterior alone does not (BENCHMARKS.md,
-            "Held-out digit class"). Saved in the checkpoint; needs a point trunk (only the head
-            may be Bayesian).
+        epistemic_gp: (default on) at every validation (EMA weights in place, before the
+            calibration's errors are collected) fit the bottleneck GP on up to 2,048 training
+            images, three noisings per image and t-knot (before the fit's last validation: 512
+            images, one) (:mod:`bdiff.bayes.bottleneck_gp`): an epistemic variance that notices
+            images unlike the training data, which the head's posterior alone does not
+            (BENCHMARKS.md, "Held-out digit class"). Saved in the checkpoint; needs a point trunk
+            (only the head may be Bayesian) and a datamodule; ``false`` turns it off.
     """
 
     MAX_CALIBRATION_PIXELS = 1 << 17  # per knot: ~2k digits or ~40 RGB 32x32 images' worth
@@ -92,14 +93,14 @@ class DiffusionModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_warmup_steps: int = 200,
-        lr_decay: Literal["none", "cosine"] = "none",
+        lr_decay: Literal["none", "cosine"] = "cosine",
         kl_warmup_steps: int = 0,
         num_data: int | None = None,
         warm_start: str | None = None,
         guide_scale_lr_mult: float = 1.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         variance_calibration_knots: int = 32,
-        epistemic_gp: bool = False,
+        epistemic_gp: bool = True,
     ) -> None:
         super().__init__()
         net, bayes, schedule = _as(UNetConfig, net), _as(BayesConfig, bayes), _as(ScheduleConfig, schedule)
