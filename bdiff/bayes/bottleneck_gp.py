@@ -39,16 +39,15 @@ in log s between 16 knots), so an image's epistemic variance is at most what the
 already admits to, and is v(h) s(t) on average per pixel. At high t the head's variance exceeds
 the network's actual error, and v ~ 0.3 for seen images there, so the GP's variance alone can
 exceed the error (t ~ 950 on the digits): the per-t recalibration then scales both variances
-(:mod:`bdiff.bayes.recalibration`). (The network's own mean squared eps error as s(t) was tried
-instead: it ranks samples worse, AUROC 0.66-0.78 against 0.71-0.86: BENCHMARKS.md, "Calibration
-of the default model's predicted variance".) It is spread over the
-pixels like the image's own aleatoric variance:
+(:mod:`bdiff.bayes.recalibration`). (The network's own mean squared eps error as s(t) ranks
+samples worse, AUROC 0.66-0.78 against 0.71-0.86: BENCHMARKS.md, "Calibration of the default
+model's predicted variance".) It is spread over the pixels like the image's own aleatoric variance:
 
     var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
 
-Settings (knots 20, dims 16, neighbours 16, lengthscale 0.5, noise 0.01, draws 3) were chosen
-on held-out class 3 (benchmarks/gp_variants.py --nearest: the highest ratio whose variance costs
-at most 0.2 of a forward); classes 5 and 8 are the report.
+Settings (knots 20, dims 16, neighbours 16, lengthscale 0.5, noise 0.01, draws 3): the highest
+held-out/seen variance ratio on held-out class 3 whose variance costs at most 0.2 of a forward
+(benchmarks/gp_variants.py --nearest); classes 5 and 8 are the report.
 
 Written by hand (a few lines of linear algebra): Pyro's ``contrib.gp`` models recompute their
 training-side factors at every call and have no nearest-neighbour conditioning, and no

@@ -1,28 +1,25 @@
-"""The measured-best sampler recipe for a budget of denoiser calls per sample (``bdiff-sample --nfe N``).
+"""The sampler recipe for a budget of denoiser calls per sample (``bdiff-sample --nfe N``).
 
-:data:`BEST_RECIPES` holds one recipe per measured budget, chosen by ``benchmarks/sampler_claims.py``
-under BENCHMARKS.md's rules (how far each holds, per feature space: its section "Sampler claims").
-The choose run (training seed 0, sampling seed 1) picked: at 5 NFE, UniPC of order 3 (bh2) to the
-last step (no second-order step before it) on a timestep grid *fitted to the checkpoint*
-(:mod:`bdiff.sampling.fitted_grid`; fitted once per loaded checkpoint, ~1 min on 2 CPU cores) with
-the fit's own start; at 10 NFE, UniPC (bh2, order 2) on the fitted grid started at T-1; at 20 NFE,
-UniPC bh1 on diffusers' ``leading`` grid. The bar is the best diffusers configuration per feature
-space, among every solver, grid and option diffusers offers (``benchmarks/peer_bar.py``): against
-it the 5-NFE entry is 0.28-0.58x on the report cells (met), the 10-NFE entry 0.73-1.11x and the
-20-NFE one 0.97-1.17x (missed). No entry has a critic: it needs one trained for the checkpoint. An
-entry is replaced only by a recipe that beats it in every feature space on the choose cell (the
-issue's definition of a win): epsilon scaling (:mod:`bdiff.sampling.eps_scaling`) traded one space
-for another against these entries, or led by 1-2%, which the report cells reversed, so it is in
-none of them.
+:data:`BEST_RECIPES` holds one recipe per listed budget, all UniPC (Zhao et al. 2023, bh1 or bh2 as
+named; diffusers' option names) without a critic (it needs one trained for the checkpoint) and
+without epsilon scaling:
 
-Another budget N takes the entry of the largest listed budget <= N (the smallest for N below it)
-with its steps and ``max_nfe`` set to N, except the budgets in :data:`FEWER_CALLS`, which run that
-entry as it is, with fewer calls than N. The 3- and 6-call entries (UniPC bh1, order 2, on the
-fitted grid: the 5-NFE entry before the twelfth session) are there because the order-3 recipe wins
-at 5 calls only: on the choose cell it loses to it at 3 calls in every space, at 4 and 6 in one or
-two, and reads 2-4x its FD from 7 to 10 (``benchmarks/budgets_between.py``). From 11 to 19 calls
-the 20-NFE entry (UniPC bh1, leading grid) beat the 10-NFE one, stretched or not, in every space at no budget.
-Named recipes stay available with ``--config``.
+* 3 and 6 calls: bh1 of order 2 on a timestep grid fitted to the checkpoint
+  (:mod:`bdiff.sampling.fitted_grid`: fitted once per loaded checkpoint, ~1 min on 2 CPU cores);
+* 5 calls: bh2 of order 3 up to the last step (``lower_order_final: False``) on the fitted grid,
+  which also chooses its first timestep;
+* 10 calls: bh2 of order 2 on the fitted grid started at T-1 (``late_start: False``);
+* 20 calls: bh1 of order 2 on diffusers' ``leading`` grid.
+
+Another budget N takes the entry of the largest listed budget <= N (the smallest for N below all of
+them) with its steps and ``max_nfe`` set to N, except the budgets in :data:`FEWER_CALLS`, which run
+a smaller entry as it is, in fewer calls than N. Named recipes stay available with ``--config``.
+
+The entries come from ``benchmarks/sampler_claims.py`` (a recipe replaces an entry only if it measures
+better in every feature space), the :data:`FEWER_CALLS` budgets from ``benchmarks/budgets_between.py``,
+and the bar they are compared with, the best diffusers configuration per feature space, from
+``benchmarks/peer_bar.py``. The measurements, and how far each result holds across training runs and
+sampling seeds, are in BENCHMARKS.md, section "Sampler claims".
 """
 
 from __future__ import annotations
@@ -43,18 +40,12 @@ BEST_RECIPES: dict[int, dict[str, Any]] = {
     10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
     20: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 20, "spacing": {"name": "leading"}},
 }
-"""{budget: recipe dict}; see the module docstring for where each entry comes from."""
+"""{budget: recipe dict}, the recipe :func:`recipe_for_budget` runs at that budget (module docstring)."""
 
 FEWER_CALLS: dict[int, int] = {11: 10, 12: 10, 15: 10, 16: 10, 19: 10}
-"""{budget N: listed budget b < N} where ``--nfe N`` runs b's entry as it is (b calls) rather than stretched to N
-steps: on the fitted grids FD is not monotone in the number of steps. Over the choose cell and the four report
-cells, the 10-call entry read 0.54-0.87x the digits FD of itself stretched to 11-19 steps, 0.73-1.02x its MLP FD
-and 0.95-1.07x its pixel FD (``benchmarks/budgets_between.py``; BENCHMARKS.md, "Budgets between the measured
-ones"). A budget is here where the shorter run beat the stretched one in every feature space on the choose cell
-and no report cell, nor the third training run (run C), reversed that in every space. The stretched entry stays
-at 13, 14, 17 and 18 (on the choose cell the shorter run read 0.4-2.7% higher pixel FD) and at 7 and 8, where
-the 6-call entry as it is won on the choose cell but read 1.15-1.55x the stretched entry's FD in every space on
-run C (and 1.04-1.13x on run B, sampling seed 2, at 8)."""
+"""{budget N: listed budget b < N}: ``--nfe N`` runs b's entry as it is (b calls) rather than stretched to N
+steps. On the fitted grids sample quality is not monotone in the number of steps; a budget is listed where
+the shorter run measures better than the stretched one in every feature space (module docstring)."""
 
 
 def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
