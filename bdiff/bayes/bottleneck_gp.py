@@ -5,10 +5,10 @@ every posterior over the head is blind, because the network's *final* features o
 digit sit among those of seen digits (feature collapse; van Amersfoort et al. 2020 "DUQ",
 Liu et al. 2020 "SNGP", Mukhoti et al. 2021 "DDU"). The bottleneck still tells them apart.
 
-Why one GP per noise level (BENCHMARKS.md, "A GP that compares an image only with training
-images at its own t"): the bottleneck activation ``h = UNet.encode(x_t, t)[0]`` moves with t
-far more than with the image, so a GP fitted on activations at random t compares an image at
-t = 100 mostly with activations of other noise levels. A GP fitted on the training images
+Why one GP per noise level (docs/bottleneck_gp.md, "Why one GP per noise level"): the bottleneck
+activation ``h = UNet.encode(x_t, t)[0]`` moves with t far more than with the image, so a GP
+fitted on activations at random t compares an image at t = 100 mostly with activations of other
+noise levels. A GP fitted on the training images
 noised at that t alone doubles the held-out/seen variance ratio at t = 50-100.
 
 The design, after SNGP's distance-aware output layer:
@@ -40,8 +40,8 @@ already admits to, and is v(h) s(t) on average per pixel. At high t the head's v
 the network's actual error, and v ~ 0.3 for seen images there, so the GP's variance alone can
 exceed the error (t ~ 950 on the digits): the per-t recalibration then scales both variances
 (:mod:`bdiff.bayes.recalibration`). (The network's own mean squared eps error as s(t) ranks
-samples worse, AUROC 0.66-0.78 against 0.71-0.86: BENCHMARKS.md, "Calibration of the default
-model's predicted variance".) It is spread over the pixels like the image's own aleatoric variance:
+samples worse, AUROC 0.66-0.78 against 0.71-0.86: docs/bottleneck_gp.md, "The prior's scale and the
+calibration".) It is spread over the pixels like the image's own aleatoric variance:
 
     var_epistemic[p] = v(h) * s(t) * sigma^2[p] / mean_p sigma^2[p].
 

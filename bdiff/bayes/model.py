@@ -72,8 +72,8 @@ class BayesConfig:
             the data outweigh the KL for the weights the mean uses (the posterior's width), not
             the gradient scale: the loss is sigma_0^2 x the per-image negative ELBO, so learning
             rates and gradient clipping mean what they mean for a plain DDPM. Default 0.075: the
-            maximum-likelihood value, the held-out eps MSE on the digits (BENCHMARKS.md, "Denoiser
-            quality"); 1 is L_simple's implicit choice. ``objective: nll`` learns the variance and
+            maximum-likelihood value, the held-out eps MSE on the digits (docs/training.md, "The
+            objective: hybrid"); 1 is L_simple's implicit choice. ``objective: nll`` learns the variance and
             ignores this; any value other than the default or 1 is then an error.
         nll_beta: only with ``objective: nll``. 0 gives the exact Gaussian likelihood.
             beta > 0 is the beta-NLL of Seitzer et al. 2022: each pixel's log-likelihood is
@@ -262,7 +262,7 @@ def objective_loglik(
     * ``nll``: log N(noise; eps, exp(log_var)) (beta-NLL when ``beta > 0``). Exact, but each
       pixel's error is weighted by 1/sigma^2, so the easy high-noise pixels dominate and the
       mean is starved where the noise is hard to predict (Seitzer et al. 2022); on the
-      digits this costs 4x in FD (BENCHMARKS.md, "Denoiser quality").
+      digits this costs 2.5-11x in FD (docs/training.md, "The objective: hybrid").
     * ``mse``: log N(noise; eps, mean_var I), i.e. L_simple of Ho et al. 2020 up to scale. The
       log_var output gets no gradient (its zero-initialised head weights stay 0: variance 1).
     * ``hybrid`` / ``hybrid_shared``: log N(noise; eps, mean_var I) + log N(noise; stop_grad(eps),
@@ -272,7 +272,7 @@ def objective_loglik(
       (``UNet(..., detach_variance_features=True)``), so the NLL trains only the head: its
       gradient, 0.5 (1 - err^2/sigma^2) per pixel, is O(1) at every t while L_simple's is tiny
       at high noise, and when it reaches the trunk (``hybrid_shared``) it starves the mean as
-      the exact NLL does (BENCHMARKS.md). IDDPM damps it with a weight of 0.001 instead; with
+      the exact NLL does (same section). IDDPM damps it with a weight of 0.001 instead; with
       a Bayesian head that weight would let the KL pin the variance weights to the prior.
 
     Why the weight posterior is still an ELBO's: each of the two terms is a proper Gaussian

@@ -40,8 +40,8 @@ from bdiff.lit.module import DiffusionModule
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 #: Trainer settings every diffusion config inherits (``trainer_defaults`` of LightningCLI): bf16
-#: autocast with fp32 weights, ~20% off a digits step on 2 CPU cores (BENCHMARKS.md, "Denoiser
-#: quality"); :class:`BdiffCLI` runs 32-true where the device has no bf16 kernels.
+#: autocast with fp32 weights, ~20% off a digits step on 2 CPU cores (BENCHMARKS.md, "Training
+#: time"); :class:`BdiffCLI` runs 32-true where the device has no bf16 kernels.
 TRAINER_DEFAULTS: dict[str, Any] = {"precision": "bf16-mixed"}
 
 

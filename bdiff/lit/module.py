@@ -56,8 +56,8 @@ class DiffusionModule(pl.LightningModule):
         lr_warmup_steps: steps of linear learning-rate warm-up.
         lr_decay: after the warm-up, ``cosine`` (default) anneals ``lr`` to 0 at
             ``trainer.max_steps`` (SGDR's half cosine, Loshchilov & Hutter 2017), so the last
-            steps average out the gradient noise of a short run (BENCHMARKS.md, "Denoiser
-            quality"); needs ``trainer.max_steps``. ``none`` keeps ``lr``.
+            steps average out the gradient noise of a short run (docs/training.md, "bf16 and the
+            cosine learning-rate decay"); needs ``trainer.max_steps``. ``none`` keeps ``lr``.
         kl_warmup_steps: steps over which the KL weight ramps to 1 (0: no warm-up).
         num_data: N, the training-set size the KL is divided by. None: taken from
             the datamodule's ``num_train`` at setup.

@@ -57,7 +57,7 @@ def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int 
     KMeans; no reference data or feature network needed) compares each sample only with similar
     ones, so a filter keeps the batch's mix of modes. ``clusters`` is capped at N // 2.
     images, variance: (N,C,H,W). 100 clusters, as selected on one training run and sampling seed
-    (benchmarks/sampler_claims.py, BENCHMARKS.md "Sampler claims").
+    (benchmarks/sampler_claims.py; BENCHMARKS.md, "Uncertainty in the sampler: what does not help").
     """
     from sklearn.cluster import KMeans
 

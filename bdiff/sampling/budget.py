@@ -19,7 +19,8 @@ The entries come from ``benchmarks/sampler_claims.py`` (a recipe replaces an ent
 better in every feature space), the :data:`FEWER_CALLS` budgets from ``benchmarks/budgets_between.py``,
 and the bar they are compared with, the best diffusers configuration per feature space, from
 ``benchmarks/peer_bar.py``. The measurements, and how far each result holds across training runs and
-sampling seeds, are in BENCHMARKS.md, section "Sampler claims".
+sampling seeds, are in BENCHMARKS.md, section "Sampler quality at 5, 10 and 20 NFE"; the protocol in
+docs/nfe_recipes.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ x0' = (x_t - sqrt(1-a_t) eps') / sqrt(a_t), and the epistemic variance with it (
 No extra denoiser calls.
 
 On bdiff's digits model the best constant lambda is above 1 only at 5 NFE, about 1 at 10 and
-0.99-0.995 at 20 (BENCHMARKS.md, "Sampler claims"): there the predictions are too small, not too
+0.99-0.995 at 20 (docs/nfe_recipes.md, "Epsilon scaling"): there the predictions are too small, not too
 large.
 
 Place it first among the callbacks, so blending, step control and the critic read the scaled

@@ -18,8 +18,8 @@ Cov[eps|x_t] read off the aleatoric head (clamped to [0, 1]). So per pixel
 with the same standard-normal xi at every step (the same weights act at every
 step: perturbations add coherently), carried as a signed amplitude; the map is
 its square. Dropping the Jacobian term (treating eps_hat as independent of x_t)
-overestimates the final variance 100x on the digits model; see BENCHMARKS.md
-for the comparison with Monte Carlo chains.
+overestimates the final variance 100x on the digits model; see BENCHMARKS.md,
+"Propagated uncertainty map", for the comparison with Monte Carlo chains.
 """
 
 from __future__ import annotations
