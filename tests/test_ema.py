@@ -73,3 +73,50 @@ def test_load_model_restores_the_ema_or_the_optimizers_weights(last_ckpt) -> Non
     assert any(not torch.equal(average[k], current[k]) for k in average)
     with pytest.raises(ValueError, match="'average'.*'current'"):
         load_model(last_ckpt, weights="ema")
+
+
+def test_sigma_rel_gives_edm2s_gamma() -> None:
+    """EDM2 (Karras et al. 2024) pairs sigma_rel 0.05 and 0.10 with gamma 16.97 and 6.94."""
+    from bdiff.lit.ema import sigma_rel_to_gamma
+
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+@pytest.mark.parametrize("steps", [400, 4000])
+def test_power_ema_averages_over_a_fixed_fraction_of_any_run(sigma_rel: float, steps: int) -> None:
+    """The weight each step gets in the final average: its spread over the run is sigma_rel x the run's
+    length, for a short run as for a long one (a constant decay's window would not scale)."""
+    from bdiff.lit.ema import power_ema_multi_avg_fn, sigma_rel_to_gamma
+
+    update = power_ema_multi_avg_fn(sigma_rel_to_gamma(sigma_rel))
+    averaged = [torch.zeros(steps, dtype=torch.float64)]
+    averaged[0][0] = 1.0  # the first model is copied in; then one impulse per step, tracked per coordinate
+    for t in range(1, steps):
+        current = torch.zeros(steps, dtype=torch.float64)
+        current[t] = 1.0
+        update(averaged, [current], torch.tensor(t))
+    weights = averaged[0]
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-9)
+    position = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    mean = (weights * position).sum()
+    std = ((weights * (position - mean) ** 2).sum()).sqrt()
+    assert std.item() == pytest.approx(sigma_rel, rel=0.05)
+
+
+def test_power_ema_in_a_fit_leaves_the_last_weights_behind_less_than_a_slow_decay() -> None:
+    ours, slow, plain = fit(EMA(sigma_rel=0.1)), fit(EMA(decay=0.999)), fit(pl.Callback())
+    distance = {name: (w["net.3.weight"] - plain["net.3.weight"]).norm() for name, w in (("ours", ours), ("slow", slow))}
+    assert 0 < distance["ours"] < distance["slow"]
+
+
+@pytest.mark.parametrize("sigma_rel", [0.0, 0.3, float("nan"), "wide"])
+def test_a_sigma_rel_outside_its_range_is_refused(sigma_rel: object) -> None:
+    with pytest.raises(ValueError, match="EMA sigma_rel must be"):
+        EMA(sigma_rel=sigma_rel)  # type: ignore[arg-type]
+
+
+def test_a_constant_decay_too_slow_for_the_run_is_warned_about() -> None:
+    with pytest.warns(UserWarning, match="still holds .* of the initial weights"):
+        fit(EMA(decay=0.99))  # 0.99 ** 12: 89% of the initial weights left
