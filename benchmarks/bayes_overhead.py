@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from bdiff.bayes import BayesConfig
 from bdiff.bayes.predictive import draw_weights, predict_with_weights
+from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_config() -> dict:
-    return yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    return resolved_config(ROOT / "configs" / "digits.yaml")  # with the code defaults the YAML leaves out
 
 
 def default_model_args() -> dict:

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from bdiff.bayes import BayesConfig
+from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "equal_time_steps.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = resolved_config(args.config)  # with the code defaults the YAML leaves out
     model, trainer = cfg["model"], cfg["trainer"]
     decay = next(c["init_args"]["decay"] for c in trainer["callbacks"] if c["class_path"].endswith(".EMA"))
     net = {**model["net"], "channel_mults": tuple(model["net"]["channel_mults"]),

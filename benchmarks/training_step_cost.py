@@ -26,11 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch.utilities import grad_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 from bdiff.bayes import BayesConfig
+from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
 from bdiff.sampling import chain_variance, ddim_sample_and_variance
@@ -51,7 +51,7 @@ def milliseconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def build(config: Path) -> tuple[DiffusionModule, int]:
-    cfg = yaml.safe_load(config.read_text())
+    cfg = resolved_config(config)  # with the code defaults the YAML leaves out
     model = cfg["model"]
     module = DiffusionModule(net=UNetConfig(**model["net"]), bayes=BayesConfig(**model["bayes"]),
                              schedule=ScheduleConfig(**model["schedule"]), num_data=1455)

@@ -122,8 +122,10 @@ def is_default_run(run_dir: Path, config: Path = DEFAULT_CONFIG) -> bool:
     import torch
     import yaml
 
+    from bdiff.lit.cli import resolved_config
+
     try:
-        default = yaml.safe_load(config.read_text())
+        default = resolved_config(config)  # with the code defaults the YAML leaves out, as a run's config.yaml has them
         run = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
