@@ -3,7 +3,7 @@
     python benchmarks/stochastic_vs_ode.py --ckpt runs/cos0/bdiff/t5pxamkz/checkpoints/last.ckpt --seed 1
 
 Issue 14's 20-NFE target asks for FD 0.8x the best ODE solver, whose 20-step answer is already the
-ODE's own (BENCHMARKS.md, "Sampler claims"). Stochastic samplers draw from a different
+ODE's own (BENCHMARKS.md, "Sampler quality at 5, 10 and 20 NFE"). Stochastic samplers draw from a different
 distribution when the network is imperfect: the SDE's noise can contract errors that the ODE
 carries (Karras et al. 2022, Sec. 4). This measures, on one run and sampling seed (the claims'
 choose cell), FD, precision and recall in every feature space of the evaluator for the ODE
