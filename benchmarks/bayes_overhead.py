@@ -52,7 +52,8 @@ def default_model_args() -> dict:
 def build(layers: str, cfg: dict) -> DiffusionModule:
     torch.manual_seed(0)
     bayes = {**cfg["bayes"], "layers": layers}
-    return DiffusionModule(net=UNetConfig(**cfg["net"]), bayes=BayesConfig(**bayes), num_data=1617)
+    # no bottleneck GP: it needs a point trunk, and nothing is fitted here
+    return DiffusionModule(net=UNetConfig(**cfg["net"]), bayes=BayesConfig(**bayes), num_data=1617, epistemic_gp=False)
 
 
 def predict_fn(module: DiffusionModule, predict):

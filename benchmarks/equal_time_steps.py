@@ -14,7 +14,7 @@ logging -- is timed on one batch of the config's size, every variant once per ro
 per-step overhead (validation, logging, the data loader: not timed here) is then paid on more
 steps, so a faster variant's fit takes longer than the default's (up to ~1.3x for the 24-channel
 attention-free U-Net); the whole runs' wall times are measured by ``time``
-(BENCHMARKS.md, "Denoiser quality"). Writes ``--out``.
+(BENCHMARKS.md, "Denoiser vs a plain DDPM"; docs/training.md). Writes ``--out``.
 """
 
 from __future__ import annotations

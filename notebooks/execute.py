@@ -116,16 +116,18 @@ def _is_subset(wanted: Any, have: Any) -> bool:
     return wanted == have
 
 
-def is_default_run(run_dir: Path, config: Path = DEFAULT_CONFIG) -> bool:
+def is_default_run(run_dir: Path, default: dict | None = None) -> bool:
     """True when ``run_dir/config.yaml`` is ``python train.py``'s run: the same seed, model, data and
-    ``trainer.max_steps`` as ``configs/digits.yaml``, and ``checkpoints/last.ckpt`` reached max_steps."""
+    ``trainer.max_steps`` as ``configs/digits.yaml``, and ``checkpoints/last.ckpt`` reached max_steps.
+    ``default``: that config resolved (:func:`bdiff.lit.cli.resolved_config`; resolved here when None)."""
     import torch
     import yaml
 
     from bdiff.lit.cli import resolved_config
 
     try:
-        default = resolved_config(config)  # with the code defaults the YAML leaves out, as a run's config.yaml has them
+        # with the code defaults the YAML leaves out, as a run's config.yaml has them
+        default = resolved_config(DEFAULT_CONFIG) if default is None else default
         run = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
@@ -142,9 +144,12 @@ def is_default_run(run_dir: Path, config: Path = DEFAULT_CONFIG) -> bool:
 
 def default_checkpoint(root: str | Path = ROOT / "runs" / "bdiff") -> Path:
     """``last.ckpt`` of the newest finished default run (:func:`is_default_run`) under ``root``."""
+    from bdiff.lit.cli import resolved_config
+
     paths = sorted(Path(root).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    default = resolved_config(DEFAULT_CONFIG) if paths else {}
     for path in paths:
-        if is_default_run(path.parents[1]):
+        if is_default_run(path.parents[1], default):
             return path
     raise FileNotFoundError(
         f"no finished run of configs/digits.yaml under {relative_to_root(root)!r} (looked at {len(paths)} "

@@ -108,7 +108,9 @@ def test_default_checkpoint_is_the_newest_finished_default_run(tmp_path: Path) -
     import torch
     import yaml
 
-    default = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    from bdiff.lit.cli import resolved_config
+
+    default = resolved_config(ROOT / "configs" / "digits.yaml")  # what a run's config.yaml holds
     max_steps = default["trainer"]["max_steps"]
 
     def run(name: str, step: int, mtime: int, **changes: object) -> Path:

@@ -101,11 +101,8 @@ def checkpoint_run_id(ckpt_path: str | Path, project: str | None) -> tuple[str |
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # a legacy (non-zip) file cannot be mapped
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... for bad files
-        raise ValueError(
-            f"--ckpt_path {str(path)!r}: cannot read the checkpoint, it is truncated, corrupt, or carries "
-            f"pickled objects that weights-only loading refuses ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
+    except Exception:  # corrupt, or pickled objects weights-only loading refuses: Lightning's own load decides
+        ckpt = None
     run_id = ckpt.get(WANDB_RUN_ID_KEY) if isinstance(ckpt, dict) else None
     if isinstance(run_id, str) and run_id:
         return run_id, "recorded in the checkpoint"
