@@ -34,6 +34,8 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("previews", r"^\[Callback\]SampleGrid.*\.on_(fit_end|train_end|validation_end|validation_epoch_end)$"),
     ("checkpoint saving", r"^save_checkpoint$"),
 )
+# where a training step's time goes: Lightning's forward (training_step) and backward actions
+STEP_SPLIT = (("forward", "[Strategy]SingleDeviceStrategy.training_step"), ("backward", "[Strategy]SingleDeviceStrategy.backward"))
 ROW = re.compile(r"^\|\s*(?P<action>[^|]+?)\s*\|\s*(?P<mean>[\d.e+-]+)\s*\|\s*(?P<calls>\d+)\s*\|\s*(?P<total>[\d.e+-]+)\s*\|")
 
 
@@ -97,6 +99,7 @@ def main() -> None:
         "training_steps": steps_calls,
         "ms_per_step": round(1e3 * actions.get("run_training_batch", (0, 0.0))[1] / max(1, steps_calls), 1),
         "parts_s": {k: round(v, 1) for k, v in split_parts(actions, wall).items()},
+        "step_split_s": {name: round(actions.get(action, (0, 0.0))[1], 1) for name, action in STEP_SPLIT},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
         "date": time.strftime("%Y-%m-%d"),
         "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
