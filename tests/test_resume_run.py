@@ -77,10 +77,12 @@ def test_run_id_comes_from_the_checkpoint_else_from_its_folder(tmp_path: Path) -
     run_id, why = checkpoint_run_id(loose, "bdiff")
     assert run_id is None and "records no W&B run id" in why
 
-    junk = tmp_path / "junk.ckpt"
+    # unreadable here (corrupt, or pickled objects weights-only loading refuses): the folder still names the
+    # run, and Lightning's own load decides whether the file resumes at all
+    junk = tmp_path / "runs" / "bdiff" / "jun456" / "checkpoints" / "junk.ckpt"
+    junk.parent.mkdir(parents=True)
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.ckpt"):
-        checkpoint_run_id(junk, "bdiff")
+    assert checkpoint_run_id(junk, "bdiff") == ("jun456", "from its folder name")
 
 
 def test_an_explicit_logger_id_wins_and_a_checkpoint_without_one_says_so(tmp_path: Path) -> None:
