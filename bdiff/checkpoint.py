@@ -20,6 +20,7 @@ import torch
 from bdiff.bayes import BayesConfig, BayesianUNet, posterior_loc_scale
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.bayes.bottleneck_gp import restore as restore_gp
+from bdiff.bayes.error_scale import EpistemicErrorScale
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
@@ -124,6 +125,8 @@ def load_model(
         denoiser.calibration = VarianceCalibration.from_dict(ckpt["variance_calibration"])
     if "bottleneck_gp" in ckpt:  # trained with model.epistemic_gp: true
         denoiser.epistemic_gp = restore_gp(ckpt["bottleneck_gp"])
+    if "epistemic_error_scale" in ckpt:  # absent in older checkpoints: python -m bdiff.recalibrate adds it
+        denoiser.error_scale = EpistemicErrorScale.from_dict(ckpt["epistemic_error_scale"])
     return denoiser.to(map_location).eval().requires_grad_(False)
 
 

@@ -13,6 +13,9 @@ trained on the real digits by ``python -m bdiff.lit.feature_module cache``;
 weights are installed. The first space is the primary one: its numbers are also the
 top-level ``fd``/``kid``/... keys and the uncertainty-usefulness metrics use it.
 Reference features come from the real training split and are cached.
+For samples with a variance map, ``filtering`` reports, per space, FD, precision, recall and
+classifier error after dropping the 20% least certain by the file's per-sample ``score`` (else
+the score computed from the maps) against dropping a random 20%.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
 from bdiff.metrics.features import DIGITS_SPACES, default_cache_dir, get_feature_extractor
 from bdiff.metrics.frechet import cached_features, extract_features
-from bdiff.metrics.report import evaluate_sample_set, markdown_table, quality_in_spaces
+from bdiff.metrics.report import evaluate_sample_set, filtering_in_spaces, markdown_table, quality_in_spaces
+from bdiff.metrics.usefulness import sample_score
 from bdiff.metrics.samples_file import load_samples
 
 CALIBRATION_T = (10, 50, 100, 250, 500, 750, 950)
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     primary = {k: metrics[k] for k in ("fd", "kid", "kid_std", "precision", "recall", "confidence") if k in metrics}
     others = {name: ref for name, ref in references.items() if name != args.features[0]}
     metrics["spaces"] = {args.features[0]: primary, **quality_in_spaces(samples.images, others)}  # primary not twice
+    if samples.variance is not None and float(samples.variance.max()) > 0 and len(samples.images) >= 10:
+        score = samples.score if samples.score is not None else sample_score(samples.images, samples.variance)
+        metrics["filtering"] = filtering_in_spaces(samples.images, score, references)
     if args.ckpt:
         metrics["calibration"] = calibration_report(args.ckpt, out_dir)
 
@@ -126,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown_table([metrics], columns)
     space_rows = [{"features": name, **row} for name, row in metrics["spaces"].items()]
     md += "\n\n" + markdown_table(space_rows, ["features", "fd", "kid", "precision", "recall", "confidence"])
+    if "filtering" in metrics:
+        md += "\n\nDropping the 20% least certain by the per-sample score vs a random 20% (mean of 5):\n\n"
+        filter_rows = [{"features": name, **row} for name, row in metrics["filtering"].items()]
+        md += markdown_table(filter_rows, ["features"] + [f"{m}_{w}" for m in ("fd", "precision", "recall", "error")
+                                                          for w in ("certain", "random")])
     if "calibration" in metrics:
         md += "\n\n" + markdown_table(metrics["calibration"], ["t", "mse", "z2_total", "z2_aleatoric", "z2_epistemic",
                                                                "nll_total", "mean_var_epistemic"])

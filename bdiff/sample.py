@@ -25,6 +25,12 @@ so a run holds one chunk per device (model activations for K weight samples,
 callback state such as a Recorder's records) whatever N is. A failed run leaves
 no partial file and an earlier ``--out`` untouched.
 
+Every sample of a Bayesian model gets a per-sample uncertainty ``score`` in the samples file
+(:func:`bdiff.metrics.usefulness.sample_score`: its rank among its look-alikes, 1 = least certain).
+``--keep F`` draws ``ceil(n / F)`` samples and keeps the ``n`` most certain by that score; the
+file's ``nfe`` is then the denoiser calls per *kept* sample. The score needs the whole batch (it
+clusters the samples), so the end of a run loads the file once (N images and variance maps).
+
 ``--wandb-project P`` also logs the run to Weights & Biases (offline without
 credentials, like training): a ``wandb.Table`` ``samples`` with one row per sample
 (image, uncertainty map, mean per-pixel variance, NFE, and the critic's logit when
@@ -49,7 +55,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm import tqdm
 
 from bdiff.checkpoint import load_model
-from bdiff.metrics.samples_file import SamplesWriter
+from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
+from bdiff.metrics.usefulness import keep_most_certain
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe, add_recipe_arguments, recipe_keys_given
 from bdiff.sampling.sampler import chunk_ranges
@@ -81,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     add_recipe_arguments(p)
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=float, default=1.0,
+                   help="draw ceil(n / keep) samples and keep the n most certain by the per-sample score (0 < keep <= 1)")
     p.add_argument("--out", type=str, default="samples.npz")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampler call (and in memory at once)")
     p.add_argument("--devices", type=int, default=1, help="processes/devices to spread the work over")
@@ -109,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                              ("--wandb-rows", args.wandb_rows, 0)):
         if value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
+    if not 0 < args.keep <= 1:
+        p.error(f"--keep must be a fraction in (0, 1] (0.8: draw n / 0.8 samples, keep the n most certain), got {args.keep}")
     if Path(args.out).is_dir():
         p.error(f"--out {args.out!r} is a directory; give a file name such as samples.npz")
     if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
@@ -235,9 +246,13 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
                   "later ones read the cache; bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
         sampler = recipe.build(denoiser)
         config["timesteps"] = sampler.grid[:-1].tolist()  # the grid sampled on (a fitted grid depends on the checkpoint)
-        chunks = chunk_ranges(args.n, args.batch_size)
+        if args.keep < 1 and not denoiser.is_bayesian:
+            raise ValueError(f"--keep {args.keep} ranks samples by their uncertainty, but {args.ckpt!r} holds a model "
+                             "with no epistemic variance; drop --keep")
+        n_drawn = math.ceil(args.n / args.keep - 1e-9)
+        chunks = chunk_ranges(n_drawn, args.batch_size)
         rows = args.wandb_rows if wb is not None else 0
-        output = (SampleOutput(Path(args.out), args.n, tuple(denoiser.image_shape), denoiser.is_bayesian, rows)
+        output = (SampleOutput(Path(args.out), n_drawn, tuple(denoiser.image_shape), denoiser.is_bayesian, rows)
                   if rank == 0 else None)
         with output.writer if output is not None else contextlib.nullcontext():
             for j in tqdm(range(math.ceil(len(chunks) / world)), desc="sampling", unit="batch", disable=rank != 0):
@@ -263,12 +278,31 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
                 del gathered
             if output is not None:
                 output.finish(time.perf_counter() - start, config, peak_memory_mb(device))
+        if output is not None and denoiser.is_bayesian:
+            score_and_keep(Path(args.out), args.n)
     except BaseException:
         if wb is not None:
             wb.finish(exit_code=1)
         raise
     if wb is not None and output is not None:
         finish_wandb(wb, output, args, with_critic)
+
+
+def score_and_keep(out: Path, n: int) -> SampleSet:
+    """Add the per-sample score to the samples file ``out``; where it holds more than ``n`` samples, keep the ``n``
+    most certain (in their drawing order), count ``nfe`` per kept sample and redraw the PNG grid."""
+    samples = load_samples(out)
+    kept, score = keep_most_certain(samples.images, samples.variance, n)
+    drawn = len(samples.images)
+    config = samples.config if drawn == n else {**samples.config, "keep": {"kept": n, "drawn": drawn}}
+    result = SampleSet(samples.images[kept], samples.variance[kept], samples.nfe * drawn / n, samples.seconds, config,
+                       score[kept])
+    save_samples(out, result)
+    if drawn > n:
+        images, variance = result.images[:PREVIEW] * 2 - 1, result.variance[:PREVIEW] * 4  # back to the [-1, 1] scale
+        save_side_by_side(out.with_suffix(".png"), *uncertainty_grids(images, variance, nrow=8))
+        print(f"kept the {n} most certain of {drawn} samples (--keep): {result.nfe:.2f} denoiser calls per kept sample")
+    return result
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

@@ -290,3 +290,41 @@ def test_torchvision_datasets_exclude_classes_by_label(tmp_path: Path) -> None:
     targets = dm.train_dataset.dataset.dataset.targets
     assert all(int(targets[i]) > 1 for i in dm.train_dataset.indices + dm.val_dataset.indices)
     assert sorted(dm.heldout_dataset.indices) == [i for i in range(60) if int(targets[i]) <= 1]
+
+
+def test_fraction_keeps_a_seeded_subset_of_the_training_split_and_the_whole_validation_split() -> None:
+    full, tenth = DigitsDataModule(), DigitsDataModule(fraction=0.1)
+    full.setup(), tenth.setup()
+    assert tenth.num_train == round(0.1 * full.num_train)
+    assert set(tenth.train_dataset.indices) < set(full.train_dataset.indices)
+    assert tenth.val_dataset.indices == full.val_dataset.indices  # results stay comparable with the full run's
+    third = DigitsDataModule(fraction=0.3)
+    third.setup()
+    assert set(tenth.train_dataset.indices) < set(third.train_dataset.indices)  # a smaller share is a subset
+
+
+def test_class_fraction_down_samples_one_class_only() -> None:
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    full, rare = DigitsDataModule(), DigitsDataModule(class_fraction={3: 0.05})
+    full.setup(), rare.setup()
+    count = lambda dm, c: int((labels[dm.train_dataset.indices] == c).sum())  # noqa: E731
+    assert count(rare, 3) == round(0.05 * count(full, 3))
+    assert all(count(rare, c) == count(full, c) for c in range(10) if c != 3)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"fraction": 0}, r"fraction must be a number in \(0, 1\]"),
+    ({"fraction": 1.5}, r"fraction must be a number in \(0, 1\]"),
+    ({"class_fraction": [3]}, "class_fraction must map classes"),
+    ({"class_fraction": {3: 0}}, r"class_fraction\[3\] must be a number in \(0, 1\]"),
+])
+def test_bad_fractions_are_refused_with_the_option_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+def test_class_fraction_names_an_unknown_class() -> None:
+    with pytest.raises(ValueError, match="class_fraction: 12 is not a class"):
+        DigitsDataModule(class_fraction={12: 0.5}).setup()

@@ -28,6 +28,13 @@ def test_evaluate_writes_json_markdown_and_reliability_plot(last_ckpt: Path, tmp
     assert "| fd |" in (tmp_path / "eval" / "metrics.md").read_text().replace("| n | fd |", "| fd |")
     assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0
     assert [row["t"] for row in metrics["calibration"]] == [10, 50, 100, 250, 500, 750, 950]
+    # Filtering by the per-sample score, in every space, against a random drop of as many samples.
+    assert set(metrics["filtering"]) == {"digits", "digits_mlp", "pixels"}
+    digits = metrics["filtering"]["digits"]
+    assert {"fd_certain", "fd_random", "precision_certain", "precision_random", "recall_certain", "recall_random",
+            "error_certain", "error_random"} <= set(digits)
+    assert "error_certain" not in metrics["filtering"]["pixels"]  # no classifier there
+    assert "least certain by the per-sample score" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 def test_evaluate_without_feature_weights_says_how_to_get_them(tmp_path: Path, monkeypatch, last_ckpt: Path) -> None:

@@ -310,17 +310,29 @@ def test_uncertainty_within_clusters_keeps_the_mix_of_modes_when_filtering() -> 
     from bdiff.metrics.usefulness import filter_by_uncertainty, uncertainty_within_clusters
 
     g = torch.Generator().manual_seed(0)
-    images = torch.cat([0.1 * torch.rand(40, 1, 4, 4, generator=g), 0.9 + 0.1 * torch.rand(40, 1, 4, 4, generator=g)])
-    noise = torch.rand(80, generator=g)
-    variance = (torch.cat([torch.zeros(40), torch.ones(40)]) + 0.5 * noise).view(80, 1, 1, 1).expand(80, 1, 4, 4)
-    bright = torch.arange(80) >= 40
+    images = torch.cat([0.1 * torch.rand(100, 1, 4, 4, generator=g), 0.9 + 0.1 * torch.rand(100, 1, 4, 4, generator=g)])
+    noise = torch.rand(200, generator=g)
+    variance = (torch.cat([torch.zeros(100), torch.ones(100)]) + 0.5 * noise).view(200, 1, 1, 1).expand(200, 1, 4, 4)
+    bright = torch.arange(200) >= 100
     raw_kept = filter_by_uncertainty(variance, keep=0.75)
-    assert bright[raw_kept].sum() == 20  # the raw ranking drops 20 bright images and no dark one
-    kept = filter_by_uncertainty(variance, keep=0.75, images=images)
-    assert bright[kept].sum() == 30  # 10 dropped from each group
+    assert bright[raw_kept].sum() == 50  # the raw ranking drops 50 bright images and no dark one
+    kept = filter_by_uncertainty(variance, keep=0.75, images=images)  # 4 clusters of ~50 look-alikes
+    assert 72 <= bright[kept].sum() <= 78  # about 25 dropped from each group
     score = uncertainty_within_clusters(images, variance, clusters=2)
     for group in (bright, ~bright):  # within a group, the order is the order of the variance
         order = score[group].argsort()
         assert torch.equal(order, noise[group].argsort())
     with pytest.raises(ValueError, match="samples"):
         uncertainty_within_clusters(images[:5], variance)
+    assert torch.equal(uncertainty_within_clusters(images[:80], variance[:80]).argsort(),
+                       variance[:80, 0, 0, 0].argsort())  # under 100 samples: one cluster, the raw order
+
+
+def test_the_per_sample_score_round_trips_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    images, variance = torch.rand(6, 1, 4, 4), torch.rand(6, 1, 4, 4)
+    score = torch.linspace(0, 1, 6)
+    save_samples(tmp_path / "s.npz", SampleSet(images, variance, 5.0, 1.0, {}, score))
+    torch.testing.assert_close(load_samples(tmp_path / "s.npz").score, score)
+    with pytest.raises(ValueError, match=r"'score' must be finite float32 of shape \(N,\)"):
+        save_samples(tmp_path / "bad.npz", SampleSet(images, variance, 5.0, 1.0, {}, torch.rand(5)))
+    assert not (tmp_path / "bad.npz").exists()

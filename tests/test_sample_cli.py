@@ -140,3 +140,25 @@ def test_a_printed_job_config_reruns_to_the_same_samples(last_ckpt: Path, tmp_pa
     assert b.config["recipe"]["name"] == "job" and c.config["recipe"]["name"] == "command-line"
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.images, c.images)
+
+
+def test_every_bayesian_sample_gets_a_score_and_keep_keeps_the_most_certain(last_ckpt: Path, tmp_path: Path) -> None:
+    from bdiff.metrics.usefulness import sample_score
+
+    plain, kept = tmp_path / "plain.npz", tmp_path / "kept.npz"
+    common = ["--ckpt", str(last_ckpt), "--stepper", "ddim", "--steps", "3", "--posterior_samples", "2", "--seed", "4"]
+    main([*common, "--n", "25", "--batch-size", "10", "--out", str(plain)])
+    main([*common, "--n", "20", "--keep", "0.8", "--batch-size", "10", "--out", str(kept)])
+    drawn, s = load_samples(plain), load_samples(kept)
+    assert drawn.score is not None and drawn.score.shape == (25,) and 0 <= float(drawn.score.min()) <= 1
+    assert len(s.images) == 20 and s.config["keep"] == {"kept": 20, "drawn": 25}
+    assert s.nfe == pytest.approx(drawn.nfe * 25 / 20)  # calls per kept sample
+    # Sample i depends only on (seed, i): the kept file holds the 20 that the score ranks most certain of the 25.
+    order = sample_score(drawn.images, drawn.variance).argsort(stable=True)[:20].sort().values
+    np.testing.assert_array_equal(s.images.numpy(), drawn.images[order].numpy())
+
+
+def test_keep_is_refused_outside_0_1(last_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(last_ckpt), "--nfe", "3", "--keep", "0", "--out", str(tmp_path / "s.npz")])
+    assert "--keep must be a fraction in (0, 1]" in capsys.readouterr().err

@@ -14,14 +14,16 @@ from bdiff.schedule import NoiseSchedule
 
 
 class Toy:
-    """eps_hat = x/2 with configurable epistemic/aleatoric variance maps."""
+    """eps_hat = x/2 with configurable epistemic/aleatoric variance maps; the mean's error is
+    ``error_scale`` times the epistemic variance (as a fitted BayesianDenoiser states it)."""
 
     image_shape = (1, 4, 4)
     is_bayesian = True
 
-    def __init__(self, var_ep: float | torch.Tensor = 0.0, var_al: float | torch.Tensor = 0.5) -> None:
+    def __init__(self, var_ep: float | torch.Tensor = 0.0, var_al: float | torch.Tensor = 0.5,
+                 error_scale: float = 1.0) -> None:
         self.schedule = NoiseSchedule("linear")
-        self.var_ep, self.var_al = var_ep, var_al
+        self.var_ep, self.var_al, self.error_scale = var_ep, var_al, error_scale
         self.calls = 0
 
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
@@ -29,15 +31,28 @@ class Toy:
         ones = torch.ones_like(x)
         return Prediction(0.5 * x, ones * self.var_ep, ones * self.var_al)
 
+    def epistemic_error(self, pred: Prediction, t: torch.Tensor) -> torch.Tensor:
+        return self.error_scale * pred.var_epistemic
 
-def test_blending_is_a_no_op_for_a_confident_model_and_pulls_to_history_otherwise() -> None:
-    plain = Sampler(Toy(0.0), DDIM(), 8).sample(4, seed=0)
-    confident = Sampler(Toy(0.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
-    torch.testing.assert_close(plain.images, confident.images)
-    assert all(g == pytest.approx(1.0) for g in confident.extras["blend"]["gain"])
+
+def test_blending_is_the_base_sampler_where_the_mean_has_no_error_and_pulls_to_history_otherwise() -> None:
+    plain = Sampler(Toy(10.0), DDIM(), 8).sample(4, seed=0)
+    # A large epistemic (novelty) variance with no measured error of the mean: exactly the base sampler.
+    accurate = Sampler(Toy(10.0, error_scale=0.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
+    torch.testing.assert_close(plain.images, accurate.images, rtol=0, atol=0)
+    assert all(g == 1.0 for g in accurate.extras["blend"]["gain"])
     unsure = Sampler(Toy(10.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
-    assert min(unsure.extras["blend"]["gain"]) < 0.8  # history gets weight where the model is unsure
+    assert min(unsure.extras["blend"]["gain"]) < 0.8  # history gets weight where the mean errs
     assert not torch.allclose(unsure.images, plain.images)
+
+
+def test_blending_without_a_stated_error_is_the_base_sampler() -> None:
+    class NoErrorClaim(Toy):
+        epistemic_error = None  # a denoiser that does not state its mean's error (deterministic nets, chains)
+
+    plain = Sampler(NoErrorClaim(10.0), DDIM(), 6).sample(3, seed=2)
+    blended = Sampler(NoErrorClaim(10.0), DDIM(), 6, [VarianceWeightedBlending()]).sample(3, seed=2)
+    torch.testing.assert_close(plain.images, blended.images, rtol=0, atol=0)
 
 
 def test_blend_strength_zero_disables_it() -> None:

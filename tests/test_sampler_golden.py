@@ -66,6 +66,10 @@ class TinyDenoiser(nn.Module):
         eps = (1 - a).sqrt() * x_t + 0.3 * torch.tanh(h[:, :1])
         return Prediction(eps, 1e-3 * torch.sigmoid(h[:, 1:2]), torch.sigmoid(h[:, 2:3]))
 
+    def epistemic_error(self, pred: Prediction, t: Tensor) -> Tensor:
+        """The mean's error as a fitted BayesianDenoiser states it (r(t) var_epistemic), large enough for blending to act."""
+        return 20.0 * pred.var_epistemic
+
 
 def tiny_critic(schedule: NoiseSchedule) -> Critic:
     """A seeded, untrained CriticNet on 1x8x8 images, in eval mode."""

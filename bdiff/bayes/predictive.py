@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 
 from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.bayes.model import BayesianUNet
+from bdiff.bayes.error_scale import EpistemicErrorScale
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
@@ -132,6 +133,7 @@ class BayesianDenoiser(nn.Module):
         self.generator: torch.Generator | None = None
         self.calibration: VarianceCalibration | None = None
         self.epistemic_gp: BottleneckGP | None = None
+        self.error_scale: EpistemicErrorScale | None = None
 
     @property
     def is_bayesian(self) -> bool:
@@ -171,6 +173,22 @@ class BayesianDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Prediction:
         return self.predict(x_t, t)
+
+    def epistemic_error(self, pred: Prediction, t: Tensor) -> Tensor:
+        """Expected squared error of ``pred.eps`` about E[eps | x_t], (B,C,H,W): r(t) * var_epistemic.
+
+        The variance sampler mechanisms consume (:mod:`bdiff.bayes.error_scale`); zero for a model
+        with no epistemic variance. Raises where a Bayesian model's checkpoint carries no fitted r(t).
+        """
+        if not self.is_bayesian:
+            return torch.zeros_like(pred.var_epistemic)
+        if self.error_scale is None:
+            raise ValueError(
+                "this model has no epistemic error scale (checkpoints trained before it existed): fit one with "
+                "`python -m bdiff.recalibrate --ckpt <checkpoint>`, which adds it to the checkpoint"
+            )
+        shape = (-1, *([1] * (pred.var_epistemic.dim() - 1)))
+        return pred.var_epistemic * self.error_scale(t).to(pred.var_epistemic.dtype).reshape(shape)
 
     def posterior_chains(self, num_chains: int, generator: torch.Generator | None = None) -> PosteriorChains:
         """A Denoiser for ``num_chains`` reverse chains, each with its own fixed weight sample."""

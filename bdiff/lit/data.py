@@ -7,6 +7,10 @@ Every batch from ``train_dataloader()`` / ``val_dataloader()`` is a single float
 the same seeded split as without it, so the seen-class validation images are the default
 run's; ``heldout_dataset`` then holds every image of the excluded classes (never trained on).
 
+``fraction`` keeps a seeded share of the training split, and ``class_fraction`` (labelled
+datasets) a share of chosen classes' training images, e.g. ``{3: 0.05}``: the regimes where a
+model is unsure (``benchmarks/where_uncertainty_pays.py``). Validation stays the full split's.
+
 Datasets:
 
 * :class:`DigitsDataModule` -- scikit-learn's bundled 8x8 digits (no download, the default).
@@ -44,6 +48,13 @@ def _image_transform(image_size: int | None, crop: bool = False) -> Callable[[Im
             steps.append(transforms.CenterCrop(image_size))
     steps += [transforms.ToTensor(), transforms.Lambda(_to_symmetric)]
     return transforms.Compose(steps)
+
+
+def _train_fraction(name: str, value: Any) -> float:
+    """A share of the training split in (0, 1], or a ValueError that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1] (the share of training images kept), got {value!r}.")
+    return float(value)
 
 
 def _load_image(path: str, mode: str) -> Image.Image:
@@ -104,6 +115,8 @@ class ImageDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         exclude_classes: list[int | str] | None = None,
+        fraction: float = 1.0,
+        class_fraction: dict[int | str, float] | None = None,
     ) -> None:
         super().__init__()
         if exclude_classes is not None and (
@@ -111,6 +124,10 @@ class ImageDataModule(LightningDataModule):
         ):
             raise ValueError(f"exclude_classes must be a list of class indices or names, got {exclude_classes!r}.")
         self.exclude_classes = list(exclude_classes or [])
+        self.fraction = _train_fraction("fraction", fraction)
+        if class_fraction is not None and not isinstance(class_fraction, dict):
+            raise ValueError(f"class_fraction must map classes (indices or names) to fractions in (0, 1], got {class_fraction!r}.")
+        self.class_fraction = {c: _train_fraction(f"class_fraction[{c!r}]", f) for c, f in (class_fraction or {}).items()}
         as_integer("batch_size", batch_size, 1)
         as_integer("num_workers", num_workers, 0)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
@@ -176,20 +193,20 @@ class ImageDataModule(LightningDataModule):
         """(class index of every image of ``full``, class names by index); for ``exclude_classes``."""
         raise ValueError(f"{self._describe()} has no class labels: exclude_classes cannot be used with it.")
 
+    def _class_index(self, option: str, c: int | str, names: list[str]) -> int:
+        """The index of class ``c`` (an index or a name) among ``names``, or a ValueError naming ``option``."""
+        if isinstance(c, str) and c in names:
+            return names.index(c)
+        if isinstance(c, int) and 0 <= c < len(names):
+            return c
+        raise ValueError(
+            f"{option}: {c!r} is not a class of {self._describe()}; classes are 0..{len(names) - 1} or the names {names}."
+        )
+
     def _excluded_indices(self, full: Dataset) -> set[int]:
         """Indices into ``full`` of the images whose class is in ``exclude_classes``."""
         labels, names = self._class_labels(full)
-        wanted = set()
-        for c in self.exclude_classes:
-            if isinstance(c, str) and c in names:
-                wanted.add(names.index(c))
-            elif isinstance(c, int) and 0 <= c < len(names):
-                wanted.add(c)
-            else:
-                raise ValueError(
-                    f"exclude_classes: {c!r} is not a class of {self._describe()}; "
-                    f"classes are 0..{len(names) - 1} or the names {names}."
-                )
+        wanted = {self._class_index("exclude_classes", c, names) for c in self.exclude_classes}
         if len(wanted) == len(names):
             raise ValueError(f"exclude_classes removes every class of {self._describe()}: nothing left to train on.")
         return {i for i, label in enumerate(labels) if label in wanted}
@@ -216,8 +233,25 @@ class ImageDataModule(LightningDataModule):
                 f"{self._describe()} without classes {self.exclude_classes} leaves {len(train)} training and "
                 f"{len(val)} validation image(s); both must be >= 1. Exclude fewer classes or raise val_fraction."
             )
+        train = self._subsample(full, train)
         self._train, self._val = Subset(full, train), Subset(full, val)
         self._heldout = Subset(full, sorted(excluded))
+
+    def _subsample(self, full: Dataset, train: list[int]) -> list[int]:
+        """The training indices ``fraction`` and ``class_fraction`` keep (seeded; validation is untouched).
+
+        Each kept share is the first ``max(1, round(share * n))`` of the (already shuffled) indices, so
+        a smaller share keeps a subset of a larger one's images.
+        """
+        if self.class_fraction:
+            labels, names = self._class_labels(full)
+            shares = {self._class_index("class_fraction", c, names): f for c, f in self.class_fraction.items()}
+            kept = set()
+            for cls, share in shares.items():
+                members = [i for i in train if labels[i] == cls]
+                kept.update(members[: max(1, round(share * len(members)))])
+            train = [i for i in train if labels[i] not in shares or i in kept]
+        return train[: max(1, round(self.fraction * len(train)))]
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
@@ -249,8 +283,10 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         exclude_classes: list[int | str] | None = None,
+        fraction: float = 1.0,
+        class_fraction: dict[int | str, float] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes, fraction, class_fraction)
         self.save_hyperparameters()
         self._image_size, self._channels = 8, 1
 
@@ -286,8 +322,10 @@ class _TorchvisionDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         exclude_classes: list[int | str] | None = None,
+        fraction: float = 1.0,
+        class_fraction: dict[int | str, float] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes, fraction, class_fraction)
         if image_size is not None:
             _check_image_size(image_size)
         self.save_hyperparameters()
@@ -398,8 +436,10 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         exclude_classes: list[int | str] | None = None,
+        fraction: float = 1.0,
+        class_fraction: dict[int | str, float] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes)
+        super().__init__(batch_size, num_workers, val_fraction, seed, exclude_classes, fraction, class_fraction)
         _check_image_size(image_size)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")

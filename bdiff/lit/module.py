@@ -23,6 +23,7 @@ from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
+from bdiff.bayes.error_scale import ERROR_SCALE_DRAWS, ERROR_SCALE_KNOTS, EpistemicErrorScale, fit_error_scale
 from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
@@ -355,6 +356,29 @@ class DiffusionModule(pl.LightningModule):
         log_epistemic = torch.tensor(cal.log_epistemic_scale or (0.0,))
         self.log_dict({"val/calibration_log_scale_min": log_scale.min(), "val/calibration_log_scale_max": log_scale.max(),
                        "val/calibration_log_epistemic_scale_min": log_epistemic.min()})
+        if self.denoiser.is_bayesian and last_validation_of_fit(self.trainer) and not self.trainer.sanity_checking:
+            self._fit_error_scale()
+
+    def _fit_error_scale(self) -> None:
+        """Fit r(t), the epistemic variance in the units of the mean's error (:mod:`bdiff.bayes.error_scale`).
+
+        Once, at the fit's last validation (the weights the final checkpoint holds), on up to 512
+        validation and 512 training images (fewer for large images: MAX_CALIBRATION_PIXELS per split
+        and knot); ~5 s on 2 CPU cores for the digits.
+        """
+        dm = self.trainer.datamodule
+        image_numel = dm.val_dataset[0].numel()
+        limit = max(2, min(512, self.MAX_CALIBRATION_PIXELS // (image_numel * ERROR_SCALE_DRAWS)))
+        val = torch.stack([dm.val_dataset[i] for i in range(min(limit, len(dm.val_dataset)))]).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
+            train = torch.cat(self._training_images(limit))
+        if len(val) < 2 or len(train) < 2:
+            return
+        knots = default_knots(self.schedule.timesteps, ERROR_SCALE_KNOTS)
+        with torch.autocast(self.device.type, enabled=False):
+            self.denoiser.error_scale = fit_error_scale(self.denoiser.predict, self.schedule, train, val, knots,
+                                                        torch.Generator().manual_seed(30_000))
+        self.log("val/error_scale_max", max(self.denoiser.error_scale.scale))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the fitted variance calibration (plain lists: loads with weights_only=True)."""
@@ -362,6 +386,8 @@ class DiffusionModule(pl.LightningModule):
             checkpoint["variance_calibration"] = self.denoiser.calibration.to_dict()
         if self.denoiser.epistemic_gp is not None:
             checkpoint["bottleneck_gp"] = self.denoiser.epistemic_gp.to_dict()
+        if self.denoiser.error_scale is not None:
+            checkpoint["epistemic_error_scale"] = self.denoiser.error_scale.to_dict()
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.hparams["lr"]
@@ -396,6 +422,8 @@ class DiffusionModule(pl.LightningModule):
             self.denoiser.calibration = VarianceCalibration.from_dict(checkpoint["variance_calibration"])
         if "bottleneck_gp" in checkpoint:
             self.denoiser.epistemic_gp = restore_gp(checkpoint["bottleneck_gp"])
+        if "epistemic_error_scale" in checkpoint:
+            self.denoiser.error_scale = EpistemicErrorScale.from_dict(checkpoint["epistemic_error_scale"])
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("net", "bayes"):
             mine, theirs = self.hparams[key], saved.get(key)

@@ -10,6 +10,10 @@ variance    float32 (N,C,H,W)  optional; per-pixel variance of the final image o
                                the same [0, 1] scale (a variance ``v`` of x in
                                [-1, 1] is ``v / 4`` for the image ``(x + 1) / 2``).
                                Absent for samplers without uncertainty.
+score       float32 (N,)     optional; the per-sample uncertainty score in [0, 1]
+                               (:func:`bdiff.metrics.usefulness.sample_score`: the
+                               sample's rank among its look-alikes, 1 = least
+                               certain). Written by ``bdiff.sample`` with variance.
 nfe         float64 ()         sequential denoiser calls per sample (mean if adaptive)
 seconds     float64 ()         wall time of the whole sampling run
 config      str ()             JSON object of the sampler settings
@@ -63,6 +67,7 @@ class SampleSet:
         nfe: sequential denoiser calls per sample (mean over samples if adaptive), > 0.
         seconds: wall time of the sampling run, >= 0.
         config: sampler settings; must be JSON-serialisable.
+        score: (N,) float32 in [0, 1], the per-sample uncertainty score, or None.
     """
 
     images: Tensor
@@ -70,6 +75,7 @@ class SampleSet:
     nfe: float
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    score: Tensor | None = None
 
 
 def _as_float32(name: str, x: Tensor) -> np.ndarray:
@@ -136,6 +142,11 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
         raise ValueError(
             f"{where}: 'variance' shape {arrays['variance'].shape} differs from 'images' shape {arrays['images'].shape}"
         )
+    if "score" in arrays:
+        score = arrays["score"]
+        if score.shape != arrays["images"].shape[:1] or score.dtype != np.float32 or not np.isfinite(score).all():
+            raise ValueError(f"{where}: 'score' must be finite float32 of shape (N,) = {arrays['images'].shape[:1]}, "
+                             f"got {score.dtype} {score.shape}")
     _check_scalars(arrays, where)
 
 
@@ -178,6 +189,8 @@ def save_samples(path: str | os.PathLike[str], sample_set: SampleSet) -> None:
               **_scalar_arrays(sample_set.nfe, sample_set.seconds, sample_set.config)}
     if sample_set.variance is not None:
         arrays["variance"] = _as_float32("variance", sample_set.variance)
+    if sample_set.score is not None:
+        arrays["score"] = _as_float32("score", sample_set.score)
     _check_arrays(arrays, f"save_samples({path})")
     with _atomic_file(path) as f:
         np.savez(f, **arrays)
@@ -322,4 +335,5 @@ def load_samples(path: str | os.PathLike[str]) -> SampleSet:
         nfe=float(arrays["nfe"]),
         seconds=float(arrays["seconds"]),
         config=json.loads(str(arrays["config"])),
+        score=torch.from_numpy(arrays["score"]) if "score" in arrays else None,
     )

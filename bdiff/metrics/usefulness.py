@@ -32,7 +32,7 @@ from bdiff.metrics.frechet import frechet_distance_from_features
 from bdiff.metrics.precision_recall import chunked_cdist
 
 __all__ = [
-    "per_sample_uncertainty", "uncertainty_within_clusters", "rank_by_uncertainty", "filter_by_uncertainty",
+    "per_sample_uncertainty", "uncertainty_within_clusters", "sample_score", "keep_most_certain", "rank_by_uncertainty", "filter_by_uncertainty",
     "nearest_real_distance", "spearman",
     "auroc_worst", "fd_after_filtering",
 ]
@@ -48,23 +48,28 @@ def per_sample_uncertainty(variance: Tensor) -> Tensor:
     return variance.flatten(1).mean(dim=1)
 
 
-def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int = 100, seed: int = 0) -> Tensor:
+SAMPLES_PER_CLUSTER = 50  # look-alike groups of ~50 samples (20 clusters for 1,000): chosen on one run and seed
+
+
+def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int | None = None, seed: int = 0) -> Tensor:
     """(N,) per-sample uncertainty as a rank in [0, 1] *within* the sample's cluster of look-alikes.
 
     Mean variance grows with content (a digit with more ink has more uncertain pixels), so dropping
     the most uncertain samples of a batch drops whole modes and distorts it (FD after filtering
-    rises). Ranking within ``clusters`` k-means clusters of the images' pixels (scikit-learn's
-    KMeans; no reference data or feature network needed) compares each sample only with similar
-    ones, so a filter keeps the batch's mix of modes. ``clusters`` is capped at N // 2.
-    images, variance: (N,C,H,W). 100 clusters, as selected on one training run and sampling seed
-    (benchmarks/sampler_claims.py; BENCHMARKS.md, "Uncertainty in the sampler: what does not help").
+    rises). Ranking within k-means clusters of the images' pixels (scikit-learn's KMeans; no
+    reference data or feature network needed) compares each sample only with similar ones, so a
+    filter keeps the batch's mix of modes. ``clusters`` defaults to N // SAMPLES_PER_CLUSTER and is
+    capped at N // 2. Fewer, larger clusters drop more of the samples a classifier finds ambiguous
+    but more whole modes; on the digits, clusters of ~50 samples balanced the two best
+    (``benchmarks/where_uncertainty_pays.py``; BENCHMARKS.md, "Filtering by uncertainty").
+    images, variance: (N,C,H,W).
     """
     from sklearn.cluster import KMeans
 
     u = per_sample_uncertainty(variance).double()
     if images.shape[0] != u.shape[0]:
         raise ValueError(f"images has {images.shape[0]} samples but variance has {u.shape[0]}")
-    k = max(1, min(clusters, len(u) // 2))
+    k = max(1, min(clusters or len(u) // SAMPLES_PER_CLUSTER, len(u) // 2))
     labels = torch.as_tensor(KMeans(k, n_init=4, random_state=seed).fit_predict(images.flatten(1).double().cpu().numpy()))
     out = torch.zeros_like(u)
     for c in labels.unique():
@@ -72,6 +77,30 @@ def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int 
         order = u[members].argsort(stable=True)
         out[members[order]] = torch.linspace(0, 1, len(members), dtype=torch.float64) if len(members) > 1 else 0.5
     return out
+
+
+def sample_score(images: Tensor, variance: Tensor) -> Tensor:
+    """The per-sample uncertainty score bdiff ships: (N,) in [0, 1], higher = less certain.
+
+    The sample's mean propagated variance ranked *within* its cluster of look-alikes
+    (:func:`uncertainty_within_clusters`): 0 is the most certain of its cluster, 1 the least.
+    What it is: how unsure the model was of this sample compared with samples that look like it;
+    dropping the highest drops the least certain of every kind, and keeps the batch's mix of kinds.
+    What it is not: an ink or content detector (the raw mean variance is one: it grows with the
+    number of uncertain edge pixels, so a raw cut drops whole kinds of image and FD rises), nor a
+    score comparable across batches (a rank depends on its batch). ``bdiff.sample`` stores it in
+    the samples file (``score``) and ``--keep`` filters by it. images, variance: (N,C,H,W).
+    """
+    return uncertainty_within_clusters(images, variance)
+
+
+def keep_most_certain(images: Tensor, variance: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(indices (n,) in increasing order, score (N,)): the ``n`` samples :func:`sample_score` ranks most certain."""
+    if not 1 <= n <= len(images):
+        raise ValueError(f"cannot keep {n} of {len(images)} samples")
+    score = sample_score(images, variance)
+    kept = score.argsort(stable=True)[:n].sort().values
+    return kept, score
 
 
 def rank_by_uncertainty(variance: Tensor, descending: bool = False, images: Tensor | None = None) -> Tensor:

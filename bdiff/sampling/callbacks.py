@@ -27,24 +27,40 @@ def x0_posterior_variance(state: SamplerState, sampler: Sampler) -> Tensor:
     return sampler.schedule.x0_variance(state.t, state.prediction.var_aleatoric)
 
 
+def x0_error_variance(state: SamplerState, sampler: Sampler) -> Tensor:
+    """Expected squared error of the x0 estimate about E[x0 | x_t], per pixel: (1-a)/a times the
+    denoiser's ``epistemic_error`` (:mod:`bdiff.bayes.error_scale`). (B,C,H,W).
+
+    Zero for a denoiser that states no error of its mean (a deterministic net, posterior chains):
+    every mechanism that reads it then reduces to its base sampler.
+    """
+    error = getattr(sampler.denoiser, "epistemic_error", None)
+    if error is None:
+        return torch.zeros_like(state.x)
+    return sampler.schedule.x0_variance(state.t, error(state.prediction, state.t))
+
+
 class VarianceWeightedBlending(SamplerCallback):
-    """Blend the new x0 prediction with the history, each weighted by its posterior precision.
+    """Blend the new x0 prediction with the history, each weighted by the precision of its error.
 
     A per-pixel Kalman filter on the x0 estimate. The posterior mean m_t = E[x0 | x_t] is a
     martingale along the reverse process, so an estimate made at an earlier step t' differs
     from the current target by an increment of variance Var[x0|x_t'] - Var[x0|x_t] (law of
-    total variance); that is the forgetting term. With P the filtered variance and R the
-    epistemic variance of the new prediction x0_t:
+    total variance); that is the forgetting term. The network's prediction x0_t = m_t + e_t has
+    error variance R = E[e_t^2] (:func:`x0_error_variance`: the epistemic variance in the units of
+    the mean's error, fitted on held-out images). With P the filtered estimate's error variance:
 
         P^- = P_{t'} + max(0, V_{t'} - V_t),        V_t = Var[x0 | x_t] (aleatoric head)
-        K   = P^- / (P^- + R)
+        K   = P^- / (P^- + R)    (K = 1 where R = 0)
         x0  = x0_filt + K (x0_t - x0_filt),          P_t = (1 - K) P^-
 
-    Where the network is confident (R small) the new prediction wins (K -> 1); where it is
-    uncertain, history does. The first step takes the prediction as is.
+    Where the network's mean is accurate (R = 0: no measurable excess error at t on held-out
+    images) K = 1 and the step is exactly the base sampler's; where it errs, history helps in
+    proportion. The first step takes the prediction as is (P = R). ``state.x0_var`` (the novelty-scale
+    epistemic variance the propagated map reads) is left as it is.
 
     Args:
-        strength: multiplies R (0 disables blending: K = 1).
+        strength: multiplies R (0 disables blending: K = 1; 1 is the filter as derived).
     """
 
     name = "blend"
@@ -64,19 +80,18 @@ class VarianceWeightedBlending(SamplerCallback):
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
         mem = state.extras[self.name]
         v_now = x0_posterior_variance(state, sampler)
-        r = self.strength * state.x0_var
+        r = self.strength * x0_error_variance(state, sampler)
         if "x0" not in mem:
-            mem.update(x0=state.x0.clone(), p=state.x0_var.clone(), v=v_now, seen=state.active.clone())
+            mem.update(x0=state.x0.clone(), p=r.clone(), v=v_now, seen=state.active.clone())
             return
-        seen = mem["seen"] & state.active
+        seen = _bcast(mem["seen"] & state.active, r)
         p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
-        gain = torch.where(_bcast(seen, r), p_prior / (p_prior + r).clamp(min=1e-20), torch.ones_like(r))
+        gain = torch.where(seen & (r > 0), p_prior / (p_prior + r).clamp(min=1e-30), torch.ones_like(r))
         x0 = mem["x0"] + gain * (state.x0 - mem["x0"])
-        p = torch.where(_bcast(seen, r), (1 - gain) * p_prior, state.x0_var)
         rows = state.active
         state.x0 = torch.where(_bcast(rows, x0), x0, state.x0)
-        state.x0_var = torch.where(_bcast(rows, p), p, state.x0_var)
-        mem["x0"], mem["p"], mem["v"] = state.x0.clone(), state.x0_var.clone(), v_now
+        p = torch.where(seen, (1 - gain) * p_prior, r)
+        mem["x0"], mem["p"], mem["v"] = state.x0.clone(), torch.where(_bcast(rows, p), p, mem["p"]), v_now
         mem["seen"] = mem["seen"] | state.active
         mem["gain"].append(float(gain[rows].mean()) if rows.any() else 1.0)
 

@@ -1,0 +1,82 @@
+"""Fit the epistemic error scale r(t) of a checkpoint and store it in the checkpoint.
+
+    python -m bdiff.recalibrate --ckpt runs/bdiff/<id>/checkpoints/last.ckpt [--out fitted.ckpt]
+
+``train.py`` fits r(t) at the end of every run (:mod:`bdiff.bayes.error_scale`); this command adds
+it to a checkpoint trained before that, on the same data the run was trained on (the checkpoint's
+own datamodule and split). The checkpoint is replaced atomically (``--out`` writes a copy instead);
+prints r(t) and the measured excess error per knot.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from jsonargparse import ArgumentParser
+
+from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, EpistemicErrorScale, fit_error_scale
+from bdiff.bayes.recalibration import default_knots
+from bdiff.bayes.predictive import BayesianDenoiser
+from bdiff.checkpoint import load_model, read_checkpoint
+from bdiff.files import atomic_path
+
+MAX_IMAGES = 512  # per split, as at the end of training
+
+
+def datamodule_of(ckpt: dict[str, Any]) -> Any:
+    """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
+    hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    class_path = hp.pop("_class_path", None)
+    hp.pop("_instantiator", None)
+    if class_path is None:
+        raise ValueError("the checkpoint records no datamodule (was it written by train.py?); cannot refit r(t)")
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**hp)
+
+
+def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = None) -> EpistemicErrorScale:
+    """r(t) for the checkpoint at ``path`` (``denoiser``: its loaded model, if at hand), on its own data's split."""
+    denoiser = denoiser if denoiser is not None else load_model(path)
+    if not denoiser.is_bayesian:
+        raise ValueError(f"{str(path)!r} holds a model with no epistemic variance: there is no error scale to fit")
+    dm = datamodule_of(read_checkpoint(path))
+    dm.setup("fit")
+    val = torch.stack([dm.val_dataset[i] for i in range(min(MAX_IMAGES, len(dm.val_dataset)))])
+    train = torch.stack([dm.train_dataset[i] for i in range(min(MAX_IMAGES, len(dm.train_dataset)))])
+    knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
+    return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
+
+
+def refit(path: str | Path, out: str | Path | None = None) -> EpistemicErrorScale:
+    """Fit r(t) for the checkpoint at ``path`` and write the checkpoint with it to ``out`` (default: ``path``)."""
+    scale = fit_for_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    ckpt["epistemic_error_scale"] = scale.to_dict()
+    with atomic_path(Path(out or path)) as tmp:
+        torch.save(ckpt, tmp)
+    return scale
+
+
+def main(argv: list[str] | None = None) -> EpistemicErrorScale:
+    from bdiff.sample import program_name
+
+    p = ArgumentParser(prog=program_name("bdiff-recalibrate", "bdiff.recalibrate"), description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
+    p.add_argument("--out", type=Optional[str], default=None, help="write the result here instead of replacing --ckpt")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
+    args = p.parse_args(argv)
+    scale = refit(args.ckpt, args.out)
+    print("| t | r(t) | excess error | standard error |\n|---|---|---|---|")
+    for row in zip(scale.knots, scale.scale, scale.excess, scale.standard_error):
+        print("| {} | {:.4g} | {:.4g} | {:.2g} |".format(*row))
+    print(f"wrote {args.out or args.ckpt}")
+    return scale
+
+
+if __name__ == "__main__":
+    from bdiff.scripts import exit_on_user_error
+
+    exit_on_user_error(main)

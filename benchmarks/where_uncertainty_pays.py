@@ -1,0 +1,161 @@
+"""Where does the posterior pay? Each mechanism that reads it, against the same sampler without it, per regime.
+
+    python benchmarks/where_uncertainty_pays.py --run full@0=<ckpt> frac10@0=<ckpt> --seeds 0 2 --nfe 5 10 20 \\
+        --peers --stem where_uncertainty_pays
+
+A run is ``regime@training-seed=checkpoint``; the regimes are trainings where a model is unsure
+(``--data.fraction 0.1``, ``--data.class_fraction``, an early checkpoint), beside the full-data default.
+A checkpoint without an epistemic error scale (trained before it existed) gets one fitted in memory
+(:func:`bdiff.recalibrate.fit_for_checkpoint`), as ``python -m bdiff.recalibrate`` would store it.
+
+Per run, sampling seed and budget N (every row has N denoiser calls per *kept* sample):
+
+- ``base``: the ``--nfe N`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`), no posterior used;
+- ``blend``: the same recipe plus variance-weighted blending, whose R is the epistemic variance in
+  the units of the mean's error (:class:`bdiff.sampling.callbacks.VarianceWeightedBlending`);
+- ``keep``: the ``--nfe round(0.8 N)`` recipe, n / 0.8 samples drawn and the n most certain kept by
+  the shipped score (:func:`bdiff.metrics.usefulness.sample_score`): what ``bdiff.sample --keep 0.8`` does;
+- ``peer``: with ``--peers``, the best of diffusers' first 11 configurations (``benchmarks/peers.py``) in
+  each space, at N steps;
+- filtering ``base``'s samples: drop the 20% most uncertain by the shipped score (and by the raw mean
+  variance) vs a random 20% (mean of 5 draws): FD, precision, recall and classifier error per space.
+
+Writes ``benchmarks/results/<stem>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdiff.checkpoint import load_model
+from bdiff.evaluate import references_for
+from bdiff.metrics.frechet import extract_features
+from bdiff.metrics.report import classifier_confidence, filtering_in_spaces, quality_from_features
+from bdiff.metrics.samples_file import SampleSet
+from bdiff.metrics.usefulness import per_sample_uncertainty, sample_score
+from bdiff.recalibrate import fit_for_checkpoint
+from bdiff.sampling.budget import recipe_for_budget
+from bdiff.sampling.recipe import Recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import first_11, run_ours, run_peer, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP = 0.8
+
+
+def quality(images: torch.Tensor, references: dict[str, Any]) -> dict[str, float]:
+    """{space/fd, space/precision, space/recall, space/error} of images (N,C,H,W) in [0, 1]."""
+    out = {}
+    for space, (extractor, f_real) in references.items():
+        q = quality_from_features(f_real, extract_features(images, extractor), kid_subset=100)
+        out.update({f"{space}/{k}": q[k] for k in ("fd", "precision", "recall")})
+        confidence = classifier_confidence(images, extractor)
+        if confidence is not None:
+            out[f"{space}/error"] = 1 - confidence
+    return out
+
+
+def filtering(samples: SampleSet, references: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Quality after dropping the 20% least certain (shipped score; raw mean variance) and a random 20%:
+    {"drop_score": {space/metric: ...}, "drop_raw": ..., "drop_random": ...}."""
+    out: dict[str, dict[str, float]] = {"drop_score": {}, "drop_raw": {}, "drop_random": {}}
+    for name, score in (("score", sample_score(samples.images, samples.variance)),
+                        ("raw", per_sample_uncertainty(samples.variance))):
+        for space, row in filtering_in_spaces(samples.images, score, references, drop=1 - KEEP).items():
+            for key, value in row.items():
+                metric, _, which = key.rpartition("_")
+                out["drop_random" if which == "random" else f"drop_{name}"][f"{space}/{metric}"] = value
+    return out
+
+
+def keep_most_certain(recipe: Recipe, denoiser, n: int, seed: int, batch: int) -> SampleSet:
+    """n / KEEP samples with ``recipe``, the n most certain by the shipped score kept."""
+    drawn = run_ours(recipe, denoiser, math.ceil(n / KEEP), seed, batch)
+    kept = sample_score(drawn.images, drawn.variance).argsort(stable=True)[:n]
+    return SampleSet(drawn.images[kept], drawn.variance[kept], drawn.nfe / KEEP, drawn.seconds, drawn.config)
+
+
+def with_blend(recipe: Recipe) -> Recipe:
+    spec = {k: v for k, v in recipe.as_dict().items() if k != "name"}
+    spec["callbacks"] = [*spec.get("callbacks", []), {"name": "blend", "strength": 1.0}]
+    return Recipe.from_dict(spec, name=f"{recipe.name}+blend")
+
+
+def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: int, peers: bool, batch: int,
+              references: dict[str, Any]) -> list[dict[str, Any]]:
+    denoiser = load_model(ckpt)
+    if denoiser.error_scale is None:
+        denoiser.error_scale = fit_for_checkpoint(ckpt, denoiser)
+    regime, _, train_seed = label.partition("@")
+    rows = []
+    for seed in seeds:
+        for nfe in budgets:
+            cell = {"regime": regime, "train_seed": train_seed, "seed": seed, "nfe": nfe}
+            base_recipe = recipe_for_budget(nfe)
+            base = run_ours(base_recipe, denoiser, n, seed, batch)
+            found = {"base": quality(base.images, references),
+                     "blend": quality(run_ours(with_blend(base_recipe), denoiser, n, seed, batch).images, references),
+                     "keep": quality(keep_most_certain(recipe_for_budget(round(KEEP * nfe)), denoiser, n, seed, batch).images,
+                                     references)}
+            if peers:
+                x_T = torch.randn((n, *denoiser.image_shape), generator=torch.Generator().manual_seed(seed))
+                runs = [quality(run_peer(p, nfe, denoiser, x_T, batch).images, references) for p in first_11().values()]
+                found["peer"] = {k: min(r[k] for r in runs) if k.endswith("/fd") else max(r[k] for r in runs) if
+                                 k.endswith(("/precision", "/recall")) else min(r[k] for r in runs) for k in runs[0]}
+            for name, q in {**found, **filtering(base, references)}.items():
+                rows.append({**cell, "family": name, **q})
+            print(f"{label} seed {seed} nfe {nfe}: " + ", ".join(
+                f"{r['family']} {r['digits/fd']:.3g}" for r in rows if r["seed"] == seed and r["nfe"] == nfe), flush=True)
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]], spaces: list[str]) -> list[dict[str, Any]]:
+    """Per cell: blend / base, keep / min(base, peer), and the filters' numbers over a random drop, per space."""
+    out = []
+    cells = sorted({(r["regime"], r["train_seed"], r["seed"], r["nfe"]) for r in rows})
+    for cell in cells:
+        by = {r["family"]: r for r in rows if (r["regime"], r["train_seed"], r["seed"], r["nfe"]) == cell}
+        row = dict(zip(("regime", "train_seed", "seed", "nfe"), cell))
+        for space in spaces:
+            fd = f"{space}/fd"
+            best_free = min(by["base"][fd], by["peer"][fd]) if "peer" in by else by["base"][fd]
+            row[f"{space} blend/base"] = by["blend"][fd] / by["base"][fd]
+            row[f"{space} keep/best free"] = by["keep"][fd] / best_free
+            row[f"{space} filter fd"] = by["drop_score"][fd] / by["drop_random"][fd]
+            row[f"{space} filter Δprec"] = by["drop_score"][f"{space}/precision"] - by["drop_random"][f"{space}/precision"]
+            if f"{space}/error" in by["base"]:
+                row[f"{space} filter err"] = by["drop_score"][f"{space}/error"] / by["drop_random"][f"{space}/error"]
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", nargs="+", required=True, help="regime@training-seed=checkpoint")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 2])
+    p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--peers", action="store_true", help="also the best of diffusers' first 11 configurations")
+    p.add_argument("--stem", default="where_uncertainty_pays")
+    args = p.parse_args()
+    references = references_for()
+    rows = []
+    for item in args.run:
+        label, _, path = item.partition("=")
+        rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references)
+    spaces = list(references)
+    table = ratios(rows, spaces)
+    columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces]
+    write_results(ROOT / "benchmarks" / "results", args.stem, {"rows": rows, "ratios": table}, table, columns)
+
+
+if __name__ == "__main__":
+    main()
