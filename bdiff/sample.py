@@ -1,7 +1,7 @@
 """Draw samples with a sampler recipe and write the samples file plus PNG grids.
 
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt \\
-        --config configs/sampler/dpmpp_blend.yaml --n 1000 --seed 0 --out samples.npz
+        --config configs/sampler/unipc.yaml --n 1000 --seed 0 --out samples.npz
     python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
 
 ``--nfe N`` picks the measured-best recipe for at most N denoiser calls per sample
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
         p.error(f"--nfe must be >= 1 denoiser calls per sample, got {args.nfe}")
     if args.nfe is not None and args.critic is not None:
         p.error("--nfe picks a recipe without a critic (no critic recipe measured better than the same budget "
-                "without one); to sample with a critic, name a recipe: --config configs/sampler/dpmpp_critic.yaml --critic ...")
+                "without one); to sample with a critic, name a recipe with a critic callback: --config <recipe.yaml>")
     for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1), ("--devices", args.devices, 1),
                              ("--wandb-rows", args.wandb_rows, 0)):
         if value < low:

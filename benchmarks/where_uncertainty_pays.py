@@ -1,6 +1,6 @@
 """Where does the posterior pay? Each mechanism that reads it, against the same sampler without it, per regime.
 
-    python benchmarks/where_uncertainty_pays.py --run full@0=<ckpt> frac10@0=<ckpt> --seeds 0 2 --nfe 5 10 20 \\
+    python benchmarks/where_uncertainty_pays.py --run full@1=<ckpt> frac10@1=<ckpt> --seeds 0 2 --nfe 5 10 20 \
         --peers --stem where_uncertainty_pays
 
 A run is ``regime@training-seed=checkpoint``; the regimes are trainings where a model is unsure
@@ -8,19 +8,21 @@ A run is ``regime@training-seed=checkpoint``; the regimes are trainings where a 
 A checkpoint without an epistemic error scale (trained before it existed) gets one fitted in memory
 (:func:`bdiff.recalibrate.fit_for_checkpoint`), as ``python -m bdiff.recalibrate`` would store it.
 
-Per run, sampling seed and budget N (every row has N denoiser calls per *kept* sample):
+Per run, sampling seed and budget N, every family spends at most N denoiser calls per *kept* sample:
 
 - ``base``: the ``--nfe N`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`), no posterior used;
 - ``blend``: the same recipe plus variance-weighted blending, whose R is the epistemic variance in
   the units of the mean's error (:class:`bdiff.sampling.callbacks.VarianceWeightedBlending`);
-- ``keep``: the ``--nfe round(0.8 N)`` recipe, n / 0.8 samples drawn and the n most certain kept by
-  the shipped score (:func:`bdiff.metrics.usefulness.sample_score`): what ``bdiff.sample --keep 0.8`` does;
-- ``peer``: with ``--peers``, the best of diffusers' first 11 configurations (``benchmarks/peers.py``) in
-  each space, at N steps;
-- filtering ``base``'s samples: drop the 20% most uncertain by the shipped score (and by the raw mean
+- ``keep{F}`` / ``keep{F}_leading``: ``round(F N)`` steps of the ``--nfe`` recipe / of UniPC on the
+  leading grid, n / F samples drawn and the n most certain kept by the shipped score
+  (:func:`bdiff.metrics.usefulness.sample_score`): ``bdiff.sample --keep F``, for F in 0.8 and 0.5;
+- ``free``: the best uncertainty-free configuration within N calls, per space: the least FD over the
+  ``--nfe`` recipe and UniPC on the leading grid at round(F N) and N steps (the first n samples of
+  the keep draws) and, with ``--peers``, diffusers' first 11 configurations at the same step counts;
+- filtering ``base``'s samples: drop the 20% least certain by the shipped score (and by the raw mean
   variance) vs a random 20% (mean of 5 draws): FD, precision, recall and classifier error per space.
 
-Writes ``benchmarks/results/<stem>.json`` and ``.md``.
+Writes ``benchmarks/results/<stem>.json`` and ``.md`` (the ratios per cell and space).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import first_11, run_ours, run_peer, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP = 0.8
+KEEPS = (0.8, 0.5)  # --keep fractions measured
+DROP = 0.2  # the filter's share of a batch
 
 
 def quality(images: torch.Tensor, references: dict[str, Any]) -> dict[str, float]:
@@ -68,24 +71,38 @@ def filtering(samples: SampleSet, references: dict[str, Any]) -> dict[str, dict[
     out: dict[str, dict[str, float]] = {"drop_score": {}, "drop_raw": {}, "drop_random": {}}
     for name, score in (("score", sample_score(samples.images, samples.variance)),
                         ("raw", per_sample_uncertainty(samples.variance))):
-        for space, row in filtering_in_spaces(samples.images, score, references, drop=1 - KEEP).items():
+        for space, row in filtering_in_spaces(samples.images, score, references, drop=DROP).items():
             for key, value in row.items():
                 metric, _, which = key.rpartition("_")
                 out["drop_random" if which == "random" else f"drop_{name}"][f"{space}/{metric}"] = value
     return out
 
 
-def keep_most_certain(recipe: Recipe, denoiser, n: int, seed: int, batch: int) -> SampleSet:
-    """n / KEEP samples with ``recipe``, the n most certain by the shipped score kept."""
-    drawn = run_ours(recipe, denoiser, math.ceil(n / KEEP), seed, batch)
-    kept = sample_score(drawn.images, drawn.variance).argsort(stable=True)[:n]
-    return SampleSet(drawn.images[kept], drawn.variance[kept], drawn.nfe / KEEP, drawn.seconds, drawn.config)
+def kept(drawn: SampleSet, n: int) -> SampleSet:
+    """The n samples of ``drawn`` the shipped score ranks most certain, NFE counted per kept sample."""
+    order = sample_score(drawn.images, drawn.variance).argsort(stable=True)[:n]
+    return SampleSet(drawn.images[order], drawn.variance[order], drawn.nfe * len(drawn.images) / n, drawn.seconds,
+                     drawn.config)
+
+
+def first(drawn: SampleSet, n: int) -> SampleSet:
+    """The first n samples of ``drawn`` (plain sampling: sample i depends only on the seed and i)."""
+    return SampleSet(drawn.images[:n], drawn.variance[:n], drawn.nfe, drawn.seconds, drawn.config)
 
 
 def with_blend(recipe: Recipe) -> Recipe:
     spec = {k: v for k, v in recipe.as_dict().items() if k != "name"}
     spec["callbacks"] = [*spec.get("callbacks", []), {"name": "blend", "strength": 1.0}]
     return Recipe.from_dict(spec, name=f"{recipe.name}+blend")
+
+
+def leading(steps: int) -> Recipe:
+    return Recipe.from_dict({"stepper": "unipc", "steps": steps, "spacing": "leading"}, name=f"unipc-leading-{steps}")
+
+
+def best_of(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per metric, the best value over ``rows``: least FD and error, most precision and recall."""
+    return {k: (max if k.endswith(("/precision", "/recall")) else min)(r[k] for r in rows) for k in rows[0]}
 
 
 def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: int, peers: bool, batch: int,
@@ -101,14 +118,20 @@ def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: i
             base_recipe = recipe_for_budget(nfe)
             base = run_ours(base_recipe, denoiser, n, seed, batch)
             found = {"base": quality(base.images, references),
-                     "blend": quality(run_ours(with_blend(base_recipe), denoiser, n, seed, batch).images, references),
-                     "keep": quality(keep_most_certain(recipe_for_budget(round(KEEP * nfe)), denoiser, n, seed, batch).images,
-                                     references)}
+                     "blend": quality(run_ours(with_blend(base_recipe), denoiser, n, seed, batch).images, references)}
+            free = [found["base"], quality(run_ours(leading(nfe), denoiser, n, seed, batch).images, references)]
+            for fraction in KEEPS:
+                steps = max(1, round(fraction * nfe))
+                for name, recipe in (("", recipe_for_budget(steps)), ("_leading", leading(steps))):
+                    drawn = run_ours(recipe, denoiser, math.ceil(n / fraction), seed, batch)
+                    found[f"keep{fraction}{name}"] = quality(kept(drawn, n).images, references)
+                    free.append(quality(first(drawn, n).images, references))
             if peers:
                 x_T = torch.randn((n, *denoiser.image_shape), generator=torch.Generator().manual_seed(seed))
-                runs = [quality(run_peer(p, nfe, denoiser, x_T, batch).images, references) for p in first_11().values()]
-                found["peer"] = {k: min(r[k] for r in runs) if k.endswith("/fd") else max(r[k] for r in runs) if
-                                 k.endswith(("/precision", "/recall")) else min(r[k] for r in runs) for k in runs[0]}
+                for steps in sorted({nfe, *(max(1, round(f * nfe)) for f in KEEPS)}):
+                    free += [quality(run_peer(p, steps, denoiser, x_T, batch).images, references)
+                             for p in first_11().values()]
+            found["free"] = best_of(free)
             for name, q in {**found, **filtering(base, references)}.items():
                 rows.append({**cell, "family": name, **q})
             print(f"{label} seed {seed} nfe {nfe}: " + ", ".join(
@@ -116,8 +139,9 @@ def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: i
     return rows
 
 
-def ratios(rows: list[dict[str, Any]], spaces: list[str]) -> list[dict[str, Any]]:
-    """Per cell: blend / base, keep / min(base, peer), and the filters' numbers over a random drop, per space."""
+def ratios(rows: list[dict[str, Any]], spaces: list[str], keep_variant: str | None = None) -> list[dict[str, Any]]:
+    """Per cell and space: blend / base; the best keep variant / the best uncertainty-free within the budget;
+    the shipped score's filter against a random drop (FD ratio, precision difference, classifier-error ratio)."""
     out = []
     cells = sorted({(r["regime"], r["train_seed"], r["seed"], r["nfe"]) for r in rows})
     for cell in cells:
@@ -125,9 +149,10 @@ def ratios(rows: list[dict[str, Any]], spaces: list[str]) -> list[dict[str, Any]
         row = dict(zip(("regime", "train_seed", "seed", "nfe"), cell))
         for space in spaces:
             fd = f"{space}/fd"
-            best_free = min(by["base"][fd], by["peer"][fd]) if "peer" in by else by["base"][fd]
+            keeps = {name: r[fd] for name, r in by.items() if name.startswith("keep")}
+            best_keep = f"keep{keep_variant}" if keep_variant else min(keeps, key=keeps.get)
             row[f"{space} blend/base"] = by["blend"][fd] / by["base"][fd]
-            row[f"{space} keep/best free"] = by["keep"][fd] / best_free
+            row[f"{space} keep/free"] = f"{keeps[best_keep] / by['free'][fd]:.3g} ({best_keep[4:]})"
             row[f"{space} filter fd"] = by["drop_score"][fd] / by["drop_random"][fd]
             row[f"{space} filter Δprec"] = by["drop_score"][f"{space}/precision"] - by["drop_random"][f"{space}/precision"]
             if f"{space}/error" in by["base"]:
@@ -144,6 +169,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--peers", action="store_true", help="also the best of diffusers' first 11 configurations")
+    p.add_argument("--keep-variant", default=None, choices=[f"{f}{b}" for f in KEEPS for b in ("", "_leading")],
+                   help="the keep variant the ratios report (chosen on another run); default: the best per cell")
     p.add_argument("--stem", default="where_uncertainty_pays")
     args = p.parse_args()
     references = references_for()
@@ -152,7 +179,7 @@ def main() -> None:
         label, _, path = item.partition("=")
         rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references)
     spaces = list(references)
-    table = ratios(rows, spaces)
+    table = ratios(rows, spaces, args.keep_variant)
     columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces]
     write_results(ROOT / "benchmarks" / "results", args.stem, {"rows": rows, "ratios": table}, table, columns)
 

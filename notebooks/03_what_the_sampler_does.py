@@ -16,12 +16,15 @@
 # %% [markdown]
 # # 3. What the sampler does with the uncertainty
 #
-# The same seeds (so the same starting noise) through the sampler recipes in
-# `configs/sampler/`: plain DPM-Solver++, with precision-weighted blending, with adaptive
-# step sizes, with refinement of uncertain regions, all of them together, and UniPC on a
-# timestep grid fitted to this checkpoint (`unipc_fitted`; `--nfe 5` runs it with UniPC of order 3). We compare the
-# finished images and uncertainty maps, the blending gains, the step-size traces and the
-# number of denoiser calls (NFE) each sample cost.
+# The same seeds (so the same starting noise) through recipes in `configs/sampler/` (plain
+# DPM-Solver++ and UniPC, and UniPC on a timestep grid fitted to this checkpoint: `unipc_fitted`;
+# `--nfe 5` runs it with UniPC of order 3) and through the sampler callbacks that read the
+# posterior: blending with the history, adaptive step sizes, and all of them together with
+# refinement of uncertain regions. No shipped recipe uses those callbacks: each made FD worse
+# than the same solver without it on the default model (BENCHMARKS.md, "Uncertainty in the
+# sampler: what does not help"), so they are built inline here. We compare the finished images
+# and uncertainty maps, the blending gains, the step-size traces and the number of denoiser
+# calls (NFE) each sample cost.
 
 # %% tags=["parameters"]
 CKPT = None  # a checkpoint path; None: the newest Bayesian runs/bdiff/*/checkpoints/last.ckpt
@@ -45,13 +48,20 @@ from bdiff.sampling.recipe import Recipe
 
 torch.manual_seed(SEED)
 N = 8 if FAST else 16
-RECIPES = ["dpmpp", "unipc", "dpmpp_blend", "uncertainty_full", "unipc_adaptive", "unipc_fitted"]
+RECIPES = {name: Recipe.from_yaml(Path("configs/sampler") / f"{name}.yaml") for name in ("dpmpp", "unipc", "unipc_fitted")}
+EXPERIMENTS = {  # the posterior-driven callbacks, in the order the sampler runs them
+    "dpmpp+blend": {"stepper": {"name": "dpmpp_2m"}, "steps": 10, "callbacks": [{"name": "blend"}]},
+    "dpmpp+every callback": {"stepper": {"name": "dpmpp_2m"}, "steps": 10, "callbacks": [
+        {"name": "blend"}, {"name": "adaptive", "tol": 0.5, "max_nfe": 10},
+        {"name": "refine", "quantile": 0.8, "jump": 50, "t_range": [50, 600], "max_passes": 1}]},
+    "unipc+adaptive": {"stepper": {"name": "unipc"}, "steps": 5, "callbacks": [{"name": "adaptive", "tol": 0.25, "max_nfe": 5}]},
+}
 
 ckpt_path = resolve_checkpoint(CKPT)
 denoiser = load_model(ckpt_path)
 print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_names or 'none'}")
-if not denoiser.is_bayesian:  # blending needs epistemic variance
-    RECIPES = [r for r in RECIPES if r not in ("dpmpp_blend", "uncertainty_full")]
+if denoiser.is_bayesian:  # blending needs epistemic variance
+    RECIPES.update({name: Recipe.from_dict(spec, name=name) for name, spec in EXPERIMENTS.items()})
 
 # %% [markdown]
 # ## Run every recipe on the same seeds
@@ -62,8 +72,7 @@ if not denoiser.is_bayesian:  # blending needs epistemic variance
 
 # %%
 results = {}
-for name in RECIPES:
-    recipe = Recipe.from_yaml(Path("configs/sampler") / f"{name}.yaml")
+for name, recipe in RECIPES.items():
     denoiser.num_samples = recipe.posterior_samples
     sampler = recipe.build(denoiser)
     sampler.callbacks.append(Recorder(keys=("var",), max_samples=N, max_records=1000))
@@ -99,16 +108,18 @@ show(fig)
 # how much the uncertainty-driven callbacks actually change the outcome.
 
 # %%
-base = results[RECIPES[0]][1].images
+base = results["dpmpp"][1].images
 for name, (_, res) in results.items():
     diff = (res.images - base).pow(2).flatten(1).mean(1).sqrt()
-    print(f"{name:<18} RMS difference from {RECIPES[0]}: mean {diff.mean():.3f}, max {diff.max():.3f}")
+    print(f"{name:<22} RMS difference from dpmpp: mean {diff.mean():.3f}, max {diff.max():.3f}")
 
 # %% [markdown]
 # ## Blending gains
 #
 # The Kalman gain K (mean over pixels of the active samples) at each step: K = 1 takes the
-# new prediction as is, K < 1 leans on the history of earlier predictions.
+# new prediction as is, K < 1 leans on the history of earlier predictions. Its R is the epistemic
+# variance in the units of the mean's error (fitted per t on held-out images, `bdiff.bayes.error_scale`):
+# where this checkpoint is as accurate on unseen digits as on its training digits, K = 1.
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -130,9 +141,8 @@ show(fig)
 # Left: t against the loop iteration for every sample (one line per sample, log scale). Fixed-grid
 # recipes give one line; adaptive ones fan out because each sample chooses its own steps, taking
 # big steps while the model is confident (high t) and small ones near the clean image. Right:
-# NFE per sample (refinement passes count as calls); the recipes in `configs/sampler/` are set
-# to the same budget of about 10 calls (`unipc_adaptive` and `unipc_fitted`: 5), so most compare
-# at equal cost. `unipc_fitted`'s five timesteps are the ones with the least summed local error
+# NFE per sample (refinement passes count as calls); the recipes are set to the same budget of
+# about 10 calls (`unipc+adaptive` and `unipc_fitted`: 5), so most compare at equal cost. `unipc_fitted`'s five timesteps are the ones with the least summed local error
 # along finely solved ODE trajectories of this checkpoint (dynamic programming,
 # `bdiff.sampling.fitted_grid`); the first use on a checkpoint fits them (about a minute on a
 # CPU) and caches the fit.
@@ -163,4 +173,4 @@ show(fig)
 # %%
 for name, (sampler, res) in results.items():
     sizes = step_sizes(res.extras["recorder"])
-    print(f"{name:<18} step sizes of sample 0: {sizes[0].tolist()}")
+    print(f"{name:<22} step sizes of sample 0: {sizes[0].tolist()}")

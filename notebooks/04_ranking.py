@@ -43,20 +43,18 @@ from bdiff.evaluate import digits_split
 from bdiff.metrics.features import default_cache_dir, get_feature_extractor
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.usefulness import (
-    auroc_worst, fd_after_filtering, nearest_real_distance, per_sample_uncertainty, spearman, uncertainty_within_clusters,
+    auroc_worst, fd_after_filtering, nearest_real_distance, per_sample_uncertainty, sample_score, spearman,
 )
 from bdiff.sampling.recipe import Recipe
 
 torch.manual_seed(SEED)
 N = 48 if FAST else 1000
 K = 6 if FAST else 10
-RECIPE = "dpmpp_blend"  # any recipe under configs/sampler/
+RECIPE = "unipc"  # any recipe under configs/sampler/
 
 ckpt_path = resolve_checkpoint(CKPT)
 denoiser = load_model(ckpt_path)
 print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_names or 'none'}")
-if not denoiser.is_bayesian:
-    RECIPE = "dpmpp"  # blending needs epistemic variance
 
 # %%
 recipe = Recipe.from_yaml(Path("configs/sampler") / f"{RECIPE}.yaml")
@@ -130,14 +128,13 @@ show(fig)
 # The Frechet distance (in the same features) of the whole batch, after dropping its most
 # uncertain 20%, and after dropping a random 20% (mean over 5 draws). Uncertainty helps when
 # dropping by it beats dropping at random. Raw mean variance grows with the amount of ink, so
-# the raw ranking drops heavy-ink digits as a group and FD punishes the lost mode; ranking each
-# sample only against its look-alikes (`uncertainty_within_clusters`: k-means clusters of the
-# batch's pixels) keeps the mix of digits.
+# the raw ranking drops heavy-ink digits as a group and FD punishes the lost mode; the score
+# `bdiff.sample` stores and `--keep` filters by (`sample_score`: each sample's rank among ~50
+# look-alikes, k-means clusters of the batch's pixels) keeps the mix of digits.
 
 # %%
 ranked = {"raw mean variance": u,
-          "within clusters of look-alikes": uncertainty_within_clusters(result.images, result.variance,
-                                                                        clusters=max(2, N // 20))}
+          "the shipped score (rank among look-alikes)": sample_score(result.images, result.variance)}
 for name, score in ranked.items():
     fd = fd_after_filtering(f_real, f_fake, score, drop=0.2)
     print(

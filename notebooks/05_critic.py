@@ -117,11 +117,14 @@ show(image_grid(rows, cmap={"sample": "gray", "|gradient|": "magma", "std": "mag
 # %% [markdown]
 # ## What the correction and the loop change, from the same noise
 # Same 10-call budget: plain DPM-Solver++(2M), with the critic's correction, and with correction
-# plus the re-denoising loop (configs/sampler/dpmpp_critic.yaml).
+# plus the re-denoising loop: weight 2, threshold 1, one pass back from t = 100 within 10 calls (no
+# shipped recipe uses the critic: on the default model it made FD worse than the same solver
+# without it; BENCHMARKS.md, "Uncertainty in the sampler: what does not help").
 
 # %%
-spec = Recipe.from_yaml("configs/sampler/dpmpp_critic.yaml").with_critic(CRITIC).as_dict()
-spec.pop("name")
+spec = {"stepper": {"name": "dpmpp_2m"}, "steps": 9, "posterior_samples": 8, "callbacks": [
+    {"name": "critic", "critic": str(CRITIC), "weight": 2.0, "t_range": [0, 999], "threshold": 1.0, "retries": 1,
+     "t_back": 100, "max_nfe": 10}]}
 guided_only = {**spec, "steps": 10, "callbacks": [dict(spec["callbacks"][0], retries=0)]}
 runs = {
     "plain": plain,

@@ -25,8 +25,11 @@ def test_every_sampler_recipe_is_valid(path: Path) -> None:
 
 def test_sample_writes_a_valid_samples_file_and_png(last_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.npz"
-    main(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "uncertainty_full.yaml"),
-          "--n", "12", "--batch-size", "5", "--out", str(out)])
+    recipe = tmp_path / "every_callback.yaml"  # every posterior-driven callback, in the documented order
+    recipe.write_text("stepper: {name: dpmpp_2m}\nsteps: 10\nposterior_samples: 8\ncallbacks:\n"
+                      "  - {name: blend}\n  - {name: adaptive, tol: 0.5, max_nfe: 10}\n"
+                      "  - {name: refine, quantile: 0.8, jump: 50, t_range: [50, 600], max_passes: 1}\n")
+    main(["--ckpt", str(last_ckpt), "--config", str(recipe), "--n", "12", "--batch-size", "5", "--out", str(out)])
     s = load_samples(out)
     assert s.images.shape == (12, 1, 8, 8) and s.variance is not None and s.variance.shape == s.images.shape
     assert 1 <= s.nfe <= 11 and s.seconds > 0

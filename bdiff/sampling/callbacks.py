@@ -1,6 +1,9 @@
 """Sampler callbacks: what the sampler does with the uncertainty.
 
 Not to be confused with Lightning callbacks (:mod:`bdiff.lit.callbacks`).
+Each says in its docstring which variance it reads and in what units: only
+:class:`VarianceWeightedBlending` reads the epistemic variance in the units of the mean's error
+(:func:`x0_error_variance`), so only it reduces to its base sampler by construction.
 Order matters and is the order given to the :class:`~bdiff.sampling.Sampler`;
 the recommended order is blending -> adaptive steps -> refinement -> recorder
 (blending changes the x0 estimate the step-size rule reads; refinement works on
@@ -106,6 +109,12 @@ class AdaptiveStepSize(SamplerCallback):
     estimated error is large, large ones where the model is confident. At most ``max_nfe``
     denoiser calls per sample: the remaining budget is always enough to reach t = -1.
 
+    Units: the rule reads Var[x0 | x_t] (the aleatoric head: the posterior's own spread, which no
+    step can remove) plus the novelty-scale epistemic variance (``state.x0_var``), not the error of
+    the step or of the mean, so it does not reduce to its base grid when the model is accurate. No
+    shipped recipe uses it: it made FD worse than its base on the default model (BENCHMARKS.md,
+    "Uncertainty in the sampler: what does not help").
+
     Args:
         tol: error tolerance relative to the remaining noise level (> 0).
         max_nfe: hard budget of denoiser calls per sample (>= 1).
@@ -150,6 +159,11 @@ class UncertainRegionRefinement(SamplerCallback):
     top ``quantile`` of the sample are re-noised to t_up = s + ``jump`` by the forward process
     and denoised back to s with one DDIM step; other pixels keep their value. At most
     ``max_passes`` extra calls per sample, each counted in ``nfe``.
+
+    Units: the pixel mask reads the same total posterior variance of x0 as :class:`AdaptiveStepSize`
+    (posterior spread plus novelty-scale epistemic variance), not the mean's error, so it re-noises
+    pixels of an accurate model too. No shipped recipe uses it (BENCHMARKS.md, "Uncertainty in the
+    sampler: what does not help").
     """
 
     name = "refine"

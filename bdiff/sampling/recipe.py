@@ -1,6 +1,6 @@
 """Sampler recipes: a YAML file names the stepper, the steps and the sampler callbacks.
 
-Example (``configs/sampler/dpmpp_blend.yaml``)::
+Example (a recipe with a sampler callback)::
 
     stepper: {name: dpmpp_2m}
     steps: 10
