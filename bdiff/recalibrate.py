@@ -17,14 +17,11 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, EpistemicErrorScale, fit_error_scale
+from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, EpistemicErrorScale, error_scale_images, fit_error_scale
 from bdiff.bayes.recalibration import default_knots
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.files import atomic_path
-
-MAX_IMAGES = 512  # per split, as at the end of training
-
 
 def datamodule_of(ckpt: dict[str, Any]) -> Any:
     """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
@@ -44,8 +41,7 @@ def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = Non
         raise ValueError(f"{str(path)!r} holds a model with no epistemic variance: there is no error scale to fit")
     dm = datamodule_of(read_checkpoint(path))
     dm.setup("fit")
-    val = torch.stack([dm.val_dataset[i] for i in range(min(MAX_IMAGES, len(dm.val_dataset)))])
-    train = torch.stack([dm.train_dataset[i] for i in range(min(MAX_IMAGES, len(dm.train_dataset)))])
+    train, val = error_scale_images(dm.train_dataset, dm.val_dataset)
     knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
     return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
 

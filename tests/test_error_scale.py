@@ -51,7 +51,7 @@ def _fit(err_var: float, monkeypatch: pytest.MonkeyPatch, n: int = 64) -> Episte
 
 def test_the_scale_is_the_measured_excess_error_per_unit_of_epistemic_variance(monkeypatch: pytest.MonkeyPatch) -> None:
     scale = _fit(0.2, monkeypatch, n=256)
-    assert scale.excess == pytest.approx((0.2,) * 3, rel=0.15)  # Monte Carlo: 256 images x 16 pixels x 2 draws
+    assert scale.excess == pytest.approx((0.2,) * 3, rel=0.15)  # Monte Carlo: 256 images x 16 pixels
     for r, excess, se in zip(scale.scale, scale.excess, scale.standard_error):
         assert r == pytest.approx((excess - 2 * se) / 0.5)  # the part two standard errors above zero, over var_ep
 

@@ -23,7 +23,13 @@ from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
-from bdiff.bayes.error_scale import ERROR_SCALE_DRAWS, ERROR_SCALE_KNOTS, EpistemicErrorScale, fit_error_scale
+from bdiff.bayes.error_scale import (
+    ERROR_SCALE_DRAWS,
+    ERROR_SCALE_KNOTS,
+    EpistemicErrorScale,
+    error_scale_images,
+    fit_error_scale,
+)
 from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
@@ -362,16 +368,15 @@ class DiffusionModule(pl.LightningModule):
     def _fit_error_scale(self) -> None:
         """Fit r(t), the epistemic variance in the units of the mean's error (:mod:`bdiff.bayes.error_scale`).
 
-        Once, at the fit's last validation (the weights the final checkpoint holds), on up to 512
-        validation and 512 training images (fewer for large images: MAX_CALIBRATION_PIXELS per split
-        and knot); ~5 s on 2 CPU cores for the digits.
+        Once, at the fit's last validation (the weights the final checkpoint holds), on the images
+        :func:`~bdiff.bayes.error_scale.error_scale_images` picks (fewer for large images:
+        MAX_CALIBRATION_PIXELS per split and knot).
         """
         dm = self.trainer.datamodule
-        image_numel = dm.val_dataset[0].numel()
-        limit = max(2, min(512, self.MAX_CALIBRATION_PIXELS // (image_numel * ERROR_SCALE_DRAWS)))
-        val = torch.stack([dm.val_dataset[i] for i in range(min(limit, len(dm.val_dataset)))]).to(self.device)
+        budget = max(2, self.MAX_CALIBRATION_PIXELS // (dm.val_dataset[0].numel() * ERROR_SCALE_DRAWS))
         with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
-            train = torch.cat(self._training_images(limit))
+            train, val = error_scale_images(dm.train_dataset, dm.val_dataset, budget)
+        train, val = train.to(self.device), val.to(self.device)
         if len(val) < 2 or len(train) < 2:
             return
         knots = default_knots(self.schedule.timesteps, ERROR_SCALE_KNOTS)
