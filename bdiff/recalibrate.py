@@ -2,9 +2,9 @@
 
     python -m bdiff.recalibrate --ckpt runs/bdiff/<id>/checkpoints/last.ckpt [--out fitted.ckpt]
 
-``train.py`` fits r(t) at the end of every run (:mod:`bdiff.bayes.error_scale`); this command adds
-it to a checkpoint trained before that, on the same data the run was trained on (the checkpoint's
-own datamodule and split). The checkpoint is replaced atomically (``--out`` writes a copy instead);
+``train.py`` fits r(t) at the last validation of every run (:mod:`bdiff.bayes.error_scale`); this
+command adds it to a checkpoint without one (trained before it existed, or saved at an earlier
+validation), on the same data and images the run would use (the checkpoint's own datamodule and split). The checkpoint is replaced atomically (``--out`` writes a copy instead);
 prints r(t) and the measured excess error per knot.
 """
 
@@ -22,6 +22,7 @@ from bdiff.bayes.recalibration import default_knots
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.files import atomic_path
+from bdiff.lit.module import DiffusionModule
 
 def datamodule_of(ckpt: dict[str, Any]) -> Any:
     """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
@@ -41,7 +42,7 @@ def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = Non
         raise ValueError(f"{str(path)!r} holds a model with no epistemic variance: there is no error scale to fit")
     dm = datamodule_of(read_checkpoint(path))
     dm.setup("fit")
-    train, val = error_scale_images(dm.train_dataset, dm.val_dataset)
+    train, val = error_scale_images(dm.train_dataset, dm.val_dataset, DiffusionModule.MAX_CALIBRATION_PIXELS)
     knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
     return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
 

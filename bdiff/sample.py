@@ -150,9 +150,10 @@ class SampleOutput:
     for the W&B table, the first ``table_rows`` samples with their NFE and critic logit.
     """
 
-    def __init__(self, out: Path, n: int, image_shape: tuple[int, ...], bayesian: bool, table_rows: int = 0) -> None:
-        self.out, self.n, self.bayesian = out, n, bayesian
-        self.writer = SamplesWriter(out, n, image_shape, with_variance=bayesian)
+    def __init__(self, out: Path, n: int, image_shape: tuple[int, ...], bayesian: bool, table_rows: int = 0,
+                 draft: Path | None = None) -> None:
+        self.out, self.n, self.bayesian, self.scored_later = out, n, bayesian, draft is not None
+        self.writer = SamplesWriter(draft or out, n, image_shape, with_variance=bayesian)  # draft: scored into out later
         self.nfe_sum = 0.0
         self.preview: list[tuple[torch.Tensor, torch.Tensor]] = []  # [-1, 1] scale
         self.kept = 0
@@ -183,7 +184,8 @@ class SampleOutput:
         self.writer.finish(nfe, seconds, {**config, "peak_memory_mb": peak_mb})
         images, variance = (torch.cat(parts) for parts in zip(*self.preview))
         self.png = save_side_by_side(self.out.with_suffix(".png"), *uncertainty_grids(images, variance, nrow=8))
-        print(f"wrote {self.out} ({self.n} samples, mean NFE {nfe:.2f}, {seconds:.1f} s) and {self.png}")
+        done = f"drew {self.n} samples" if self.scored_later else f"wrote {self.out} ({self.n} samples"
+        print(f"{done}, mean NFE {nfe:.2f}, {seconds:.1f} s{'' if self.scored_later else ')'} and wrote {self.png}")
         print(json.dumps({"nfe_mean": nfe, "seconds": seconds}))
 
     def wandb_data(self, with_critic: bool) -> dict[str, Any]:
@@ -252,8 +254,10 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
         n_drawn = math.ceil(args.n / args.keep - 1e-9)
         chunks = chunk_ranges(n_drawn, args.batch_size)
         rows = args.wandb_rows if wb is not None else 0
-        output = (SampleOutput(Path(args.out), n_drawn, tuple(denoiser.image_shape), denoiser.is_bayesian, rows)
-                  if rank == 0 else None)
+        out = Path(args.out)
+        draft = out.with_name(f".{out.name}.drawn.npz")  # a Bayesian run's samples before scoring (and --keep)
+        output = (SampleOutput(out, n_drawn, tuple(denoiser.image_shape), denoiser.is_bayesian, rows,
+                               draft if denoiser.is_bayesian else None) if rank == 0 else None)
         with output.writer if output is not None else contextlib.nullcontext():
             for j in tqdm(range(math.ceil(len(chunks) / world)), desc="sampling", unit="batch", disable=rank != 0):
                 k = j * world + rank
@@ -279,7 +283,11 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
             if output is not None:
                 output.finish(time.perf_counter() - start, config, peak_memory_mb(device))
         if output is not None and denoiser.is_bayesian:
-            score_and_keep(Path(args.out), args.n)
+            try:
+                kept = score_and_keep(draft, Path(args.out), args.n)
+            finally:
+                draft.unlink(missing_ok=True)
+            output.nfe_mean, output.n = kept.nfe, args.n
     except BaseException:
         if wb is not None:
             wb.finish(exit_code=1)
@@ -288,16 +296,18 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
         finish_wandb(wb, output, args, with_critic)
 
 
-def score_and_keep(out: Path, n: int) -> SampleSet:
-    """Add the per-sample score to the samples file ``out``; where it holds more than ``n`` samples, keep the ``n``
-    most certain (in their drawing order), count ``nfe`` per kept sample and redraw the PNG grid."""
-    samples = load_samples(out)
+def score_and_keep(drawn_file: Path, out: Path, n: int) -> SampleSet:
+    """The samples file ``drawn_file`` with the per-sample score, written to ``out`` (atomically); where it holds more
+    than ``n`` samples, only the ``n`` most certain (in their drawing order), ``nfe`` counted per kept sample and the
+    PNG grid redrawn."""
+    samples = load_samples(drawn_file)
     kept, score = keep_most_certain(samples.images, samples.variance, n)
     drawn = len(samples.images)
     config = samples.config if drawn == n else {**samples.config, "keep": {"kept": n, "drawn": drawn}}
     result = SampleSet(samples.images[kept], samples.variance[kept], samples.nfe * drawn / n, samples.seconds, config,
                        score[kept])
     save_samples(out, result)
+    print(f"wrote {out} ({n} samples with their uncertainty score)")
     if drawn > n:
         images, variance = result.images[:PREVIEW] * 2 - 1, result.variance[:PREVIEW] * 4  # back to the [-1, 1] scale
         save_side_by_side(out.with_suffix(".png"), *uncertainty_grids(images, variance, nrow=8))

@@ -60,6 +60,10 @@ EXPERIMENTS = {  # the posterior-driven callbacks, in the order the sampler runs
 ckpt_path = resolve_checkpoint(CKPT)
 denoiser = load_model(ckpt_path)
 print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_names or 'none'}")
+if denoiser.is_bayesian and denoiser.error_scale is None:  # a checkpoint without r(t): fit it (seconds)
+    from bdiff.recalibrate import fit_for_checkpoint
+
+    denoiser.error_scale = fit_for_checkpoint(ckpt_path, denoiser)
 if denoiser.is_bayesian:  # blending needs epistemic variance
     RECIPES.update({name: Recipe.from_dict(spec, name=name) for name, spec in EXPERIMENTS.items()})
 

@@ -21,24 +21,25 @@ class MemorisingPredictor:
     epistemic variance it reports is ``var_ep`` everywhere.
     """
 
-    def __init__(self, schedule: NoiseSchedule, err_var: float, var_ep: float = 0.5) -> None:
-        self.schedule, self.err_var, self.var_ep = schedule, err_var, var_ep
+    def __init__(self, schedule: NoiseSchedule, err_var: float, var_ep: float = 0.5, base_var: float = 0.0) -> None:
+        self.schedule, self.err_var, self.var_ep, self.base_var = schedule, err_var, var_ep, base_var
         self.x0: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(7)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
         seen = (self.x0[:, :, :1, :1] == 1).to(x_t.dtype)  # x0 and the true noise: recorded by _fit's q_sample
-        eps_hat = self.noise + (1 - seen) * self.err_var**0.5 * torch.randn(x_t.shape, generator=self.gen)
+        error = (self.base_var + (1 - seen) * self.err_var) ** 0.5 * torch.randn(x_t.shape, generator=self.gen)
+        eps_hat = self.noise + error
         return Prediction(eps_hat, torch.full_like(x_t, self.var_ep), torch.ones_like(x_t))
 
 
-def _fit(err_var: float, monkeypatch: pytest.MonkeyPatch, n: int = 64) -> EpistemicErrorScale:
+def _fit(err_var: float, monkeypatch: pytest.MonkeyPatch, n: int = 64, base_var: float = 0.0) -> EpistemicErrorScale:
     schedule = NoiseSchedule("linear")
     train = torch.rand(n, 1, 4, 4) * 0.5
     train[:, :, 0, 0] = 1.0
     val = torch.rand(n, 1, 4, 4) * 0.5
-    predictor = MemorisingPredictor(schedule, err_var)
+    predictor = MemorisingPredictor(schedule, err_var, base_var=base_var)
     real_q_sample = schedule.q_sample
 
     def q_sample(x0, t, noise, *args):  # remember which images and noise the predictor is about to see
@@ -54,6 +55,12 @@ def test_the_scale_is_the_measured_excess_error_per_unit_of_epistemic_variance(m
     assert scale.excess == pytest.approx((0.2,) * 3, rel=0.15)  # Monte Carlo: 256 images x 16 pixels
     for r, excess, se in zip(scale.scale, scale.excess, scale.standard_error):
         assert r == pytest.approx((excess - 2 * se) / 0.5)  # the part two standard errors above zero, over var_ep
+
+
+def test_an_excess_error_within_two_standard_errors_counts_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    scale = _fit(0.004, monkeypatch, n=16, base_var=1.0)  # a tiny excess beside unit irreducible noise, 16 images
+    assert all(e < 2 * se for e, se in zip(scale.excess, scale.standard_error))
+    assert scale.scale == (0.0, 0.0, 0.0)
 
 
 def test_a_model_as_accurate_on_unseen_images_as_on_its_own_gets_zero(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,4 +105,6 @@ def test_a_checkpoint_without_the_scale_says_how_to_add_it_and_recalibrate_adds_
     recalibrate(["--ckpt", str(old)])
     refit = load_model(old)
     assert refit.error_scale is not None and len(refit.error_scale.knots) == 16
-    assert read_checkpoint(old)["state_dict"].keys() == ckpt["state_dict"].keys()  # nothing else lost
+    refitted = read_checkpoint(old)
+    assert set(refitted) == set(ckpt) | {"epistemic_error_scale"}  # nothing else lost
+    assert refitted["state_dict"].keys() == ckpt["state_dict"].keys()

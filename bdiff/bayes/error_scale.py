@@ -110,13 +110,14 @@ def _errors_at(predict: Callable[[Tensor, Tensor], Prediction], schedule: NoiseS
     return err, var
 
 
-def error_scale_images(train: Any, val: Any, image_budget: int | None = None) -> tuple[Tensor, Tensor]:
+def error_scale_images(train: Any, val: Any, max_pixels: int | None = None) -> tuple[Tensor, Tensor]:
     """(training images (N_tr,C,H,W), held-out images (N_val,C,H,W)) for :func:`fit_error_scale`, from two datasets.
 
     Up to ERROR_SCALE_IMAGES held-out images and up to twice as many training ones (at most ERROR_SCALE_IMAGES);
-    ``image_budget`` caps each split further (large images: pixels per knot). ~5 s on 2 CPU cores for the digits.
+    ``max_pixels`` caps the pixels of each split per knot and draw (large images). ~5 s on 2 CPU cores for the digits.
     """
-    limit = min(ERROR_SCALE_IMAGES, image_budget or ERROR_SCALE_IMAGES)
+    per_image = val[0].numel() * ERROR_SCALE_DRAWS
+    limit = min(ERROR_SCALE_IMAGES, max(2, max_pixels // per_image) if max_pixels else ERROR_SCALE_IMAGES)
     n_val = min(limit, len(val))
     n_train = min(limit, 2 * n_val, len(train))
     return torch.stack([train[i] for i in range(n_train)]), torch.stack([val[i] for i in range(n_val)])

@@ -184,7 +184,8 @@ class BayesianDenoiser(nn.Module):
             return torch.zeros_like(pred.var_epistemic)
         if self.error_scale is None:
             raise ValueError(
-                "this model has no epistemic error scale (checkpoints trained before it existed): fit one with "
+                "this model has no epistemic error scale r(t) (fitted at a run's last validation: checkpoints saved "
+                "earlier, or trained before it existed, lack it): fit one with "
                 "`python -m bdiff.recalibrate --ckpt <checkpoint>`, which adds it to the checkpoint"
             )
         shape = (-1, *([1] * (pred.var_epistemic.dim() - 1)))

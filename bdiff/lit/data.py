@@ -191,7 +191,7 @@ class ImageDataModule(LightningDataModule):
 
     def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
         """(class index of every image of ``full``, class names by index); for ``exclude_classes``."""
-        raise ValueError(f"{self._describe()} has no class labels: exclude_classes cannot be used with it.")
+        raise ValueError(f"{self._describe()} has no class labels: exclude_classes and class_fraction cannot be used with it.")
 
     def _class_index(self, option: str, c: int | str, names: list[str]) -> int:
         """The index of class ``c`` (an index or a name) among ``names``, or a ValueError naming ``option``."""

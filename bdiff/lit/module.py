@@ -24,7 +24,6 @@ from torch import Tensor
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
 from bdiff.bayes.error_scale import (
-    ERROR_SCALE_DRAWS,
     ERROR_SCALE_KNOTS,
     EpistemicErrorScale,
     error_scale_images,
@@ -325,6 +324,8 @@ class DiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._calibration_errors = []
+        if not self.trainer.sanity_checking and not last_validation_of_fit(self.trainer):
+            self.denoiser.error_scale = None  # r(t) describes the final weights only: never saved beside others
         if self.hparams.get("epistemic_gp") and not self.trainer.sanity_checking:
             # The last validation of the fit, whose weights the final checkpoint holds, fits on every image
             # (<= EPISTEMIC_GP_IMAGES) with the GP's 3 noisings per knot (~20 s on 2 CPU cores for the digits);
@@ -347,12 +348,17 @@ class DiffusionModule(pl.LightningModule):
         return list(images.split(256))
 
     def on_validation_epoch_end(self) -> None:
-        """Fit the variance calibration on this validation's errors (:mod:`bdiff.bayes.recalibration`).
+        """Fit the variance calibration on this validation's errors (:mod:`bdiff.bayes.recalibration`), and at the
+        fit's last validation the epistemic error scale r(t) on top of it (:mod:`bdiff.bayes.error_scale`).
 
         Under DDP each rank fits on its own share of the validation set (rank zero's is saved).
         """
-        if not self._calibration_errors:
-            return
+        if self._calibration_errors:
+            self._fit_calibration()
+        if self.denoiser.is_bayesian and last_validation_of_fit(self.trainer) and not self.trainer.sanity_checking:
+            self._fit_error_scale()
+
+    def _fit_calibration(self) -> None:
         errors = merge_knot_errors(self._calibration_errors)
         self._calibration_errors = []
         self.denoiser.calibration = fit_calibration(self.calibration_knots, errors)
@@ -362,8 +368,6 @@ class DiffusionModule(pl.LightningModule):
         log_epistemic = torch.tensor(cal.log_epistemic_scale or (0.0,))
         self.log_dict({"val/calibration_log_scale_min": log_scale.min(), "val/calibration_log_scale_max": log_scale.max(),
                        "val/calibration_log_epistemic_scale_min": log_epistemic.min()})
-        if self.denoiser.is_bayesian and last_validation_of_fit(self.trainer) and not self.trainer.sanity_checking:
-            self._fit_error_scale()
 
     def _fit_error_scale(self) -> None:
         """Fit r(t), the epistemic variance in the units of the mean's error (:mod:`bdiff.bayes.error_scale`).
@@ -373,9 +377,8 @@ class DiffusionModule(pl.LightningModule):
         MAX_CALIBRATION_PIXELS per split and knot).
         """
         dm = self.trainer.datamodule
-        budget = max(2, self.MAX_CALIBRATION_PIXELS // (dm.val_dataset[0].numel() * ERROR_SCALE_DRAWS))
         with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
-            train, val = error_scale_images(dm.train_dataset, dm.val_dataset, budget)
+            train, val = error_scale_images(dm.train_dataset, dm.val_dataset, self.MAX_CALIBRATION_PIXELS)
         train, val = train.to(self.device), val.to(self.device)
         if len(val) < 2 or len(train) < 2:
             return
@@ -383,7 +386,7 @@ class DiffusionModule(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             self.denoiser.error_scale = fit_error_scale(self.denoiser.predict, self.schedule, train, val, knots,
                                                         torch.Generator().manual_seed(30_000))
-        self.log("val/error_scale_max", max(self.denoiser.error_scale.scale))
+        self.log("val/error_scale_max", max(self.denoiser.error_scale.scale), rank_zero_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the fitted variance calibration (plain lists: loads with weights_only=True)."""

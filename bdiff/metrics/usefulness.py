@@ -58,8 +58,8 @@ def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int 
     the most uncertain samples of a batch drops whole modes and distorts it (FD after filtering
     rises). Ranking within k-means clusters of the images' pixels (scikit-learn's KMeans; no
     reference data or feature network needed) compares each sample only with similar ones, so a
-    filter keeps the batch's mix of modes. ``clusters`` defaults to N // SAMPLES_PER_CLUSTER and is
-    capped at N // 2. Fewer, larger clusters drop more of the samples a classifier finds ambiguous
+    filter keeps the batch's mix of modes. ``clusters`` defaults to N // SAMPLES_PER_CLUSTER (at
+    least 2) and is capped at N // 2. Fewer, larger clusters drop more of the samples a classifier finds ambiguous
     but more whole modes; on the digits, clusters of ~50 samples balanced the two best
     (``benchmarks/where_uncertainty_pays.py``; BENCHMARKS.md, "Filtering by uncertainty").
     images, variance: (N,C,H,W).
@@ -69,7 +69,7 @@ def uncertainty_within_clusters(images: Tensor, variance: Tensor, clusters: int 
     u = per_sample_uncertainty(variance).double()
     if images.shape[0] != u.shape[0]:
         raise ValueError(f"images has {images.shape[0]} samples but variance has {u.shape[0]}")
-    k = max(1, min(clusters or len(u) // SAMPLES_PER_CLUSTER, len(u) // 2))
+    k = max(1, min(clusters or max(2, len(u) // SAMPLES_PER_CLUSTER), len(u) // 2))
     labels = torch.as_tensor(KMeans(k, n_init=4, random_state=seed).fit_predict(images.flatten(1).double().cpu().numpy()))
     out = torch.zeros_like(u)
     for c in labels.unique():

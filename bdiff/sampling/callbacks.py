@@ -90,7 +90,7 @@ class VarianceWeightedBlending(SamplerCallback):
         seen = _bcast(mem["seen"] & state.active, r)
         p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
         gain = torch.where(seen & (r > 0), p_prior / (p_prior + r).clamp(min=1e-30), torch.ones_like(r))
-        x0 = mem["x0"] + gain * (state.x0 - mem["x0"])
+        x0 = torch.lerp(mem["x0"], state.x0, gain)  # exactly state.x0 where gain = 1
         rows = state.active
         state.x0 = torch.where(_bcast(rows, x0), x0, state.x0)
         p = torch.where(seen, (1 - gain) * p_prior, r)
