@@ -28,6 +28,7 @@ Writes ``benchmarks/results/<stem>.json`` and ``.md`` (the ratios per cell and s
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 
 from bdiff.checkpoint import load_model
 from bdiff.evaluate import references_for
+from bdiff.metrics.features import DIGITS_SPACES
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import classifier_confidence, filtering_in_spaces, quality_from_features
 from bdiff.metrics.samples_file import SampleSet
@@ -140,19 +142,23 @@ def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: i
 
 
 def ratios(rows: list[dict[str, Any]], spaces: list[str], keep_variant: str | None = None) -> list[dict[str, Any]]:
-    """Per cell and space: blend / base; the best keep variant / the best uncertainty-free within the budget;
-    the shipped score's filter against a random drop (FD ratio, precision difference, classifier-error ratio)."""
+    """Per cell and space: blend / base; the keep variant (``keep_variant``, else the best) / the best
+    uncertainty-free configuration within the budget (the least ``free`` FD over this cell's budget and every
+    smaller one measured: fewer calls fit a budget too); the shipped score's filter against a random drop
+    (FD ratio, precision difference, classifier-error ratio)."""
     out = []
     cells = sorted({(r["regime"], r["train_seed"], r["seed"], r["nfe"]) for r in rows})
     for cell in cells:
         by = {r["family"]: r for r in rows if (r["regime"], r["train_seed"], r["seed"], r["nfe"]) == cell}
+        within = [r for r in rows if r["family"] == "free" and (r["regime"], r["train_seed"], r["seed"]) == cell[:3]
+                  and r["nfe"] <= cell[3]]
         row = dict(zip(("regime", "train_seed", "seed", "nfe"), cell))
         for space in spaces:
             fd = f"{space}/fd"
             keeps = {name: r[fd] for name, r in by.items() if name.startswith("keep")}
             best_keep = f"keep{keep_variant}" if keep_variant else min(keeps, key=keeps.get)
             row[f"{space} blend/base"] = by["blend"][fd] / by["base"][fd]
-            row[f"{space} keep/free"] = f"{keeps[best_keep] / by['free'][fd]:.3g} ({best_keep[4:]})"
+            row[f"{space} keep/free"] = f"{keeps[best_keep] / min(r[fd] for r in within):.3g} ({best_keep[4:]})"
             row[f"{space} filter fd"] = by["drop_score"][fd] / by["drop_random"][fd]
             row[f"{space} filter Δprec"] = by["drop_score"][f"{space}/precision"] - by["drop_random"][f"{space}/precision"]
             if f"{space}/error" in by["base"]:
@@ -163,7 +169,7 @@ def ratios(rows: list[dict[str, Any]], spaces: list[str], keep_variant: str | No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", nargs="+", required=True, help="regime@training-seed=checkpoint")
+    p.add_argument("--run", nargs="+", default=[], help="regime@training-seed=checkpoint")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 2])
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])
     p.add_argument("--n", type=int, default=1000)
@@ -172,16 +178,22 @@ def main() -> None:
     p.add_argument("--keep-variant", default=None, choices=[f"{f}{b}" for f in KEEPS for b in ("", "_leading")],
                    help="the keep variant the ratios report (chosen on another run); default: the best per cell")
     p.add_argument("--stem", default="where_uncertainty_pays")
+    p.add_argument("--table-only", action="store_true", help="recompute the ratios of <stem>.json's rows; sample nothing")
     args = p.parse_args()
-    references = references_for()
-    rows = []
-    for item in args.run:
-        label, _, path = item.partition("=")
-        rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references)
-    spaces = list(references)
+    out = ROOT / "benchmarks" / "results"
+    if args.table_only:
+        rows = json.loads((out / f"{args.stem}.json").read_text())["rows"]
+        spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")}, key=list(DIGITS_SPACES).index)
+    else:
+        references = references_for()
+        rows = []
+        for item in args.run:
+            label, _, path = item.partition("=")
+            rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references)
+        spaces = list(references)
     table = ratios(rows, spaces, args.keep_variant)
     columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces]
-    write_results(ROOT / "benchmarks" / "results", args.stem, {"rows": rows, "ratios": table}, table, columns)
+    write_results(out, args.stem, {"rows": rows, "ratios": table}, table, columns)
 
 
 if __name__ == "__main__":
