@@ -133,8 +133,13 @@ def recipe_of(args: Namespace) -> Recipe:
     if args.nfe is not None:
         return recipe_for_budget(args.nfe, posterior_samples=args.posterior_samples)
     name = Path(str(args.config[-1])).stem if args.config else "command-line"
-    recipe = Recipe.from_dict({k: args[k] for k in recipe_keys_given(args)}, name=name)
-    return recipe.with_critic(args.critic) if args.critic is not None else recipe
+    data = {k: args[k] for k in recipe_keys_given(args)}
+    if args.critic is not None:  # set before validation: a critic callback may leave its path to --critic
+        callbacks = [dict(c) if isinstance(c, dict) else {"name": c} for c in data.get("callbacks") or []]
+        if not any(c.get("name") == CRITIC for c in callbacks):
+            raise ValueError(f"sampler recipe {name!r} has no critic callback for --critic to set")
+        data["callbacks"] = [dict(c, critic=str(args.critic)) if c.get("name") == CRITIC else c for c in callbacks]
+    return Recipe.from_dict(data, name=name)
 
 
 def run_config(recipe: Recipe, args: Namespace) -> dict[str, Any]:

@@ -104,7 +104,7 @@ COMMANDS = readme_commands()
 def test_readme_shows_the_commands_we_expect() -> None:
     joined = "\n".join(COMMANDS)
     for needed in ("python train.py", "bdiff.sample", "--nfe", "bdiff.evaluate", "feature_module cache",
-                   "notebooks/execute.py", "critic_module fit", "--critic", "--model.epistemic_gp false"):
+                   "notebooks/execute.py", "critic_module fit", "--critic", "--keep", "bdiff.recalibrate", "--model.epistemic_gp false"):
         assert needed in joined, needed
 
 
