@@ -39,6 +39,10 @@ class GaussianDenoiser:
         denom = a * S_MODEL + (1 - a)
         return Prediction((1 - a).sqrt() / denom * x, torch.full_like(x, self.epistemic), (a * S_MODEL / denom).expand_as(x))
 
+    def epistemic_error(self, pred: Prediction, t: torch.Tensor) -> torch.Tensor:
+        """The error of the mean in eps units: the epistemic variance itself (r(t) = 1)."""
+        return pred.var_epistemic
+
 
 class OptimalGaussianCritic(nn.Module):
     """The Bayes-optimal discriminator between N(0, S_DATA) and N(0, S_MODEL) data, forward-noised to t.

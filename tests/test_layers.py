@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [  # DESIGN.md's order, plus where the small top
     ("bdiff.sampling",),
     ("bdiff.metrics", "bdiff.viz", "bdiff.wandb_log"),
     ("bdiff.lit",),
-    ("bdiff.analysis", "bdiff.sample", "bdiff.evaluate", "bdiff.scripts"),  # entry points
+    ("bdiff.analysis", "bdiff.sample", "bdiff.evaluate", "bdiff.recalibrate", "bdiff.scripts"),  # entry points
 ]
 
 

@@ -19,6 +19,7 @@ import torch
 
 import bdiff.sample
 from bdiff.bayes import BayesConfig
+from bdiff.bayes.error_scale import EpistemicErrorScale
 from bdiff.checkpoint import build_denoiser
 from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
 from bdiff.nets import UNetConfig
@@ -26,14 +27,18 @@ from bdiff.schedule import ScheduleConfig
 
 
 def tiny_checkpoint(path: Path) -> Path:
-    """An untrained 8x8 Bayesian U-Net (8 base channels, 100-step schedule) saved as a bdiff checkpoint."""
+    """An untrained 8x8 Bayesian U-Net (8 base channels, 100-step schedule) saved as a bdiff checkpoint.
+
+    It carries an epistemic error scale r(t) = 1, as a trained run's checkpoint carries a fitted one.
+    """
     net, bayes, schedule = UNetConfig(base_channels=8, num_heads=2), BayesConfig(), ScheduleConfig(timesteps=100)
     torch.manual_seed(0)
     den = build_denoiser(net, bayes, schedule)
     state = {"denoiser." + k: v for k, v in den.state_dict().items()}
     hp = {"net": asdict(net), "bayes": asdict(bayes), "schedule": asdict(schedule)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"hyper_parameters": hp, "state_dict": state}, path)
+    scale = EpistemicErrorScale(knots=(0, schedule.timesteps - 1), scale=(1.0, 1.0))
+    torch.save({"hyper_parameters": hp, "state_dict": state, "epistemic_error_scale": scale.to_dict()}, path)
     return path
 
 
