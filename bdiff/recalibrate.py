@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, EpistemicErrorScale, error_scale_images, fit_error_scale
+from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, ERROR_SCALE_WEIGHT_SEED, EpistemicErrorScale, error_scale_images, fit_error_scale
 from bdiff.bayes.recalibration import default_knots
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model, read_checkpoint
@@ -44,7 +44,8 @@ def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = Non
     dm.setup("fit")
     train, val = error_scale_images(dm.train_dataset, dm.val_dataset, DiffusionModule.MAX_CALIBRATION_PIXELS)
     knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
-    return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
+    with denoiser.seeded(ERROR_SCALE_WEIGHT_SEED):
+        return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
 
 
 def refit(path: str | Path, out: str | Path | None = None) -> EpistemicErrorScale:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bdiff.bayes.error_scale import EpistemicErrorScale, fit_error_scale
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.denoiser import Prediction
-from bdiff.recalibrate import main as recalibrate
+from bdiff.recalibrate import fit_for_checkpoint, main as recalibrate
 from bdiff.schedule import NoiseSchedule
 
 
@@ -91,6 +92,16 @@ def test_training_stores_the_scale_and_load_model_applies_it(last_ckpt: Path) ->
     error = denoiser.epistemic_error(pred, t)
     expected = pred.var_epistemic * denoiser.error_scale(t).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(error, expected)
+
+
+def test_training_fits_the_scale_on_the_weights_the_checkpoint_holds(last_ckpt: Path) -> None:
+    """The EMA's averaged weights (swapped out again by the time the module's epoch-end hook runs), not the
+    optimiser's: a refit on the checkpoint reproduces the stored r(t) and its measured excess error."""
+    stored = EpistemicErrorScale.from_dict(read_checkpoint(last_ckpt)["epistemic_error_scale"])
+    refit = fit_for_checkpoint(last_ckpt)
+    assert stored.knots == refit.knots
+    np.testing.assert_allclose(stored.excess, refit.excess, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(stored.scale, refit.scale, rtol=1e-4, atol=1e-7)
 
 
 def test_a_checkpoint_without_the_scale_says_how_to_add_it_and_recalibrate_adds_it(last_ckpt: Path, tmp_path: Path) -> None:

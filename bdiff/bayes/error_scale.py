@@ -46,6 +46,7 @@ from bdiff.schedule import NoiseSchedule
 Z_MEASURABLE = 2.0  # excess error below z standard errors counts as none (one-sided ~98%)
 ERROR_SCALE_KNOTS = 16  # knots of the fit (t_k quadratic in k, as the variance calibration's)
 ERROR_SCALE_DRAWS = 1  # noise draws per image and knot (images, not draws, set the standard error)
+ERROR_SCALE_WEIGHT_SEED = 30_001  # weight samples of the fit (sampled predictive), so a refit is reproducible
 ERROR_SCALE_IMAGES = 512  # at most this many held-out images, and twice as many training images up to it
 
 

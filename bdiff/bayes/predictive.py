@@ -17,6 +17,8 @@ Two exact-in-distribution routes, both one batched call (no Python loop over K):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -134,6 +136,16 @@ class BayesianDenoiser(nn.Module):
         self.calibration: VarianceCalibration | None = None
         self.epistemic_gp: BottleneckGP | None = None
         self.error_scale: EpistemicErrorScale | None = None
+
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
+        """Within the block, weight samples come from a generator seeded with ``seed`` (not the global RNG)."""
+        device = next(self.model.parameters()).device
+        previous, self.generator = self.generator, torch.Generator(device).manual_seed(seed)
+        try:
+            yield
+        finally:
+            self.generator = previous
 
     @property
     def is_bayesian(self) -> bool:

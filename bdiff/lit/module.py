@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
 from bdiff.bayes.error_scale import (
     ERROR_SCALE_KNOTS,
+    ERROR_SCALE_WEIGHT_SEED,
     EpistemicErrorScale,
     error_scale_images,
     fit_error_scale,
@@ -303,6 +305,29 @@ class DiffusionModule(pl.LightningModule):
             metrics["val/var_epistemic"] = pred.var_epistemic.mean()
         self.log_dict(metrics, batch_size=batch.shape[0], prog_bar=False)
         self._collect_calibration_errors(batch, batch_idx)
+        if batch_idx == self._last_validation_batch():
+            self._fit_on_validation()
+
+    def _last_validation_batch(self) -> int:
+        """Index of this validation's last batch (-1: none is known to be last, or a sanity check)."""
+        if self.trainer.sanity_checking:
+            return -1
+        n = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else 0
+        return int(n) - 1 if math.isfinite(n) else -1
+
+    def _fit_on_validation(self) -> None:
+        """Fit the variance calibration on this validation's errors (:mod:`bdiff.bayes.recalibration`), and at the
+        fit's last validation the epistemic error scale r(t) on top of it (:mod:`bdiff.bayes.error_scale`).
+
+        Runs after the last validation batch, not in ``on_validation_epoch_end``: a weight-averaging
+        callback (:class:`bdiff.lit.ema.EMA`) swaps the training weights back in at epoch end, before the
+        module's hook runs, and r(t) must describe the averaged weights the checkpoint holds. Under DDP
+        each rank fits on its own share of the validation set (rank zero's is saved).
+        """
+        if self._calibration_errors:
+            self._fit_calibration()
+        if self.denoiser.is_bayesian and last_validation_of_fit(self.trainer):
+            self._fit_error_scale()
 
     def _collect_calibration_errors(self, batch: Tensor, batch_idx: int) -> None:
         """Errors of the uncalibrated predictive at every knot (weights in place: the EMA ones).
@@ -348,15 +373,10 @@ class DiffusionModule(pl.LightningModule):
         return list(images.split(256))
 
     def on_validation_epoch_end(self) -> None:
-        """Fit the variance calibration on this validation's errors (:mod:`bdiff.bayes.recalibration`), and at the
-        fit's last validation the epistemic error scale r(t) on top of it (:mod:`bdiff.bayes.error_scale`).
-
-        Under DDP each rank fits on its own share of the validation set (rank zero's is saved).
-        """
+        """Fit the calibration where no batch was known to be the last (:meth:`_fit_on_validation` fits both
+        after the last batch); r(t) is not fitted here, where a weight average is no longer in place."""
         if self._calibration_errors:
             self._fit_calibration()
-        if self.denoiser.is_bayesian and last_validation_of_fit(self.trainer) and not self.trainer.sanity_checking:
-            self._fit_error_scale()
 
     def _fit_calibration(self) -> None:
         errors = merge_knot_errors(self._calibration_errors)
@@ -381,9 +401,12 @@ class DiffusionModule(pl.LightningModule):
             train, val = error_scale_images(dm.train_dataset, dm.val_dataset, self.MAX_CALIBRATION_PIXELS)
         train, val = train.to(self.device), val.to(self.device)
         if len(val) < 2 or len(train) < 2:
+            rank_zero_warn(f"the epistemic error scale r(t) needs >= 2 held-out and >= 2 training images, got {len(val)} "
+                           f"and {len(train)}: this run's checkpoint has none, so the sampler callbacks that read it "
+                           "(blending) will refuse it. Raise data.val_fraction or add images.")
             return
         knots = default_knots(self.schedule.timesteps, ERROR_SCALE_KNOTS)
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), self.denoiser.seeded(ERROR_SCALE_WEIGHT_SEED):
             self.denoiser.error_scale = fit_error_scale(self.denoiser.predict, self.schedule, train, val, knots,
                                                         torch.Generator().manual_seed(30_000))
         self.log("val/error_scale_max", max(self.denoiser.error_scale.scale), rank_zero_only=True)
