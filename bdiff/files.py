@@ -38,6 +38,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _mode_for(target: Path) -> int:
+    """The permission bits of ``target`` if it exists, else those a new file gets (0o666 less the umask)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = PARTIAL_SUFFIX) -> Iterator[Path]:
     """A temporary path to write; it becomes ``path`` (parents created) only if the block succeeds.
@@ -51,6 +61,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = PARTIAL_SUFFIX) -> I
         ...     torch.save({"w": 1}, tmp)
     """
     target = Path(path)
+    if target.is_symlink():  # write through a link (Lightning's save_last="link"), not over it
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
@@ -58,6 +70,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = PARTIAL_SUFFIX) -> I
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(target))  # mkstemp makes 0600: keep the file's mode, or what open() would give
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:

@@ -30,7 +30,9 @@ def datamodule_of(ckpt: dict[str, Any]) -> Any:
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)
     if class_path is None:
-        raise ValueError("the checkpoint records no datamodule (was it written by train.py?); cannot refit r(t)")
+        raise ValueError("the checkpoint records no datamodule, so its training and held-out images are unknown and r(t) "
+                         "cannot be refitted: pass a checkpoint that train.py (LightningCLI) wrote, such as the run's "
+                         "last.ckpt")
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)(**hp)
 

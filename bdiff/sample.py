@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
     p.add_argument("--nfe", type=Optional[int], default=None,
                    help="a budget of denoiser calls per sample: use the measured-best recipe for it "
-                        "(bdiff.sampling.budget; it may take fewer calls) instead of a recipe")
+                        "(bdiff.sampling.budget; it may take fewer calls) instead of a recipe; with --keep F, "
+                        "per kept sample (the recipe for floor(F N) calls per drawn sample)")
     add_recipe_arguments(p)
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
@@ -130,8 +131,9 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
 def recipe_of(args: Namespace) -> Recipe:
     """The validated recipe the command line asks for: ``--nfe``'s, or the recipe keys (named after the
     last ``--config`` file, the recipe's file); ValueError naming a bad key."""
-    if args.nfe is not None:
-        return recipe_for_budget(args.nfe, posterior_samples=args.posterior_samples)
+    if args.nfe is not None:  # with --keep F, N calls per *kept* sample: the recipe for floor(F N) per drawn one
+        calls = max(1, math.floor(args.nfe * args.keep + 1e-9))
+        return recipe_for_budget(calls, posterior_samples=args.posterior_samples)
     name = Path(str(args.config[-1])).stem if args.config else "command-line"
     data = {k: args[k] for k in recipe_keys_given(args)}
     if args.critic is not None:  # set before validation: a critic callback may leave its path to --critic
@@ -290,8 +292,10 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
         if output is not None and denoiser.is_bayesian:
             try:
                 kept = score_and_keep(draft, Path(args.out), args.n)
-            finally:
-                draft.unlink(missing_ok=True)
+            except BaseException:
+                print(f"scoring the drawn samples failed; they are kept in {draft} (a samples file)", file=sys.stderr)
+                raise
+            draft.unlink()
             output.nfe_mean, output.n = kept.nfe, args.n
     except BaseException:
         if wb is not None:

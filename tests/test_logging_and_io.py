@@ -80,3 +80,27 @@ def test_atomic_file_replaces_only_after_a_complete_write(tmp_path: Path) -> Non
     with atomic_file(path) as f:
         f.write(b"second")
     assert path.read_bytes() == b"second" and [p.name for p in path.parent.iterdir()] == ["grid.npz"]
+
+
+def test_atomic_file_keeps_the_mode_and_writes_through_a_link(tmp_path: Path) -> None:
+    """A replaced file keeps its permission bits, a new one gets open()'s (not mkstemp's 0600), and a
+    symlink (Lightning's save_last="link") stays a link to the rewritten file."""
+    import os
+
+    from bdiff.files import atomic_file
+
+    new = tmp_path / "new.bin"
+    with atomic_file(new) as f:
+        f.write(b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+    new.chmod(0o640)
+    with atomic_file(new) as f:
+        f.write(b"y")
+    assert new.stat().st_mode & 0o777 == 0o640
+    link = tmp_path / "last.ckpt"
+    link.symlink_to(new.name)
+    with atomic_file(link) as f:
+        f.write(b"z")
+    assert link.is_symlink() and new.read_bytes() == b"z"

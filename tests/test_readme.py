@@ -85,6 +85,8 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
     if "bdiff.sample" in cmd or args[0] == "bdiff-sample":
         swap = {"--accelerator": "cpu", "--devices": "2", "--n": "16"}
         args = [swap.get(args[i - 1], a) if i and args[i - 1] in swap else a for i, a in enumerate(args)]
+        if "--out" not in args:  # its default, samples.npz in the working directory, would land in the repository
+            args += ["--out", str(tmp / "samples.npz")]
     return args
 
 

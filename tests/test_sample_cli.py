@@ -165,3 +165,12 @@ def test_keep_is_refused_outside_0_1(last_ckpt: Path, tmp_path: Path, capsys: py
     with pytest.raises(SystemExit):
         main(["--ckpt", str(last_ckpt), "--nfe", "3", "--keep", "0", "--out", str(tmp_path / "s.npz")])
     assert "--keep must be a fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_nfe_with_keep_counts_the_budget_per_kept_sample() -> None:
+    from bdiff.sample import parse_args, recipe_of
+    from bdiff.sampling.budget import recipe_for_budget
+
+    for nfe, keep, per_drawn in ((10, 0.5, 5), (10, 0.8, 8), (5, 0.5, 2), (1, 0.5, 1)):
+        recipe = recipe_of(parse_args(["--ckpt", "x.ckpt", "--nfe", str(nfe), "--keep", str(keep)]))
+        assert recipe == recipe_for_budget(per_drawn), (nfe, keep)

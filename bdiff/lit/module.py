@@ -202,6 +202,12 @@ class DiffusionModule(pl.LightningModule):
         """Every fit saves the RNG and data-order state needed to resume bit for bit (see :class:`ExactResume`)."""
         return [ExactResume()]
 
+    def on_train_start(self) -> None:
+        """A resumed run that trains on drops the r(t) its checkpoint carried: it described the old weights
+        (the fit's last validation fits a new one), so no checkpoint saved on the way carries a stale one."""
+        if not last_validation_of_fit(self.trainer):
+            self.denoiser.error_scale = None
+
     def on_fit_start(self) -> None:
         """Under DDP, give every rank its own random stream for t, x_t noise and Pyro's weight noise.
 

@@ -63,7 +63,8 @@ class VarianceWeightedBlending(SamplerCallback):
     epistemic variance the propagated map reads) is left as it is.
 
     Args:
-        strength: multiplies R (0 disables blending: K = 1; 1 is the filter as derived).
+        strength: multiplies R, and so the first step's P = R (0 disables blending: K = 1; 1 is the
+            filter as derived).
     """
 
     name = "blend"
