@@ -87,6 +87,8 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
         args = [swap.get(args[i - 1], a) if i and args[i - 1] in swap else a for i, a in enumerate(args)]
         if "--out" not in args:  # its default, samples.npz in the working directory, would land in the repository
             args += ["--out", str(tmp / "samples.npz")]
+        i = args.index("--out") + 1
+        args[i] = str(tmp / Path(args[i]).name)  # every output in tmp
     return args
 
 
