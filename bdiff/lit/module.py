@@ -315,8 +315,8 @@ class DiffusionModule(pl.LightningModule):
             self._fit_on_validation()
 
     def _last_validation_batch(self) -> int:
-        """Index of this validation's last batch (-1: none is known to be last, or a sanity check)."""
-        if self.trainer.sanity_checking:
+        """Index of this validation's last batch (-1: none is known to be last, a sanity check, or no Trainer)."""
+        if self._trainer is None or self.trainer.sanity_checking:
             return -1
         n = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else 0
         return int(n) - 1 if math.isfinite(n) else -1
