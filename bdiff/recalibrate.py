@@ -17,8 +17,7 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ArgumentParser
 
-from bdiff.bayes.error_scale import ERROR_SCALE_KNOTS, ERROR_SCALE_WEIGHT_SEED, EpistemicErrorScale, error_scale_images, fit_error_scale
-from bdiff.bayes.recalibration import default_knots
+from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.files import atomic_path
@@ -45,9 +44,7 @@ def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = Non
     dm = datamodule_of(read_checkpoint(path))
     dm.setup("fit")
     train, val = error_scale_images(dm.train_dataset, dm.val_dataset, DiffusionModule.MAX_CALIBRATION_PIXELS)
-    knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
-    with denoiser.seeded(ERROR_SCALE_WEIGHT_SEED):
-        return fit_error_scale(denoiser.predict, denoiser.schedule, train, val, knots, torch.Generator().manual_seed(30_000))
+    return fit_denoiser_error_scale(denoiser, train, val)
 
 
 def refit(path: str | Path, out: str | Path | None = None) -> EpistemicErrorScale:

@@ -35,17 +35,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from bdiff.bayes.recalibration import default_knots
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
 
 Z_MEASURABLE = 2.0  # excess error below z standard errors counts as none (one-sided ~98%)
 ERROR_SCALE_KNOTS = 16  # knots of the fit (t_k quadratic in k, as the variance calibration's)
 ERROR_SCALE_DRAWS = 1  # noise draws per image and knot (images, not draws, set the standard error)
+ERROR_SCALE_NOISE_SEED = 30_000  # (t, noise) draws of the fit
 ERROR_SCALE_WEIGHT_SEED = 30_001  # weight samples of the fit (sampled predictive), so a refit is reproducible
 ERROR_SCALE_IMAGES = 512  # at most this many held-out images, and twice as many training images up to it
 
@@ -154,3 +156,26 @@ def fit_error_scale(
         excess.append(gap)
         se.append(stderr)
     return EpistemicErrorScale(tuple(int(k) for k in knots), tuple(scale), tuple(excess), tuple(se))
+
+
+class _SeededDenoiser(Protocol):
+    """What :func:`fit_denoiser_error_scale` needs of a :class:`~bdiff.bayes.predictive.BayesianDenoiser`."""
+
+    schedule: NoiseSchedule
+
+    def predict(self, x_t: Tensor, t: Tensor) -> Prediction: ...
+
+    def seeded(self, seed: int) -> Any: ...
+
+
+def fit_denoiser_error_scale(denoiser: _SeededDenoiser, train_x0: Tensor, val_x0: Tensor) -> EpistemicErrorScale:
+    """r(t) of ``denoiser`` at the ERROR_SCALE_KNOTS knots with the fit's fixed seeds, from training images
+    ``train_x0`` (N_tr,C,H,W) and held-out ones ``val_x0`` (N_val,C,H,W), both on its device.
+
+    Training and ``python -m bdiff.recalibrate`` both fit through here, so a refit on a checkpoint
+    reproduces the r(t) its training stored.
+    """
+    knots = default_knots(denoiser.schedule.timesteps, ERROR_SCALE_KNOTS)
+    with denoiser.seeded(ERROR_SCALE_WEIGHT_SEED):
+        return fit_error_scale(denoiser.predict, denoiser.schedule, train_x0, val_x0, knots,
+                               torch.Generator().manual_seed(ERROR_SCALE_NOISE_SEED))

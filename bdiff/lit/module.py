@@ -24,13 +24,7 @@ from torch import Tensor
 
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
-from bdiff.bayes.error_scale import (
-    ERROR_SCALE_KNOTS,
-    ERROR_SCALE_WEIGHT_SEED,
-    EpistemicErrorScale,
-    error_scale_images,
-    fit_error_scale,
-)
+from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
 from bdiff.bayes.laplace import require_point_trunk
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
@@ -411,10 +405,8 @@ class DiffusionModule(pl.LightningModule):
                            f"and {len(train)}: this run's checkpoint has none, so the sampler callbacks that read it "
                            "(blending) will refuse it. Raise data.val_fraction or add images.")
             return
-        knots = default_knots(self.schedule.timesteps, ERROR_SCALE_KNOTS)
-        with torch.autocast(self.device.type, enabled=False), self.denoiser.seeded(ERROR_SCALE_WEIGHT_SEED):
-            self.denoiser.error_scale = fit_error_scale(self.denoiser.predict, self.schedule, train, val, knots,
-                                                        torch.Generator().manual_seed(30_000))
+        with torch.autocast(self.device.type, enabled=False):
+            self.denoiser.error_scale = fit_denoiser_error_scale(self.denoiser, train, val)
         self.log("val/error_scale_max", max(self.denoiser.error_scale.scale), rank_zero_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
