@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from bdiff.critic import Critic, CriticConfig, CriticNet
 from bdiff.denoiser import Prediction
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.callbacks import BlendOutput, RecorderOutput, RefineOutput
+from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +32,22 @@ RECIPES = sorted((ROOT / "configs" / "sampler").glob("*.yaml"))
 MAX_STEPS = 10  # ddpm.yaml's 1000 steps are cut to this; every other recipe runs as committed
 
 # Variants that make the restart paths fire on the tiny critic (every finished sample is flagged).
+def _cb(name: str, **init_args: Any) -> dict[str, Any]:
+    return {"class_path": name, "init_args": init_args}
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    "unipc_critic_restart": {"stepper": {"name": "unipc"}, "steps": 6, "callbacks": [
-        {"name": "blend"}, {"name": "critic", "weight": 1.0, "threshold": 1e9, "retries": 2, "t_back": 200}]},
-    "unipc3_critic_restart": {"stepper": {"name": "unipc", "variant": "bh1", "order": 3}, "steps": 6, "callbacks": [
-        {"name": "critic", "weight": 1.0, "threshold": 1e9, "retries": 1, "t_back": 500}]},
-    "dpmpp_critic_region": {"stepper": {"name": "dpmpp_2m"}, "steps": 6, "callbacks": [
-        {"name": "critic", "weight": 0.5, "threshold": 1e9, "retries": 1, "t_back": 300, "mode": "region"},
-        {"name": "recorder", "keys": ["x0", "var"]}]},
-    "ddim_eta_refine": {"stepper": {"name": "ddim", "eta": 0.5}, "steps": 6, "callbacks": [
-        {"name": "refine", "quantile": 0.5, "jump": 80, "t_range": [1, 900], "max_passes": 2}]},
-    "ddpm_adaptive_blend": {"stepper": {"name": "ddpm"}, "steps": 8, "callbacks": [
-        {"name": "blend", "strength": 0.5}, {"name": "adaptive", "tol": 0.3, "max_nfe": 8}]},
+    "unipc_critic_restart": {"stepper": "UniPC", "steps": 6, "callbacks": [
+        _cb("VarianceWeightedBlending"), _cb("CriticCorrection", weight=1.0, threshold=1e9, retries=2, t_back=200)]},
+    "unipc3_critic_restart": {"stepper": _cb("UniPC", variant="bh1", order=3), "steps": 6, "callbacks": [
+        _cb("CriticCorrection", weight=1.0, threshold=1e9, retries=1, t_back=500)]},
+    "dpmpp_critic_region": {"stepper": "DPMSolverPP2M", "steps": 6, "callbacks": [
+        _cb("CriticCorrection", weight=0.5, threshold=1e9, retries=1, t_back=300, mode="region"),
+        _cb("Recorder", keys=["x0", "var"])]},
+    "ddim_eta_refine": {"stepper": _cb("DDIM", eta=0.5), "steps": 6, "callbacks": [
+        _cb("UncertainRegionRefinement", quantile=0.5, jump=80, t_range=[1, 900], max_passes=2)]},
+    "ddpm_adaptive_blend": {"stepper": "DDPM", "steps": 8, "callbacks": [
+        _cb("VarianceWeightedBlending", strength=0.5), _cb("AdaptiveStepSize", tol=0.3, max_nfe=8)]},
 }
 
 
@@ -92,20 +98,21 @@ def recipe_data() -> dict[str, dict[str, Any]]:
 
 def run_case(name: str, data: dict[str, Any], denoiser: TinyDenoiser, critic: Critic) -> dict[str, Tensor]:
     """Two samples of seed 5 with the recipe ``data``; the tensors the golden file keeps."""
-    callbacks = [dict(c, critic=critic) if c.get("name") == "critic" else dict(c) for c in data.get("callbacks", [])]
-    recipe = Recipe.from_dict({**data, "callbacks": callbacks}, name=name)
+    recipe = load_recipe(data, name=name)
+    for cb in recipe.callbacks:
+        if isinstance(cb, CriticCorrection):
+            cb.use_critic(critic)
     result = recipe.build(denoiser).sample(2, seed=5)
     out = {"images": result.images, "variance": result.variance, "nfe": result.nfe,
-           "rejected": result.rejected, "flags": result.flags}
-    extras = result.extras
-    if "critic" in extras:
-        out.update({f"critic_{k}": extras["critic"][k] for k in ("retries", "flagged", "critic_calls", "final_logit")})
-    if "refine" in extras:
-        out["refine_passes"] = extras["refine"]["passes"]
-    if "blend" in extras:
-        out["blend_gain"] = torch.tensor(extras["blend"]["gain"])
-    if "recorder" in extras:
-        out["recorder_x0"] = torch.stack([r["x0"] for r in extras["recorder"]])
+           "rejected": torch.zeros_like(result.nfe), "flags": result.flags}  # no step is rejected any more
+    if (c := result.output(CriticOutput)) is not None:
+        out.update({f"critic_{k}": getattr(c, k) for k in ("retries", "flagged", "critic_calls", "final_logit")})
+    if (r := result.output(RefineOutput)) is not None:
+        out["refine_passes"] = r.passes
+    if (b := result.output(BlendOutput)) is not None:
+        out["blend_gain"] = torch.tensor(b.gain)
+    if (rec := result.output(RecorderOutput)) is not None:
+        out["recorder_x0"] = torch.stack([r["x0"] for r in rec.records])
     return out
 
 

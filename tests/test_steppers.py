@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bdiff.denoiser import Prediction
-from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, SamplerCallback, UniPC
+from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, SamplerCallback, StepContext, Tracked, UniPC, sample
 from bdiff.sampling.noise import NoiseSource
+from bdiff.sampling.steppers import Memory
 from bdiff.schedule import NoiseSchedule, karras_timesteps
 
 SCHED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -33,10 +34,10 @@ def one_step(stepper, x, t: int, s: int, z=None) -> torch.Tensor:
     sched = NoiseSchedule("linear")
     tt = torch.full((x.shape[0],), t)
     x0 = sched.eps_to_x0(x, tt, ToyDenoiser().eps(x, tt))
-    a_t, a_s = sched.alpha_bar(tt), sched.alpha_bar(torch.full_like(tt, s))
+    ctx = StepContext.between(sched, tt, torch.full_like(tt, s), torch.full_like(tt, -1))
     zero = torch.zeros_like(x)
     noise = lambda rows: z * rows.reshape(-1, 1, 1, 1) if z is not None else zero  # noqa: E731
-    return stepper.step(x, zero, x0, zero, a_t, a_s, stepper.memory(x), noise).x_next
+    return stepper.step(Tracked(x, zero), Tracked(x0, zero), ctx, stepper.memory(x), noise)[0].value
 
 
 @pytest.mark.parametrize("steps", [10, 50])
@@ -129,7 +130,8 @@ def _unipc_matches_diffusers_up_to_the_final_step(steps: int, variant: str, orde
         expected.append(x)
     stepper = UniPC(variant, order, lower_order_final)
     state = Sampler(den, stepper, steps, callbacks=[Recorder(keys=("x",), max_samples=3)]).run(x_T, noise)
-    ours = [record["x"] for record in state.extras["recorder"]]  # x_t at the start of each step
+    (recorded,) = state.outputs.values()
+    ours = [record["x"] for record in recorded.records]  # x_t at the start of each step
     assert len(ours) == steps and state.nfe.tolist() == [steps] * 3
     for step, (mine, theirs) in enumerate(zip(ours[1:], expected[:-1])):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"after step {step}: {m}")
@@ -161,19 +163,20 @@ def test_unipc_order_3_matches_diffusers_up_to_its_final_step(variant: str, step
         assert (second - third).abs().max() > 1e-4
 
 
-def test_unipc_refuses_an_unknown_order_and_a_memory_or_call_it_cannot_step_with() -> None:
+def test_unipc_refuses_an_unknown_order_and_a_memory_it_cannot_step_with() -> None:
     with pytest.raises(ValueError, match="order"):
         UniPC(order=4)
     with pytest.raises(ValueError, match="lower_order_final must be true or false"):
         UniPC(order=3, lower_order_final="false")
-    x = torch.zeros(2, 1, 4, 4)
-    a = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    x = Tracked(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
+    t = torch.tensor([500, 500])
+    ctx = StepContext.between(NoiseSchedule("linear"), t, t - 100, t - 200)
     third = UniPC(order=3)
-    with pytest.raises(ValueError, match="keeps 3 earlier steps but got a memory of 2"):
-        third.step(x, x, x, x, a, 2 * a, UniPC().memory(x), lambda rows: x, a_after=a)
-    with pytest.raises(ValueError, match="needs a_after"):
-        third.step(x, x, x, x, a, 2 * a, third.memory(x), lambda rows: x)
-    UniPC(order=3, lower_order_final=False).step(x, x, x, x, a, 2 * a, third.memory(x), lambda rows: x)  # needs none
+    with pytest.raises(ValueError, match="keeps 3 earlier steps in a UniPCMemory but got a UniPCMemory of 2"):
+        third.step(x, x, ctx, UniPC().memory(x.value), lambda rows: x.value)
+    with pytest.raises(ValueError, match="got a Memory of 1"):
+        UniPC().step(x, x, ctx, DPMSolverPP2M().memory(x.value), lambda rows: x.value)
+    third.step(x, x, ctx, third.memory(x.value), lambda rows: x.value)
 
 
 def test_unipc_refuses_an_unknown_variant() -> None:
@@ -191,7 +194,7 @@ class _ShrinkX0(SamplerCallback):
     """Edits every prediction after the model call: x0 -> 0.8 x0."""
 
     def after_prediction(self, state, sampler) -> None:
-        state.x0 = 0.8 * state.x0
+        sampler.replace_x0(state, 0.8 * state.x0, state.active)
 
 
 class _ShrunkDenoiser(ToyDenoiser):
@@ -211,26 +214,45 @@ def test_steppers_see_predictions_as_callbacks_left_them(stepper) -> None:
     torch.testing.assert_close(edited, inside, rtol=1e-4, atol=1e-4)
 
 
-class _RejectOnce(SamplerCallback):
-    """Rejects every sample's step once, at the third iteration (the step is then retried)."""
+class _Nothing(SamplerCallback):
+    """A callback that changes nothing: the Sampler then runs its own loop rather than the product loop."""
 
-    def __init__(self) -> None:
-        self.done = False
+
+@pytest.mark.parametrize("stepper", [DDPM(), DDIM(0.5), DPMSolverPP2M(), UniPC(), UniPC("bh1", 3)],
+                         ids=["ddpm", "ddim", "dpmpp_2m", "unipc", "unipc3"])
+def test_the_product_loop_and_the_callback_sampler_take_the_same_steps(stepper) -> None:
+    def start() -> tuple[torch.Tensor, NoiseSource]:  # x_T drawn from the streams, as Sampler.sample does
+        noise = NoiseSource(0, range(3))
+        return noise.draw((1, 4, 4)), noise
+
+    den = ToyDenoiser()
+    grid = Sampler(den, stepper, 6).grid[:-1].tolist()
+    looped = sample(den, stepper, grid, *start())
+    state = Sampler(den, stepper, 6, [_Nothing()]).run(*start())
+    assert torch.equal(looped.value, state.x) and torch.equal(looped.amp, state.amp)
+    result = Sampler(den, stepper, 6).sample(3, seed=0)  # no callbacks: the product loop
+    assert torch.equal(result.images, state.x.clamp(-1, 1)) and result.nfe.tolist() == [6] * 3
+
+
+class _PinCorner(SamplerCallback):
+    """Replaces one pixel of every proposed x_next by itself (same value, marked edited)."""
 
     def after_update(self, state, sampler) -> None:
-        if state.step == 2 and not self.done:
-            state.accept[:] = False
-            self.done = True
+        rows = state.active.nonzero().squeeze(1)
+        pixels = torch.zeros_like(state.x_next[rows], dtype=torch.bool)
+        pixels[:, :, 0, 0] = True
+        sampler.replace_x_next(state, rows, state.x_next[rows].clone(), pixels)
 
 
-@pytest.mark.parametrize("stepper", [DPMSolverPP2M(), UniPC(), UniPC("bh1", 3)], ids=["dpmpp_2m", "unipc", "unipc3"])
-def test_a_rejected_and_retried_step_lands_where_an_accepted_one_does(stepper) -> None:
-    noise = NoiseSource(0, range(3))
+def test_the_corrector_skips_exactly_the_pixels_a_callback_marked_edited() -> None:
+    """Marked pixels are left uncorrected even when the callback wrote the same value back; the rest are not."""
+    den, noise = ToyDenoiser(), NoiseSource(0, range(3))
     x_T = noise.draw((1, 4, 4))
-    plain = Sampler(ToyDenoiser(), stepper, 6).run(x_T, noise)
-    retried = Sampler(ToyDenoiser(), stepper, 6, [_RejectOnce()]).run(x_T, noise)
-    torch.testing.assert_close(retried.x, plain.x, rtol=0, atol=1e-6)
-    assert retried.nfe.tolist() == [7] * 3 and retried.rejected.tolist() == [1] * 3
+    plain = Sampler(den, UniPC(), 6, [_Nothing()]).run(x_T, NoiseSource(0, range(3))).x
+    pinned = Sampler(den, UniPC(), 6, [_PinCorner()]).run(x_T, NoiseSource(0, range(3))).x
+    assert (pinned[:, :, 0, 0] - plain[:, :, 0, 0]).abs().max() > 1e-4
+    dpm = Sampler(den, DPMSolverPP2M(), 6, [_PinCorner()]).run(x_T, NoiseSource(0, range(3))).x
+    assert torch.equal(dpm, Sampler(den, DPMSolverPP2M(), 6).run(x_T, NoiseSource(0, range(3))).x)  # no corrector
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 25])
@@ -336,19 +358,21 @@ def test_a_step_is_a_pure_function_and_the_sampler_keeps_no_job_state(stepper) -
     """Stepper.step leaves its inputs and memory as they were and gives the same output twice;
     Sampler.run stores nothing on the Sampler (one Sampler can serve several jobs)."""
     g = torch.Generator().manual_seed(0)
-    x, amp, x0, amp_x0 = (torch.randn(3, 1, 4, 4, generator=g) for _ in range(4))
+    x, x0 = (Tracked(torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)) for _ in range(2))
     sched = NoiseSchedule("linear")
-    a_t, a_s = sched.alpha_bar(torch.tensor([900, 500, 100])), sched.alpha_bar(torch.tensor([700, 300, -1]))
-    after = {"a_after": torch.full((3,), 0.5, dtype=torch.float64)}  # no step is the one before the last
-    memory = stepper.step(x, amp, x0, amp_x0, sched.alpha_bar(torch.tensor([999, 700, 300])), a_t,
-                          stepper.memory(x), lambda rows: torch.ones_like(x), **after).memory
-    inputs = [v.clone() for v in (x, amp, x0, amp_x0)]
+
+    def ctx(t: list[int], s: list[int]) -> StepContext:  # no step is the one before the last
+        return StepContext.between(sched, torch.tensor(t), torch.tensor(s), torch.tensor([600, 200, 0]))
+
+    noise = lambda rows: torch.ones_like(x.value)  # noqa: E731
+    memory = stepper.step(x, x0, ctx([999, 700, 300], [900, 500, 100]), stepper.memory(x.value), noise)[1]
+    inputs = [v.clone() for v in (*x, *x0)]
     kept = {k: v.clone() for k, v in vars(memory).items()}
-    first, second = (stepper.step(x, amp, x0, amp_x0, a_t, a_s, memory, lambda rows: torch.ones_like(x), **after)
-                     for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(inputs, (x, amp, x0, amp_x0)))
+    first, second = (stepper.step(x, x0, ctx([900, 500, 100], [700, 300, -1]), memory, noise) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (*x, *x0)))
     assert all(torch.equal(v.nan_to_num(), getattr(memory, k).nan_to_num()) for k, v in kept.items())
-    assert torch.equal(first.x_next, second.x_next) and torch.equal(first.amp_next, second.amp_next)
+    assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
+    assert isinstance(first[1], Memory)
     sampler = Sampler(ToyDenoiser(), stepper, 4)
     before = dict(vars(sampler))
     sampler.run(torch.randn(2, 1, 4, 4, generator=g), NoiseSource(0, [0, 1]))

@@ -12,8 +12,8 @@ without epsilon scaling:
 * 20 calls: bh1 of order 2 on diffusers' ``leading`` grid.
 
 Another budget N takes the entry of the largest listed budget <= N (the smallest for N below all of
-them) with its steps and ``max_nfe`` set to N, except the budgets in :data:`FEWER_CALLS`, which run
-a smaller entry as it is, in fewer calls than N. Named recipes stay available with ``--config``.
+them) with its steps set to N, except the budgets in :data:`FEWER_CALLS`, which run
+a smaller entry as it is, in fewer calls than N. Named recipes stay available with ``--sampler FILE``.
 
 The entries come from ``benchmarks/sampler_claims.py`` (a recipe replaces an entry only if it measures
 better in every feature space), the :data:`FEWER_CALLS` budgets from ``benchmarks/budgets_between.py``,
@@ -29,34 +29,27 @@ import copy
 from typing import Any
 
 from bdiff.checks import as_integer
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import Recipe, load_recipe
 
-_UNIPC_BH1_FITTED: dict[str, Any] = {"stepper": {"name": "unipc", "variant": "bh1"}, "spacing": {"name": "fitted"}}
 
+def _unipc(steps: int, grid: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {"stepper": {"class_path": "bdiff.sampling.UniPC", "init_args": options}, "steps": steps, "grid": grid}
+
+
+_FITTED = {"class_path": "bdiff.sampling.grids.FittedGrid"}
 BEST_RECIPES: dict[int, dict[str, Any]] = {
-    3: {**_UNIPC_BH1_FITTED, "steps": 3},
-    5: {"stepper": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}, "steps": 5,
-        "spacing": {"name": "fitted"}},
-    6: {**_UNIPC_BH1_FITTED, "steps": 6},
-    10: {"stepper": "unipc", "steps": 10, "spacing": {"name": "fitted", "late_start": False}},
-    20: {"stepper": {"name": "unipc", "variant": "bh1"}, "steps": 20, "spacing": {"name": "leading"}},
+    3: _unipc(3, _FITTED, variant="bh1"),
+    5: _unipc(5, _FITTED, variant="bh2", order=3, lower_order_final=False),
+    6: _unipc(6, _FITTED, variant="bh1"),
+    10: _unipc(10, {**_FITTED, "init_args": {"late_start": False}}, variant="bh2"),
+    20: _unipc(20, {"class_path": "bdiff.sampling.grids.ScheduleGrid", "init_args": {"spacing": "leading"}},
+               variant="bh1"),
 }
-"""{budget: recipe dict}, the recipe :func:`recipe_for_budget` runs at that budget (module docstring)."""
+"""{budget: recipe file contents}, the recipe :func:`recipe_for_budget` runs at that budget (module docstring)."""
 
 FEWER_CALLS: dict[int, int] = {11: 10, 12: 10, 15: 10, 16: 10, 19: 10}
 """{budget N: listed budget b < N}: ``--nfe N`` runs b's entry as it is (b calls) rather than stretched to N
-steps. On the fitted grids sample quality is not monotone in the number of steps; a budget is listed where
-the shorter run measures better than the stretched one in every feature space (module docstring)."""
-
-
-def rescale(spec: dict[str, Any], nfe: int) -> dict[str, Any]:
-    """``spec`` for a budget of ``nfe`` calls: ``nfe`` solver steps, every ``max_nfe`` set to ``nfe``."""
-    out = copy.deepcopy(spec)
-    out["steps"] = nfe
-    for callback in out.get("callbacks", []):
-        if "max_nfe" in callback:
-            callback["max_nfe"] = nfe
-    return out
+steps, where the shorter run measures better in every feature space (module docstring)."""
 
 
 def recipe_for_budget(nfe: int, posterior_samples: int = 8) -> Recipe:
@@ -67,5 +60,5 @@ def recipe_for_budget(nfe: int, posterior_samples: int = 8) -> Recipe:
         budget = steps = FEWER_CALLS[nfe]
     else:
         budget, steps = max((b for b in BEST_RECIPES if b <= nfe), default=min(BEST_RECIPES)), nfe
-    spec = {**rescale(BEST_RECIPES[budget], steps), "posterior_samples": posterior_samples}
-    return Recipe.from_dict(spec, name=f"best-at-{nfe}-nfe")
+    spec = {**copy.deepcopy(BEST_RECIPES[budget]), "steps": steps, "posterior_samples": posterior_samples}
+    return load_recipe(spec, name=f"best-at-{nfe}-nfe")

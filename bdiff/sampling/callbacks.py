@@ -13,6 +13,7 @@ the proposed x_next; the recorder sees the final values).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,6 +31,11 @@ def x0_posterior_variance(state: SamplerState, sampler: Sampler) -> Tensor:
     return sampler.schedule.x0_variance(state.t, state.prediction.var_aleatoric)
 
 
+def x0_epistemic_variance(state: SamplerState, sampler: Sampler) -> Tensor:
+    """Var_q[x0_hat] per pixel, the novelty-scale epistemic variance of the x0 estimate. (B,C,H,W)."""
+    return sampler.schedule.x0_variance(state.t, state.prediction.var_epistemic)
+
+
 def x0_error_variance(state: SamplerState, sampler: Sampler) -> Tensor:
     """Expected squared error of the x0 estimate about E[x0 | x_t], per pixel: (1-a)/a times the
     denoiser's ``epistemic_error`` (:mod:`bdiff.bayes.error_scale`). (B,C,H,W).
@@ -41,6 +47,19 @@ def x0_error_variance(state: SamplerState, sampler: Sampler) -> Tensor:
     if error is None:
         return torch.zeros_like(state.x)
     return sampler.schedule.x0_variance(state.t, error(state.prediction, state.t))
+
+
+@dataclass
+class BlendOutput:
+    """:class:`VarianceWeightedBlending`'s run: ``gain``, the mean Kalman gain K of every iteration after the
+    first; the filter's estimate ``x0``, its error variance ``p``, the last Var[x0|x_t] ``v`` (B,C,H,W) and the
+    samples ``seen`` (B,) bool so far."""
+
+    gain: list[float] = field(default_factory=list)
+    x0: Tensor | None = None
+    p: Tensor | None = None
+    v: Tensor | None = None
+    seen: Tensor | None = None
 
 
 class VarianceWeightedBlending(SamplerCallback):
@@ -59,8 +78,8 @@ class VarianceWeightedBlending(SamplerCallback):
 
     Where the network's mean is accurate (R = 0: no measurable excess error at t on held-out
     images) K = 1 and the step is exactly the base sampler's; where it errs, history helps in
-    proportion. The first step takes the prediction as is (P = R). ``state.x0_var`` (the novelty-scale
-    epistemic variance the propagated map reads) is left as it is.
+    proportion. The first step takes the prediction as is (P = R). The epistemic variance the propagated
+    map reads is left as it is.
 
     Args:
         strength: multiplies R, and so the first step's P = R (0 disables blending: K = 1; 1 is the
@@ -73,31 +92,30 @@ class VarianceWeightedBlending(SamplerCallback):
     def __init__(self, strength: float = 1.0) -> None:
         self.strength = as_number("blend strength", strength, 0)
 
-    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
-        state.extras[self.name] = {"gain": []}
+    def on_start(self, state: SamplerState, sampler: Sampler) -> BlendOutput:
+        return BlendOutput()
 
     def on_restart(self, state: SamplerState, rows: Tensor, sampler: Sampler) -> None:
-        mem = state.extras[self.name]
-        if "seen" in mem:  # a sample sent back for another pass starts a fresh filter
-            mem["seen"][rows] = False
+        out: BlendOutput = state.outputs[self]
+        if out.seen is not None:  # a sample sent back for another pass starts a fresh filter
+            out.seen[rows] = False
 
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
-        mem = state.extras[self.name]
+        out: BlendOutput = state.outputs[self]
         v_now = x0_posterior_variance(state, sampler)
         r = self.strength * x0_error_variance(state, sampler)
-        if "x0" not in mem:
-            mem.update(x0=state.x0.clone(), p=r.clone(), v=v_now, seen=state.active.clone())
+        if out.seen is None:
+            out.x0, out.p, out.v, out.seen = state.x0.clone(), r.clone(), v_now, state.active.clone()
             return
-        seen = _bcast(mem["seen"] & state.active, r)
-        p_prior = mem["p"] + (mem["v"] - v_now).clamp(min=0)
+        seen = _bcast(out.seen & state.active, r)
+        p_prior = out.p + (out.v - v_now).clamp(min=0)
         gain = torch.where(seen & (r > 0), p_prior / (p_prior + r).clamp(min=1e-30), torch.ones_like(r))
-        x0 = torch.lerp(mem["x0"], state.x0, gain)  # exactly state.x0 where gain = 1
         rows = state.active
-        state.x0 = torch.where(_bcast(rows, x0), x0, state.x0)
+        sampler.replace_x0(state, torch.lerp(out.x0, state.x0, gain), rows)  # exactly state.x0 where gain = 1
         p = torch.where(seen, (1 - gain) * p_prior, r)
-        mem["x0"], mem["p"], mem["v"] = state.x0.clone(), torch.where(_bcast(rows, p), p, mem["p"]), v_now
-        mem["seen"] = mem["seen"] | state.active
-        mem["gain"].append(float(gain[rows].mean()) if rows.any() else 1.0)
+        out.x0, out.p, out.v = state.x0.clone(), torch.where(_bcast(rows, p), p, out.p), v_now
+        out.seen = out.seen | state.active
+        out.gain.append(float(gain[rows].mean()) if rows.any() else 1.0)
 
 
 class AdaptiveStepSize(SamplerCallback):
@@ -111,7 +129,7 @@ class AdaptiveStepSize(SamplerCallback):
     denoiser calls per sample: the remaining budget is always enough to reach t = -1.
 
     Units: the rule reads Var[x0 | x_t] (the aleatoric head: the posterior's own spread, which no
-    step can remove) plus the novelty-scale epistemic variance (``state.x0_var``), not the error of
+    step can remove) plus the novelty-scale epistemic variance (:func:`x0_epistemic_variance`), not the error of
     the step or of the mean, so it does not reduce to its base grid when the model is accurate. No
     shipped recipe uses it: it made FD worse than its base on the default model (BENCHMARKS.md,
     "Uncertainty in the sampler: what does not help").
@@ -136,7 +154,7 @@ class AdaptiveStepSize(SamplerCallback):
         schedule = sampler.schedule
         fine = torch.linspace(schedule.timesteps - 1, 0, self.fine_steps, device=state.x.device).round().long()
         cand = torch.cat([fine, fine.new_tensor([-1])])  # (M,)
-        std_x0 = (x0_posterior_variance(state, sampler) + state.x0_var).clamp(min=0).sqrt()
+        std_x0 = (x0_posterior_variance(state, sampler) + x0_epistemic_variance(state, sampler)).clamp(min=0).sqrt()
         rms = std_x0.flatten(1).pow(2).mean(1).sqrt()  # (B,)
         a_t = schedule.alpha_bar(state.t)[:, None]  # (B,1)
         a_s = schedule.alpha_bar(cand)[None, :]  # (1,M)
@@ -151,6 +169,14 @@ class AdaptiveStepSize(SamplerCallback):
         remaining = self.max_nfe - state.nfe  # calls left after this one
         t_next = torch.where(remaining <= 0, torch.full_like(t_next, -1), t_next)
         state.t_next = torch.where(state.active, t_next, state.t_next)
+
+
+@dataclass
+class RefineOutput:
+    """:class:`UncertainRegionRefinement`'s run: extra ``passes`` per sample (B,) long, re-done ``pixels`` in all."""
+
+    passes: Tensor
+    pixels: int = 0
 
 
 class UncertainRegionRefinement(SamplerCallback):
@@ -174,36 +200,43 @@ class UncertainRegionRefinement(SamplerCallback):
         self.jump, self.max_passes = as_integer("refine jump", jump, 1), as_integer("refine max_passes", max_passes, 0)
         self.t_range = tuple(t_range)
 
-    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
-        state.extras[self.name] = {"passes": torch.zeros_like(state.nfe), "pixels": 0}
+    def on_start(self, state: SamplerState, sampler: Sampler) -> RefineOutput:
+        return RefineOutput(torch.zeros_like(state.nfe))
 
     def after_update(self, state: SamplerState, sampler: Sampler) -> None:
-        mem = state.extras[self.name]
+        out: RefineOutput = state.outputs[self]
         s = state.t_next
         lo, hi = self.t_range
-        todo = state.active & state.accept & (s >= lo) & (s <= hi) & (mem["passes"] < self.max_passes)
+        todo = state.active & (s >= lo) & (s <= hi) & (out.passes < self.max_passes)
         if not todo.any():
             return
         rows = todo.nonzero().squeeze(1)
         schedule = sampler.schedule
-        std = (x0_posterior_variance(state, sampler) + state.x0_var)[rows].sqrt()
+        std = (x0_posterior_variance(state, sampler) + x0_epistemic_variance(state, sampler))[rows].sqrt()
         thresh = torch.quantile(std.flatten(1), self.quantile, dim=1)
-        mask = (std > _bcast(thresh, std)).to(state.x.dtype)
+        mask = std > _bcast(thresh, std)
         t_up = (s[rows] + self.jump).clamp(max=schedule.timesteps - 1)
         x_s = state.x_next[rows]
         x_up = schedule.q_sample(x_s, t_up, state.draw(rows), s[rows])  # q(x_up | x_s)
         eps = sampler.denoiser.predict(x_up, t_up).eps
         x_back = schedule.q_sample(schedule.eps_to_x0(x_up, t_up, eps), s[rows], eps)  # DDIM (eta 0) back to s
-        state.x_next[rows] = mask * x_back + (1 - mask) * x_s
+        sampler.replace_x_next(state, rows, x_back, mask)
         state.nfe[rows] += 1
-        mem["passes"][rows] += 1
-        mem["pixels"] += int(mask.sum())
+        out.passes[rows] += 1
+        out.pixels += int(mask.sum())
+
+
+@dataclass
+class RecorderOutput:
+    """:class:`Recorder`'s run: one dict per recorded step (step, t and the chosen tensors, on CPU)."""
+
+    records: list[dict] = field(default_factory=list)
 
 
 class Recorder(SamplerCallback):
     """Keep chosen per-step tensors, every ``every`` steps, at most ``max_records`` (on CPU).
 
-    Records land in ``state.extras["recorder"]`` as a list of dicts with the step, t and
+    Records land in the run's :class:`RecorderOutput` as a list of dicts with the step, t and
     the chosen keys among ``x``, ``x0``, ``x0_var``, ``var``, ``eps``, ``var_epistemic``,
     ``var_aleatoric``; rows limited to the first ``max_samples`` samples. Memory is bounded by
     max_records * max_samples * len(keys) images.
@@ -220,16 +253,16 @@ class Recorder(SamplerCallback):
             raise ValueError("recorder needs every, max_records and max_samples >= 1")
         self.keys, self.every, self.max_records, self.max_samples = tuple(keys), every, max_records, max_samples
 
-    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
-        state.extras[self.name] = []
+    def on_start(self, state: SamplerState, sampler: Sampler) -> RecorderOutput:
+        return RecorderOutput()
 
     def after_update(self, state: SamplerState, sampler: Sampler) -> None:
-        records = state.extras[self.name]
+        records = state.outputs[self].records
         if state.step % self.every or len(records) >= self.max_records:
             return
         n = self.max_samples
         sources = {
-            "x": state.x, "x0": state.x0, "x0_var": state.x0_var, "var": state.var,
+            "x": state.x, "x0": state.x0, "x0_var": x0_epistemic_variance(state, sampler), "var": state.var,
             **{k: getattr(state.prediction, k) for k in ("eps", "var_epistemic", "var_aleatoric")},
         }
         entry = {"step": state.step, "t": state.t[:n].cpu().clone()}

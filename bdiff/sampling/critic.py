@@ -17,7 +17,7 @@ Two things, in one sampler callback:
    gradient magnitude times the propagated posterior std is in the top ``1 - region_quantile``
    of the image; the other pixels are pinned to the previous result by forward-noising it at
    every step (RePaint, Lugmayr et al. 2022). Every extra denoiser call lands in ``nfe``;
-   critic evaluations are counted separately (``extras["critic"]["critic_calls"]``).
+   critic evaluations are counted separately (:class:`CriticOutput`).
 
 Recommended order: blend -> adaptive -> refine -> critic -> recorder (the correction then acts on
 the blended x0 and the final check sees the refined image). An ``adaptive`` budget covers the
@@ -26,6 +26,7 @@ extra passes too: a sample out of budget jumps to the clean image after a restar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,11 +56,33 @@ class Critic(Protocol):
     def to(self, device: Any) -> Any: ...
 
 
+@dataclass
+class CriticOutput:
+    """:class:`CriticCorrection`'s run, per sample (B,): ``retries`` and ``critic_calls`` (long), ``flagged``
+    (bool: scored below the threshold at some finish), ``final_logit`` (the last score); in region mode the
+    image being repaired, ``keep``, its re-done pixels ``mask`` (B,C,H,W) and the samples ``repairing`` (B,) bool."""
+
+    retries: Tensor
+    flagged: Tensor
+    critic_calls: Tensor
+    final_logit: Tensor
+    repairing: Tensor
+    keep: Tensor | None = None
+    mask: Tensor | None = None
+
+    def summary(self) -> dict[str, float]:
+        """Share of samples flagged, mean retries, critic calls per sample and mean final logit."""
+        return {"flagged_share": float(self.flagged.float().mean()), "retries_mean": float(self.retries.float().mean()),
+                "critic_calls_mean": float(self.critic_calls.float().mean()),
+                "final_logit_mean": float(self.final_logit.nanmean())}
+
+
 class CriticCorrection(SamplerCallback):
     """Discriminator guidance and critic-flagged re-denoising (see module docstring).
 
     Args:
-        critic: a critic checkpoint path (``python -m bdiff.lit.critic_module fit ...``) or a :class:`Critic`.
+        critic: a critic checkpoint path (``bdiff-critic fit ...``) or a :class:`Critic`; None: given later
+            (``bdiff-sample --critic PATH``, :meth:`use_critic`).
         weight: guidance weight w (0 turns the correction off; the loop still runs).
         t_range: [lo, hi] timesteps where the correction is applied.
         retries: R, the most extra passes per sample (0 turns the loop off).
@@ -76,7 +99,7 @@ class CriticCorrection(SamplerCallback):
 
     def __init__(
         self,
-        critic: str | Path | Critic,
+        critic: str | Path | Critic | None = None,
         weight: float = 1.0,
         t_range: tuple[int, int] = (0, 999),
         retries: int = 1,
@@ -93,18 +116,25 @@ class CriticCorrection(SamplerCallback):
         if mode not in ("sample", "region"):
             raise ValueError(f"critic mode must be 'sample' or 'region', got {mode!r}")
         self.max_nfe = None if max_nfe is None else as_integer("critic max_nfe (or null)", max_nfe, 1)
-        if not isinstance(critic, (str, Path, Critic)):
-            raise ValueError(f"critic must be a checkpoint path or a Critic, got {type(critic).__name__}")
-        self._critic_source = critic
-        self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic
+        self.use_critic(critic)
         self.weight, self.threshold = as_number("critic weight", weight, 0), as_number("critic threshold", threshold)
         self.t_back, self.flag_t = as_integer("critic t_back", t_back, 1), as_integer("critic flag_t", flag_t, 0)
         self.region_quantile = as_number("critic region_quantile", region_quantile, 0, 1, exclusive=True)
         self.t_range, self.mode = tuple(t_range), mode
 
+    def use_critic(self, critic: str | Path | Critic | None) -> None:
+        """Score with ``critic``: a checkpoint path (read on first use) or a :class:`Critic` (None: not yet known)."""
+        if critic is not None and not isinstance(critic, (str, Path, Critic)):
+            raise ValueError(f"critic must be a checkpoint path or a Critic, got {type(critic).__name__}")
+        self._critic_source = critic
+        self._critic: Critic | None = None if isinstance(critic, (str, Path)) else critic
+
     @property
     def critic(self) -> Critic:
         """The critic, loaded from its checkpoint on first use (so a recipe parses without it)."""
+        if self._critic_source is None:
+            raise ValueError("the critic sampler callback has no critic: pass --critic <critic checkpoint> "
+                             "(train one with bdiff-critic fit) or set its init_args.critic in the recipe")
         if self._critic is None:  # a file: bdiff.critic reads it (the network code is imported only then)
             from bdiff.critic import load_critic
 
@@ -120,35 +150,35 @@ class CriticCorrection(SamplerCallback):
                 f"{denoiser.schedule.timesteps} steps"
             )
 
-    def on_start(self, state: SamplerState, sampler: Sampler) -> None:
+    def on_start(self, state: SamplerState, sampler: Sampler) -> CriticOutput:
         self.critic.to(state.x.device)
-        b = state.x.shape[0]
-        zeros = torch.zeros(b, dtype=torch.long, device=state.x.device)
-        state.extras[self.name] = {
-            "retries": zeros.clone(), "flagged": torch.zeros(b, dtype=torch.bool, device=state.x.device),
-            "critic_calls": zeros.clone(), "final_logit": torch.full((b,), float("nan"), device=state.x.device),
-            "keep": None, "mask": None, "repairing": torch.zeros(b, dtype=torch.bool, device=state.x.device),
-        }
+        b, device = state.x.shape[0], state.x.device
+        zeros, no = torch.zeros(b, dtype=torch.long, device=device), torch.zeros(b, dtype=torch.bool, device=device)
+        return CriticOutput(retries=zeros.clone(), flagged=no.clone(), critic_calls=zeros.clone(),
+                            final_logit=torch.full((b,), float("nan"), device=device), repairing=no.clone())
 
     # -- 1. discriminator guidance ---------------------------------------------------------------
     def after_prediction(self, state: SamplerState, sampler: Sampler) -> None:
         if self.weight == 0:
             return
         lo, hi = self.t_range
-        rows = (state.active & (state.t >= lo) & (state.t <= hi)).nonzero().squeeze(1)
+        guided = state.active & (state.t >= lo) & (state.t <= hi)
+        rows = guided.nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         t = state.t[rows]
         _, grad = self.critic.logit_and_grad(state.x[rows], t)
         a = sampler.schedule.alpha_bar(t, grad)
-        state.x0[rows] = state.x0[rows] + self.weight * (1 - a) / a.sqrt() * grad
-        state.extras[self.name]["critic_calls"][rows] += 1
+        x0 = state.x0.clone()
+        x0[rows] = x0[rows] + self.weight * (1 - a) / a.sqrt() * grad
+        sampler.replace_x0(state, x0, guided)
+        state.outputs[self].critic_calls[rows] += 1
 
     # -- 2. the consistency loop ------------------------------------------------------------------
     def after_update(self, state: SamplerState, sampler: Sampler) -> None:
-        mem = state.extras[self.name]
-        ending = state.active & state.accept & (state.t_next < 0)
-        if mem["repairing"].any():
+        mem: CriticOutput = state.outputs[self]
+        ending = state.active & (state.t_next < 0)
+        if mem.repairing.any():
             self._pin_unflagged_pixels(state, sampler)
         rows = ending.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -156,13 +186,13 @@ class CriticCorrection(SamplerCallback):
         x_final = state.x_next[rows].clamp(-1, 1)
         flag_t = torch.full_like(rows, self.flag_t)
         logit, grad = self.critic.logit_and_grad(x_final, flag_t)
-        mem["critic_calls"][rows] += 1
-        mem["final_logit"][rows] = logit.to(mem["final_logit"].dtype)
-        bad = (logit < self.threshold) & (mem["retries"][rows] < self.retries)
+        mem.critic_calls[rows] += 1
+        mem.final_logit[rows] = logit.to(mem.final_logit.dtype)
+        bad = (logit < self.threshold) & (mem.retries[rows] < self.retries)
         if self.max_nfe is not None:
             bad &= state.nfe[rows] + self.pass_cost(sampler) <= self.max_nfe
-        mem["flagged"][rows[logit < self.threshold]] = True
-        mem["repairing"][rows] = False
+        mem.flagged[rows[logit < self.threshold]] = True
+        mem.repairing[rows] = False
         if not bad.any():
             return
         back = rows[bad]
@@ -175,41 +205,27 @@ class CriticCorrection(SamplerCallback):
 
     def _restart(self, state: SamplerState, sampler: Sampler, rows: Tensor, x_final: Tensor, grad: Tensor) -> None:
         """Send the finished images ``x_final`` of ``rows`` back to t_back (:meth:`Sampler.restart`)."""
-        mem = state.extras[self.name]
-        state.x_next[rows] = x_final
+        mem: CriticOutput = state.outputs[self]
+        sampler.replace_x_next(state, rows, x_final)
         sampler.restart(state, rows, self.t_back)
         state.flags[rows] = True
-        mem["retries"][rows] += 1
+        mem.retries[rows] += 1
         if self.mode == "region":
-            if mem["keep"] is None:
-                mem["keep"], mem["mask"] = torch.zeros_like(state.x), torch.zeros_like(state.x)
+            if mem.keep is None:
+                mem.keep, mem.mask = torch.zeros_like(state.x), torch.zeros_like(state.x, dtype=torch.bool)
             std = state.amp_next[rows].abs() + 1e-12  # propagated posterior std of the image
             score = grad.abs() / _bcast(grad.abs().flatten(1).mean(1).clamp(min=1e-12), grad)
             score = score * std / _bcast(std.flatten(1).mean(1), std)
             thresh = torch.quantile(score.flatten(1), self.region_quantile, dim=1)
-            mem["mask"][rows] = (score >= _bcast(thresh, score)).to(state.x.dtype)  # flat score: whole image
-            mem["keep"][rows] = x_final
-            mem["repairing"][rows] = True
+            mem.mask[rows] = score >= _bcast(thresh, score)  # flat score: whole image
+            mem.keep[rows] = x_final
+            mem.repairing[rows] = True
 
     def _pin_unflagged_pixels(self, state: SamplerState, sampler: Sampler) -> None:
         """Region mode: pixels outside the mask follow the forward-noised previous result (RePaint)."""
-        mem = state.extras[self.name]
-        rows = (mem["repairing"] & state.active & state.accept).nonzero().squeeze(1)
+        mem: CriticOutput = state.outputs[self]
+        rows = (mem.repairing & state.active).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        keep, mask = mem["keep"][rows], mem["mask"][rows]
-        known = sampler.schedule.q_sample(keep, state.t_next[rows], state.draw(rows))  # keep itself at t_next = -1
-        state.x_next[rows] = mask * state.x_next[rows] + (1 - mask) * known
-
-
-def flag_summary(extras: dict) -> dict[str, float]:
-    """Share of samples flagged, retries and critic calls per sample, from ``SampleResult.extras``."""
-    mem = extras.get(CriticCorrection.name)
-    if mem is None:
-        return {}
-    return {
-        "flagged_share": float(mem["flagged"].float().mean()),
-        "retries_mean": float(mem["retries"].float().mean()),
-        "critic_calls_mean": float(mem["critic_calls"].float().mean()),
-        "final_logit_mean": float(mem["final_logit"].nanmean()),
-    }
+        known = sampler.schedule.q_sample(mem.keep[rows], state.t_next[rows], state.draw(rows))  # keep itself at t_next = -1
+        sampler.replace_x_next(state, rows, known, ~mem.mask[rows])

@@ -15,9 +15,10 @@ only the fixed "Align Your Steps" lists for Stable Diffusion-size models.
 
 The teacher is DPM-Solver++(2M) (our own stepper, :mod:`bdiff.sampling.steppers`) on every
 ``stride // 2``-th timestep, from ``samples`` starting noises of its own random stream (not a
-sampling seed); the candidate timesteps are every ``stride``-th one from T-1. Costs are cached
-per denoiser (:func:`fitted_timesteps`), so a fitted grid for another K is the dynamic programme
-alone, and persist on disk (:func:`cache_dir`). A fit costs ``samples`` x T / (``stride`` / 2)
+sampling seed); the candidate timesteps are every ``stride``-th one from T-1. The costs are the fit's
+artefact: :func:`fit_step_costs` writes them to a cache keyed by the weights' content hash
+(:func:`cache_dir`), so a fitted grid for another K, or the same checkpoint in another process, is the
+dynamic programme alone. A fit costs ``samples`` x T / (``stride`` / 2)
 image denoisings: 45-90 s for the default digits model on 2 CPU cores (seconds on a GPU).
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,37 +141,17 @@ def optimal_grid(costs: StepCosts, steps: int, late_start: bool = True) -> list[
     return [costs.timesteps[i] for i in reversed(path[1:])]
 
 
-_COSTS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COSTS_BY_WEIGHTS: dict[tuple, StepCosts] = {}
-
-
-_DIGESTS_BY_OBJECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _weights_key(denoiser: Denoiser) -> tuple | None:
-    """A key for the denoiser's function: its class, predictive settings and a hash of its state dict (None
-    for a denoiser that is not an ``nn.Module``). Checkpoints loaded twice share it, so they share costs.
-
-    The hash is remembered per object while no tensor of its state dict has been replaced or changed
-    in place (their storage and version counters are unchanged), so building many recipes on one
-    loaded model hashes its weights once.
-    """
+def content_key(denoiser: Denoiser) -> str | None:
+    """A hash of what the denoiser computes: its class, predictive settings and state dict (None for a
+    denoiser that is not an ``nn.Module``). The same checkpoint loaded twice gets the same key."""
     if not isinstance(denoiser, torch.nn.Module):
         return None
-    state = denoiser.state_dict()
-    stamp = tuple((name, value.data_ptr(), value._version) for name, value in state.items())
-    remembered = _DIGESTS_BY_OBJECT.get(denoiser)
-    if remembered is not None and remembered[0] == stamp:
-        weights = remembered[1]
-    else:
-        digest = hashlib.sha1()
-        for name, value in state.items():
-            digest.update(name.encode())
-            digest.update(value.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        weights = digest.hexdigest()
-        _DIGESTS_BY_OBJECT[denoiser] = (stamp, weights)
-    return (type(denoiser).__qualname__, getattr(denoiser, "num_samples", None), getattr(denoiser, "mode", None),
-            weights)
+    digest = hashlib.sha1(repr((type(denoiser).__qualname__, getattr(denoiser, "num_samples", None),
+                                getattr(denoiser, "mode", None), CACHE_VERSION)).encode())
+    for name, value in denoiser.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -200,26 +180,16 @@ def _save(costs: StepCosts, path: Path) -> None:
         log.warning("fitted grid: could not cache the costs in %s (%s)", path.parent, e)
 
 
-def fitted_timesteps(denoiser: Denoiser, steps: int, late_start: bool = True, samples: int = 256,
-                     stride: int = 10) -> list[int]:
-    """The fitted ``steps``-step grid for ``denoiser`` (descending timesteps, one call each).
-
-    The teacher's costs are computed once per (denoiser, samples, stride) and cached: for an
-    ``nn.Module``, by its weights, in memory and on disk (:func:`cache_dir`), so the same
-    checkpoint loaded again, in this process or another, is not refitted; otherwise by object.
-    """
-    weights = _weights_key(denoiser)
-    if weights is None:
-        per_model = _COSTS_BY_OBJECT.setdefault(denoiser, {})
-        if (samples, stride) not in per_model:
-            per_model[(samples, stride)] = step_costs(denoiser, samples, stride)
-        return optimal_grid(per_model[(samples, stride)], steps, late_start)
-    key = (*weights, samples, stride, CACHE_VERSION)
-    if key not in _COSTS_BY_WEIGHTS:
-        path = cache_dir() / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.npz"
-        costs = _load(path)
-        if costs is None:
-            costs = step_costs(denoiser, samples, stride)
-            _save(costs, path)
-        _COSTS_BY_WEIGHTS[key] = costs
-    return optimal_grid(_COSTS_BY_WEIGHTS[key], steps, late_start)
+def fit_step_costs(denoiser: Denoiser, samples: int = 256, stride: int = 10) -> StepCosts:
+    """The denoiser's step costs (:func:`step_costs`), read from the cache (:func:`cache_dir`, keyed by
+    :func:`content_key`, ``samples`` and ``stride``) or computed and written there. A denoiser that is not an
+    ``nn.Module`` has no key: its costs are computed every time."""
+    key = content_key(denoiser)
+    if key is None:
+        return step_costs(denoiser, samples, stride)
+    path = cache_dir() / f"{key}-{samples}-{stride}.npz"
+    costs = _load(path)
+    if costs is None:
+        costs = step_costs(denoiser, samples, stride)
+        _save(costs, path)
+    return costs

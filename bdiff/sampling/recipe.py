@@ -1,207 +1,113 @@
-"""Sampler recipes: a YAML file names the stepper, the steps and the sampler callbacks.
+"""Sampler recipes: a stepper on a timestep grid, K weight samples per prediction and sampler callbacks.
 
-Example (a recipe with a sampler callback)::
+A recipe file (``configs/sampler/*.yaml``, ``bdiff-sample --sampler FILE``) holds the arguments of
+:class:`Recipe`; jsonargparse (LightningCLI's parser) builds each part from its ``class_path`` and checks
+option names and types against the constructors, which check ranges::
 
-    stepper: {name: dpmpp_2m}
+    stepper:
+      class_path: bdiff.sampling.UniPC
+      init_args: {variant: bh1}
     steps: 10
-    spacing: trailing             # or leading, linspace, {name: karras, rho: 7}, or fitted (to the
-                                  # checkpoint: bdiff.sampling.fitted_grid); optional, default trailing
-    posterior_samples: 8          # K weight samples per prediction
-    callbacks:                    # run in this order at every hook
-      - {name: blend, strength: 1.0}
+    grid:                          # optional; default ScheduleGrid (trailing)
+      class_path: bdiff.sampling.grids.FittedGrid
+      init_args: {late_start: false}
+    posterior_samples: 8
+    callbacks:                     # optional; run in this order at every hook
+      - class_path: bdiff.sampling.callbacks.VarianceWeightedBlending
+        init_args: {strength: 1.0}
 
-Everything is validated before any sampling starts: unknown keys, unknown
-stepper or callback names, non-positive steps/K and bad callback options raise a
-ValueError that names the offending entry. Stepper and callback options are checked
-against their constructors' type hints by jsonargparse (LightningCLI's parser).
+Every bad entry raises before any sampling, naming the key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from bdiff.checks import as_integer
 from bdiff.denoiser import Denoiser
-from bdiff.sampling.autoguidance import Autoguidance
-from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
-from bdiff.sampling.critic import CriticCorrection
-from bdiff.sampling.clip_x0 import ClipX0
-from bdiff.sampling.eps_scaling import EpsilonScaling
-from bdiff.sampling.fitted_grid import fitted_timesteps
+from bdiff.sampling.grids import FittedGrid, Grid, ScheduleGrid
 from bdiff.sampling.sampler import Sampler, SamplerCallback
-from bdiff.sampling.steppers import STEPPERS, Stepper
-from bdiff.schedule import SPACINGS, check_rho
+from bdiff.sampling.steppers import Stepper
 
-CALLBACKS: dict[str, type[SamplerCallback]] = {
-    "blend": VarianceWeightedBlending,
-    "adaptive": AdaptiveStepSize,
-    "refine": UncertainRegionRefinement,
-    "recorder": Recorder,
-    "critic": CriticCorrection,
-    "eps_scaling": EpsilonScaling,
-    "clip_x0": ClipX0,
-    "autoguidance": Autoguidance,
-}
-RECIPE_SPACINGS = (*SPACINGS, "fitted")
-"""Grid names a recipe takes: the schedule's fixed grids and one fitted to the denoiser (:mod:`bdiff.sampling.fitted_grid`)."""
-FITTED_DEFAULTS: dict[str, Any] = {"late_start": True, "samples": 256, "stride": 10}
-"""Options of ``spacing: {name: fitted, ...}`` and their defaults (:func:`~bdiff.sampling.fitted_grid.fitted_timesteps`)."""
-RECIPE_DEFAULTS: dict[str, Any] = {"stepper": None, "steps": None, "spacing": None, "posterior_samples": 8, "callbacks": []}
-"""A recipe file's keys and their values when absent (``stepper`` and ``steps`` have none: they are required)."""
+# Every shipped callback, so a recipe may name it by class alone (jsonargparse resolves a short class_path among
+# the imported subclasses of the parameter's type).
+from bdiff.sampling import autoguidance, callbacks, clip_x0, critic, eps_scaling  # noqa: E402, F401
 
 
-def add_recipe_arguments(parser: ArgumentParser) -> None:
-    """The recipe's keys as top-level options of ``parser``, so a recipe YAML is a ``--config`` of it (``bdiff.sample``).
-
-    jsonargparse checks their types; :meth:`Recipe.from_dict` checks the rest.
-    """
-    group = parser.add_argument_group("sampler recipe", "the keys of a recipe file (configs/sampler/*.yaml)")
-    entry = Optional[Union[dict[str, Any], str]]
-    group.add_argument("--stepper", type=entry, default=None,
-                       help=f"one of {sorted(STEPPERS)}, or a mapping {{name: ..., <option>: ...}}")
-    group.add_argument("--steps", type=Optional[int], default=None, help="grid steps (denoiser calls without callbacks)")
-    group.add_argument("--spacing", type=entry, default=None,
-                       help=f"the grid: one of {list(RECIPE_SPACINGS)} (default trailing), or {{name: karras, rho: 7}}, "
-                            "or {name: fitted, late_start: true, samples: 256, stride: 10}")
-    group.add_argument("--posterior_samples", type=int, default=8, help="K weight samples per prediction")
-    group.add_argument("--callbacks", type=list[Union[dict[str, Any], str]], default=[],
-                       help=f"sampler callbacks in order, each a name or {{name: ..., <option>: ...}}: {sorted(CALLBACKS)}")
-
-
-def recipe_keys_given(args: Namespace) -> list[str]:
-    """The recipe keys of parsed ``args`` (:func:`add_recipe_arguments`) that differ from their defaults."""
-    return [k for k, default in RECIPE_DEFAULTS.items() if args[k] != default]
-
-
-@dataclass
 class Recipe:
-    """A validated sampler recipe (see module docstring)."""
+    """A sampler recipe (module docstring).
 
-    stepper: dict[str, Any]
-    steps: int
-    posterior_samples: int = 8
-    callbacks: list[dict[str, Any]] = field(default_factory=list)
-    name: str = "recipe"
-    spacing: dict[str, Any] = field(default_factory=lambda: {"name": "trailing"})
+    Args:
+        stepper: the reverse-process stepper (DDPM, DDIM, DPMSolverPP2M, UniPC).
+        steps: grid steps, one denoiser call each without callbacks.
+        grid: where the steps lie (default: ScheduleGrid, trailing).
+        posterior_samples: K weight samples per prediction.
+        callbacks: sampler callbacks, in order.
+    """
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> Recipe:
-        """The recipe a mapping of recipe keys describes; ValueError naming the recipe and the bad key."""
-        if not isinstance(data, dict):
-            raise ValueError(f"sampler recipe {name!r} must be a mapping, got {type(data).__name__}")
-        unknown = sorted((k for k in data if k not in RECIPE_DEFAULTS), key=str)
-        if unknown:
-            raise ValueError(f"sampler recipe {name!r}: unknown key(s) {unknown}; known keys are {list(RECIPE_DEFAULTS)}")
-        parser = ArgumentParser(exit_on_error=False)
-        add_recipe_arguments(parser)
-        try:
-            args = parser.parse_object(data)  # the keys' types
-        except ArgumentError as e:
-            raise ValueError(f"sampler recipe {name!r}: {' '.join(str(e).split())}") from e
-        if args.stepper is None or args.steps is None:
-            raise ValueError(f"sampler recipe {name!r} needs 'stepper' and 'steps'")
-        recipe = cls(stepper=_entry(args.stepper), steps=args.steps, posterior_samples=args.posterior_samples,
-                     callbacks=[_entry(c) for c in args.callbacks or []], name=name,
-                     spacing=_entry(args.spacing or "trailing"))  # null: the default, as for callbacks
-        recipe.validate()
-        return recipe
+    def __init__(self, stepper: Optional[Stepper] = None, steps: Optional[int] = None, grid: Optional[Grid] = None,
+                 posterior_samples: int = 8, callbacks: Optional[list[SamplerCallback]] = None) -> None:
+        if stepper is None or steps is None:  # optional only so that a command line can leave the recipe out
+            raise ValueError("a sampler recipe needs a stepper (e.g. bdiff.sampling.UniPC) and steps")
+        if not isinstance(stepper, Stepper):
+            raise ValueError(f"recipe stepper must be a Stepper, got {type(stepper).__name__}")
+        self.stepper, self.steps = stepper, as_integer("recipe steps", steps, 1)
+        self.grid = grid if grid is not None else ScheduleGrid()
+        self.posterior_samples = as_integer("recipe posterior_samples (K)", posterior_samples, 1)
+        self.callbacks = list(callbacks or [])
+        self.config: dict[str, Any] = {}
+        """The recipe's keys as a recipe file holds them (set by :func:`load_recipe`)."""
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"sampler recipe {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"sampler recipe {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from e
-        return cls.from_dict(data, name=path.stem)
-
-    def validate(self) -> None:
-        """Build every part once so bad options fail before any sampling."""
-        as_integer(f"sampler recipe {self.name!r}: steps", self.steps, 1)
-        as_integer(f"sampler recipe {self.name!r}: posterior_samples (K)", self.posterior_samples, 1)
-        self.spacing_options()
-        self.build_stepper()
-        self.build_callbacks()
-
-    def spacing_options(self) -> dict[str, Any]:
-        """The Sampler's ``spacing``/``rho`` keyword arguments from the recipe's ``spacing`` entry; for
-        ``fitted``, ``{"spacing": "fitted", "fitted": <fitted_timesteps options>}`` (:meth:`build` fits it)."""
-        name = self.spacing.get("name")
-        if not isinstance(name, str) or name not in RECIPE_SPACINGS:
-            raise ValueError(f"sampler recipe {self.name!r}: unknown spacing {name!r}; choose one of {list(RECIPE_SPACINGS)}")
-        opts = {k: v for k, v in self.spacing.items() if k != "name"}
-        allowed = {"rho"} if name == "karras" else set(FITTED_DEFAULTS) if name == "fitted" else set()
-        unknown = sorted(set(opts) - allowed, key=str)
-        if unknown:
-            raise ValueError(f"sampler recipe {self.name!r}: unknown option(s) {unknown} for spacing {name!r}")
-        if name == "fitted":
-            fitted = {**FITTED_DEFAULTS, **opts}
-            if not isinstance(fitted["late_start"], bool):
-                raise ValueError(f"sampler recipe {self.name!r}: spacing fitted: late_start must be true or false, "
-                                 f"got {fitted['late_start']!r}")
-            for key in ("samples", "stride"):
-                as_integer(f"sampler recipe {self.name!r}: spacing fitted: {key}", fitted[key], 2)
-            return {"spacing": name, "fitted": fitted}
-        try:
-            rho = check_rho(opts.get("rho", 7.0))
-        except ValueError as e:
-            raise ValueError(f"sampler recipe {self.name!r}: spacing {e}") from e
-        return {"spacing": name, "rho": rho}
-
-    def build_stepper(self) -> Stepper:
-        """The recipe's stepper (ValueError naming a bad name or option)."""
-        return self._construct("stepper", STEPPERS, self.stepper)
-
-    def build_callbacks(self) -> list[SamplerCallback]:
-        """The recipe's sampler callbacks, in order (ValueError naming a bad name or option)."""
-        return [self._construct("callback", CALLBACKS, spec) for spec in self.callbacks]
-
-    def _construct(self, kind: str, registry: dict[str, type], spec: dict[str, Any]) -> Any:
-        """``registry[spec["name"]](**options)`` after jsonargparse (as in LightningCLI) checked the options'
-        names and types against the constructor's type hints; the constructor checks their ranges
-        (:func:`bdiff.checks.as_number` also refuses inf/nan, which the float type admits)."""
-        name, opts = spec.get("name"), {k: v for k, v in spec.items() if k != "name"}
-        if not isinstance(name, str) or name not in registry:
-            raise ValueError(f"sampler recipe {self.name!r}: unknown {kind} {name!r}; choose one of {sorted(registry)}")
-        what = f"sampler recipe {self.name!r}: bad options for {kind} {name!r}"
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(registry[name], fail_untyped=False)
-        try:
-            parser.parse_object(opts)
-        except ArgumentError as e:
-            raise ValueError(f"{what}: {' '.join(str(e).split())}") from e
-        try:
-            return registry[name](**opts)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{what}: {e}") from e
+    @property
+    def fitted(self) -> bool:
+        """Whether the grid is fitted to the denoiser (:meth:`FittedGrid.fit` costs a minute on 2 CPU cores)."""
+        return isinstance(self.grid, FittedGrid)
 
     def build(self, denoiser: Denoiser) -> Sampler:
         """The Sampler for ``denoiser`` (refuses Bayesian-only callbacks on a deterministic model)."""
-        grid = self.spacing_options()
-        if grid["spacing"] == "fitted":
-            grid = {"timesteps": fitted_timesteps(denoiser, self.steps, **grid["fitted"])}
-        return Sampler(denoiser, self.build_stepper(), self.steps, self.build_callbacks(), **grid)
-
-    def with_critic(self, path: str | Path) -> Recipe:
-        """The same recipe with its critic callback reading ``path`` (ValueError if it has none)."""
-        if not any(c.get("name") == "critic" for c in self.callbacks):
-            raise ValueError(f"sampler recipe {self.name!r} has no critic callback for --critic to set")
-        callbacks = [dict(c, critic=str(path)) if c.get("name") == "critic" else dict(c) for c in self.callbacks]
-        data = {k: v for k, v in self.as_dict().items() if k != "name"}
-        return Recipe.from_dict({**data, "callbacks": callbacks}, name=self.name)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"stepper": self.stepper, "steps": self.steps, "spacing": self.spacing,
-                "posterior_samples": self.posterior_samples, "callbacks": self.callbacks, "name": self.name}
+        return Sampler(denoiser, self.stepper, self.steps, self.callbacks,
+                       timesteps=self.grid.timesteps(denoiser, self.steps))
 
 
-def _entry(value: dict[str, Any] | str) -> dict[str, Any]:
-    """A stepper, spacing or callback entry as a mapping: ``unipc`` -> ``{name: unipc}``."""
-    return dict(value) if isinstance(value, dict) else {"name": value}
+def add_recipe_arguments(parser: ArgumentParser, key: str = "sampler") -> None:
+    """:class:`Recipe`'s arguments as the group ``--<key>`` of ``parser``: ``--sampler FILE`` reads a recipe
+    file, ``--sampler.steps 20`` overrides one key."""
+    parser.add_class_arguments(Recipe, key, sub_configs=True)
+
+
+def recipe_given(args: Namespace, key: str = "sampler") -> bool:
+    """Whether parsed ``args`` name a recipe (:func:`add_recipe_arguments`): a stepper or steps."""
+    return args[key].stepper is not None or args[key].steps is not None
+
+
+def recipe_parser() -> ArgumentParser:
+    """A parser whose ``--recipe`` group holds one recipe's keys (:func:`load_recipe`)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Recipe, "recipe", sub_configs=True)
+    return parser
+
+
+def load_recipe(source: dict[str, Any] | str | Path | Namespace, name: str | None = None) -> Recipe:
+    """The :class:`Recipe` a mapping, a recipe file or parsed ``--sampler`` arguments describe; ValueError naming the
+    recipe and the bad key, FileNotFoundError for a missing file."""
+    label = name or (Path(source).stem if isinstance(source, (str, Path)) else "recipe")
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise FileNotFoundError(f"sampler recipe {str(source)!r} does not exist")
+    parser = recipe_parser()
+    try:
+        if isinstance(source, (str, Path)):
+            cfg = parser.parse_args(["--recipe", str(source)])
+        else:
+            data = source.clone().as_dict() if isinstance(source, Namespace) else dict(source)
+            data.pop("__path__", None)
+            cfg = parser.parse_object({"recipe": data})
+        recipe: Recipe = parser.instantiate(cfg).recipe
+    except (ArgumentError, TypeError, ValueError) as e:  # types (the parser), ranges (the constructors)
+        raise ValueError(f"sampler recipe {label!r}: {' '.join(str(e).split())}") from e
+    data = cfg.recipe.clone().as_dict()
+    data.pop("__path__", None)
+    recipe.config = data
+    return recipe

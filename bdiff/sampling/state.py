@@ -1,52 +1,45 @@
-"""The state a sampler callback sees and may change."""
+"""The state a sampler callback sees and may change, and what a sampling run returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
 from bdiff.denoiser import Prediction
 from bdiff.sampling.noise import NoiseSource
 
+T = TypeVar("T")
+
 
 @dataclass
 class SamplerState:
-    """Everything about a batch mid-sampling. Image tensors are (B,C,H,W), per-sample ones (B,).
+    """A batch mid-sampling. Image tensors are (B,C,H,W), per-sample ones (B,).
 
     Attributes:
-        x: current x_t.
+        x, amp: current x_t and the signed amplitude of its propagated posterior perturbation (``var = amp**2``).
         t: current integer timestep per sample; -1 once a sample is finished.
-        t_next: the timestep each sample steps to next (-1 = the clean image). Callbacks
-            may change it after the prediction (step-size control).
+        t_next: the timestep each sample steps to next (-1 = the clean image).
         active: samples taking a step this iteration (t >= 0).
-        amp: signed amplitude of the propagated posterior perturbation of x_t; ``var = amp**2``.
         nfe: sequential denoiser calls per sample so far (extra passes included).
-        rejected: rejected steps per sample.
         flags: samples flagged by a callback for another pass.
-        restarts: how often :meth:`Sampler.restart` sent each sample back to a noisier t.
-        restarted: samples sent back during this iteration (their stepper memory is cleared
-            when the step is committed).
-        noise: the per-sample random streams (:meth:`draw`), for the stepper and callbacks alike.
+        restarts: how often :meth:`Sampler.restart` sent each sample back; ``restarted``: during this iteration.
+        noise: the per-sample random streams (:meth:`draw`).
         step: iteration counter (0-based).
-        prediction: the denoiser's Prediction at (x, t) (rows of inactive samples are zero).
-        x0: x0 estimate used by the update (callbacks may replace it, e.g. blending).
-        x0_var: epistemic variance of ``x0`` (same scale as x).
-        x_next, amp_next: the proposed x at t_next and its amplitude, set by the update;
-            callbacks may change them.
-        accept: per-sample mask; a callback may reject a proposed step (the sample stays at
-            (x, t) and tries again with the t_next the callback sets).
-        extras: free space for callbacks (keyed by callback name).
+        prediction: the denoiser's Prediction at (x, t) (zero rows for finished samples).
+        x0: the x0 estimate the step uses (change it through :meth:`Sampler.replace_prediction`).
+        x_next, amp_next: the step's result at t_next (change them through :meth:`Sampler.replace_x_next`).
+        edited: pixels of ``x_next`` a callback replaced this iteration (a corrector leaves them alone).
+        outputs: each callback's own typed output, by callback (:meth:`SampleResult.output`).
     """
 
     x: Tensor
+    amp: Tensor
     t: Tensor
     t_next: Tensor
     active: Tensor
-    amp: Tensor
     nfe: Tensor
-    rejected: Tensor
     flags: Tensor
     restarts: Tensor
     restarted: Tensor
@@ -54,11 +47,10 @@ class SamplerState:
     step: int = 0
     prediction: Prediction | None = None
     x0: Tensor | None = None
-    x0_var: Tensor | None = None
     x_next: Tensor | None = None
     amp_next: Tensor | None = None
-    accept: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    edited: Tensor | None = None
+    outputs: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def var(self) -> Tensor:
@@ -73,3 +65,23 @@ class SamplerState:
         if rows.numel() == 0:
             return self.x.new_zeros((0, *self.x.shape[1:]))
         return self.noise.draw(tuple(self.x.shape[1:]), rows, self.x.device).to(self.x.dtype)
+
+
+@dataclass
+class SampleResult:
+    """Finished images and what it took. images/variance (N,C,H,W) in [-1,1] scale; nfe, flags (N,).
+
+    ``outputs`` holds each sampler callback's typed output (e.g. a :class:`~bdiff.sampling.critic.CriticOutput`);
+    :meth:`output` finds one by type.
+    """
+
+    images: Tensor
+    variance: Tensor
+    nfe: Tensor
+    flags: Tensor
+    seconds: float
+    outputs: dict[Any, Any] = field(default_factory=dict)
+
+    def output(self, kind: type[T]) -> T | None:
+        """The output of the first callback whose output is a ``kind``, or None."""
+        return next((out for out in self.outputs.values() if isinstance(out, kind)), None)
