@@ -1,16 +1,14 @@
 """Draw samples with a sampler recipe and write the samples file plus PNG grids.
 
-    python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt \\
-        --config configs/sampler/unipc.yaml --n 1000 --seed 0 --out samples.npz
-    python -m bdiff.sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000
+    bdiff-sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --nfe 10 --n 1000 --out samples.npz
+    bdiff-sample --ckpt runs/bdiff/<id>/checkpoints/last.ckpt --sampler configs/sampler/unipc.yaml --n 1000
 
 ``--nfe N`` picks the measured-best recipe for at most N denoiser calls per sample
-(:mod:`bdiff.sampling.budget`; at some budgets it takes fewer). The command line is a jsonargparse
-parser, like train.py's: a recipe's keys (``stepper``, ``steps``, ``spacing``, ``posterior_samples``,
-``callbacks``) are options of their own, so ``--config`` reads a recipe file, later options override its keys
-(``--config configs/sampler/unipc.yaml --steps 20``), a recipe can be given without a file
-(``--stepper unipc --steps 10``), and ``--print_config`` prints the whole job as YAML, which
-``--config job.yaml`` runs again.
+(:mod:`bdiff.sampling.budget`; at some budgets it takes fewer). ``--sampler FILE`` names a recipe
+(:mod:`bdiff.sampling.recipe`) and ``--sampler.<key>`` overrides one of its keys (``--sampler.steps 20``,
+``--sampler.stepper.variant bh1``). The command line is a jsonargparse parser, like train.py's:
+``--print_config`` prints the whole job as YAML, which ``--config job.yaml`` runs again.
+``python -m bdiff.sample`` is the same command.
 
 Writes ``samples.npz`` (format: :mod:`bdiff.metrics.samples_file`) and
 ``samples.png`` (the first 64 samples beside their uncertainty maps). Sample i
@@ -51,42 +49,37 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, Namespace
 from tqdm import tqdm
 
 from bdiff.checkpoint import load_model
+from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
 from bdiff.metrics.usefulness import keep_most_certain
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.recipe import Recipe, add_recipe_arguments, recipe_keys_given
+from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampling.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_given
 from bdiff.sampling.sampler import chunk_ranges
 from bdiff.viz import save_side_by_side, uncertainty_grids
 
 PREVIEW = 64  # samples shown in the PNG grid
-CRITIC = "critic"  # the critic sampler callback's name (its extras key): bdiff.sampling.critic.CriticCorrection.name
-
-
-def program_name(command: str, module: str) -> str:
-    """``command`` when run as the installed console script (``bdiff-sample``), else ``python -m <module>``."""
-    return command if Path(sys.argv[0]).name == command else f"python -m {module}"
 
 
 def parse_args(argv: list[str] | None = None) -> Namespace:
-    """The command line (jsonargparse, like train.py's LightningCLI): recipe keys plus the job's options.
+    """The command line (jsonargparse, like train.py's LightningCLI): the job's options and the recipe group.
 
-    The recipe's keys (:func:`~bdiff.sampling.recipe.add_recipe_arguments`) are top-level options,
-    so a recipe YAML is a ``--config`` of this parser, options after it override its keys
-    (``--steps 20``), and ``--print_config`` prints the whole job as YAML to rerun with ``--config``.
+    ``--sampler FILE`` reads a recipe (:func:`~bdiff.sampling.recipe.add_recipe_arguments`), later
+    ``--sampler.<key>`` options override its keys (``--sampler.steps 20``), and ``--print_config`` prints the
+    whole job as YAML to rerun with ``--config``.
     """
     p = ArgumentParser(prog=program_name("bdiff-sample", "bdiff.sample"), description=__doc__.splitlines()[0])
-    p.add_argument("--config", action=ActionConfigFile,
-                   help="a sampler recipe (configs/sampler/*.yaml) or a whole job saved with --print_config")
+    p.add_argument("--config", action=ActionConfigFile, help="a whole job saved with --print_config")
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
     p.add_argument("--nfe", type=Optional[int], default=None,
                    help="a budget of denoiser calls per sample: use the measured-best recipe for it "
                         "(bdiff.sampling.budget; it may take fewer calls) instead of a recipe; with --keep F, "
                         "per kept sample (the recipe for floor(F N) calls per drawn sample)")
-    add_recipe_arguments(p)
+    add_recipe_arguments(p)  # --sampler configs/sampler/<name>.yaml, --sampler.steps ...
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=float, default=1.0,
@@ -103,18 +96,17 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                    help="rows of the W&B samples table (the first samples; memory: rows x image size x 6 bytes)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
     args = p.parse_args(argv)
-    given = recipe_keys_given(args)
-    if args.nfe is None and not {"stepper", "steps"} <= set(given):
-        p.error("no sampler recipe: give --config configs/sampler/<name>.yaml, --nfe N (the measured-best recipe "
-                "for N denoiser calls), or --stepper and --steps")
-    if args.nfe is not None and set(given) - {"posterior_samples"}:
-        p.error(f"--nfe picks the recipe itself; it is not allowed with the recipe key(s) {given} (from --config "
-                "or the command line); drop one or the other")
+    if args.nfe is None and not recipe_given(args):
+        p.error("no sampler recipe: give --nfe N (the measured-best recipe for N denoiser calls) or --sampler "
+                "configs/sampler/<name>.yaml (or --sampler.stepper and --sampler.steps)")
+    if args.nfe is not None and (recipe_given(args) or args.sampler.grid is not None or args.sampler.callbacks):
+        p.error("--nfe picks the recipe itself; it is not allowed with a --sampler recipe; drop one or the other "
+                "(--sampler.posterior_samples still sets K)")
     if args.nfe is not None and args.nfe < 1:
         p.error(f"--nfe must be >= 1 denoiser calls per sample, got {args.nfe}")
     if args.nfe is not None and args.critic is not None:
         p.error("--nfe picks a recipe without a critic (no critic recipe measured better than the same budget "
-                "without one); to sample with a critic, name a recipe with a critic callback: --config <recipe.yaml>")
+                "without one); to sample with a critic, name a recipe with a critic callback: --sampler <recipe.yaml>")
     for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1), ("--devices", args.devices, 1),
                              ("--wandb-rows", args.wandb_rows, 0)):
         if value < low:
@@ -129,24 +121,24 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
 
 
 def recipe_of(args: Namespace) -> Recipe:
-    """The validated recipe the command line asks for: ``--nfe``'s, or the recipe keys (named after the
-    last ``--config`` file, the recipe's file); ValueError naming a bad key."""
+    """The recipe the command line asks for: ``--nfe``'s or ``--sampler``'s; ValueError naming a bad key."""
     if args.nfe is not None:  # with --keep F, N calls per *kept* sample: the recipe for floor(F N) per drawn one
         calls = max(1, math.floor(args.nfe * args.keep + 1e-9))
-        return recipe_for_budget(calls, posterior_samples=args.posterior_samples)
-    name = Path(str(args.config[-1])).stem if args.config else "command-line"
-    data = {k: args[k] for k in recipe_keys_given(args)}
-    if args.critic is not None:  # set before validation: a critic callback may leave its path to --critic
-        callbacks = [dict(c) if isinstance(c, dict) else {"name": c} for c in data.get("callbacks") or []]
-        if not any(c.get("name") == CRITIC for c in callbacks):
-            raise ValueError(f"sampler recipe {name!r} has no critic callback for --critic to set")
-        data["callbacks"] = [dict(c, critic=str(args.critic)) if c.get("name") == CRITIC else c for c in callbacks]
-    return Recipe.from_dict(data, name=name)
+        return recipe_for_budget(calls, posterior_samples=args.sampler.posterior_samples)
+    path = args.sampler.get("__path__")
+    recipe = load_recipe(args.sampler, name=Path(str(path)).stem if path else "command-line")
+    if args.critic is not None:
+        critics = [cb for cb in recipe.callbacks if isinstance(cb, CriticCorrection)]
+        if not critics:
+            raise ValueError("--critic given, but the sampler recipe has no CriticCorrection callback for it to set")
+        for cb in critics:
+            cb.use_critic(args.critic)
+    return recipe
 
 
 def run_config(recipe: Recipe, args: Namespace) -> dict[str, Any]:
     """The settings stored in the samples file's config (and the W&B run's config)."""
-    return {"recipe": recipe.as_dict(), "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
+    return {"recipe": recipe.config, "recipe_name": recipe.name, "ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "devices": args.devices,
             "batch_size": args.batch_size}
 
 
@@ -240,7 +232,7 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
     """
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     config = run_config(recipe, args)
-    with_critic = any(c.get("name") == CRITIC for c in recipe.callbacks)
+    with_critic = any(isinstance(cb, CriticCorrection) for cb in recipe.callbacks)
     wb = start_wandb(args, config) if rank == 0 and args.wandb_project else None
     if wb is not None and wb.id is not None and wb.mode != "disabled":
         config["wandb"] = {"project": args.wandb_project, "run_id": wb.id}
@@ -250,9 +242,11 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
         if args.nfe is not None and recipe.steps < args.nfe and rank == 0:
             print(f"--nfe {args.nfe}: the {recipe.steps}-call recipe as it is (it measured better than itself stretched "
                   f"to {args.nfe} steps; bdiff.sampling.budget.FEWER_CALLS)", file=sys.stderr, flush=True)
-        if recipe.spacing.get("name") == "fitted" and rank == 0:
-            print("timestep grid: fitted to this checkpoint (its first use solves teacher ODE trajectories, "
-                  "later ones read the cache; bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
+        if recipe.fitted:
+            if rank == 0:
+                print("timestep grid: fitted to this checkpoint (its first use solves teacher ODE trajectories, "
+                      "later ones read the cache; bdiff.sampling.fitted_grid) ...", file=sys.stderr, flush=True)
+            recipe.grid.fit(denoiser)
         sampler = recipe.build(denoiser)
         config["timesteps"] = sampler.grid[:-1].tolist()  # the grid sampled on (a fitted grid depends on the checkpoint)
         if args.keep < 1 and not denoiser.is_bayesian:
@@ -270,10 +264,10 @@ def draw(recipe: Recipe, args: Namespace, device: torch.device, fabric: Any = No
                 k = j * world + rank
                 if k < len(chunks):
                     r = sampler.sample(len(chunks[k]), seed=args.seed, first_index=chunks[k].start, device=device)
-                    logit = r.extras.get(CRITIC, {}).get("final_logit")
-                    logit = torch.full_like(r.nfe, math.nan, dtype=torch.float) if logit is None else logit
+                    critic = r.output(CriticOutput)
+                    logit = torch.full_like(r.nfe, math.nan, dtype=torch.float) if critic is None else critic.final_logit
                     parts = (r.images, r.variance, r.nfe.float(), logit.float())
-                    del r  # the callbacks' extras (a Recorder's records) go with it
+                    del r  # the callbacks' outputs (a Recorder's records) go with it
                 else:  # this rank has no chunk in the last round
                     parts = ((torch.zeros(0, *denoiser.image_shape, device=device),) * 2
                              + (torch.zeros(0, device=device),) * 2)
@@ -361,6 +355,4 @@ def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    from bdiff.scripts import exit_on_user_error
-
     exit_on_user_error(main)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,6 +17,15 @@ torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (or the package ``benchmarks/<name>/``) as ``python benchmarks/<script>.py``
+    sees it: with ``benchmarks/`` first on the path, so its own imports (``common``, ``peers``, ...) resolve."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def cli_args(run_dir: Path, *extra: str, config: str = "debug.yaml") -> list[str]:
@@ -53,7 +65,7 @@ def critic_run(last_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
     run = tmp_path_factory.mktemp("critic")
     recipe = run / "fast.yaml"
-    recipe.write_text("stepper: {name: ddim}\nsteps: 3\nposterior_samples: 2\n")
+    recipe.write_text("stepper: DDIM\nsteps: 3\nposterior_samples: 2\n")
     cwd = os.getcwd()
     os.chdir(run)  # the config's relative paths (runs/critic/...) land in the temp dir
     try:

@@ -12,9 +12,10 @@ from bdiff.critic import Critic, CriticConfig, CriticNet, load_critic
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler, SamplerCallback
 from bdiff.sampling.callbacks import VarianceWeightedBlending
-from bdiff.sampling.critic import CriticCorrection, flag_summary
+from bdiff.sampling.callbacks import BlendOutput
+from bdiff.sampling.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 from tests.conftest import CONFIGS
 
@@ -89,7 +90,7 @@ def test_guidance_shifts_x0_by_w_sigma2_over_sqrt_alpha_times_the_gradient() -> 
     cb = CriticCorrection(critic, weight=0.7, retries=0, t_range=(400, 999))
     sampler = Sampler(den, DDIM(), 4, [cb])
     state = sampler.init_state(torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)), NoiseSource(0, range(3)))
-    cb.on_start(state, sampler)
+    state.outputs = {cb: cb.on_start(state, sampler)}
     sampler._predict(state)
     before = state.x0.clone()
     cb.after_prediction(state, sampler)
@@ -97,7 +98,9 @@ def test_guidance_shifts_x0_by_w_sigma2_over_sqrt_alpha_times_the_gradient() -> 
     _, grad = critic.logit_and_grad(state.x, t)
     a = den.schedule.alpha_bar(t, state.x)
     torch.testing.assert_close(state.x0 - before, 0.7 * (1 - a) / a.sqrt() * grad)
-    assert state.extras["critic"]["critic_calls"].tolist() == [1, 1, 1]
+    assert state.outputs[cb].critic_calls.tolist() == [1, 1, 1]
+    eps = den.schedule.x0_to_eps(state.x, state.t, state.x0)  # eps and x0 agree after the correction
+    torch.testing.assert_close(state.prediction.eps, eps)
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
@@ -110,10 +113,10 @@ def test_flagged_samples_go_back_at_most_retries_times_and_every_call_is_counted
     cost = cb.pass_cost(sampler)
     assert cost == 1 + sum(1 for t in sampler.grid.tolist() if 0 <= t < 300)
     assert result.nfe.tolist() == [10 + retries * cost] * 4
-    mem = result.extras["critic"]
-    assert mem["retries"].tolist() == [retries] * 4 and bool(mem["flagged"].all())
-    assert result.extras["critic"]["critic_calls"].tolist() == [retries + 1] * 4  # one score per finish
-    assert flag_summary(result.extras)["flagged_share"] == 1.0
+    mem = result.output(CriticOutput)
+    assert mem.retries.tolist() == [retries] * 4 and bool(mem.flagged.all())
+    assert mem.critic_calls.tolist() == [retries + 1] * 4  # one score per finish
+    assert mem.summary()["flagged_share"] == 1.0
     assert torch.isfinite(result.images).all()
 
 
@@ -124,16 +127,16 @@ def test_an_nfe_budget_stops_the_loop_and_good_samples_are_not_sent_back() -> No
     assert int(sampler.sample(3, seed=0).nfe.max()) <= 12
     happy = Sampler(den, DPMSolverPP2M(), 10, [CriticCorrection(gaussian_critic(constant=5.0), weight=0.0, retries=3)])
     result = happy.sample(3, seed=0)
-    assert result.nfe.tolist() == [10, 10, 10] and not result.extras["critic"]["flagged"].any()
+    assert result.nfe.tolist() == [10, 10, 10] and not result.output(CriticOutput).flagged.any()
 
 
 class MemoryProbe(SamplerCallback):
-    """Records the restart counters before every model call."""
+    """Records the restart counters at every model call."""
 
     def __init__(self) -> None:
         self.seen: list[list[int]] = []
 
-    def before_model(self, state, sampler) -> None:
+    def after_prediction(self, state, sampler) -> None:
         self.seen.append(state.restarts.tolist())
 
 
@@ -143,9 +146,9 @@ class ProbedDPMSolver(DPMSolverPP2M):
     def __init__(self) -> None:
         self.a_prev: list[torch.Tensor] = []
 
-    def step(self, x, amp, x0, amp_x0, a_t, a_s, memory, noise, a_after=None):
+    def step(self, x, x0, ctx, memory, noise):
         self.a_prev.append(memory.a.clone())
-        return super().step(x, amp, x0, amp_x0, a_t, a_s, memory, noise, a_after)
+        return super().step(x, x0, ctx, memory, noise)
 
 
 def test_a_restart_resets_the_multistep_memory_and_the_blending_filter() -> None:
@@ -157,7 +160,7 @@ def test_a_restart_resets_the_multistep_memory_and_the_blending_filter() -> None
     assert first_after == 10
     assert torch.isnan(stepper.a_prev[first_after]).all(), "DPM++(2M) must take a first-order step after going back"
     assert not torch.isnan(stepper.a_prev[first_after + 1]).any()
-    gains = result.extras["blend"]["gain"]  # one per iteration after the first
+    gains = result.output(BlendOutput).gain  # one per iteration after the first
     assert gains[first_after - 1] == 1.0, "the blending filter starts afresh: the new prediction is taken as is"
     assert all(g < 1.0 for g in gains[: first_after - 1]) and gains[first_after] < 1.0
 
@@ -168,11 +171,11 @@ def test_region_mode_only_changes_the_flagged_pixels() -> None:
     cb = CriticCorrection(gaussian_critic(offset=-100.0), weight=0.0, retries=1, t_back=300, mode="region",
                           region_quantile=0.5)
     result = Sampler(den, DDIM(), 10, [cb]).sample(8, seed=0, clip=False)
-    mask = result.extras["critic"]["mask"].bool()
+    mask = result.output(CriticOutput).mask
     unchanged = (result.images - base.clamp(-1, 1)).abs() < 1e-6
     assert bool(unchanged[~mask].all()), "pixels outside the critic's region must keep their value"
     assert bool((~unchanged[mask]).any()), "pixels inside the region are re-done"
-    assert 0 < mask.float().mean() < 1 and bool(result.extras["critic"]["flagged"].all())
+    assert 0 < mask.float().mean() < 1 and bool(result.output(CriticOutput).flagged.all())
 
 
 def test_samples_do_not_depend_on_the_batch_with_the_loop_on() -> None:
@@ -243,12 +246,12 @@ def test_sampler_recipe_with_the_critic_runs_from_the_entry_point(critic_run: Pa
 
     recipe = tmp_path / "critic.yaml"
     recipe.write_text(
-        "stepper: {name: dpmpp_2m}\nsteps: 4\nposterior_samples: 2\ncallbacks:\n"
-        "  - {name: blend}\n"
-        f"  - {{name: critic, critic: {critic_run / 'digits' / 'checkpoints' / 'last.ckpt'}, weight: 1.0, retries: 1, "
-        "threshold: 100.0, t_back: 300, max_nfe: 7}\n"
+        "stepper: DPMSolverPP2M\nsteps: 4\nposterior_samples: 2\ncallbacks:\n"
+        "  - VarianceWeightedBlending\n"
+        f"  - {{class_path: CriticCorrection, init_args: {{critic: {critic_run / 'digits' / 'checkpoints' / 'last.ckpt'}, weight: 1.0, retries: 1, "
+        "threshold: 100.0, t_back: 300, max_nfe: 7}}\n"
     )
-    main(["--ckpt", str(last_ckpt), "--config", str(recipe), "--n", "6", "--out", str(tmp_path / "s.npz")])
+    main(["--ckpt", str(last_ckpt), "--sampler", str(recipe), "--n", "6", "--out", str(tmp_path / "s.npz")])
     s = load_samples(tmp_path / "s.npz")
     assert s.images.shape == (6, 1, 8, 8)
     assert s.nfe == 6  # every sample flagged (threshold 100), one pass of 2 calls (300 -> 249 -> -1 on a 4-step grid)
@@ -263,8 +266,8 @@ def test_bad_critic_checkpoints_are_refused_with_the_file_named(last_ckpt: Path,
         load_critic(broken)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         load_critic(tmp_path / "missing.ckpt")
-    recipe = Recipe.from_dict({"stepper": "ddim", "steps": 3,
-                               "callbacks": [{"name": "critic", "critic": str(tmp_path / "missing.ckpt")}]})
+    recipe = load_recipe({"stepper": "DDIM", "steps": 3, "callbacks": [
+        {"class_path": "CriticCorrection", "init_args": {"critic": str(tmp_path / "missing.ckpt")}}]})
     from bdiff.checkpoint import load_model
 
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
@@ -276,7 +279,7 @@ def test_critic_data_draws_its_samples_once_in_prepare_data(last_ckpt: Path, tmp
     from bdiff.lit import critic_data
 
     recipe = tmp_path / "fast.yaml"
-    recipe.write_text("stepper: {name: ddim}\nsteps: 2\nposterior_samples: 2\n")
+    recipe.write_text("stepper: DDIM\nsteps: 2\nposterior_samples: 2\n")
     cache = tmp_path / "fakes"
     critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=str(cache)).prepare_data()
     assert len(list(cache.glob("*.pt"))) == 1
@@ -297,7 +300,7 @@ def test_critic_data_with_more_fakes_per_real_keeps_the_splits_apart(last_ckpt: 
     from bdiff.lit import critic_data
 
     recipe = tmp_path / "fast.yaml"
-    recipe.write_text("stepper: {name: ddim}\nsteps: 2\nposterior_samples: 2\n")
+    recipe.write_text("stepper: DDIM\nsteps: 2\nposterior_samples: 2\n")
     data = critic_data.CriticDataModule(str(last_ckpt), sampler=str(recipe), cache_dir=str(tmp_path / "fakes"),
                                         fakes_per_real=3)
     data.setup("fit")

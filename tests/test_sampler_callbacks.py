@@ -8,7 +8,10 @@ import torch
 from bdiff.denoiser import Prediction
 from bdiff.metrics.usefulness import filter_by_uncertainty, rank_by_uncertainty
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler
-from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, UncertainRegionRefinement, VarianceWeightedBlending
+from bdiff.sampling import SamplerCallback
+from bdiff.sampling.callbacks import (
+    AdaptiveStepSize, BlendOutput, Recorder, RecorderOutput, UncertainRegionRefinement, VarianceWeightedBlending,
+)
 from bdiff.sampling.noise import NoiseSource
 from bdiff.schedule import NoiseSchedule
 
@@ -40,9 +43,9 @@ def test_blending_is_the_base_sampler_where_the_mean_has_no_error_and_pulls_to_h
     # A large epistemic (novelty) variance with no measured error of the mean: exactly the base sampler.
     accurate = Sampler(Toy(10.0, error_scale=0.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
     torch.testing.assert_close(plain.images, accurate.images, rtol=0, atol=0)
-    assert all(g == 1.0 for g in accurate.extras["blend"]["gain"])
+    assert all(g == 1.0 for g in accurate.output(BlendOutput).gain)
     unsure = Sampler(Toy(10.0), DDIM(), 8, [VarianceWeightedBlending()]).sample(4, seed=0)
-    assert min(unsure.extras["blend"]["gain"]) < 0.8  # history gets weight where the mean errs
+    assert min(unsure.output(BlendOutput).gain) < 0.8  # history gets weight where the mean errs
     assert not torch.allclose(unsure.images, plain.images)
 
 
@@ -87,7 +90,7 @@ def test_refinement_touches_only_uncertain_pixels_and_counts_nfe() -> None:
 
 def test_recorder_memory_is_bounded() -> None:
     r = Sampler(Toy(0.1), DDIM(), 20, [Recorder(keys=("x0", "var"), every=2, max_records=3, max_samples=2)]).sample(5)
-    records = r.extras["recorder"]
+    records = r.output(RecorderOutput).records
     assert len(records) == 3 and records[0]["x0"].shape == (2, 1, 4, 4)
     with pytest.raises(ValueError, match="unknown"):
         Recorder(keys=("gradients",))
@@ -102,9 +105,9 @@ def test_rank_and_filter_by_uncertainty() -> None:
 
 
 def test_sampler_loop_is_bounded() -> None:
-    class Stuck(AdaptiveStepSize):
+    class Stuck(SamplerCallback):
         def after_update(self, state, sampler):
-            state.accept[:] = False  # reject every step forever
+            sampler.restart(state, state.active.nonzero().squeeze(1), 999)  # send every sample back, forever
 
     with pytest.raises(RuntimeError, match="max_iterations"):
         Sampler(Toy(), DDIM(), 3, [Stuck()], max_iterations=10).run(torch.zeros(1, 1, 4, 4), NoiseSource(0, [0]))

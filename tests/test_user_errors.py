@@ -41,7 +41,7 @@ def png_ckpt(path: Path) -> Path:
 
 
 def bad_recipe(path: Path) -> Path:
-    path.write_text("stepper: {name: ddim}\nsteps: -3\n")
+    path.write_text("stepper: DDIM\nsteps: -3\n")
     return path
 
 

@@ -268,8 +268,8 @@ def test_sample_logs_a_table_with_the_critic_logit(wandb_offline: Any, spy: dict
 
     critic = _write_critic(tmp_path / "critic.ckpt")
     recipe = tmp_path / "critic.yaml"
-    recipe.write_text(f"stepper: {{name: ddim}}\nsteps: 3\nposterior_samples: 2\ncallbacks:\n"
-                      f"  - {{name: critic, critic: {critic}, weight: 0.0, retries: 0}}\n")
+    recipe.write_text(f"stepper: DDIM\nsteps: 3\nposterior_samples: 2\ncallbacks:\n"
+                      f"  - {{class_path: CriticCorrection, init_args: {{critic: {critic}, weight: 0.0, retries: 0}}}}\n")
     out = tmp_path / "out" / "s.npz"
     out.parent.mkdir()
     main(["--ckpt", str(last_ckpt), "--config", str(recipe), "--n", "7", "--batch-size", "3", "--out", str(out),

@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.lit.data import DigitsDataModule, ImageDataModule
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import Recipe, load_recipe
 from bdiff.schedule import ScheduleConfig
 
 
@@ -96,7 +96,7 @@ class CriticDataModule(LightningDataModule):
         self.diffusion_ckpt = Path(diffusion_ckpt)
         hp = read_checkpoint(self.diffusion_ckpt)["hyper_parameters"]  # fails early, naming the file
         self.schedule_config = ScheduleConfig(**hp["schedule"])
-        self.recipe = Recipe.from_yaml(sampler)
+        self.recipe = load_recipe(sampler)
         self.real = real if real is not None else DigitsDataModule()
         net = hp["net"]
         if (net["in_channels"], net["image_size"]) != (self.real.channels, self.real.image_size):
@@ -119,7 +119,7 @@ class CriticDataModule(LightningDataModule):
         return self.real.channels
 
     def _cache_key(self, n: int) -> str:
-        spec = {"ckpt": _file_digest(self.diffusion_ckpt), "recipe": self.recipe.as_dict(), "n": n, "seed": self.fake_seed}
+        spec = {"ckpt": _file_digest(self.diffusion_ckpt), "recipe": self.recipe.config, "n": n, "seed": self.fake_seed}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def fakes(self, n: int) -> Tensor:

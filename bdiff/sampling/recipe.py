@@ -60,6 +60,8 @@ class Recipe:
         self.callbacks = list(callbacks or [])
         self.config: dict[str, Any] = {}
         """The recipe's keys as a recipe file holds them (set by :func:`load_recipe`)."""
+        self.name = "recipe"
+        """Its file's stem, or the name :func:`load_recipe` was given."""
 
     @property
     def fitted(self) -> bool:
@@ -109,5 +111,5 @@ def load_recipe(source: dict[str, Any] | str | Path | Namespace, name: str | Non
         raise ValueError(f"sampler recipe {label!r}: {' '.join(str(e).split())}") from e
     data = cfg.recipe.clone().as_dict()
     data.pop("__path__", None)
-    recipe.config = data
+    recipe.config, recipe.name = data, label
     return recipe
