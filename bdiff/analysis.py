@@ -226,8 +226,7 @@ def step_trace(records: Sequence[Mapping[str, Any]]) -> Tensor:
     """Timestep per sample per recorded step, (S, B): row s holds the t step s started from.
 
     The Recorder runs after the update and before the step is committed, so its ``t`` is the
-    timestep the prediction was made at; -1 marks a sample that had already finished. A
-    rejected step repeats the same t in the next row.
+    timestep the prediction was made at; -1 marks a sample that had already finished.
     """
     return record_stack(records, "t").long()
 
@@ -235,7 +234,7 @@ def step_trace(records: Sequence[Mapping[str, Any]]) -> Tensor:
 def step_sizes(records: Sequence[Mapping[str, Any]]) -> list[Tensor]:
     """Per sample, the sizes of the steps it took (the last one ends at t = -1): B tensors (steps_b,).
 
-    Needs a Recorder with ``every=1`` that kept every step (rejected steps give size 0 and are dropped).
+    Needs a Recorder with ``every=1`` that kept every step (a finished sample's rows give size 0 and are dropped).
     """
     trace = step_trace(records)
     full = torch.cat([trace, torch.full_like(trace[:1], -1)])

@@ -32,7 +32,7 @@ from bdiff.bayes import BayesConfig, BayesianUNet
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.nets import UNet, UNetConfig
 from bdiff.sampling import DDIM, Sampler
-from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder
+from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, RecorderOutput
 
 
 def tiny_unet() -> UNet:
@@ -137,7 +137,7 @@ def denoiser(last_ckpt: Path):
 def test_step_trace_and_sizes_fixed_grid(denoiser) -> None:
     sampler = Sampler(denoiser, DDIM(), steps=5, callbacks=[Recorder(keys=("var",), max_samples=2)])
     res = sampler.sample(3, seed=0)
-    records = res.extras["recorder"]
+    records = res.output(RecorderOutput).records
     trace = step_trace(records)
     assert trace.shape == (5, 2)
     assert trace[:, 0].tolist() == sampler.grid[:-1].tolist()  # the t each step started from
@@ -154,8 +154,8 @@ def test_step_trace_and_sizes_fixed_grid(denoiser) -> None:
 def test_step_sizes_adaptive_match_nfe(denoiser) -> None:
     callbacks = [AdaptiveStepSize(tol=0.5, max_nfe=6), Recorder(keys=(), max_samples=4)]
     res = Sampler(denoiser, DDIM(), steps=10, callbacks=callbacks).sample(4, seed=1)
-    sizes = step_sizes(res.extras["recorder"])
-    start = int(step_trace(res.extras["recorder"])[0, 0])
+    sizes = step_sizes(res.output(RecorderOutput).records)
+    start = int(step_trace(res.output(RecorderOutput).records)[0, 0])
     for i, s in enumerate(sizes):
         assert len(s) == int(res.nfe[i])  # one step per denoiser call (no refinement here)
         assert int(s.sum()) == start + 1

@@ -11,7 +11,7 @@ from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
 from bdiff.sampling import Sampler, UniPC
 from bdiff.sampling.autoguidance import Autoguidance
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 
 
@@ -55,10 +55,11 @@ def test_t_range_guides_only_there_and_only_pays_there() -> None:
 
 def test_a_guide_that_equals_the_model_changes_nothing_but_the_cost(last_ckpt: Path) -> None:
     """Read from a checkpoint through a recipe: the trained model guiding itself is the plain sampler."""
-    recipe = {"stepper": "unipc", "steps": 4, "callbacks": [{"name": "autoguidance", "guide": str(last_ckpt), "weight": 2.0}]}
+    recipe = {"stepper": "UniPC", "steps": 4,
+              "callbacks": [{"class_path": "Autoguidance", "init_args": {"guide": str(last_ckpt), "weight": 2.0}}]}
     denoiser = load_model(last_ckpt)
-    guided = Recipe.from_dict(recipe).build(denoiser).sample(3, seed=0)
-    plain = Recipe.from_dict({"stepper": "unipc", "steps": 4}).build(denoiser).sample(3, seed=0)
+    guided = load_recipe(recipe).build(denoiser).sample(3, seed=0)
+    plain = load_recipe({"stepper": "UniPC", "steps": 4}).build(denoiser).sample(3, seed=0)
     torch.testing.assert_close(guided.images, plain.images)
     assert guided.nfe.tolist() == [8] * 3 and plain.nfe.tolist() == [4] * 3
 
@@ -82,4 +83,4 @@ def test_bad_options_are_refused_with_their_name(options: dict, message: str, tm
     guide.write_bytes(b"")
     options = {k: str(guide) if v == "GUIDE" else v for k, v in options.items()}
     with pytest.raises(ValueError, match=message):
-        Recipe.from_dict({"stepper": "unipc", "steps": 4, "callbacks": [{"name": "autoguidance", **options}]})
+        load_recipe({"stepper": "UniPC", "steps": 4, "callbacks": [{"class_path": "Autoguidance", "init_args": options}]})

@@ -1,4 +1,4 @@
-"""``{name: clip_x0}``: the x0 estimate clipped to the data range, as diffusers' clip_sample and thresholding."""
+"""``ClipX0``: the x0 estimate clipped to the data range, as diffusers' clip_sample and thresholding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler, SamplerCallback
 from bdiff.sampling.clip_x0 import ClipX0
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 from tests.test_steppers import SCHED, ToyDenoiser, _diffusers_loop
 
 
@@ -83,23 +83,23 @@ class _EpsFinite(SamplerCallback):
 
 
 class _FinishFirst(SamplerCallback):
-    """Before the third model call, marks sample 0 finished (t = -1), as adaptive steps or a critic's pass can."""
+    """At the second model call, sends sample 0 straight to the clean image (t_next = -1), as adaptive steps can."""
 
-    def before_model(self, state, sampler) -> None:
-        if state.step == 2:
-            state.t[0], state.active[0] = -1, False
+    def after_prediction(self, state, sampler) -> None:
+        if state.step == 1:
+            state.t_next[0] = -1
 
 
 def test_finished_samples_keep_their_prediction() -> None:
     """A finished sample (t = -1, x0 = x beyond [-1, 1]) has no eps to recompute: clipping leaves its row alone."""
     noise, x_T = _x_T()
-    result = Sampler(ToyDenoiser(), DDIM(), 6, [_FinishFirst(), ClipX0(), _EpsFinite()]).run(x_T, noise)
+    result = Sampler(ToyDenoiser(), DDIM(), 6, [ClipX0(), _FinishFirst(), _EpsFinite()]).run(x_T, noise)
     assert result.nfe.tolist() == [2, 6, 6]
 
 
 def test_clip_x0_is_a_recipe_callback_and_refuses_a_bad_limit() -> None:
-    recipe = Recipe.from_dict({"stepper": "ddim", "steps": 4, "callbacks": [{"name": "clip_x0", "limit": 1.0}]})
-    assert isinstance(recipe.build_callbacks()[0], ClipX0)
+    recipe = load_recipe({"stepper": "DDIM", "steps": 4, "callbacks": [{"class_path": "ClipX0", "init_args": {"limit": 1.0}}]})
+    assert isinstance(recipe.callbacks[0], ClipX0)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="clip_x0 limit"):
             ClipX0(bad)

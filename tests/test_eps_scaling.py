@@ -8,7 +8,7 @@ import torch
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, Sampler, UniPC
 from bdiff.sampling.eps_scaling import EpsilonScaling
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 
 
@@ -53,7 +53,8 @@ def test_lambda_runs_from_scale_plus_slope_at_T_minus_1_to_scale_at_0() -> None:
 
 
 def test_a_recipe_names_it_and_keeps_ddim_stochastic_steps_working() -> None:
-    sampler = Recipe.from_dict({"stepper": "ddim", "steps": 4, "callbacks": [{"name": "eps_scaling", "scale": 1.02}]}).build(
+    sampler = load_recipe({"stepper": "DDIM", "steps": 4,
+                           "callbacks": [{"class_path": "EpsilonScaling", "init_args": {"scale": 1.02}}]}).build(
         Linear())
     assert isinstance(sampler.callbacks[0], EpsilonScaling) and sampler.callbacks[0].scale == 1.02
     stochastic = Sampler(Linear(), DDIM(eta=1.0), 4, [EpsilonScaling(1.02)]).sample(3, seed=1)
@@ -69,4 +70,4 @@ def test_bad_options_are_refused_with_their_name(options: dict, message: str) ->
     with pytest.raises(ValueError, match=message):
         EpsilonScaling(**options)
     with pytest.raises(ValueError, match=message):
-        Recipe.from_dict({"stepper": "unipc", "steps": 4, "callbacks": [{"name": "eps_scaling", **options}]})
+        load_recipe({"stepper": "UniPC", "steps": 4, "callbacks": [{"class_path": "EpsilonScaling", "init_args": options}]})

@@ -11,16 +11,16 @@ import torch
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, Sampler, UniPC
 from bdiff.sampling import fitted_grid
-from bdiff.sampling.fitted_grid import StepCosts, fitted_timesteps, optimal_grid
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.fitted_grid import StepCosts, optimal_grid
+from bdiff.sampling.grids import FittedGrid
+from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule, grid_timesteps
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fitted costs persist under $BDIFF_CACHE: a fresh one per test, and the in-memory cache emptied."""
+    """Fitted costs persist under $BDIFF_CACHE: a fresh one per test."""
     monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})
 
 
 class GaussianDenoiser:
@@ -73,7 +73,7 @@ def test_the_dynamic_programme_finds_the_cheapest_path(late_start: bool) -> None
 def test_a_fitted_grid_lands_closer_to_the_ode_solution_than_fixed_grids() -> None:
     den = GaussianDenoiser()
     fine = Sampler(den, DDIM(), 500).sample(64, seed=3).images
-    grid = fitted_timesteps(den, 4, samples=64, stride=10)
+    grid = FittedGrid(samples=64, stride=10).timesteps(den, 4)
     assert len(grid) == 4 and all(isinstance(t, int) and 0 <= t < 1000 for t in grid)
 
     def error(sampler: Sampler) -> float:
@@ -84,33 +84,16 @@ def test_a_fitted_grid_lands_closer_to_the_ode_solution_than_fixed_grids() -> No
         assert fitted < error(Sampler(den, DDIM(), 4, spacing=spacing)), spacing
 
 
-def test_costs_are_computed_once_per_denoiser(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = fitted_grid.step_costs
-    monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real(*a))
-    den = GaussianDenoiser()
-    first = fitted_timesteps(den, 3, samples=8, stride=50)
-    assert fitted_timesteps(den, 6, samples=8, stride=50)[0] <= 999 and len(calls) == 1
-    assert fitted_timesteps(den, 3, late_start=False, samples=8, stride=50)[0] == 999 and len(calls) == 1
-    assert fitted_timesteps(den, 3, samples=8, stride=50) == first
-    fitted_timesteps(GaussianDenoiser(), 3, samples=8, stride=50)
-    assert len(calls) == 2
-
-
 def test_a_fitted_recipe_samples_on_its_grid_and_bad_options_are_refused() -> None:
     den = GaussianDenoiser()
-    recipe = Recipe.from_dict({"stepper": "unipc", "steps": 4, "spacing": {"name": "fitted", "samples": 8, "stride": 50}})
-    sampler = recipe.build(den)
-    assert sampler.grid.tolist() == fitted_timesteps(den, 4, samples=8, stride=50) + [-1]
+    grid = {"class_path": "FittedGrid", "init_args": {"samples": 8, "stride": 50}}
+    sampler = load_recipe({"stepper": "UniPC", "steps": 4, "grid": grid}).build(den)
+    assert sampler.grid.tolist() == FittedGrid(samples=8, stride=50).timesteps(den, 4) + [-1]
     assert isinstance(sampler.stepper, UniPC) and int(sampler.sample(5, seed=0).nfe.max()) == 4
-    for spacing, message in [
-        ({"name": "fitted", "rho": 7}, "unknown option.*rho.*fitted"),
-        ({"name": "fitted", "late_start": 3}, "late_start must be true or false"),
-        ({"name": "fitted", "samples": 1}, "samples"),
-        ({"name": "fitted", "stride": 0.5}, "stride"),
-    ]:
+    for options, message in [({"rho": 7}, "rho"), ({"late_start": 3}, "late_start"), ({"samples": 1}, "samples"),
+                             ({"stride": 0.5}, "stride")]:
         with pytest.raises(ValueError, match=message):
-            Recipe.from_dict({"stepper": "unipc", "steps": 4, "spacing": spacing})
+            load_recipe({"stepper": "UniPC", "steps": 4, "grid": {"class_path": "FittedGrid", "init_args": options}})
 
 
 def test_an_explicit_grid_is_checked() -> None:
@@ -122,47 +105,38 @@ def test_an_explicit_grid_is_checked() -> None:
             Sampler(den, DDIM(), 3, timesteps=bad)
 
 
-def test_a_checkpoint_loaded_twice_is_fitted_once(last_ckpt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_checkpoint_is_fitted_once_for_every_grid_of_it(last_ckpt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fit per (weights, predictive, samples, stride), on disk: other step counts, late_start, a second load or a
+    new process read it; other weights or another predictive are fitted anew; a damaged file is refitted."""
     from bdiff.checkpoint import load_model
 
     calls = []
     real = fitted_grid.step_costs
     monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real(*a))
-    first = fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50)
-    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
+    grid = FittedGrid(samples=8, stride=50)
+    first = grid.timesteps(load_model(last_ckpt, num_samples=2), 4)
+    den = load_model(last_ckpt, num_samples=2)
+    assert grid.timesteps(den, 4) == first and len(grid.timesteps(den, 6)) == 6
+    assert FittedGrid(late_start=False, samples=8, stride=50).timesteps(den, 3)[0] == 999
     assert len(calls) == 1
-    fitted_timesteps(load_model(last_ckpt, num_samples=3), 4, samples=8, stride=50)  # another predictive: refitted
+    grid.timesteps(load_model(last_ckpt, num_samples=3), 4)  # another predictive: refitted
     assert len(calls) == 2
     saved = sorted((tmp_path / "cache" / "fitted_grids").glob("*.npz"))
     assert len(saved) == 2 and not list(saved[0].parent.glob("*.partial"))
-
-    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})  # a new process: read from disk, not refitted
-    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
-    assert len(calls) == 2
+    with torch.no_grad():
+        next(den.parameters()).add_(0.5)  # other weights, changed in place: another key
+    grid.timesteps(den, 4)
+    assert len(calls) == 3
     for path in saved:
         path.write_bytes(b"not an npz file")  # a damaged cache is refitted and rewritten
-    monkeypatch.setattr(fitted_grid, "_COSTS_BY_WEIGHTS", {})
-    assert fitted_timesteps(load_model(last_ckpt, num_samples=2), 4, samples=8, stride=50) == first
-    assert len(calls) == 3
+    assert grid.timesteps(load_model(last_ckpt, num_samples=2), 4) == first
+    assert len(calls) == 4
 
 
-def test_weights_are_hashed_once_per_model_until_they_change(last_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many recipes on one loaded model hash its weights once; changing a weight in place is noticed (refit)."""
-    from bdiff.checkpoint import load_model
-
-    calls, hashes = [], []
-    real_costs, real_sha1 = fitted_grid.step_costs, fitted_grid.hashlib.sha1
-    monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real_costs(*a))
-    monkeypatch.setattr(fitted_grid.hashlib, "sha1", lambda *a: hashes.append(a) or real_sha1(*a))
-    den = load_model(last_ckpt, num_samples=2)
-    for steps in (3, 4, 5):
-        fitted_timesteps(den, steps, samples=8, stride=50)
-    weight_hashes = sum(1 for a in hashes if not a)  # sha1() with no argument digests the weights
-    assert weight_hashes == 1 and len(calls) == 1
-    with torch.no_grad():
-        next(den.parameters()).add_(0.5)
-    fitted_timesteps(den, 4, samples=8, stride=50)
-    assert sum(1 for a in hashes if not a) == 2 and len(calls) == 2
-    den.num_samples = 3  # another predictive on the same weights: no new hash, but its own fit
-    fitted_timesteps(den, 4, samples=8, stride=50)
-    assert sum(1 for a in hashes if not a) == 2 and len(calls) == 3
+def test_a_denoiser_that_is_not_a_module_is_fitted_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = fitted_grid.step_costs
+    monkeypatch.setattr(fitted_grid, "step_costs", lambda *a: calls.append(a) or real(*a))
+    den = GaussianDenoiser()
+    assert FittedGrid(samples=8, stride=50).timesteps(den, 3) == FittedGrid(samples=8, stride=50).timesteps(den, 3)
+    assert len(calls) == 2 and fitted_grid.content_key(den) is None

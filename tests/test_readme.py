@@ -116,7 +116,7 @@ def test_readme_shows_the_commands_we_expect() -> None:
 def test_readme_command_runs(command: str, last_ckpt: Path, workspace: Path) -> None:
     evaluates = "bdiff.evaluate" in command or command.startswith("bdiff-evaluate")
     if evaluates and not (workspace / "samples.npz").exists():
-        subprocess.run([sys.executable, "-m", "bdiff.sample", "--ckpt", str(last_ckpt), "--config",
+        subprocess.run([sys.executable, "-m", "bdiff.sample", "--ckpt", str(last_ckpt), "--sampler",
                         "configs/sampler/dpmpp.yaml", "--n", "16", "--out", str(workspace / "samples.npz")],
                        cwd=ROOT, check=True, capture_output=True)
     args = rewrite(command, last_ckpt, workspace)

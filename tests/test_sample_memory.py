@@ -19,6 +19,7 @@ import torch
 
 import bdiff.sample
 from bdiff.bayes import BayesConfig
+from bdiff.sampling import DDIM
 from bdiff.bayes.error_scale import EpistemicErrorScale
 from bdiff.checkpoint import build_denoiser
 from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
@@ -50,8 +51,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "ddim_recorder.yaml"
-    path.write_text("stepper: ddim\nsteps: 3\nposterior_samples: 2\n"
-                    "callbacks: [blend, {name: recorder, keys: [x, x0, var], max_records: 10, max_samples: 50}]\n")
+    path.write_text("stepper: DDIM\nsteps: 3\nposterior_samples: 2\ncallbacks:\n  - VarianceWeightedBlending\n"
+                    "  - {class_path: Recorder, init_args: {keys: [x, x0, var], max_records: 10, max_samples: 50}}\n")
     return path
 
 
@@ -85,7 +86,7 @@ def run_and_watch(monkeypatch: pytest.MonkeyPatch, ckpt: Path, recipe: Path, out
 
     monkeypatch.setattr(SamplesWriter, "write", spy_write)
     monkeypatch.setattr(SamplesWriter, "finish", spy_finish)
-    bdiff.sample.main(["--ckpt", str(ckpt), "--config", str(recipe), "--n", str(n), "--batch-size", str(batch), "--out", str(out)])
+    bdiff.sample.main(["--ckpt", str(ckpt), "--sampler", str(recipe), "--n", str(n), "--batch-size", str(batch), "--out", str(out)])
     monkeypatch.undo()
     return seen
 
@@ -121,7 +122,7 @@ def test_streamed_file_equals_one_shot_save(tmp_path: Path) -> None:
 
 def test_streamed_run_equals_one_chunk_run(ckpt: Path, recipe: Path, tmp_path: Path) -> None:
     for name, batch in (("one", "30"), ("chunked", "7")):
-        bdiff.sample.main(["--ckpt", str(ckpt), "--config", str(recipe), "--n", "30", "--batch-size", batch,
+        bdiff.sample.main(["--ckpt", str(ckpt), "--sampler", str(recipe), "--n", "30", "--batch-size", batch,
                            "--out", str(tmp_path / f"{name}.npz")])
     one, chunked = load_samples(tmp_path / "one.npz"), load_samples(tmp_path / "chunked.npz")
     torch.testing.assert_close(one.images, chunked.images, rtol=0, atol=1e-5)
@@ -153,11 +154,11 @@ def test_bad_chunk_stops_the_run_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_recorder_is_bounded_per_chunk(ckpt: Path) -> None:
     from bdiff.checkpoint import load_model
+    from bdiff.sampling.callbacks import Recorder, RecorderOutput
     from bdiff.sampling.recipe import Recipe
 
     den = load_model(ckpt, num_samples=2)
-    spec = {"stepper": "ddim", "steps": 6, "callbacks": [{"name": "recorder", "keys": ["x0"], "max_records": 4, "max_samples": 3}]}
-    sampler = Recipe.from_dict(spec).build(den)
+    sampler = Recipe(DDIM(), 6, callbacks=[Recorder(keys=["x0"], max_records=4, max_samples=3)]).build(den)
     for first in (0, 20, 40):  # chunks of one run: each starts with an empty record list
-        records = sampler.sample(20, seed=0, first_index=first).extras["recorder"]
+        records = sampler.sample(20, seed=0, first_index=first).output(RecorderOutput).records
         assert len(records) == 4 and all(r["x0"].shape == (3, 1, 8, 8) for r in records)

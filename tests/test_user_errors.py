@@ -51,10 +51,10 @@ def object_samples(path: Path) -> Path:
 
 
 SAMPLE_CASES = {
-    "pickle payload": (lambda d: ["--ckpt", str(pickled_ckpt(d / "p.ckpt")), "--config", RECIPE], "carries pickled"),
-    "truncated": (lambda d: ["--ckpt", str(truncated_ckpt(d / "t.ckpt")), "--config", RECIPE], "truncated"),
-    "png renamed": (lambda d: ["--ckpt", str(png_ckpt(d / "img.ckpt")), "--config", RECIPE], "cannot read checkpoint"),
-    "steps -3": (lambda d: ["--ckpt", str(png_ckpt(d / "img.ckpt")), "--config", str(bad_recipe(d / "r.yaml"))],
+    "pickle payload": (lambda d: ["--ckpt", str(pickled_ckpt(d / "p.ckpt")), "--sampler", RECIPE], "carries pickled"),
+    "truncated": (lambda d: ["--ckpt", str(truncated_ckpt(d / "t.ckpt")), "--sampler", RECIPE], "truncated"),
+    "png renamed": (lambda d: ["--ckpt", str(png_ckpt(d / "img.ckpt")), "--sampler", RECIPE], "cannot read checkpoint"),
+    "steps -3": (lambda d: ["--ckpt", str(png_ckpt(d / "img.ckpt")), "--sampler", str(bad_recipe(d / "r.yaml"))],
                  "steps must be an integer >= 1"),
 }
 
@@ -84,7 +84,7 @@ def test_bdiff_evaluate_refuses_an_object_array_samples_file(tmp_path: Path, mon
 
 
 def test_debug_flag_and_env_var_show_the_traceback(tmp_path: Path, monkeypatch) -> None:
-    argv = ["--ckpt", str(png_ckpt(tmp_path / "img.ckpt")), "--config", RECIPE, "--out", str(tmp_path / "s.npz")]
+    argv = ["--ckpt", str(png_ckpt(tmp_path / "img.ckpt")), "--sampler", RECIPE, "--out", str(tmp_path / "s.npz")]
     monkeypatch.setattr(sys, "argv", ["bdiff-sample", *argv, "--debug"])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         scripts.sample()
