@@ -195,7 +195,7 @@ if rows:
 from torchmetrics.functional.classification import binary_auroc
 
 from bdiff.bayes.bottleneck_gp import BottleneckGP
-from bdiff.evaluate import digits_split
+from bdiff.datasets import digits_split
 
 n_probe = 64 if FAST else None
 train_x = digits_split("train") * 2 - 1

@@ -48,10 +48,10 @@ from bdiff.analysis import (
     to_unit,
 )
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import digits_split
+from bdiff.datasets import digits_split
 from bdiff.metrics.calibration import calibration_at_t, reliability_at_t
 from bdiff.sampling import DDIM, Sampler
-from bdiff.sampling.callbacks import Recorder
+from bdiff.sampling.callbacks import Recorder, RecorderOutput
 
 torch.manual_seed(SEED)
 STEPS = 10 if FAST else 50
@@ -73,7 +73,7 @@ print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_n
 keys = ("x0", "var_epistemic", "var_aleatoric", "var")
 sampler = Sampler(denoiser, DDIM(), steps=STEPS, callbacks=[Recorder(keys=keys, max_samples=N_SHOW)])
 result = sampler.sample(N_SHOW, seed=SEED)
-records = result.extras["recorder"]
+records = result.output(RecorderOutput).records  # one dict per step
 t_at_prediction = step_trace(records)  # (S, N_SHOW): the t each step's prediction was made at
 stacks = {k: record_stack(records, k) for k in keys}  # each (S, N_SHOW, C, H, W)
 print(f"{len(records)} steps recorded, NFE per sample: {result.nfe.tolist()}")

@@ -43,18 +43,21 @@ import torch
 
 from bdiff.analysis import image_grid, resolve_checkpoint, show, step_sizes, step_trace, to_unit
 from bdiff.checkpoint import load_model
-from bdiff.sampling.callbacks import Recorder
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling import DPMSolverPP2M, UniPC
+from bdiff.sampling.callbacks import (
+    AdaptiveStepSize, BlendOutput, Recorder, RecorderOutput, UncertainRegionRefinement, VarianceWeightedBlending,
+)
+from bdiff.sampling.recipe import Recipe, load_recipe
 
 torch.manual_seed(SEED)
 N = 8 if FAST else 16
-RECIPES = {name: Recipe.from_yaml(Path("configs/sampler") / f"{name}.yaml") for name in ("dpmpp", "unipc", "unipc_fitted")}
+RECIPES = {name: load_recipe(Path("configs/sampler") / f"{name}.yaml") for name in ("dpmpp", "unipc", "unipc_fitted")}
 EXPERIMENTS = {  # the posterior-driven callbacks, in the order the sampler runs them
-    "dpmpp+blend": {"stepper": {"name": "dpmpp_2m"}, "steps": 10, "callbacks": [{"name": "blend"}]},
-    "dpmpp+every callback": {"stepper": {"name": "dpmpp_2m"}, "steps": 10, "callbacks": [
-        {"name": "blend"}, {"name": "adaptive", "tol": 0.5, "max_nfe": 10},
-        {"name": "refine", "quantile": 0.8, "jump": 50, "t_range": [50, 600], "max_passes": 1}]},
-    "unipc+adaptive": {"stepper": {"name": "unipc"}, "steps": 5, "callbacks": [{"name": "adaptive", "tol": 0.25, "max_nfe": 5}]},
+    "dpmpp+blend": Recipe(DPMSolverPP2M(), 10, callbacks=[VarianceWeightedBlending()]),
+    "dpmpp+every callback": Recipe(DPMSolverPP2M(), 10, callbacks=[
+        VarianceWeightedBlending(), AdaptiveStepSize(tol=0.5, max_nfe=10),
+        UncertainRegionRefinement(quantile=0.8, jump=50, t_range=(50, 600), max_passes=1)]),
+    "unipc+adaptive": Recipe(UniPC(), 5, callbacks=[AdaptiveStepSize(tol=0.25, max_nfe=5)]),
 }
 
 ckpt_path = resolve_checkpoint(CKPT)
@@ -65,7 +68,7 @@ if denoiser.is_bayesian and denoiser.error_scale is None:  # a checkpoint withou
 
     denoiser.error_scale = fit_for_checkpoint(ckpt_path, denoiser)
 if denoiser.is_bayesian:  # blending needs epistemic variance
-    RECIPES.update({name: Recipe.from_dict(spec, name=name) for name, spec in EXPERIMENTS.items()})
+    RECIPES.update(EXPERIMENTS)
 
 # %% [markdown]
 # ## Run every recipe on the same seeds
@@ -83,7 +86,7 @@ for name, recipe in RECIPES.items():
     results[name] = (sampler, sampler.sample(N, seed=SEED))
     res = results[name][1]
     print(
-        f"{name:<18} callbacks={[c['name'] for c in recipe.callbacks]}  mean NFE={res.nfe.float().mean():.1f}  "
+        f"{name:<18} callbacks={[type(c).__name__ for c in recipe.callbacks]}  mean NFE={res.nfe.float().mean():.1f}  "
         f"mean var={res.variance.mean():.3g}  {res.seconds:.2f}s"
     )
 
@@ -128,8 +131,9 @@ for name, (_, res) in results.items():
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, (_, res) in results.items():
-    if "blend" in res.extras:
-        gains = res.extras["blend"]["gain"]
+    blend = res.output(BlendOutput)  # None: the recipe has no blending
+    if blend is not None:
+        gains = blend.gain
         ax.plot(range(2, len(gains) + 2), gains, marker="o", label=name)
 ax.set_xlabel("step")
 ax.set_ylabel("mean Kalman gain K")
@@ -154,7 +158,7 @@ show(fig)
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
 for c, (name, (sampler, res)) in enumerate(results.items()):
-    trace = step_trace(res.extras["recorder"])  # (S, N): t each step started from
+    trace = step_trace(res.output(RecorderOutput).records)  # (S, N): t each step started from
     full = torch.cat([trace, torch.full_like(trace[:1], -1)]).clamp(min=0)  # and where the last one ended
     for i in range(full.shape[1]):
         ax1.plot(full[:, i].numpy(), color=f"C{c}", alpha=0.5, label=name if i == 0 else None)
@@ -176,5 +180,5 @@ show(fig)
 
 # %%
 for name, (sampler, res) in results.items():
-    sizes = step_sizes(res.extras["recorder"])
+    sizes = step_sizes(res.output(RecorderOutput).records)
     print(f"{name:<22} step sizes of sample 0: {sizes[0].tolist()}")

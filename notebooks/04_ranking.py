@@ -39,13 +39,14 @@ import torch
 
 from bdiff.analysis import image_grid, resolve_checkpoint, show, side_by_side_extremes, to_unit
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import digits_split
+from bdiff.datasets import digits_split
+from bdiff.lit.feature_module import ensure_feature_nets
 from bdiff.metrics.features import default_cache_dir, get_feature_extractor
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.usefulness import (
     auroc_worst, fd_after_filtering, nearest_real_distance, per_sample_uncertainty, sample_score, spearman,
 )
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 
 torch.manual_seed(SEED)
 N = 48 if FAST else 1000
@@ -57,7 +58,7 @@ denoiser = load_model(ckpt_path)
 print(f"checkpoint: {ckpt_path}; Bayesian parameters: {denoiser.model.bayesian_names or 'none'}")
 
 # %%
-recipe = Recipe.from_yaml(Path("configs/sampler") / f"{RECIPE}.yaml")
+recipe = load_recipe(Path("configs/sampler") / f"{RECIPE}.yaml")
 denoiser.num_samples = recipe.posterior_samples
 result = recipe.build(denoiser).sample(N, seed=SEED)
 u = per_sample_uncertainty(result.variance)  # (N,) mean per-pixel variance
@@ -98,7 +99,8 @@ show(fig)
 # flagging the worst 20%.
 
 # %%
-extractor = get_feature_extractor("digits", train_if_missing=True)
+ensure_feature_nets(["digits"])  # trains it when the cache has none (seconds on a CPU)
+extractor = get_feature_extractor("digits")
 print(f"feature net from {default_cache_dir()}")
 f_real = extract_features(digits_split("train"), extractor)  # (N_real, 64)
 f_fake = extract_features(to_unit(result.images), extractor)  # (N, 64)

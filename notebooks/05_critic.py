@@ -43,9 +43,10 @@ from sklearn.metrics import roc_auc_score
 from bdiff.analysis import image_grid, resolve_checkpoint, show, to_unit
 from bdiff.checkpoint import load_model
 from bdiff.critic import load_critic
-from bdiff.evaluate import digits_split
-from bdiff.sampling.critic import flag_summary
-from bdiff.sampling.recipe import Recipe
+from bdiff.datasets import digits_split
+from bdiff.sampling import DPMSolverPP2M
+from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampling.recipe import Recipe, load_recipe
 
 torch.manual_seed(SEED)
 N = 48 if FAST else 500
@@ -69,7 +70,7 @@ print(f"diffusion checkpoint: {ckpt_path}\ncritic: {CRITIC}")
 # gradient matters where it still separates the two.
 
 # %%
-plain = Recipe.from_yaml("configs/sampler/dpmpp.yaml")
+plain = load_recipe("configs/sampler/dpmpp.yaml")
 fakes = plain.build(denoiser).sample(N, seed=SEED + 1).images
 real = digits_split("val") * 2 - 1
 real = real[: len(fakes)]
@@ -122,19 +123,18 @@ show(image_grid(rows, cmap={"sample": "gray", "|gradient|": "magma", "std": "mag
 # without it; BENCHMARKS.md, "Uncertainty in the sampler: what does not help").
 
 # %%
-spec = {"stepper": {"name": "dpmpp_2m"}, "steps": 9, "posterior_samples": 8, "callbacks": [
-    {"name": "critic", "critic": str(CRITIC), "weight": 2.0, "t_range": [0, 999], "threshold": 1.0, "retries": 1,
-     "t_back": 100, "max_nfe": 10}]}
-guided_only = {**spec, "steps": 10, "callbacks": [dict(spec["callbacks"][0], retries=0)]}
-runs = {
-    "plain": plain,
-    "correction": Recipe.from_dict(guided_only, name="correction"),
-    "correction + loop": Recipe.from_dict(spec, name="loop"),
-}
+def corrected(steps: int, retries: int) -> Recipe:
+    """DPM-Solver++(2M) with the critic's correction (weight 2 everywhere) and up to ``retries`` passes back."""
+    correction = CriticCorrection(critic, weight=2.0, t_range=(0, 999), threshold=1.0, retries=retries,
+                                  t_back=100, max_nfe=10)
+    return Recipe(DPMSolverPP2M(), steps, posterior_samples=8, callbacks=[correction])
+
+
+runs = {"plain": plain, "correction": corrected(10, retries=0), "correction + loop": corrected(9, retries=1)}
 outs = {name: r.build(denoiser).sample(N, seed=SEED + 1) for name, r in runs.items()}
 for name, out in outs.items():
     scores = critic(out.images, torch.zeros(N, dtype=torch.long))
-    summary = flag_summary(out.extras)
-    print(f"{name:18s} mean NFE {out.nfe.float().mean():.2f}  critic logit {scores.mean():+.2f}  "
-          f"flagged {summary.get('flagged_share', float('nan')):.2f}")
+    flags = out.output(CriticOutput)  # None: no critic in the recipe
+    flagged = flags.summary()["flagged_share"] if flags is not None else float("nan")
+    print(f"{name:18s} mean NFE {out.nfe.float().mean():.2f}  critic logit {scores.mean():+.2f}  flagged {flagged:.2f}")
 show(image_grid({name: to_unit(o.images[:10]) for name, o in outs.items()}, title="same noise, 10 calls each"))

@@ -45,7 +45,7 @@ from bdiff.sample import main, parse_args
 from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
 from bdiff.sampling.callbacks import Recorder, VarianceWeightedBlending
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.recipe import load_recipe
 from tests.test_sample_memory import tiny_checkpoint
 
 FUZZ = settings(
@@ -179,43 +179,49 @@ def test_run_with_bad_x_T(den, case: tuple[set[str], dict]) -> None:
 
 # ------------------------------------------------------------------------------ recipes
 CALLBACK_OPTIONS: dict[str, dict[str, st.SearchStrategy]] = {
-    "blend": {"strength": st.floats(0, 2)},
-    "adaptive": {"tol": st.floats(0.01, 2), "max_nfe": st.integers(1, 12), "fine_steps": st.integers(2, 80),
+    "VarianceWeightedBlending": {"strength": st.floats(0, 2)},
+    "AdaptiveStepSize": {"tol": st.floats(0.01, 2), "max_nfe": st.integers(1, 12), "fine_steps": st.integers(2, 80),
                  "sigma_floor": st.floats(0, 0.1)},
-    "refine": {"quantile": st.floats(0.05, 0.95), "jump": st.integers(1, 80), "max_passes": st.integers(0, 2),
+    "UncertainRegionRefinement": {"quantile": st.floats(0.05, 0.95), "jump": st.integers(1, 80), "max_passes": st.integers(0, 2),
                "t_range": st.lists(st.integers(0, 99), min_size=2, max_size=2).map(sorted)},
-    "recorder": {"keys": st.lists(st.sampled_from(Recorder.KEYS), max_size=3, unique=True), "every": st.integers(1, 3),
+    "Recorder": {"keys": st.lists(st.sampled_from(Recorder.KEYS), max_size=3, unique=True), "every": st.integers(1, 3),
                  "max_records": st.integers(1, 5), "max_samples": st.integers(1, 3)},
-}  # the "critic" callback needs a trained critic file; tests/test_critic*.py cover it
+}  # CriticCorrection needs a trained critic file; tests/test_critic*.py cover it
 
 
 @st.composite
 def callback_spec(draw: st.DrawFn, junk_option: bool) -> dict:
     name = draw(st.sampled_from(sorted(CALLBACK_OPTIONS)))
     options = CALLBACK_OPTIONS[name]
-    spec = {"name": name, **{k: draw(v) for k, v in options.items() if draw(st.booleans())}}
+    init_args = {k: draw(v) for k, v in options.items() if draw(st.booleans())}
     if junk_option:
-        spec[draw(st.sampled_from([*options, "bogus"]))] = draw(st.one_of(JUNK, st.floats(-5, -0.01), st.integers(-5, 0)))
-    return spec
+        init_args[draw(st.sampled_from([*options, "bogus"]))] = draw(st.one_of(JUNK, st.floats(-5, -0.01), st.integers(-5, 0)))
+    return {"class_path": name, "init_args": init_args}
+
+
+def _part(name: str, **init_args: object) -> dict:
+    return {"class_path": name, "init_args": init_args}
 
 
 RECIPE_ARGS = args_with_bad(
     valid={
-        "stepper": st.one_of(st.sampled_from(["ddim", "ddpm", "dpmpp_2m", "unipc"]), st.builds(lambda eta: {"name": "ddim", "eta": eta}, st.floats(0, 1))),
+        "stepper": st.one_of(st.sampled_from(["DDIM", "DDPM", "DPMSolverPP2M", "UniPC"]),
+                             st.builds(lambda eta: _part("DDIM", eta=eta), st.floats(0, 1))),
         "steps": st.integers(1, 6),
         "posterior_samples": st.integers(1, 4),
         "callbacks": st.lists(callback_spec(False), max_size=3),
-        "spacing": st.one_of(st.sampled_from(["trailing", "karras"]), st.builds(lambda r: {"name": "karras", "rho": r}, st.floats(0.5, 10))),
+        "grid": st.one_of(st.sampled_from(["trailing", "karras"]).map(lambda g: _part("ScheduleGrid", spacing=g)),
+                          st.builds(lambda r: _part("ScheduleGrid", spacing="karras", rho=r), st.floats(0.5, 10))),
         "colour": st.just(None),
     },
     bad={
-        "stepper": st.one_of(JUNK, st.builds(lambda n, v: {"name": n, "eta": v}, st.sampled_from(["ddim", "heun"]), JUNK)),
+        "stepper": st.one_of(JUNK, st.builds(lambda n, v: _part(n, eta=v), st.sampled_from(["DDIM", "Heun"]), JUNK)),
         "steps": st.one_of(JUNK, st.integers(-2, 0)),
         "posterior_samples": st.one_of(JUNK, st.integers(-2, 0)),
         "callbacks": st.one_of(st.just(True), st.integers(1, 3), st.floats(allow_nan=True).filter(bool), st.text(min_size=1, max_size=3),
                                st.dictionaries(st.text(max_size=2), st.integers(), min_size=1, max_size=1), st.lists(JUNK, min_size=1, max_size=2),
                                st.lists(callback_spec(True), min_size=1, max_size=2)),
-        "spacing": st.one_of(JUNK, st.builds(lambda r: {"name": "karras", "rho": r}, JUNK)),
+        "grid": st.one_of(JUNK, st.builds(lambda r: _part("ScheduleGrid", spacing="karras", rho=r), JUNK)),
         "colour": JUNK,
     },
 )
@@ -226,8 +232,8 @@ RECIPE_ARGS = args_with_bad(
 def test_recipe_from_random_dicts(den, case: tuple[set[str], dict]) -> None:
     broken, values = case
     data = {k: v for k, v in values.items() if k != "colour" or "colour" in broken}
-    words = {"colour": "unknown key", "callbacks": "callback"}
-    recipe = expect_clear(lambda: Recipe.from_dict(data, name="fuzz"), broken, words)
+    words = {"colour": "colour", "callbacks": "callback"}
+    recipe = expect_clear(lambda: load_recipe(data, name="fuzz"), broken, words)
     if isinstance(recipe, Exception):
         return
     result = recipe.build(den).sample(2, seed=1)  # a validated recipe (steps <= T here) samples without error
@@ -240,11 +246,11 @@ def test_recipe_from_random_yaml(text: str, raw: bool) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fuzzed_recipe.yaml"
         path.write_bytes(text.encode("latin-1", "replace") if raw else text.encode())
-        expect_clear(lambda: Recipe.from_yaml(path), {"fuzzed_recipe"})  # names the file or the recipe
+        expect_clear(lambda: load_recipe(path), {"fuzzed_recipe"})  # names the file or the recipe
 
 
 # ----------------------------------------------------------------------------------- CLI
-TOKENS = st.sampled_from(["--ckpt", "--config", "--n", "--seed", "--out", "--batch-size", "--devices", "--accelerator",
+TOKENS = st.sampled_from(["--ckpt", "--sampler", "--n", "--seed", "--out", "--batch-size", "--devices", "--accelerator",
                           "-1", "0", "3", "x", "1e3", "2.5", "cuda", "mps", "cpu", "", "--bogus", "a.npz"])
 
 
@@ -284,19 +290,19 @@ def test_cli_main(ckpt: Path, case: tuple[set[str], dict]) -> None:
                      "truncated": root / "cut.ckpt", "directory": root}[a["ckpt"]]
         config = root / "recipe_zz.yaml"
         (root / "old.npz").write_bytes(b"an earlier run")
-        config.write_text({"ok": "stepper: ddim\nsteps: 2\nposterior_samples: 2\n", "junk yaml": "{: [", "list": "- 1\n",
-                           "bad steps": "stepper: ddim\nsteps: 0\n", "missing": "",
-                           "unknown callback": "stepper: ddim\nsteps: 2\ncallbacks: [magic]\n"}[a["config"]])
+        config.write_text({"ok": "stepper: DDIM\nsteps: 2\nposterior_samples: 2\n", "junk yaml": "{: [", "list": "- 1\n",
+                           "bad steps": "stepper: DDIM\nsteps: 0\n", "missing": "",
+                           "unknown callback": "stepper: DDIM\nsteps: 2\ncallbacks: [Magic]\n"}[a["config"]])
         if a["config"] == "missing":
             config.unlink()
         out = {"ok": root / "s.npz", "nested": root / "a" / "b" / "s.npz", "existing": root / "old.npz", "directory": root}[a["out"]]
-        argv = ["--ckpt", str(ckpt_path), "--config", str(config), "--n", str(a["n"]), "--batch-size", str(a["batch_size"]),
+        argv = ["--ckpt", str(ckpt_path), "--sampler", str(config), "--n", str(a["n"]), "--batch-size", str(a["batch_size"]),
                 "--out", str(out)]
         err = io.StringIO()
         words = {"ckpt": ckpt_path.name, "config": "recipe_zz"}
         early = {"n", "batch_size", "out"}  # the parser checks these
-        if a["config"] in ("missing", "junk yaml", "list"):
-            early.add("config")  # a --config that is not a YAML mapping: jsonargparse's error, naming the key
+        if a["config"] in ("missing", "junk yaml", "list", "unknown callback"):
+            early.add("config")  # a --sampler file the parser refuses (not a mapping, an unknown class): its error
         expected = broken - early or ({"(a usage error)"} if broken else set())
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

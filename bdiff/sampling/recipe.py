@@ -21,6 +21,7 @@ Every bad entry raises before any sampling, naming the key.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,6 +75,10 @@ class Recipe:
                        timesteps=self.grid.timesteps(denoiser, self.steps))
 
 
+RECIPE_KEYS = ("stepper", "steps", "grid", "posterior_samples", "callbacks")
+"""The keys of a recipe file: :class:`Recipe`'s arguments."""
+
+
 def add_recipe_arguments(parser: ArgumentParser, key: str = "sampler") -> None:
     """:class:`Recipe`'s arguments as the group ``--<key>`` of ``parser``: ``--sampler FILE`` reads a recipe
     file, ``--sampler.steps 20`` overrides one key."""
@@ -105,11 +110,34 @@ def load_recipe(source: dict[str, Any] | str | Path | Namespace, name: str | Non
         else:
             data = source.clone().as_dict() if isinstance(source, Namespace) else dict(source)
             data.pop("__path__", None)
+            unknown = sorted(map(str, set(data) - set(RECIPE_KEYS)))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown}; a recipe has {list(RECIPE_KEYS)}")
             cfg = parser.parse_object({"recipe": data})
-        recipe: Recipe = parser.instantiate(cfg).recipe
-    except (ArgumentError, TypeError, ValueError) as e:  # types (the parser), ranges (the constructors)
+    except (ArgumentError, TypeError, ValueError) as e:  # names and types, checked by the parser
         raise ValueError(f"sampler recipe {label!r}: {' '.join(str(e).split())}") from e
+    try:
+        recipe: Recipe = parser.instantiate(cfg).recipe
+    except (TypeError, ValueError) as e:  # ranges, checked by the constructors
+        message = _failing_part(cfg.recipe) or str(e)
+        raise ValueError(f"sampler recipe {label!r}: {' '.join(message.split())}") from e
     data = cfg.recipe.clone().as_dict()
     data.pop("__path__", None)
     recipe.config, recipe.name = data, label
     return recipe
+
+
+def _failing_part(recipe: Namespace) -> str:
+    """``"<key> (<class>): <its error>"`` for the first part of a parsed recipe whose constructor refuses its
+    arguments, else "" (then the recipe's own arguments are at fault)."""
+    parts = [("stepper", recipe.stepper), ("grid", recipe.grid)]
+    parts += [(f"callbacks[{i}]", spec) for i, spec in enumerate(recipe.callbacks or [])]
+    for key, spec in parts:
+        if not isinstance(spec, Namespace):
+            continue
+        module, name = spec.class_path.rsplit(".", 1)
+        try:
+            getattr(importlib.import_module(module), name)(**(spec.get("init_args") or Namespace()).as_dict())
+        except (TypeError, ValueError) as e:
+            return f"{key} ({name}): {e}"
+    return ""
