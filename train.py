@@ -7,9 +7,10 @@
 
 from pathlib import Path
 
+from bdiff.console import exit_on_user_error
 from bdiff.lit.cli import main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.yaml"
 
 if __name__ == "__main__":
-    main(DEFAULT_CONFIG)
+    exit_on_user_error(lambda: main(DEFAULT_CONFIG))

@@ -7,7 +7,8 @@ Options can also come from a YAML file (``--config``; ``--print_config`` prints 
 Prints Markdown tables and writes ``metrics.json``, ``metrics.md`` and (with
 ``--ckpt``) ``reliability.png`` into ``--out-dir``. Quality is reported in every
 feature space named by ``--features`` (default: ``digits``, a small CNN classifier
-trained on the real digits by ``python -m bdiff.lit.feature_module cache``;
+trained on the real digits by ``python -m bdiff.lit.feature_module cache``, or here with
+``--train-features-if-missing``;
 ``digits_mlp``, a fully connected classifier from another seed; ``pixels``, the raw
 64 pixels); ``inception`` is the standard FID network when torch-fidelity and its
 weights are installed. The first space is the primary one: its numbers are also the
@@ -25,43 +26,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, Namespace
 
+from bdiff.console import ArgumentParser, exit_on_user_error, program_name
+from bdiff.datasets import digits_split
 from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
-from bdiff.metrics.features import DIGITS_SPACES, default_cache_dir, get_feature_extractor
-from bdiff.metrics.frechet import cached_features, extract_features
+from bdiff.metrics.features import DIGITS_SPACES
+from bdiff.metrics.references import references_for
 from bdiff.metrics.report import evaluate_sample_set, filtering_in_spaces, markdown_table, quality_in_spaces
+from bdiff.metrics.samples_file import SampleSet, load_samples
 from bdiff.metrics.usefulness import sample_score
-from bdiff.metrics.samples_file import load_samples
 
 CALIBRATION_T = (10, 50, 100, 250, 500, 750, 950)
-
-
-def digits_split(split: str, seed: int = 0) -> torch.Tensor:
-    """Real digits of the training or validation split in [0, 1], (N,1,8,8)."""
-    from bdiff.lit.data import DigitsDataModule
-
-    dm = DigitsDataModule(seed=seed)
-    dm.setup("fit")
-    ds = dm.train_dataset if split == "train" else dm.val_dataset
-    return (torch.stack([ds[i] for i in range(len(ds))]) + 1) / 2
-
-
-def reference_features(extractor: torch.nn.Module, name: str, cache_dir: Path) -> torch.Tensor:
-    """Features of the real digits training split, cached under ``cache_dir``."""
-    return cached_features(f"ref_{name}_digits_train", cache_dir, lambda: extract_features(digits_split("train"), extractor))
-
-
-def reference_for(features: str = "digits", train_if_missing: bool = True, fallback: str | None = None):
-    """(extractor, features of the real digits training split) for the named extractor."""
-    extractor = get_feature_extractor(features, fallback=fallback, train_if_missing=train_if_missing)
-    return extractor, reference_features(extractor, features, default_cache_dir())
-
-
-def references_for(spaces: tuple[str, ...] | list[str] = DIGITS_SPACES, train_if_missing: bool = True,
-                   fallback: str | None = None) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
-    """{space: (extractor, features of the real digits training split)} for every named space."""
-    return {name: reference_for(name, train_if_missing, fallback) for name in spaces}
 
 
 def calibration_report(ckpt: str, out_dir: Path) -> list[dict[str, Any]]:
@@ -93,9 +69,8 @@ def log_to_wandb(project: str, metrics: dict[str, Any], config: dict[str, Any], 
     run.finish()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from bdiff.sample import program_name
-
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    """The command line (jsonargparse; a bad option ends in one line and exit status 2)."""
     p = ArgumentParser(prog=program_name("bdiff-evaluate", "bdiff.evaluate"), description=__doc__.splitlines()[0])
     p.add_argument("--config", action=ActionConfigFile, help="the options below as YAML (e.g. saved with --print_config)")
     p.add_argument("--samples", type=str, required=True, help="samples.npz written by python -m bdiff.sample")
@@ -108,25 +83,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-dir", type=Optional[str], default=None, help="default: next to the samples file")
     p.add_argument("--wandb-project", type=Optional[str], default=None, help="also log the metrics to this W&B project")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also BDIFF_DEBUG=1)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    samples = load_samples(args.samples)  # validates shape, range, dtype, keys
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    references = references_for(args.features, args.train_features_if_missing, args.fallback)
-    extractor, f_real = references[args.features[0]]
-    metrics: dict[str, Any] = {"samples": str(args.samples), "features": args.features[0], "config": samples.config}
+
+def sample_metrics(samples: SampleSet, references: dict[str, tuple[torch.nn.Module, torch.Tensor]],
+                   primary: str) -> dict[str, Any]:
+    """Quality in every feature space of ``references`` (``primary``'s also at the top level) and, for samples
+    with variance maps, filtering by the per-sample score."""
+    extractor, f_real = references[primary]
+    metrics: dict[str, Any] = {"features": primary, "config": samples.config}
     metrics.update(evaluate_sample_set(samples, f_real, extractor))
-    primary = {k: metrics[k] for k in ("fd", "kid", "kid_std", "precision", "recall", "confidence") if k in metrics}
-    others = {name: ref for name, ref in references.items() if name != args.features[0]}
-    metrics["spaces"] = {args.features[0]: primary, **quality_in_spaces(samples.images, others)}  # primary not twice
+    top = {k: metrics[k] for k in ("fd", "kid", "kid_std", "precision", "recall", "confidence") if k in metrics}
+    others = {name: ref for name, ref in references.items() if name != primary}
+    metrics["spaces"] = {primary: top, **quality_in_spaces(samples.images, others)}  # primary not twice
     if samples.variance is not None and float(samples.variance.max()) > 0 and len(samples.images) >= 10:
         score = samples.score if samples.score is not None else sample_score(samples.images, samples.variance)
         metrics["filtering"] = filtering_in_spaces(samples.images, score, references)
-    if args.ckpt:
-        metrics["calibration"] = calibration_report(args.ckpt, out_dir)
+    return metrics
 
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """The metrics as Markdown tables: the headline numbers, one row per feature space, filtering, calibration."""
     columns = [c for c in ("n", "fd", "kid", "precision", "recall", "nfe", "seconds", "samples_per_second", "peak_memory_mb",
                            "fd_drop_uncertain", "fd_drop_random_mean", "spearman_uncertainty_vs_nn_distance",
                            "auroc_worst_20") if c in metrics]
@@ -141,6 +118,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "calibration" in metrics:
         md += "\n\n" + markdown_table(metrics["calibration"], ["t", "mse", "z2_total", "z2_aleatoric", "z2_epistemic",
                                                                "nll_total", "mean_var_epistemic"])
+    return md
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m bdiff.evaluate``: the metrics of ``--samples``, written to ``--out-dir`` and printed."""
+    args = parse_args(argv)
+    samples = load_samples(args.samples)  # validates shape, range, dtype, keys
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.samples).with_suffix("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.train_features_if_missing:
+        from bdiff.lit.feature_module import ensure_feature_nets
+
+        ensure_feature_nets([*args.features, args.fallback])
+    metrics = {"samples": str(args.samples),
+               **sample_metrics(samples, references_for(args.features, args.fallback), args.features[0])}
+    if args.ckpt:
+        metrics["calibration"] = calibration_report(args.ckpt, out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    md = metrics_markdown(metrics)
     (out_dir / "metrics.md").write_text(md + "\n")
     print(md)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
@@ -150,6 +146,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from bdiff.scripts import exit_on_user_error
-
     exit_on_user_error(main)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from jsonargparse import ArgumentParser
 
 from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model, read_checkpoint
+from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.files import atomic_path
 from bdiff.lit.module import DiffusionModule
+
 
 def datamodule_of(ckpt: dict[str, Any]) -> Any:
     """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
@@ -58,8 +59,7 @@ def refit(path: str | Path, out: str | Path | None = None) -> EpistemicErrorScal
 
 
 def main(argv: list[str] | None = None) -> EpistemicErrorScale:
-    from bdiff.sample import program_name
-
+    """``python -m bdiff.recalibrate``: refit r(t) of ``--ckpt`` and print it per knot."""
     p = ArgumentParser(prog=program_name("bdiff-recalibrate", "bdiff.recalibrate"), description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py")
     p.add_argument("--out", type=Optional[str], default=None, help="write the result here instead of replacing --ckpt")
@@ -74,6 +74,4 @@ def main(argv: list[str] | None = None) -> EpistemicErrorScale:
 
 
 if __name__ == "__main__":
-    from bdiff.scripts import exit_on_user_error
-
     exit_on_user_error(main)

@@ -10,19 +10,21 @@ configs live in the repository's ``configs/`` folder, not in the installed packa
 that needs one it cannot find (started outside the repository, or a mistyped path) says so in
 one line and exits with status 2 instead of printing a parser's usage or a traceback.
 
-``bdiff-sample`` and ``bdiff-evaluate`` (and their ``python -m`` forms) treat every error they
-raise for bad input -- a ValueError or FileNotFoundError naming the file, recipe key or value --
-the same way: ``error: <message>`` on one line, exit status 2 (as argparse does). ``--debug`` or
-the environment variable ``BDIFF_DEBUG=1`` shows the full traceback instead.
+Every command (and its ``python`` form) ends a bad option, and every error it raises for bad input
+-- a ValueError or FileNotFoundError naming the file, recipe key or value -- in one line
+``error: <message>`` with exit status 2 (:mod:`bdiff.console`). The environment variable
+``BDIFF_DEBUG=1`` (or ``--debug`` for ``bdiff-sample`` and ``bdiff-evaluate``) shows the full
+traceback instead.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from bdiff.console import exit_on_user_error, fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, for a source or editable install
 DEFAULT_TRAIN_CONFIG = Path("configs") / "digits.yaml"
@@ -63,41 +65,13 @@ def missing_config_message(command: str, argv: Sequence[str]) -> str | None:
     return None
 
 
-USER_ERRORS = (ValueError, FileNotFoundError)  # what bdiff raises for bad files, recipes and values
-DEBUG_FLAG, DEBUG_ENV = "--debug", "BDIFF_DEBUG"
-
-
-def _fail(message: str) -> None:
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
-
-
-def debug_requested(argv: Sequence[str] | None = None) -> bool:
-    """True if ``--debug`` is on the command line or ``BDIFF_DEBUG`` is set (not empty or 0)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def exit_on_user_error(main: Callable[[], object]) -> None:
-    """Run ``main()``; a user error (:data:`USER_ERRORS`) ends in one line ``error: <message>`` and exit 2.
-
-    With ``--debug`` or ``BDIFF_DEBUG=1`` the error propagates with its traceback.
-    """
-    try:
-        main()
-    except USER_ERRORS as e:
-        if debug_requested():
-            raise
-        _fail("error: " + " ".join(str(e).split()))
-
-
-def _run(command: str, main: Callable[[], object], user_errors: bool = False) -> None:
+def _run(command: str, main: Callable[[], object]) -> None:
     """Run ``main`` after checking the config files named on the command line; a config file missing
-    later on (e.g. a default path inside a config) is reported in one line too, and with
-    ``user_errors`` every other user error (:func:`exit_on_user_error`)."""
+    later on (e.g. a default path inside a config) is reported in one line too, and so is every other
+    user error (:func:`~bdiff.console.exit_on_user_error`)."""
     message = missing_config_message(command, sys.argv[1:])
     if message:
-        _fail(message)
+        fail(message)
 
     def checked() -> None:
         try:
@@ -105,10 +79,10 @@ def _run(command: str, main: Callable[[], object], user_errors: bool = False) ->
         except FileNotFoundError as e:
             if not CONFIG_PATH.search(f"{e.filename or ''} {e}"):
                 raise
-            _fail(f"{command}: {e} (looked in {Path.cwd()}); run from the bdiff repository root, where configs/ is, "
+            fail(f"{command}: {e} (looked in {Path.cwd()}); run from the bdiff repository root, where configs/ is, "
                   "or pass the file's full path")
 
-    exit_on_user_error(checked) if user_errors else checked()
+    exit_on_user_error(checked)
 
 
 def train() -> None:
@@ -120,7 +94,7 @@ def train() -> None:
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
     default = default_train_config()
     if default is None and not has_config and not wants_help:
-        _fail(f"bdiff-train: no --config given and the default {DEFAULT_TRAIN_CONFIG} is not in {Path.cwd()}; "
+        fail(f"bdiff-train: no --config given and the default {DEFAULT_TRAIN_CONFIG} is not in {Path.cwd()}; "
               f"pass --config <file> or run from the bdiff repository root (e.g. bdiff-train fit --config "
               f"configs/mnist.yaml there)")
     _run("bdiff-train", lambda: main(default if default is not None else DEFAULT_TRAIN_CONFIG))
@@ -130,14 +104,14 @@ def sample() -> None:
     """``bdiff-sample``: ``python -m bdiff.sample``."""
     from bdiff.sample import main
 
-    _run("bdiff-sample", main, user_errors=True)
+    _run("bdiff-sample", main)
 
 
 def evaluate() -> None:
     """``bdiff-evaluate``: ``python -m bdiff.evaluate``."""
     from bdiff.evaluate import main
 
-    _run("bdiff-evaluate", main, user_errors=True)
+    _run("bdiff-evaluate", main)
 
 
 def critic() -> None:

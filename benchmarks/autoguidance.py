@@ -23,25 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bdiff.checkpoint import load_model
+from bdiff.metrics.frechet import extract_features
+from bdiff.metrics.report import quality_from_features
+from bdiff.sampling import Sampler, UniPC
+from bdiff.sampling.autoguidance import Autoguidance
+from bdiff.sampling.fitted_grid import fitted_timesteps
+from common import RESULTS, ROOT, references_for, write_results
+from peers import parse_run
 
-from peers import parse_run, write_results  # noqa: E402
-
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import references_for  # noqa: E402
-from bdiff.metrics.frechet import extract_features  # noqa: E402
-from bdiff.metrics.report import quality_from_features  # noqa: E402
-from bdiff.sampling import Sampler, UniPC  # noqa: E402
-from bdiff.sampling.autoguidance import Autoguidance  # noqa: E402
-from bdiff.sampling.fitted_grid import fitted_timesteps  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 GUIDES = {"half width, quarter steps": (), "full width, quarter steps": ("--model.net.base_channels=32",)}
 """Guides: ``configs/digits_guide.yaml`` (16 channels, 1,200 steps) and the same at the default's 32 channels."""
 WEIGHTS = (0.02, 0.05, 0.15)

@@ -18,9 +18,7 @@ round, ``--rounds`` rounds, medians (``benchmarks/timing.py``), 2 threads.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -31,11 +29,8 @@ from bdiff.bayes.predictive import draw_weights, predict_with_weights
 from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_json
+from timing import interleaved_medians
 
 
 def default_config() -> dict:
@@ -102,7 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default=str(default_config()["trainer"]["precision"]),
                         help="of the training step (default: configs/digits.yaml's trainer.precision)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bayes_overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bayes_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = default_model_args()
@@ -150,8 +145,7 @@ def main() -> None:
         "deterministic_forward_s": det_fwd,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"deterministic: train step {det_step * 1e3:.1f} ms, forward {det_fwd * 1e3:.1f} ms (batch {args.batch})")
     print("| Bayesian layers | Bayesian params | train step | vs det. | predict (default) | vs det. fwd | "
           f"predict K={args.k} sampled | vs det. fwd |")

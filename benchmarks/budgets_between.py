@@ -21,20 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from peers import parse_run, run_ours, write_results  # noqa: E402
-from sampler_claims import RESULTS, Run, score_row  # noqa: E402
-
-from bdiff.evaluate import references_for  # noqa: E402
-from bdiff.sampling.budget import BEST_RECIPES, FEWER_CALLS, recipe_for_budget, rescale  # noqa: E402
-from bdiff.sampling.recipe import Recipe  # noqa: E402
+from bdiff.sampling.budget import BEST_RECIPES, FEWER_CALLS, recipe_for_budget, rescale
+from bdiff.sampling.recipe import Recipe
+from common import RESULTS, references_for, write_results
+from peers import parse_run, run_ours
+from sampler_claims import Run, score_row
 
 FITTED = {"name": "fitted"}
 CANDIDATES: dict[str, dict[str, Any]] = {

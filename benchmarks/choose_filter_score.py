@@ -16,19 +16,13 @@ Writes ``benchmarks/results/choose_filter_score.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import references_for
 from bdiff.metrics.report import filtering_in_spaces
 from bdiff.metrics.usefulness import per_sample_uncertainty, uncertainty_within_clusters
 from bdiff.sampling.budget import recipe_for_budget
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import run_ours, write_results  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, references_for, write_results
+from peers import run_ours
 CLUSTERS = (5, 10, 20, 50, 100)
 
 
@@ -54,7 +48,7 @@ def main() -> None:
                     row[f"{space} err"] = r["error_certain"] / r["error_random"]
             rows.append(row)
             print(row, flush=True)
-    write_results(ROOT / "benchmarks" / "results", args.stem, {"ckpt": args.ckpt, "seed": args.seed, "rows": rows},
+    write_results(RESULTS, args.stem, {"ckpt": args.ckpt, "seed": args.seed, "rows": rows},
                   rows, list(rows[0]))
 
 

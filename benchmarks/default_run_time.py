@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_json
 
 # (part, pattern over SimpleProfiler action names); an action counts in the first part it matches.
 PARTS: tuple[tuple[str, str], ...] = (
@@ -65,7 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--label", default="default", help="name of this row in the results file")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "default_run_time.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "default_run_time.json")
     p.add_argument("--keep-run", type=Path, default=None,
                    help="train into this folder and keep it (checkpoints, W&B files) instead of a temporary one")
     p.add_argument("overrides", nargs="*", help="extra train.py arguments, after --")
@@ -107,8 +107,7 @@ def main() -> None:
         "threads": os.cpu_count(),
     }
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps([*rows, row], indent=1) + "\n")
+    write_json(args.out, [*rows, row])
     print(f"{row['label']}: {row['wall_s']:.0f} s = {row['wall_s'] / 60:.1f} min, {steps_calls} steps at "
           f"{row['ms_per_step']} ms")
     for name, seconds in row["parts_s"].items():

@@ -29,15 +29,13 @@ import torch
 
 from bdiff.bayes.recalibration import FINAL_DRAWS, default_knots, fit_calibration, knot_errors
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import digits_split, references_for
+from bdiff.datasets import digits_split
 from bdiff.metrics.calibration import calibration_at_t
 from bdiff.metrics.features import DIGITS_SPACES
 from bdiff.metrics.report import markdown_table, quality_in_spaces
 from bdiff.sampling.noise import NoiseSource
-
-from peers import GRIDS, Peer, run_peer, write_results  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, references_for, write_results
+from peers import GRIDS, Peer, run_peer
 CALIBRATION_T = (10, 50, 100, 250, 500, 750)
 # Noise draws per held-out image and t when scoring z^2. One draw (the first ones written here)
 # is a noisy estimate: over 8 draws the recalibrated z^2 at t = 10 has an sd of 0.06-0.07 on
@@ -186,7 +184,7 @@ def main() -> None:
     p.add_argument("--grids", nargs="+", default=list(GRIDS), choices=GRIDS)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--stem", default="denoiser_quality")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--append", action="store_true", help="keep the other models of an earlier <stem>.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the 2 cores)")
     p.add_argument("--current-weights", nargs="+", default=[], metavar="NAME@SEED",

@@ -8,7 +8,7 @@ validation). Per budget (5, 10, 20 NFE): the ``--nfe`` recipe (:mod:`bdiff.sampl
 the same recipe plus variance-weighted blending (with ``--adaptive-and-refine`` also plus adaptive
 steps, and plus one refinement pass of the uncertain pixels with one solver step fewer), each with the
 head's epistemic variance alone
-(``head``) and with the GP's added (``gp``). Per feature space (``bdiff.evaluate.references_for``):
+(``head``) and with the GP's added (``gp``). Per feature space (``common.references_for``):
 FD, precision, recall; blending's Kalman gain (mean, and per step from the noisiest); the calibration of the total variance on
 held-out digits (z^2 per t after the per-t recalibration, cross-fitted as in ``denoiser_quality.py``); and the ranking only epistemic can serve:
 AUROC of each sample's propagated uncertainty (mean of its variance map) for the 20% of samples
@@ -24,8 +24,6 @@ Writes ``benchmarks/results/epistemic_sampler.json`` and ``.md`` (and ``_calibra
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +31,7 @@ import torch
 from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.bayes.recalibration import FINAL_DRAWS, default_knots, fit_calibration, knot_errors
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import digits_split, references_for
+from bdiff.datasets import digits_split
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import quality_from_features
 from bdiff.metrics.usefulness import (
@@ -45,12 +43,9 @@ from bdiff.metrics.usefulness import (
 )
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from denoiser_quality import calibration_rows  # noqa: E402  (benchmarks/ is the script's folder)
-from peers import run_ours, write_results  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, references_for, write_results
+from denoiser_quality import calibration_rows
+from peers import run_ours
 
 
 ADAPTIVE_TOL = {5: 0.25, 10: 0.2, 20: 0.15}
@@ -151,9 +146,8 @@ def main() -> None:
             *[f"{s}/fd" for s in spaces], *[f"{s}/auroc_far" for s in spaces],
             *[f"{s}/auroc_unsure" for s in spaces if f"{s}/auroc_unsure" in rows[0]],
             *[f"{s}/filter" for s in spaces], *[f"{s}/filter_clusters" for s in spaces]]
-    out = ROOT / "benchmarks" / "results"
-    write_results(out, args.stem, {"args": vars(args), "rows": rows, "calibration": calibration}, rows, cols)
-    write_results(out, f"{args.stem}_calibration", calibration, calibration,
+    write_results(RESULTS, args.stem, {"args": vars(args), "rows": rows, "calibration": calibration}, rows, cols)
+    write_results(RESULTS, f"{args.stem}_calibration", calibration, calibration,
                   ["run", "epistemic", "t", "mse", "mean_var_epistemic", "z2_total", "z2_total_recalibrated"])
 
 

@@ -20,9 +20,7 @@ attention-free U-Net); the whole runs' wall times are measured by ``time``
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -32,12 +30,9 @@ from bdiff.bayes import BayesConfig
 from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bayes_overhead import train_step_fn  # noqa: E402  (benchmarks/ is the script's folder)
-from timing import interleaved_medians  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from bayes_overhead import train_step_fn
+from common import RESULTS, ROOT, write_json
+from timing import interleaved_medians
 
 
 def parse_variant(item: str) -> tuple[str, dict]:
@@ -62,7 +57,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (benchmarks/timing.py)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "equal_time_steps.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "equal_time_steps.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = resolved_config(args.config)  # with the code defaults the YAML leaves out
@@ -86,11 +81,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:12s} {r['params']:9d} params  {r['step_ms']:6.1f} ms/step  "
               f"{r['step_ratio']:.2f}x  equal-time steps {r['equal_time_steps']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
-                                    "default_steps": steps, "precision": trainer["precision"], "rounds": args.rounds,
-                                    "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-                                    "rows": rows}, indent=1))
+    config = str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config)
+    write_json(args.out, {"config": config, "default_steps": steps, "precision": trainer["precision"],
+                          "rounds": args.rounds, "threads": args.threads,
+                          "cpu": platform.processor() or platform.machine(), "rows": rows})
 
 
 if __name__ == "__main__":

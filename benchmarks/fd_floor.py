@@ -26,23 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bdiff.checkpoint import load_model
+from bdiff.datasets import digits_split
+from bdiff.metrics.frechet import extract_features, frechet_distance_from_features
+from bdiff.sampling.budget import recipe_for_budget
+from bdiff.sampling.noise import NoiseSource
+from common import RESULTS, references_for, write_results
+from peers import Peer, run_ours, run_peer
 
-from peers import Peer, run_ours, run_peer, write_results  # noqa: E402
-
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import digits_split, references_for  # noqa: E402
-from bdiff.metrics.frechet import extract_features, frechet_distance_from_features  # noqa: E402
-from bdiff.sampling.budget import recipe_for_budget  # noqa: E402
-from bdiff.sampling.noise import NoiseSource  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CLAIMS = RESULTS / "sampler_claims_cosine.json"
 MEMORIZER_DRAWS = 5
 SUBSETS = 50

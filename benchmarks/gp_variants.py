@@ -44,7 +44,6 @@ Writes ``gp_nearest_class<c>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -55,10 +54,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.checkpoint import load_model
+from common import RESULTS, ROOT, write_json
+from heldout_class import split_images
 
-from heldout_class import split_images  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
 TIMESTEPS = (50, 100, 250, 500)
 RFF_VARIANTS = {"D 2048, noise 0.1 (the library's form until the eighth session)": (2048, 0.5, 0.1),
                 "noise 0.01": (2048, 0.5, 0.01), "lengthscale 0.3": (2048, 0.3, 0.1),
@@ -264,7 +262,7 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=3)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldout")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--where", action="store_true", help="compare where the GP looks (encoder levels, the x0 estimate)")
     p.add_argument("--per-t", action="store_true", help="a GP per t, fitted on training activations at that t only")
     p.add_argument("--nearest", action="store_true", help="the library's GP (per t-knot, nearest neighbours) over its settings")
@@ -277,11 +275,10 @@ def main() -> None:
     den = load_model(found[0])
     train_x, seen, held = split_images(args.heldout)
     if args.where or args.per_t or args.nearest:
-        args.out.mkdir(parents=True, exist_ok=True)
         mode = "where" if args.where else "per_t" if args.per_t else "nearest"
         rows = {"where": where_rows, "per_t": per_t_rows, "nearest": nearest_rows}[mode](den, train_x, seen, held)
         stem = f"gp_{mode}"
-        (args.out / f"{stem}_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
+        write_json(args.out / f"{stem}_class{args.heldout}.json", rows)
         return
     acts = scored_activations(den, seen, held)
     g = torch.Generator().manual_seed(0)
@@ -295,8 +292,7 @@ def main() -> None:
             for name, (d, ell, noise) in RFF_VARIANTS.items()]
     for m, ell, noise in EXACT_VARIANTS:
         rows.append(score(f"exact GP, M {m}, lengthscale {ell}, noise {noise}", exact_gp(train_acts, m, ell, noise), acts))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gp_variants_class{args.heldout}.json").write_text(json.dumps(rows, indent=2))
+    write_json(args.out / f"gp_variants_class{args.heldout}.json", rows)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,20 @@ default run's 4,800 to fit the CPU budget) and scores every posterior design on:
   over members, averaged per image) on the seen-class validation images, and the ensemble's
   own ratio/AUROC (what epistemic *should* look like).
 
-Designs (``bdiff.bayes``), all on the same trained trunk: ``meanfield_head`` (the trained
+Designs, all on the same trained trunk (the shipped ones from ``bdiff.bayes``, the others from
+``benchmarks/heldout_baselines/``): ``meanfield_head`` (the trained
 mean-field head, today's default); ``laplace_head`` (closed-form full-covariance posterior of
-the head, :mod:`bdiff.bayes.laplace`; its prior precision is chosen by held-out
+the head, :mod:`heldout_baselines.laplace`; its prior precision is chosen by held-out
 log-likelihood on the seen-class validation images from a grid, never by the held-out class);
 ``meanfield_last_block`` (with ``--block-classes``: its own run with the last decoder ResBlock's
 convs and the head mean-field Bayesian, K = 8 sampled weights); ``meanfield_mid_block`` (with
 ``--mid-classes``: its own run with the bottleneck ResBlocks' convs and the head mean-field, K = 8); ``rpf_head_ensemble_8`` (8 two-layer heads with randomized prior functions and bootstrap,
-:mod:`bdiff.bayes.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps);
+:mod:`heldout_baselines.head_ensemble`, beta = 1, trained ``--head-ensemble-steps`` steps);
 ``bottleneck_gp`` (a random-feature GP on the bottleneck activations, its posterior variance
 as the epistemic variance, :mod:`bdiff.bayes.bottleneck_gp`; defaults chosen on class 3);
 ``decoder_ensemble_M`` (``--decoder-members`` freshly initialised decoders -- up path with its
 skips, final norm, head -- on the trained model's frozen encoder, bootstrap L_simple for
-``--decoder-ensemble-steps`` steps, :mod:`bdiff.bayes.decoder_ensemble`).
+``--decoder-ensemble-steps`` steps, :mod:`heldout_baselines.decoder_ensemble`).
 
 Cost: per design, the median time of one ``predict`` on a batch of 256 over that of one
 deterministic forward of the trained network (timed interleaved, 15 rounds, so machine load
@@ -54,19 +55,16 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from bdiff.bayes.bottleneck_gp import BottleneckGP
-from bdiff.bayes.decoder_ensemble import DecoderEnsemble
-from bdiff.bayes.head_ensemble import HeadEnsemble
-from bdiff.bayes.laplace import HeadLaplace, default_prior_precision, head_fisher
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
 from bdiff.lit.data import DigitsDataModule
 from bdiff.metrics.usefulness import spearman
+from common import RESULTS, ROOT, write_results
+from heldout_baselines.decoder_ensemble import DecoderEnsemble
+from heldout_baselines.head_ensemble import HeadEnsemble
+from heldout_baselines.laplace import HeadLaplace, default_prior_precision, head_fisher
+from timing import interleaved_medians
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import write_results  # noqa: E402  (benchmarks/ is the script's folder)
-from timing import interleaved_medians  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 TIMESTEPS = (10, 50, 100, 250, 500, 750)
 SUMMARY_T = (50, 100, 250, 500)  # the targets' range t in [50, 500]
 PRIOR_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # x the head's fan_in
@@ -283,7 +281,7 @@ def main() -> None:
             designs[f"deep_ensemble_{len(members)}"] = ens.predict
             disagreement = {t: per_image(ens.predict, den.schedule, seen, t, seed=1)["epistemic"] for t in TIMESTEPS}
         if args.figure and c == args.classes[0]:
-            draw_epistemic_maps(ROOT / "benchmarks" / "results" / f"{args.stem}.png", designs, den.schedule, seen, held, c)
+            draw_epistemic_maps(RESULTS / f"{args.stem}.png", designs, den.schedule, seen, held, c)
         costs = cost_ratios(designs, den.model.net)
         for name, predict in designs.items():
             for r in score(name, predict, den.schedule, seen, held, disagreement):
@@ -292,7 +290,7 @@ def main() -> None:
     summary = summarise(rows)
     cols = ["heldout_class", "design", "median_ratio", "median_auroc", "median_error_ratio", "median_spearman_vs_ensemble",
             "median_cost_vs_forward"]
-    write_results(ROOT / "benchmarks" / "results", args.stem,
+    write_results(RESULTS, args.stem,
                   {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows,
                    "laplace_selection": chosen}, summary, cols)
 

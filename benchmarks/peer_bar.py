@@ -29,26 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from peers import (Peer, all_peers, bar_from, diverged, in_old_bar, parse_run, run_ours, run_peer, screened_peers,  # noqa: E402
-                   write_results)
-from sampler_claims import score_row  # noqa: E402
-
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import references_for  # noqa: E402
-from bdiff.sampling.budget import recipe_for_budget  # noqa: E402
-from bdiff.sampling.noise import NoiseSource  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from bdiff.checkpoint import load_model
+from bdiff.sampling.budget import recipe_for_budget
+from bdiff.sampling.noise import NoiseSource
+from common import RESULTS, references_for, write_json, write_results
+from peers import Peer, all_peers, bar_from, diverged, in_old_bar, parse_run, run_ours, run_peer, screened_peers
+from sampler_claims import score_row
 ENTRY = "--nfe entry"
 
 
@@ -153,8 +144,7 @@ def main() -> None:
                     rows += cell_rows(label, denoiser, seed, nfe, args.n, references, peers[nfe],
                                       args.clip_leaders if args.bar_from is None else 0,
                                       args.clip_all_up_to if args.bar_from is None else 0)
-                    RESULTS.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps({"runs": args.run, "n": args.n, "rows": rows}, indent=2))  # after each cell
+                    write_json(out, {"runs": args.run, "n": args.n, "rows": rows})  # after each cell
     spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")})
     columns = ["run", "seed", "budget", "sampler", "old_bar", *[f"{s}/{k}" for s in spaces for k in ("fd", "kid", "precision", "recall")]]
     payload = json.loads(out.read_text()) if args.summarise else {"runs": args.run, "n": args.n}

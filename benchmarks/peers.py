@@ -1,4 +1,4 @@
-"""Peers and shared helpers for the benchmarks: diffusers' schedulers on our network, our recipes, result files.
+"""Peers and shared runners for the benchmarks: diffusers' schedulers on our network, and our recipes.
 
 Every sampler starts from the same per-sample noise (sample i depends only on (seed, i)) and
 uses the same posterior-mean network. ``benchmarks/sampler_claims.py`` runs the peer comparison
@@ -9,7 +9,6 @@ diffusers configuration, :class:`Peer`; :func:`run_ours` for our recipes).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from bdiff.metrics.report import markdown_table
 from bdiff.metrics.samples_file import SampleSet
 from bdiff.sampling.recipe import Recipe
 from bdiff.sampling.sampler import SampleResult
@@ -230,12 +228,3 @@ def parse_run(item: str) -> tuple[str, Path, list[int]]:
     if not label or not path or not seeds:
         raise SystemExit(f"--run {item!r}: expected label=checkpoint:seed[,seed...]")
     return label, Path(path), [int(s) for s in seeds.split(",")]
-
-
-def write_results(out: Path, stem: str, payload: object, rows: list[dict], columns: list[str]) -> None:
-    """Write ``<stem>.json`` (payload) and ``<stem>.md`` (a table of rows) into ``out``; print the table."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
-    table = markdown_table(rows, columns)
-    (out / f"{stem}.md").write_text(table + "\n")
-    print(table)

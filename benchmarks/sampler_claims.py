@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 from functools import cache, cached_property, partial
 from pathlib import Path
@@ -45,22 +44,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from peers import FIRST_11_SOLVERS, Peer, bar_from, diverged, first_11, in_old_bar, parse_run, run_ours, run_peer, write_results  # noqa: E402
-
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import references_for  # noqa: E402
-from bdiff.metrics.frechet import extract_features  # noqa: E402
-from bdiff.metrics.report import classifier_confidence, quality_from_features  # noqa: E402
-from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty, uncertainty_within_clusters  # noqa: E402
-from bdiff.sampling.noise import NoiseSource  # noqa: E402
-from bdiff.sampling.recipe import Recipe  # noqa: E402
-from bdiff.sampling.sampler import SampleResult  # noqa: E402
-from bdiff.sampling.steppers import UniPC  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from bdiff.checkpoint import load_model
+from bdiff.metrics.frechet import extract_features
+from bdiff.metrics.report import classifier_confidence, quality_from_features
+from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty, uncertainty_within_clusters
+from bdiff.sampling.noise import NoiseSource
+from bdiff.sampling.recipe import Recipe
+from bdiff.sampling.sampler import SampleResult
+from bdiff.sampling.steppers import UniPC
+from common import RESULTS, ROOT, references_for, write_json, write_results
+from peers import FIRST_11_SOLVERS, Peer, bar_from, diverged, first_11, in_old_bar, parse_run, run_ours, run_peer
 BUDGETS = (5, 10, 20)
 PEER_BAR_CHOOSE = RESULTS / "peer_bar_choose.json"
 """Every diffusers option on the choose cell (``benchmarks/peer_bar.py``): its best join the bar (:func:`extra_peers`)."""
@@ -471,9 +464,8 @@ def main() -> None:
         kept = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
         choice = {**kept, **{str(k): v for k, v in choose(rows).items()}}
         choice = dict(sorted(choice.items(), key=lambda kv: int(kv[0])))
-        choice_file.write_text(json.dumps(choice, indent=2))
+        write_json(choice_file, choice)
     payload["choice"] = choice = {b: v for b, v in choice.items() if any(r["budget"] == int(b) for r in rows)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     columns = ["run", "seed", "budget", "sampler", "nfe", "nfe_max", "worst_ratio",
                *[f"{s}/{k}" for s in spaces for k in ("fd", "kid", "precision", "recall")]]
     write_results(RESULTS, stem, payload, rows, columns)

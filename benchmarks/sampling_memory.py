@@ -41,9 +41,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from peers import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from common import RESULTS, ROOT, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 RECORDER = "callbacks:\n  - {name: recorder, keys: [x, x0, var], every: 1, max_records: 100, max_samples: 500}\n"
 RECIPE = "stepper: {name: ddim, eta: 0.0}\nsteps: 5\nposterior_samples: 8\n" + RECORDER
 SYNTHETIC_RECIPE = "stepper: {name: ddim, eta: 0.0}\nsteps: 2\nposterior_samples: 1\n" + RECORDER
@@ -148,7 +147,7 @@ def main() -> None:
     p.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure an untrained 3x32x32 model (one run per N)")
     p.add_argument("--baseline-src", type=Path, help="another checkout to measure the same way (e.g. before streaming)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     ckpt = str(Path(args.ckpt).resolve())
     sources = [(ROOT, "this checkout")]

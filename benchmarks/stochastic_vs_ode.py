@@ -15,21 +15,16 @@ schedulers step for step). Writes ``benchmarks/results/stochastic_vs_ode.{json,m
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bdiff.checkpoint import load_model
+from bdiff.sampling.recipe import Recipe
+from common import RESULTS, references_for, write_results
+from peers import run_ours
+from sampler_claims import score_row
 
-from peers import run_ours, write_results  # noqa: E402
-from sampler_claims import score_row  # noqa: E402
-
-from bdiff.checkpoint import load_model  # noqa: E402
-from bdiff.evaluate import references_for  # noqa: E402
-from bdiff.sampling.recipe import Recipe  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = {
     "ODE: unipc, 20 steps": {"stepper": "unipc", "steps": 20},
     "ODE: dpmpp_2m, 20 steps": {"stepper": "dpmpp_2m", "steps": 20},
@@ -60,7 +55,7 @@ def main() -> None:
         print(name, "  ".join(f"{s} {rows[-1][f'{s}/fd']:.4f}" for s in references), flush=True)
     columns = ["sampler", "nfe", *[f"{s}/{k}" for s in references for k in ("fd", "precision", "recall")]]
     payload = {"ckpt": str(args.ckpt), "seed": args.seed, "n": args.n, "rows": rows}
-    write_results(ROOT / "benchmarks" / "results", "stochastic_vs_ode", payload, rows, columns)
+    write_results(RESULTS, "stochastic_vs_ode", payload, rows, columns)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ of 2,000 samples and a training preview's 8-chain uncertainty map of 64 samples 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -35,8 +34,7 @@ from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
 from bdiff.sampling import chain_variance, ddim_sample_and_variance
 from bdiff.schedule import ScheduleConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, write_json
 
 
 def milliseconds(fn: Callable[[], object], repeats: int) -> float:
@@ -124,8 +122,8 @@ def main() -> None:
     out["threads"] = torch.get_num_threads()
     for key, value in out.items():
         print(f"{key:36s} {value:8.2f}" + ("" if key == "threads" else " s" if key.endswith("_s") else " ms"))
-    path = ROOT / "benchmarks" / "results" / "training_step_cost.json"
-    path.write_text(json.dumps({"config": str(args.config), "batch": batch, **out, "rounds_ms": rounds}, indent=2) + "\n")
+    path = write_json(RESULTS / "training_step_cost.json",
+                      {"config": str(args.config), "batch": batch, **out, "rounds_ms": rounds})
     print(f"wrote {path}")
 
 

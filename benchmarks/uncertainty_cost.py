@@ -14,8 +14,6 @@ once in turn (``benchmarks/timing.py``: drift in the machine's speed hits all al
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -27,11 +25,8 @@ from bdiff.denoiser import Prediction
 from bdiff.sampling import Sampler
 from bdiff.sampling.steppers import STEPPERS
 from bdiff.sampling.noise import NoiseSource
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, write_json
+from timing import interleaved_medians
 
 
 class PosteriorMean:
@@ -57,7 +52,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/uncertainty_cost[_<stepper>].json")
     args = p.parse_args()
     suffix = "" if args.stepper == "dpmpp_2m" else f"_{args.stepper}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"uncertainty_cost{suffix}.json"
+    out = args.out or RESULTS / f"uncertainty_cost{suffix}.json"
     stepper = STEPPERS[args.stepper]()
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
@@ -80,8 +75,7 @@ def main() -> None:
     print("| variant | wall time | vs mean only |\n|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['seconds'] * 1e3:.0f} ms | {r['ratio_vs_mean_only']:.2f}x |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"stepper": args.stepper, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "rows": rows}, indent=2))
+    write_json(out, {"stepper": args.stepper, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ without it). Reports the ratio of mean variances and correlations of the std map
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -19,8 +18,7 @@ import torch
 from bdiff.checkpoint import load_model
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler
 from bdiff.sampling.noise import NoiseSource
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, write_json
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,7 +30,7 @@ def main() -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n", type=int, default=64, help="images")
     p.add_argument("--chains", type=int, default=64, help="Monte Carlo weight samples")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "variance_propagation.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "variance_propagation.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
@@ -53,8 +51,7 @@ def main() -> None:
                     "corr_per_sample": corr(var.flatten(1).mean(1), truth.flatten(1).mean(1)),
                 })
                 print(rows[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":

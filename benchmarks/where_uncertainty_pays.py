@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bdiff.checkpoint import load_model
-from bdiff.evaluate import references_for
 from bdiff.metrics.features import DIGITS_SPACES
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import classifier_confidence, filtering_in_spaces, quality_from_features
@@ -46,11 +44,9 @@ from bdiff.metrics.usefulness import per_sample_uncertainty, sample_score
 from bdiff.recalibrate import fit_for_checkpoint
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.recipe import Recipe
+from common import RESULTS, references_for, write_results
+from peers import first_11, run_ours, run_peer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import first_11, run_ours, run_peer, write_results  # noqa: E402  (benchmarks/ is the script's folder)
-
-ROOT = Path(__file__).resolve().parents[1]
 KEEPS = (0.8, 0.5)  # --keep fractions measured
 DROP = 0.2  # the filter's share of a batch
 
@@ -180,9 +176,8 @@ def main() -> None:
     p.add_argument("--stem", default="where_uncertainty_pays")
     p.add_argument("--table-only", action="store_true", help="recompute the ratios of <stem>.json's rows; sample nothing")
     args = p.parse_args()
-    out = ROOT / "benchmarks" / "results"
     if args.table_only:
-        rows = json.loads((out / f"{args.stem}.json").read_text())["rows"]
+        rows = json.loads((RESULTS / f"{args.stem}.json").read_text())["rows"]
         spaces = sorted({k.split("/")[0] for k in rows[0] if k.endswith("/fd")}, key=list(DIGITS_SPACES).index)
     else:
         references = references_for()
@@ -193,7 +188,7 @@ def main() -> None:
         spaces = list(references)
     table = ratios(rows, spaces, args.keep_variant)
     columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces]
-    write_results(out, args.stem, {"rows": rows, "ratios": table}, table, columns)
+    write_results(RESULTS, args.stem, {"rows": rows, "ratios": table}, table, columns)
 
 
 if __name__ == "__main__":

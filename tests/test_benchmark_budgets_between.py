@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+from tests.conftest import benchmark_module
 
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from budgets_between import CHOOSE_CELL, shorter_vs_stretched  # noqa: E402
+budgets_between = benchmark_module("budgets_between")
+CHOOSE_CELL, shorter_vs_stretched = budgets_between.CHOOSE_CELL, budgets_between.shorter_vs_stretched
 
 
 def _row(cell: tuple[str, int], nfe: int, recipe: str, fd: tuple[float, float, float]) -> dict:

@@ -3,21 +3,18 @@ diffusers schedulers they were measured with."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import benchmark_module
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from peers import GRIDS, SCHED, Peer, all_peers, in_old_bar  # noqa: E402
+peers = benchmark_module("peers")
+GRIDS, SCHED, Peer, all_peers, in_old_bar = peers.GRIDS, peers.SCHED, peers.Peer, peers.all_peers, peers.in_old_bar
 
 
 def test_every_label_names_its_configuration() -> None:
-    peers = all_peers()
-    assert len({p.label for p in peers}) == len(peers) == 190
-    for peer in peers:
+    every = all_peers()
+    assert len({p.label for p in every}) == len(every) == 190
+    for peer in every:
         assert Peer.from_label(f"diffusers {peer.label}") == peer
 
 

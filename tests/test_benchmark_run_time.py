@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from lightning.pytorch.profilers import SimpleProfiler
 
-from tests.conftest import ROOT
+from tests.conftest import benchmark_module
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from default_run_time import parse_simple_profiler, split_parts  # noqa: E402
+default_run_time = benchmark_module("default_run_time")
+parse_simple_profiler, split_parts = default_run_time.parse_simple_profiler, default_run_time.split_parts
 
 
 def test_a_simple_profiler_report_splits_into_the_runs_parts() -> None:

@@ -11,7 +11,7 @@ import torch
 from bdiff.bayes import BayesConfig, BayesianUNet
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore
 from bdiff.checkpoint import load_model, read_checkpoint
-from bdiff.evaluate import digits_split
+from bdiff.datasets import digits_split
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule
 from tests.conftest import CONFIGS, cli_args

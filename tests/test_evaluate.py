@@ -16,7 +16,7 @@ from tests.conftest import CONFIGS
 def test_evaluate_writes_json_markdown_and_reliability_plot(last_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "s.npz"
-    sample(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "dpmpp.yaml"), "--n", "60", "--out", str(out)])
+    sample(["--ckpt", str(last_ckpt), "--sampler", str(CONFIGS / "sampler" / "dpmpp.yaml"), "--n", "60", "--out", str(out)])
     metrics = evaluate(["--samples", str(out), "--ckpt", str(last_ckpt), "--out-dir", str(tmp_path / "eval"),
                         "--train-features-if-missing"])
     for key in ("fd", "kid", "precision", "recall", "nfe", "seconds", "auroc_worst_20", "fd_drop_uncertain", "peak_memory_mb"):
@@ -40,7 +40,7 @@ def test_evaluate_writes_json_markdown_and_reliability_plot(last_ckpt: Path, tmp
 def test_evaluate_without_feature_weights_says_how_to_get_them(tmp_path: Path, monkeypatch, last_ckpt: Path) -> None:
     monkeypatch.setenv("BDIFF_CACHE", str(tmp_path / "empty"))
     out = tmp_path / "s.npz"
-    sample(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "4", "--out", str(out)])
+    sample(["--ckpt", str(last_ckpt), "--sampler", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "4", "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="bdiff.lit.feature_module cache"):
         evaluate(["--samples", str(out)])
 

@@ -1,8 +1,10 @@
-"""Feature extractors for FID/KID: the digits feature net (trained through Lightning), loading by name, errors."""
+"""Feature extractors for FID/KID: the digits feature net (trained through Lightning), loading by name, errors.
+
+bdiff.metrics only loads the cached nets; a missing one is a FileNotFoundError that names the command making it.
+"""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -10,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import bdiff.lit.feature_module as feature_module
 from bdiff.lit.data import DigitsDataModule
-from bdiff.lit.feature_module import LabelledDigitsDataModule, export_checkpoint, main
+from bdiff.lit.feature_module import LabelledDigitsDataModule, ensure_feature_nets, export_checkpoint, main
 from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
 from bdiff.metrics.features import default_cache_dir, get_feature_extractor
 from tests.conftest import CONFIGS
@@ -84,27 +85,15 @@ def test_default_cache_dir_follows_bdiff_cache(monkeypatch: pytest.MonkeyPatch, 
     assert default_cache_dir() == Path.home() / ".cache" / "bdiff" / "features"
 
 
-def test_train_if_missing_trains_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """It runs the documented cache command (here in process, with 1 epoch), never importing Lightning itself."""
-    import bdiff.metrics.features as features
-
-    real = feature_module.train_digits_feature_net
-    ran: list[list[str]] = []
-
-    def run(argv, **kwargs):
-        ran.append(argv)
-        assert argv[1:4] == ["-m", "bdiff.lit.feature_module", "cache"]
-        feature_module.main([*argv[3:], "--max-epochs", "1"])
-        return subprocess.CompletedProcess(argv, 0, "", "")
-
-    monkeypatch.setattr(features.subprocess, "run", run)
-    ext = get_feature_extractor("digits", cache_dir=tmp_path, train_if_missing=True)
-    assert ran == [features.cache_command(tmp_path, "cnn")]
-    assert (tmp_path / "digits.pt").is_file()
-    assert ext(torch.rand(2, 1, 8, 8)).shape == (2, 64)
-    again = torch.load(real(tmp_path / "again", max_epochs=1), weights_only=True)["state_dict"]
+def test_ensure_feature_nets_trains_only_what_is_missing(tmp_path: Path) -> None:
+    """What ``bdiff-evaluate --train-features-if-missing`` runs: the cache command's training, in process, for the
+    digits classifiers missing from the cache (other names are skipped); the command writes the same net."""
+    assert ensure_feature_nets(["pixels", "digits", "digits"], cache_dir=tmp_path, max_epochs=1) == [tmp_path / "digits.pt"]
+    assert ensure_feature_nets(["digits"], cache_dir=tmp_path, max_epochs=1) == []  # there already
+    assert get_feature_extractor("digits", cache_dir=tmp_path)(torch.rand(2, 1, 8, 8)).shape == (2, 64)
+    again = torch.load(main(["cache", "--cache-dir", str(tmp_path / "again"), "--max-epochs", "1"]), weights_only=True)
     for key, value in torch.load(tmp_path / "digits.pt", weights_only=True)["state_dict"].items():
-        assert torch.equal(value, again[key]), key  # same seed, same net
+        assert torch.equal(value, again["state_dict"][key]), key  # same seed, same net
 
 
 def test_wrong_image_shape_or_range_is_a_clear_error(cache_dir: Path) -> None:

@@ -17,8 +17,8 @@ from bdiff.bayes.recalibration import (
     solve_log_scale,
 )
 from bdiff.checkpoint import load_model, read_checkpoint
+from bdiff.datasets import digits_split
 from bdiff.denoiser import Prediction
-from bdiff.evaluate import digits_split
 from bdiff.metrics.calibration import calibration_at_t
 
 

@@ -107,9 +107,9 @@ def test_a_config_missing_deep_inside_a_command_is_named_in_one_line(
     """A default path inside a config (the critic's data.sampler) is only read once the command runs."""
 
     def needs_a_recipe() -> None:
-        from bdiff.sampling.recipe import Recipe
+        from bdiff.sampling.recipe import load_recipe
 
-        Recipe.from_yaml("configs/sampler/dpmpp.yaml")
+        load_recipe("configs/sampler/dpmpp.yaml")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["bdiff-critic"])
@@ -122,5 +122,9 @@ def test_a_config_missing_deep_inside_a_command_is_named_in_one_line(
     def other_missing_file() -> None:
         open(tmp_path / "data" / "images.npz")
 
-    with pytest.raises(FileNotFoundError):  # not a config: the real error, untouched
+    monkeypatch.delenv("BDIFF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:  # not a config: a user error like any other, the file named
         scripts._run("bdiff-critic", other_missing_file)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err and err.startswith("error: ") and "images.npz" in err
+    assert "repository root" not in err

@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bdiff.bayes.laplace import head_at, require_point_trunk
+from bdiff.bayes.head import head_at, require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.bayes.recalibration import VarianceCalibration, default_knots
 from bdiff.schedule import NoiseSchedule

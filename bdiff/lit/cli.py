@@ -27,11 +27,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from bdiff.console import OneLineErrors
 from bdiff.lit.callbacks import WANDB_RUN_ID_KEY, FinalValidation, run_dir
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import ImageDataModule
@@ -113,11 +114,19 @@ def checkpoint_run_id(ckpt_path: str | Path, project: str | None) -> tuple[str |
                   "folder")
 
 
+class BdiffArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser; a bad option ends in one line and exit status 2 (:class:`bdiff.console.OneLineErrors`)."""
+
+
 class BdiffCLI(LightningCLI):
     """LightningCLI that always writes checkpoints atomically (see :mod:`bdiff.lit.checkpoint_io`), runs
     ``trainer.precision: bf16-mixed`` in full precision where the device has no bf16 kernels, validates
-    after the last step (:class:`~bdiff.lit.callbacks.FinalValidation`), and continues the checkpoint's
-    run folder and W&B run when ``fit`` resumes with ``--ckpt_path``."""
+    after the last step (:class:`~bdiff.lit.callbacks.FinalValidation`), continues the checkpoint's
+    run folder and W&B run when ``fit`` resumes with ``--ckpt_path``, and reports a bad option in one line
+    (:class:`BdiffArgumentParser`)."""
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = BdiffArgumentParser, **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -169,15 +178,28 @@ class BdiffCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def with_subcommand(argv: Sequence[str]) -> list[str]:
+    """Insert ``fit`` when no subcommand is given (``--help`` first asks for the list of subcommands)."""
+    args = list(argv)
+    if args[:1] and (args[0] in SUBCOMMANDS or args[0] in ("-h", "--help")):
+        return args
+    return ["fit", *args]
+
+
 def with_defaults(argv: Sequence[str], default_config: str | Path) -> list[str]:
     """Insert ``fit`` when no subcommand is given and the default config when no ``--config`` is."""
-    args = list(argv)
-    if not args or args[0] not in SUBCOMMANDS:
-        if any(a in ("-h", "--help") for a in args[:1]):
-            return args
-        args = ["fit", *args]
-    if not any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
+    args = with_subcommand(argv)
+    if args[0] in SUBCOMMANDS and not any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
         args[1:1] = ["--config", str(default_config)]
+    return args
+
+
+def cli_args(argv: Sequence[str] | None, args: list[str]) -> list[str] | None:
+    """LightningCLI's ``args`` for a command line ``args`` made from ``argv``: from the shell (``argv`` None),
+    None after writing ``args`` to ``sys.argv`` (LightningCLI reads it then, and warns if given both)."""
+    if argv is None:
+        sys.argv[1:] = args
+        return None
     return args
 
 
@@ -212,15 +234,13 @@ def resolved_config(config: str | Path, *overrides: str) -> dict[str, Any]:
 def main(default_config: str | Path, argv: Sequence[str] | None = None, run: bool = True) -> BdiffCLI:
     """Entry point used by ``train.py``."""
     args = with_defaults(sys.argv[1:] if argv is None else argv, default_config)
-    if argv is None:  # run from the shell: LightningCLI reads sys.argv (and warns if given both)
-        sys.argv[1:] = args
     return BdiffCLI(
         DiffusionModule,
         ImageDataModule,
         subclass_mode_data=True,
         save_config_callback=SaveConfigToRun,
         trainer_defaults=TRAINER_DEFAULTS,
-        args=None if argv is None else args,
+        args=cli_args(argv, args),
         run=run,
         parser_kwargs={"fit": {"description": "Train a Bayesian diffusion model."}},
     )

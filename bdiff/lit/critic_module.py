@@ -3,6 +3,8 @@
     python -m bdiff.lit.critic_module fit --config configs/critic/digits.yaml \\
         --data.diffusion_ckpt runs/bdiff/<id>/checkpoints/last.ckpt
 
+``fit`` is the default subcommand (as for train.py); ``fit --print_config`` prints every option.
+
 Each step draws t ~ U{0..T-1} per image and x_t ~ q(x_t | x0) with the diffusion model's own
 schedule (read from the diffusion checkpoint), then minimises binary cross-entropy between
 real (1) and generated (0) x_t. Validation reports accuracy and AUROC at fixed t, so the
@@ -12,6 +14,7 @@ and the schedule as plain data and loads weights-only (:func:`bdiff.critic.load_
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC
 
+from bdiff.console import exit_on_user_error
 from bdiff.critic.net import CriticConfig, CriticNet
 from bdiff.lit.critic_data import CriticDataModule
 from bdiff.schedule import NoiseSchedule
@@ -160,17 +164,18 @@ def cached_critic(diffusion_ckpt: str | Path, out_dir: str | Path, sampler: str 
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """LightningCLI over :class:`CriticModule` and :class:`CriticDataModule` (``fit --config ...``)."""
-    from bdiff.lit.cli import BdiffCLI, SaveConfigToRun
+    """LightningCLI over :class:`CriticModule` and :class:`CriticDataModule` (``fit`` when no subcommand is given)."""
+    from bdiff.lit.cli import BdiffCLI, SaveConfigToRun, cli_args, with_subcommand
 
+    args = with_subcommand(sys.argv[1:] if argv is None else argv)
     return BdiffCLI(
         CriticModule,
         CriticDataModule,
         save_config_callback=SaveConfigToRun,
-        args=None if argv is None else list(argv),  # None: LightningCLI reads sys.argv (no "given both" warning)
+        args=cli_args(argv, args),
         parser_kwargs={"fit": {"description": "Train a time-conditioned critic against a diffusion checkpoint."}},
     )
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

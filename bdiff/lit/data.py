@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from bdiff.checks import as_integer
+from bdiff.datasets import load_digits, seeded_split
 
 
 def _to_symmetric(x: torch.Tensor) -> torch.Tensor:
@@ -217,17 +218,15 @@ class ImageDataModule(LightningDataModule):
             return
         full = self._load_full()
         n = len(full)  # type: ignore[arg-type]
-        n_val = max(1, round(n * self.val_fraction))
-        n_train = n - n_val
-        if n_train < 1:
+        all_train, all_val = seeded_split(n, self.val_fraction, self.seed)
+        if not all_train:
             raise ValueError(
                 f"{self._describe()} has only {n} image(s): too few for a train/val split with "
                 f"val_fraction={self.val_fraction}. Add more images (at least 2) or lower val_fraction."
             )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         excluded = self._excluded_indices(full) if self.exclude_classes else set()
-        train = [i for i in perm[:n_train] if i not in excluded]
-        val = [i for i in perm[n_train:] if i not in excluded]
+        train = [i for i in all_train if i not in excluded]
+        val = [i for i in all_val if i not in excluded]
         if not train or not val:
             raise ValueError(
                 f"{self._describe()} without classes {self.exclude_classes} leaves {len(train)} training and "
@@ -294,15 +293,10 @@ class DigitsDataModule(ImageDataModule):
         return "sklearn digits"
 
     def _class_labels(self, full: Dataset) -> tuple[list[int], list[str]]:
-        from sklearn.datasets import load_digits
-
-        return load_digits().target.tolist(), [str(d) for d in range(10)]
+        return load_digits()[1].tolist(), [str(d) for d in range(10)]
 
     def _load_full(self) -> Dataset:
-        from sklearn.datasets import load_digits
-
-        images = torch.as_tensor(load_digits().images, dtype=torch.float32)  # (1797, 8, 8) in 0..16
-        return _TensorImages((images / 16.0 * 2.0 - 1.0).unsqueeze(1))
+        return _TensorImages(_to_symmetric(load_digits()[0]))  # (1797, 1, 8, 8)
 
 
 class _TorchvisionDataModule(ImageDataModule):

@@ -13,6 +13,10 @@ Two commands::
     # ... or export a checkpoint of a `fit` run instead of training again
     python -m bdiff.lit.feature_module cache --from-ckpt runs/features/digits/version_0/checkpoints/last.ckpt
 
+Both take ``--config`` (a YAML of their options) and ``--print_config``; a bad option ends in one
+line and exit status 2 (:mod:`bdiff.console`). In Python, :func:`ensure_feature_nets` trains the
+classifiers missing from the cache (what ``bdiff-evaluate --train-features-if-missing`` runs).
+
 Training (20 epochs) takes about 4 s on 2 CPU cores and reaches ~99% validation accuracy (see
 ``tests/test_metrics_features.py`` for a short run). The train/val split is exactly
 :class:`~bdiff.lit.data.DigitsDataModule`'s (same seed, same indices), so a diffusion model and
@@ -21,30 +25,31 @@ its feature net never disagree about which digits are held out.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from bdiff.checks import as_integer
+from bdiff.console import ArgumentParser, exit_on_user_error
+from bdiff.datasets import load_digits
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import DigitsDataModule
 from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
-from bdiff.metrics.features import default_cache_dir, save_feature_net
+from bdiff.metrics.features import CLASSIFIER_FILES, classifier_path, default_cache_dir, save_feature_net
 
-DIGITS_FILE = "digits.pt"
-FEATURE_FILES = {"cnn": DIGITS_FILE, "mlp": "digits_mlp.pt"}
+FEATURE_FILES = {arch: file for file, arch in CLASSIFIER_FILES.values()}
 """Cache file per architecture: ``get_feature_extractor("digits")`` reads the CNN, ``"digits_mlp"`` the MLP."""
 DEFAULT_SEEDS = {"cnn": 0, "mlp": 1}
 """Initial-weight seed per architecture: the second feature space differs in architecture *and* seed."""
@@ -80,12 +85,7 @@ class LabelledDigitsDataModule(pl.LightningDataModule):
         """Load the digits and split them exactly as DigitsDataModule does (idempotent)."""
         if self._train is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797,1,8,8) in [0,1]
-        labels = torch.as_tensor(digits.target, dtype=torch.int64)
-        full = TensorDataset(images, labels)
+        full = TensorDataset(*load_digits())  # (1797,1,8,8) in [0,1], (1797,) labels
         self._split.setup(stage)
         train_idx = list(self._split.train_dataset.indices)  # type: ignore[attr-defined]
         val_idx = list(self._split.val_dataset.indices)  # type: ignore[attr-defined]
@@ -292,25 +292,43 @@ def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> P
     return _export(module.net, data, cache_dir, source=str(ckpt_path))
 
 
-def _cache_main(argv: Sequence[str]) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m bdiff.lit.feature_module cache",
-        description="Train the digits feature net (or export a fit checkpoint) into the feature cache.",
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=None, help="seed of the initial weights and dropout (default: 0 cnn, 1 mlp)")
-    parser.add_argument("--arch", choices=tuple(FEATURE_FILES), default="cnn",
-                        help="cnn: the digits features (digits.pt); mlp: the second feature space (digits_mlp.pt)")
-    parser.add_argument("--split-seed", type=int, default=0, help="train/val split seed (= the diffusion data.seed)")
-    parser.add_argument("--from-ckpt", type=Path, default=None, help="export this fit checkpoint instead of training")
-    args = parser.parse_args(list(argv))
+def ensure_feature_nets(names: Iterable[str | None], cache_dir: Path | None = None, max_epochs: int = 20) -> list[Path]:
+    """Train every digits classifier among ``names`` (``digits``, ``digits_mlp``; other names are skipped) whose
+    file is missing from ``cache_dir``, as :data:`~bdiff.metrics.features.CACHE_COMMAND` would; returns the files
+    written (a few seconds each on a CPU)."""
+    written = []
+    for name in dict.fromkeys(n for n in names if n in CLASSIFIER_FILES):
+        path = classifier_path(name, cache_dir)
+        if not path.is_file():
+            written.append(train_digits_feature_net(path.parent, max_epochs=max_epochs, arch=CLASSIFIER_FILES[name][1]))
+    return written
+
+
+def cache_parser() -> ArgumentParser:
+    """The options of ``python -m bdiff.lit.feature_module cache``."""
+    p = ArgumentParser(prog="python -m bdiff.lit.feature_module cache",
+                       description="Train the digits feature net (or export a fit checkpoint) into the feature cache.")
+    p.add_argument("--config", action=ActionConfigFile, help="the options below as YAML (e.g. saved with --print_config)")
+    p.add_argument("--cache-dir", type=Optional[str], default=None, help=f"default: {default_cache_dir()}")
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--seed", type=Optional[int], default=None,
+                   help="seed of the initial weights and dropout (default: 0 cnn, 1 mlp)")
+    p.add_argument("--arch", type=str, choices=tuple(FEATURE_FILES), default="cnn",
+                   help="cnn: the digits features (digits.pt); mlp: the second feature space (digits_mlp.pt)")
+    p.add_argument("--split-seed", type=int, default=0, help="train/val split seed (= the diffusion data.seed)")
+    p.add_argument("--from-ckpt", type=Optional[str], default=None, help="export this fit checkpoint instead of training")
+    return p
+
+
+def cache(argv: Sequence[str]) -> Path:
+    """``cache ...``: write the feature cache file (train, or export ``--from-ckpt``) and print its accuracy."""
+    args = cache_parser().parse_args(list(argv))
+    cache_dir = Path(args.cache_dir) if args.cache_dir is not None else None
     if args.from_ckpt is not None:
-        path = export_checkpoint(args.from_ckpt, args.cache_dir)
+        path = export_checkpoint(args.from_ckpt, cache_dir)
     else:
-        path = train_digits_feature_net(
-            args.cache_dir, max_epochs=args.max_epochs, seed=args.seed, split_seed=args.split_seed, arch=args.arch
-        )
+        path = train_digits_feature_net(cache_dir, max_epochs=args.max_epochs, seed=args.seed,
+                                        split_seed=args.split_seed, arch=args.arch)
     meta = torch.load(path, weights_only=True)["meta"]
     print(f"wrote {path} (val accuracy {meta['val_accuracy']:.4f})")
     return path
@@ -318,19 +336,19 @@ def _cache_main(argv: Sequence[str]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """``cache ...`` writes the feature cache; anything else goes to LightningCLI (``fit --config ...``)."""
-    from bdiff.lit.cli import BdiffCLI, SaveConfigToRun
+    from bdiff.lit.cli import BdiffCLI, SaveConfigToRun, cli_args
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["cache"]:
-        return _cache_main(args[1:])
+        return cache(args[1:])
     return BdiffCLI(
         FeatureClassifierModule,
         LabelledDigitsDataModule,
         save_config_callback=SaveConfigToRun,
-        args=args,
+        args=cli_args(argv, args),
         parser_kwargs={"fit": {"description": "Train the digits feature net (FID/KID features)."}},
     )
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -25,7 +25,7 @@ from torch import Tensor
 from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
 from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
-from bdiff.bayes.laplace import require_point_trunk
+from bdiff.bayes.head import require_point_trunk
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
     KnotErrors,

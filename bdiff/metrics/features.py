@@ -22,15 +22,15 @@ to ``torchmetrics.image.fid.FrechetInceptionDistance(feature=...)``.
 
 The cache file is a plain dict (``format``, ``version``, ``config``, ``state_dict``, ``meta``)
 written with ``torch.save`` and read with ``torch.load(weights_only=True)``: a file carrying
-pickled objects is refused, never executed.
+pickled objects is refused, never executed. This module only reads the cache: the digits
+classifiers are trained by :mod:`bdiff.lit.feature_module` (Lightning), through its ``cache``
+command or :func:`~bdiff.lit.feature_module.ensure_feature_nets`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -101,41 +101,26 @@ def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu")
     return net.eval(), dict(payload.get("meta", {}))
 
 
-def cache_command(cache_dir: Path, arch: str) -> list[str]:
-    """The argv of :data:`CACHE_COMMAND` that trains the ``arch`` digits classifier into ``cache_dir``."""
-    return [sys.executable, "-m", "bdiff.lit.feature_module", "cache", "--cache-dir", str(cache_dir), "--arch", arch]
-
-
-def train_feature_net(cache_dir: Path, arch: str) -> None:
-    """Train a missing digits classifier by running :data:`CACHE_COMMAND` (a few seconds on a CPU).
-
-    bdiff/metrics never imports Lightning (nor bdiff.lit, which imports metrics): the training
-    lives in :mod:`bdiff.lit.feature_module` and is reached only through its command line, the
-    same command the error messages give, so the file is the one that command writes.
-    """
-    package_root = str(Path(__file__).resolve().parents[2])  # so the command finds bdiff from any folder
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(cache_command(cache_dir, arch), env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = " ".join(done.stderr.strip().splitlines()[-1:])
-        raise RuntimeError(f"training the digits feature net failed ({' '.join(cache_command(cache_dir, arch)[1:])}): {tail}")
-
-
-def _digits(
-    name: str, cache_dir: Path | None, train_if_missing: bool, device: str | torch.device
-) -> FeatureExtractor:
-    """A cached digits classifier (``digits``: the CNN, ``digits_mlp``: the MLP) as an extractor."""
+def classifier_path(name: str, cache_dir: Path | None = None) -> Path:
+    """The file of the ``digits`` or ``digits_mlp`` classifier in ``cache_dir`` (default :func:`default_cache_dir`)."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    file, arch = CLASSIFIER_FILES[name]
-    path = cache_dir / file
+    return cache_dir / CLASSIFIER_FILES[name][0]
+
+
+def cache_command(name: str, cache_dir: Path) -> str:
+    """The command that trains the ``name`` classifier (``digits`` or ``digits_mlp``) into ``cache_dir``."""
+    arch = CLASSIFIER_FILES[name][1]
+    return CACHE_COMMAND + ("" if arch == "cnn" else f" --arch {arch}") + f" --cache-dir {cache_dir}"
+
+
+def _digits(name: str, cache_dir: Path | None, device: str | torch.device) -> FeatureExtractor:
+    """A cached digits classifier (``digits``: the CNN, ``digits_mlp``: the MLP) as an extractor."""
+    path = classifier_path(name, cache_dir)
     if not path.is_file():
-        command = CACHE_COMMAND + ("" if arch == "cnn" else f" --arch {arch}")
-        if not train_if_missing:
-            raise FileNotFoundError(
-                f"the {name} feature net {str(path)!r} is missing. Create it with: "
-                f"{command} --cache-dir {cache_dir} (a few seconds on a CPU), or pass train_if_missing=True."
-            )
-        train_feature_net(cache_dir, arch)
+        raise FileNotFoundError(
+            f"the {name} feature net {str(path)!r} is missing. Create it with: {cache_command(name, path.parent)} "
+            "(a few seconds on a CPU), or let bdiff-evaluate do it: --train-features-if-missing."
+        )
     net, _ = load_feature_net(path)
     return FeatureExtractor(net, name=name).to(device)
 
@@ -205,7 +190,6 @@ def _inception(weights: Path | None, device: str | torch.device) -> FeatureExtra
 def get_feature_extractor(
     name: str,
     cache_dir: Path | None = None,
-    train_if_missing: bool = False,
     device: str | torch.device = "cpu",
     fallback: str | None = None,
     inception_weights: Path | None = None,
@@ -217,8 +201,6 @@ def get_feature_extractor(
         name: ``"digits"`` / ``"digits_mlp"`` (D=64, 1x8x8 images), ``"pixels"`` (D=C*H*W of
             ``image_shape``) or ``"inception"`` (D=2048, any size, 1 or 3 channels).
         cache_dir: folder holding ``digits.pt`` / ``digits_mlp.pt`` (default :func:`default_cache_dir`).
-        train_if_missing: train the digits net (a few seconds on CPU) when its file is missing,
-            instead of raising FileNotFoundError.
         device: where the extractor lives.
         fallback: ``"digits"``: if the inception extractor is unavailable (torch-fidelity or
             its weights missing), warn and return the digits extractor. ``None``: raise.
@@ -228,11 +210,13 @@ def get_feature_extractor(
 
     Raises:
         ValueError: unknown ``name`` or ``fallback``.
-        FileNotFoundError: ``digits.pt`` or the Inception weights are missing (message gives the fix).
+        FileNotFoundError: ``digits.pt`` or the Inception weights are missing (the message gives the
+            command that makes them; :func:`bdiff.lit.feature_module.ensure_feature_nets` trains a
+            missing digits classifier in process).
         ModuleNotFoundError: ``"inception"`` without torch-fidelity installed.
 
     Example:
-        >>> ext = get_feature_extractor("digits", train_if_missing=True)
+        >>> ext = get_feature_extractor("digits")  # after python -m bdiff.lit.feature_module cache
         >>> ext(torch.rand(16, 1, 8, 8)).shape
         torch.Size([16, 64])
     """
@@ -242,7 +226,7 @@ def get_feature_extractor(
         others = [n for n in FEATURE_EXTRACTORS if n != name]
         raise ValueError(f"fallback must be None or one of {', '.join(others)}, got {fallback!r}")
     if name in CLASSIFIER_FILES:
-        return _digits(name, cache_dir, train_if_missing, device)
+        return _digits(name, cache_dir, device)
     if name == "pixels":
         return PixelFeatureExtractor(image_shape).to(device)
     try:
@@ -256,4 +240,4 @@ def get_feature_extractor(
             RuntimeWarning,
             stacklevel=2,
         )
-        return get_feature_extractor(fallback, cache_dir, train_if_missing, device)
+        return get_feature_extractor(fallback, cache_dir, device)

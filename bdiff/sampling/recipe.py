@@ -35,7 +35,11 @@ from bdiff.sampling.steppers import Stepper
 
 # Every shipped callback, so a recipe may name it by class alone (jsonargparse resolves a short class_path among
 # the imported subclasses of the parameter's type).
-from bdiff.sampling import autoguidance, callbacks, clip_x0, critic, eps_scaling  # noqa: E402, F401
+import bdiff.sampling.autoguidance  # noqa: E402, F401
+import bdiff.sampling.callbacks  # noqa: E402, F401
+import bdiff.sampling.clip_x0  # noqa: E402, F401
+import bdiff.sampling.critic  # noqa: E402, F401
+import bdiff.sampling.eps_scaling  # noqa: E402, F401
 
 
 class Recipe:

@@ -9,7 +9,7 @@ f_m is trained by L_simple on its own bootstrap resample of the data ("double-or
 weights per image and member). Where the data pin the members down they agree; away from the
 data each keeps its own random prior, so their spread (the epistemic variance) grows. For a
 linear head this is exact posterior sampling of Bayesian linear regression (their Lemma 3),
-i.e. the sampled counterpart of :mod:`bdiff.bayes.laplace`; with a hidden layer it is the
+i.e. the sampled counterpart of :mod:`heldout_baselines.laplace`; with a hidden layer it is the
 cheap "ensemble of branches on a frozen trunk" of DECU (Berry et al., UAI 2024).
 
 All M members are one grouped-conv stack (a 3x3 conv to M*hidden channels, SiLU, a grouped
@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from bdiff.bayes.laplace import trunk_features, head_at
+from bdiff.bayes.head import head_at
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
+from heldout_baselines.laplace import trunk_features
 
 
 class MemberHeads(nn.Module):

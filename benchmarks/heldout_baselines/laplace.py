@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bdiff.bayes.head import head_at
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.schedule import NoiseSchedule
@@ -95,30 +96,12 @@ class _Trunk(nn.Module):
         return self.net.features(x_t, t)
 
 
-def require_point_trunk(model: BayesianUNet, who: str) -> None:
-    """ValueError unless the model's only Bayesian layers are the head (``who`` reads the trunk at its point values)."""
-    outside = [n for n in model.bayesian_names if not n.startswith("head.")]
-    if outside:
-        raise ValueError(
-            f"{who} needs a model whose only Bayesian layers are the head; {outside[:3]} are Bayesian too "
-            "(train with bayes.layers: head, the default"
-            + (f", or set {who}: false)" if who.startswith("model.") else ")")
-        )
-
-
 def trunk_features(net: nn.Module, weights: dict[str, Tensor], x_t: Tensor, t: Tensor) -> Tensor:
     """The trunk's features (B,C_h,H,W) at the posterior-mean ``weights`` of any Bayesian trunk layers."""
     trunk = {f"net.{k}": v for k, v in weights.items() if not k.startswith("head.")}
     if not trunk:
         return net.features(x_t, t)
     return functional_call(_Trunk(net), trunk, (x_t, t), strict=False)
-
-
-def head_at(net: nn.Module, weights: dict[str, Tensor], h: Tensor) -> tuple[Tensor, Tensor]:
-    """The head at the posterior-mean ``weights`` (its own where not Bayesian): h -> eps, log_var (B,C,H,W) each."""
-    w = weights.get("head.weight", net.head.weight)
-    b = weights.get("head.bias", net.head.bias)
-    return F.conv2d(h, w, b, padding=net.head.padding).chunk(2, dim=1)
 
 
 @torch.no_grad()

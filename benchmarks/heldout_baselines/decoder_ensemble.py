@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from bdiff.bayes.head_ensemble import fit_bootstrap
-from bdiff.bayes.laplace import head_at, require_point_trunk
+from bdiff.bayes.head import head_at, require_point_trunk
 from bdiff.bayes.model import BayesianUNet
 from bdiff.denoiser import Prediction
 from bdiff.nets.unet import UNet
 from bdiff.schedule import NoiseSchedule
+from heldout_baselines.head_ensemble import fit_bootstrap
 
 DECODER_PREFIXES = ("up.", "out_norm.", "head.")
 
