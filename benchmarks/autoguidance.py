@@ -32,7 +32,7 @@ from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import quality_from_features
 from bdiff.sampling import Sampler, UniPC
 from bdiff.sampling.autoguidance import Autoguidance
-from bdiff.sampling.fitted_grid import fitted_timesteps
+from bdiff.sampling.grids import FittedGrid
 from common import RESULTS, ROOT, references_for, write_results
 from peers import parse_run
 
@@ -100,7 +100,7 @@ def main() -> None:
         run_id = ckpt.resolve().parents[1].name
         guides = {name: load_model(cached_guide(ckpt, ROOT / "runs" / "guide" / f"{run_id}-{i}", overrides))
                   for i, (name, overrides) in enumerate(GUIDES.items())}
-        grid = fitted_timesteps(denoiser, args.steps, late_start=False)
+        grid = FittedGrid(late_start=False).timesteps(denoiser, args.steps)
         for seed in seeds:
             variants = [("unguided (EMA weights)", denoiser, []), ("unguided, optimizer's own weights", current, [])]
             variants += [(f"autoguidance w {w}, guide {name}", denoiser, [Autoguidance(guide, weight=w)])

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from bdiff.sampling.budget import BEST_RECIPES, FEWER_CALLS, recipe_for_budget, rescale
-from bdiff.sampling.recipe import Recipe
-from common import RESULTS, references_for, write_results
+from bdiff.sampling.budget import BEST_RECIPES, FEWER_CALLS, recipe_for_budget
+from bdiff.sampling.recipe import load_recipe
+from common import RESULTS, references_for, short_recipe, write_results
 from peers import parse_run, run_ours
 from sampler_claims import Run, score_row
 
@@ -46,6 +46,11 @@ CHOOSE_CELL = ("A", 1)
 ENTRY_MARK = " (the --nfe entry)"
 
 
+
+def candidate(name: str, steps: int):
+    """:data:`CANDIDATES` entry ``name`` as a Recipe of ``steps`` steps."""
+    return short_recipe({**CANDIDATES[name], "steps": steps}, name=name)
+
 def shorter_vs_stretched(rows: list[dict]) -> str:
     """Markdown: at each budget N between listed ones, FD of the lower listed entry run as it is (its own calls)
     over FD of it stretched to N steps, per space, on the choose cell and as a range over the other cells in
@@ -63,7 +68,7 @@ def shorter_vs_stretched(rows: list[dict]) -> str:
         if (run, seed) != CHOOSE_CELL:
             continue
         shorter = max((b for b in BEST_RECIPES if b < nfe), default=None)
-        if shorter is None or rescale(CANDIDATES[name], shorter) != BEST_RECIPES[shorter]:
+        if shorter is None or candidate(name, shorter).config != load_recipe(BEST_RECIPES[shorter]).config:
             continue  # only the entry --nfe runs at the shorter budget
         ratios = {cell: [fd[(*cell, shorter, name)][f"{s}/fd"] / fd[(*cell, nfe, name)][f"{s}/fd"] for s in spaces]
                   for cell in {k[:2] for k in fd} if (*cell, shorter, name) in fd and (*cell, nfe, name) in fd}
@@ -106,10 +111,10 @@ def main() -> None:
     for label, ckpt, seeds in map(parse_run, args.run):
         run = Run(label, ckpt)
         for nfe in args.nfe:
-            entry = recipe_for_budget(nfe).as_dict()
+            entry = recipe_for_budget(nfe).config
             for name in args.recipes:
-                recipe = Recipe.from_dict(rescale(CANDIDATES[name], nfe), name=name)
-                is_entry = all(getattr(recipe, k) == entry[k] for k in ("stepper", "spacing", "steps"))
+                recipe = candidate(name, nfe)
+                is_entry = all(recipe.config[k] == entry[k] for k in ("stepper", "grid", "steps"))
                 for seed in seeds:
                     samples = run_ours(recipe, run.denoiser, args.n, seed, 1000)
                     row = {"run": label, "seed": seed, "nfe": nfe, "recipe": name + (ENTRY_MARK if is_entry else ""),

@@ -42,8 +42,9 @@ from bdiff.metrics.usefulness import (
     uncertainty_within_clusters,
 )
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.recipe import Recipe
-from common import RESULTS, ROOT, references_for, write_results
+from bdiff.sampling.callbacks import BlendOutput
+from bdiff.sampling.recipe import Recipe, load_recipe
+from common import RESULTS, ROOT, recipe_file, references_for, write_results
 from denoiser_quality import calibration_rows
 from peers import run_ours
 
@@ -56,12 +57,13 @@ def recipes(nfe: int, extra: bool = False) -> dict[str, Recipe]:
     """The budget's recipe and the same with blending; with ``extra`` also with adaptive steps (at most ``nfe``
     calls) and with one refinement pass of the uncertain pixels (one solver step fewer, so the budget holds)."""
     base = recipe_for_budget(nfe)
-    data = {k: v for k, v in base.as_dict().items() if k != "name"}
+    data = base.config
     out = {"recipe": base}
 
     def plus(name: str, callback: dict[str, Any], steps: int) -> None:
-        out[f"recipe+{name}"] = Recipe.from_dict({**data, "steps": steps, "callbacks": [*data["callbacks"], callback]},
-                                                 name=f"{base.name}+{name}")
+        spec = {**data, "steps": steps, "callbacks": [*(data.get("callbacks") or []), *recipe_file(
+            {"stepper": "ddim", "callbacks": [callback]})["callbacks"]]}
+        out[f"recipe+{name}"] = load_recipe(spec, name=f"{base.name}+{name}")
 
     plus("blend", {"name": "blend", "strength": 1.0}, nfe)
     if extra:
@@ -130,7 +132,8 @@ def main() -> None:
                         chunks: list[list[float]] = []  # per chunk: blending's mean gain at each step
 
                         def keep(r, chunks=chunks) -> None:
-                            chunks.append(r.extras.get("blend", {}).get("gain", []))
+                            blend = r.output(BlendOutput)
+                            chunks.append(blend.gain if blend is not None else [])
 
                         samples = run_ours(recipe, den, args.n, seed, batch=500, on_chunk=keep)
                         gains = [g for c in chunks for g in c]

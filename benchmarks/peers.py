@@ -206,7 +206,7 @@ def diverged(samples: SampleSet) -> bool:
 
 def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
              on_chunk: Callable[[SampleResult], None] | None = None) -> SampleSet:
-    """``n`` samples with ``recipe`` in chunks of ``batch``; ``on_chunk`` sees each chunk's full result (extras)."""
+    """``n`` samples with ``recipe`` in chunks of ``batch``; ``on_chunk`` sees each chunk's full result (outputs)."""
     sampler = recipe.build(denoiser)
     images, variances, nfe = [], [], []
     start = time.perf_counter()
@@ -218,7 +218,7 @@ def run_ours(recipe: Recipe, denoiser, n: int, seed: int, batch: int,
         nfe.append(r.nfe.float())
     seconds = time.perf_counter() - start
     images01 = (torch.cat(images) + 1) / 2
-    return SampleSet(images01, torch.cat(variances) / 4, float(torch.cat(nfe).mean()), seconds, recipe.as_dict())
+    return SampleSet(images01, torch.cat(variances) / 4, float(torch.cat(nfe).mean()), seconds, recipe.config)
 
 
 def parse_run(item: str) -> tuple[str, Path, list[int]]:

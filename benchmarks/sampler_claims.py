@@ -49,10 +49,10 @@ from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import classifier_confidence, quality_from_features
 from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty, uncertainty_within_clusters
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.recipe import Recipe
 from bdiff.sampling.sampler import SampleResult
-from bdiff.sampling.steppers import UniPC
-from common import RESULTS, ROOT, references_for, write_json, write_results
+from bdiff.sampling.critic import CriticOutput
+from bdiff.sampling.unipc import UniPC
+from common import RESULTS, ROOT, recipe_file, references_for, short_recipe, write_json, write_results
 from peers import FIRST_11_SOLVERS, Peer, bar_from, diverged, first_11, in_old_bar, parse_run, run_ours, run_peer
 BUDGETS = (5, 10, 20)
 PEER_BAR_CHOOSE = RESULTS / "peer_bar_choose.json"
@@ -213,7 +213,7 @@ class Run:
         out_dir = ROOT / "runs" / "critic" / f"claims-ode-{self.run_id}"
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe = out_dir / "fakes_recipe.yaml"
-        recipe.write_text(yaml.safe_dump(ODE_CRITIC_FAKES["recipe"]))
+        recipe.write_text(yaml.safe_dump(recipe_file(ODE_CRITIC_FAKES["recipe"])))
         return str(cached_critic(self.ckpt, out_dir, sampler=str(recipe), fakes_per_real=ODE_CRITIC_FAKES["fakes_per_real"]))
 
 
@@ -286,10 +286,10 @@ def recipe_row(run: Run, seed: int, nfe: int, n: int, name: str, family: str, sp
 
     def keep(r: SampleResult) -> None:
         nfe_used.append(r.nfe.float())
-        logit = r.extras.get("critic", {}).get("final_logit")
-        logits.append(logit if logit is not None else torch.full((len(r.nfe),), float("nan")))
+        critic = r.output(CriticOutput)
+        logits.append(critic.final_logit if critic is not None else torch.full((len(r.nfe),), float("nan")))
 
-    samples = run_ours(Recipe.from_dict(spec, name=name), run.denoiser, n, seed, 1000, on_chunk=keep)
+    samples = run_ours(short_recipe(spec, name=name), run.denoiser, n, seed, 1000, on_chunk=keep)
     nfe_all, logit = torch.cat(nfe_used), torch.cat(logits).double()
     filters = {"uncertainty": per_sample_uncertainty(samples.variance).double(),
                "uncertainty_in_clusters": uncertainty_within_clusters(samples.images, samples.variance)}

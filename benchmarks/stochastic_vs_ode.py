@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from bdiff.checkpoint import load_model
-from bdiff.sampling.recipe import Recipe
-from common import RESULTS, references_for, write_results
+from common import RESULTS, references_for, short_recipe, write_results
 from peers import run_ours
 from sampler_claims import score_row
 
@@ -48,7 +47,7 @@ def main() -> None:
     references, denoiser = references_for(), load_model(args.ckpt)
     rows = []
     for name, spec in SAMPLERS.items():
-        recipe = Recipe.from_dict({**spec, "spacing": "leading"}, name=name)
+        recipe = short_recipe({**spec, "spacing": "leading"}, name=name)
         samples = run_ours(recipe, denoiser, args.n, args.seed, 1000)
         rows.append({"sampler": name, "nfe": samples.nfe, "seconds": round(samples.seconds, 1),
                      **score_row(samples.images, references, {})})

@@ -23,7 +23,7 @@ from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
 from bdiff.sampling import Sampler
-from bdiff.sampling.steppers import STEPPERS
+from bdiff.sampling import DDIM, DPMSolverPP2M, UniPC
 from bdiff.sampling.noise import NoiseSource
 from common import RESULTS, write_json
 from timing import interleaved_medians
@@ -53,7 +53,7 @@ def main() -> None:
     args = p.parse_args()
     suffix = "" if args.stepper == "dpmpp_2m" else f"_{args.stepper}"
     out = args.out or RESULTS / f"uncertainty_cost{suffix}.json"
-    stepper = STEPPERS[args.stepper]()
+    stepper = {"dpmpp_2m": DPMSolverPP2M, "unipc": UniPC, "ddim": DDIM}[args.stepper]()
     torch.set_num_threads(2)
     den = load_model(args.ckpt)
     x_T = NoiseSource(0, range(args.batch)).draw(den.image_shape)

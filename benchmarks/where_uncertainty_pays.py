@@ -43,8 +43,8 @@ from bdiff.metrics.samples_file import SampleSet
 from bdiff.metrics.usefulness import per_sample_uncertainty, sample_score
 from bdiff.recalibrate import fit_for_checkpoint
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.recipe import Recipe
-from common import RESULTS, references_for, write_results
+from bdiff.sampling.recipe import Recipe, load_recipe
+from common import RESULTS, references_for, short_recipe, write_results
 from peers import first_11, run_ours, run_peer
 
 KEEPS = (0.8, 0.5)  # --keep fractions measured
@@ -89,13 +89,14 @@ def first(drawn: SampleSet, n: int) -> SampleSet:
 
 
 def with_blend(recipe: Recipe) -> Recipe:
-    spec = {k: v for k, v in recipe.as_dict().items() if k != "name"}
-    spec["callbacks"] = [*spec.get("callbacks", []), {"name": "blend", "strength": 1.0}]
-    return Recipe.from_dict(spec, name=f"{recipe.name}+blend")
+    spec = dict(recipe.config)
+    spec["callbacks"] = [*(spec.get("callbacks") or []), {"class_path": "VarianceWeightedBlending",
+                                                          "init_args": {"strength": 1.0}}]
+    return load_recipe(spec, name=f"{recipe.name}+blend")
 
 
 def leading(steps: int) -> Recipe:
-    return Recipe.from_dict({"stepper": "unipc", "steps": steps, "spacing": "leading"}, name=f"unipc-leading-{steps}")
+    return short_recipe({"stepper": "unipc", "steps": steps, "spacing": "leading"}, name=f"unipc-leading-{steps}")
 
 
 def best_of(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from bdiff.sampling.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
-from tests.conftest import CONFIGS
 
 S_MODEL, S_DATA = 0.25, 0.09  # per-pixel variances of the model's and the data's Gaussian
 

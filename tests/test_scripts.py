@@ -82,7 +82,7 @@ def test_bdiff_train_outside_the_repository_says_so_in_one_line(
     ("command", "argv"),
     [
         ("train", ["fit", "--config", "configs/mnist.yaml"]),
-        ("sample", ["--ckpt", "last.ckpt", "--config", "configs/sampler/ddim.yaml"]),
+        ("sample", ["--ckpt", "last.ckpt", "--sampler", "configs/sampler/ddim.yaml"]),
         ("critic", ["fit", "--config=configs/critic/digits.yaml"]),
         ("critic", ["fit", "--config", str(CONFIGS / "critic" / "digits.yaml"),
                     "--data.sampler=configs/sampler/x.yaml"]),

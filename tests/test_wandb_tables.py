@@ -293,7 +293,7 @@ def test_sample_without_a_critic_has_no_critic_column(wandb_offline: Any, spy: d
     from bdiff.sample import main
     from tests.conftest import CONFIGS
 
-    main(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "3",
+    main(["--ckpt", str(last_ckpt), "--sampler", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "3",
           "--out", str(tmp_path / "s.npz"), "--wandb-project", "bdiff-test"])
     ((_, _, table),) = spy["tables"]
     assert "critic_logit" not in table.columns and len(table.data) == 3
@@ -313,7 +313,7 @@ def test_sample_survives_w_and_b_failing(wandb_offline: Any, monkeypatch: pytest
 
     monkeypatch.setattr(wandb, "init", unreachable)
     out = tmp_path / "s.npz"
-    main(["--ckpt", str(last_ckpt), "--config", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "3", "--out", str(out),
+    main(["--ckpt", str(last_ckpt), "--sampler", str(CONFIGS / "sampler" / "ddim.yaml"), "--n", "3", "--out", str(out),
           "--wandb-project", "bdiff-test"])
     assert load_samples(out).images.shape == (3, 1, 8, 8) and "wandb" not in load_samples(out).config
     err = capsys.readouterr().err
