@@ -272,7 +272,7 @@ def test_sample_logs_a_table_with_the_critic_logit(wandb_offline: Any, spy: dict
                       f"  - {{class_path: CriticCorrection, init_args: {{critic: {critic}, weight: 0.0, retries: 0}}}}\n")
     out = tmp_path / "out" / "s.npz"
     out.parent.mkdir()
-    main(["--ckpt", str(last_ckpt), "--config", str(recipe), "--n", "7", "--batch-size", "3", "--out", str(out),
+    main(["--ckpt", str(last_ckpt), "--sampler", str(recipe), "--n", "7", "--batch-size", "3", "--out", str(out),
           "--wandb-project", "bdiff-test", "--wandb-rows", "5"])
     samples = load_samples(out)
     ((run_id, key, table),) = spy["tables"]
