@@ -57,7 +57,7 @@ from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.metrics.samples_file import SampleSet, SamplesWriter, load_samples, save_samples
 from bdiff.metrics.usefulness import keep_most_certain
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_given
 from bdiff.sampling.sampler import chunk_ranges
 from bdiff.viz import save_side_by_side, uncertainty_grids

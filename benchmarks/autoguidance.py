@@ -3,7 +3,7 @@
     python benchmarks/autoguidance.py --run A=runs/cos0/bdiff/<id>/checkpoints/last.ckpt:1 \\
         B=runs/cos1/bdiff/<id>/checkpoints/last.ckpt:0,2
 
-Autoguidance (Karras et al., NeurIPS 2024; :mod:`bdiff.sampling.autoguidance`) extrapolates from a
+Autoguidance (Karras et al., NeurIPS 2024; :mod:`bdiff.sampler_callbacks.autoguidance`) extrapolates from a
 weaker model past the main one: eps' = eps + w (eps - eps_guide), at two denoiser calls per step.
 For it to count at a budget of 2K calls it has to beat K unguided steps by enough to clear the
 best peer at 2K calls (issue 14). This measures, at K grid steps (UniPC on the grid fitted from T-1,
@@ -31,7 +31,7 @@ from bdiff.checkpoint import load_model
 from bdiff.metrics.frechet import extract_features
 from bdiff.metrics.report import quality_from_features
 from bdiff.sampling import Sampler, UniPC
-from bdiff.sampling.autoguidance import Autoguidance
+from bdiff.sampler_callbacks.autoguidance import Autoguidance
 from bdiff.sampling.grids import FittedGrid
 from common import RESULTS, ROOT, references_for, write_results
 from peers import parse_run

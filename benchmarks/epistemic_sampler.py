@@ -42,7 +42,7 @@ from bdiff.metrics.usefulness import (
     uncertainty_within_clusters,
 )
 from bdiff.sampling.budget import recipe_for_budget
-from bdiff.sampling.callbacks import BlendOutput
+from bdiff.sampler_callbacks import BlendOutput
 from bdiff.sampling.recipe import Recipe, load_recipe
 from common import RESULTS, ROOT, recipe_file, references_for, write_results
 from denoiser_quality import calibration_rows

@@ -20,7 +20,7 @@ and without a second-order step before the last), of the x0 estimate clipped to 
 checkpoint, of epsilon scaling on those grids (constant and with a slope in t), and of guidance by
 a second critic that learns the model's ODE rather than a 10-step solver (:data:`ODE_CRITIC_FAKES`;
 :func:`candidates`,
-:mod:`bdiff.sampling.fitted_grid`, :mod:`bdiff.sampling.eps_scaling`); step 1
+:mod:`bdiff.sampling.fitted_grid`, :mod:`bdiff.sampler_callbacks.eps_scaling`); step 1
 picks, per budget, the candidate with the lowest *worst-space* FD ratio to the best peer
 (``sampler_claims_choice.json``; choosing only some ``--budgets`` keeps the others' earlier
 choices) and the best member of every other family (the "what was tried"
@@ -50,7 +50,7 @@ from bdiff.metrics.report import classifier_confidence, quality_from_features
 from bdiff.metrics.usefulness import fd_after_filtering, per_sample_uncertainty, uncertainty_within_clusters
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.sampler import SampleResult
-from bdiff.sampling.critic import CriticOutput
+from bdiff.sampler_callbacks.critic import CriticOutput
 from bdiff.sampling.unipc import UniPC
 from common import RESULTS, ROOT, recipe_file, references_for, short_recipe, write_json, write_results
 from peers import FIRST_11_SOLVERS, Peer, bar_from, diverged, first_11, in_old_bar, parse_run, run_ours, run_peer
@@ -70,7 +70,7 @@ STEPPER_GRIDS = {**FITTED_GRIDS, "leading": OUR_GRIDS["leading"]}
 TOLERANCES = {5: (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), 10: (0.1, 0.15, 0.2, 0.25, 0.3), 20: (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)}
 """Adaptive step control's tolerances tried per budget (a first sweep had three per budget and its best sat at an end)."""
 EPS_SCALES = (0.98, 0.99, 0.995, 0.998, 1.002, 1.005, 1.01, 1.02, 1.04)
-"""Epsilon scaling's constant lambda tried on the fitted grids (:mod:`bdiff.sampling.eps_scaling`)."""
+"""Epsilon scaling's constant lambda tried on the fitted grids (:mod:`bdiff.sampler_callbacks.eps_scaling`)."""
 EPS_SLOPES = {"scale": (0.99, 0.995, 1.0, 1.005), "slope": (-0.02, -0.01, 0.01, 0.02)}
 """Epsilon scaling with lambda_t = scale + slope * t/(T-1) (Ning et al.'s linear schedule), on each budget's
 ``SLOPE_GRID``: the grid its best constant lambda was chosen on."""
@@ -78,7 +78,7 @@ SLOPE_GRID = {5: "fitted", 10: "fitted from T-1", 20: "fitted"}
 CLIP_STEPPERS = {"unipc": "unipc", "unipc bh1": {"name": "unipc", "variant": "bh1"},
                  "unipc-3 bh1": {"name": "unipc", "variant": "bh1", "order": 3},
                  "unipc-3 bh2 to the end": {"name": "unipc", "variant": "bh2", "order": 3, "lower_order_final": False}}
-"""The steppers tried with the x0 estimate clipped to [-1, 1] (:mod:`bdiff.sampling.clip_x0`): the ``--nfe`` entries'
+"""The steppers tried with the x0 estimate clipped to [-1, 1] (:mod:`bdiff.sampler_callbacks.clip_x0`): the ``--nfe`` entries'
 and order 3 (clipping rescued diffusers' order 3 on steep grids at 5 NFE in the peer screen)."""
 CRITIC_PLACEHOLDER = "<critic of the run>"  # each run's own critic is put in at sampling time
 ODE_CRITIC_PLACEHOLDER = "<ODE critic of the run>"

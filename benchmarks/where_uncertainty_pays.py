@@ -12,7 +12,7 @@ Per run, sampling seed and budget N, every family spends at most N denoiser call
 
 - ``base``: the ``--nfe N`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`), no posterior used;
 - ``blend``: the same recipe plus variance-weighted blending, whose R is the epistemic variance in
-  the units of the mean's error (:class:`bdiff.sampling.callbacks.VarianceWeightedBlending`);
+  the units of the mean's error (:class:`bdiff.sampler_callbacks.VarianceWeightedBlending`);
 - ``keep{F}`` / ``keep{F}_leading``: ``round(F N)`` steps of the ``--nfe`` recipe / of UniPC on the
   leading grid, n / F samples drawn and the n most certain kept by the shipped score
   (:func:`bdiff.metrics.usefulness.sample_score`): ``bdiff.sample --keep F``, for F in 0.8 and 0.5;

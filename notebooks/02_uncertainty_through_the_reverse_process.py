@@ -51,7 +51,7 @@ from bdiff.checkpoint import load_model
 from bdiff.datasets import digits_split
 from bdiff.metrics.calibration import calibration_at_t, reliability_at_t
 from bdiff.sampling import DDIM, Sampler
-from bdiff.sampling.callbacks import Recorder, RecorderOutput
+from bdiff.sampler_callbacks import Recorder, RecorderOutput
 
 torch.manual_seed(SEED)
 STEPS = 10 if FAST else 50

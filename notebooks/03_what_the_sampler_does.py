@@ -44,7 +44,7 @@ import torch
 from bdiff.analysis import image_grid, resolve_checkpoint, show, step_sizes, step_trace, to_unit
 from bdiff.checkpoint import load_model
 from bdiff.sampling import DPMSolverPP2M, UniPC
-from bdiff.sampling.callbacks import (
+from bdiff.sampler_callbacks import (
     AdaptiveStepSize, BlendOutput, Recorder, RecorderOutput, UncertainRegionRefinement, VarianceWeightedBlending,
 )
 from bdiff.sampling.recipe import Recipe, load_recipe

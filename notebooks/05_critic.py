@@ -45,7 +45,7 @@ from bdiff.checkpoint import load_model
 from bdiff.critic import load_critic
 from bdiff.datasets import digits_split
 from bdiff.sampling import DPMSolverPP2M
-from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.recipe import Recipe, load_recipe
 
 torch.manual_seed(SEED)

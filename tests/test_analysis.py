@@ -32,7 +32,7 @@ from bdiff.bayes import BayesConfig, BayesianUNet
 from bdiff.checkpoint import load_model, read_checkpoint
 from bdiff.nets import UNet, UNetConfig
 from bdiff.sampling import DDIM, Sampler
-from bdiff.sampling.callbacks import AdaptiveStepSize, Recorder, RecorderOutput
+from bdiff.sampler_callbacks import AdaptiveStepSize, Recorder, RecorderOutput
 
 
 def tiny_unet() -> UNet:

@@ -10,7 +10,7 @@ import torch
 from bdiff.checkpoint import load_model
 from bdiff.denoiser import Prediction
 from bdiff.sampling import Sampler, UniPC
-from bdiff.sampling.autoguidance import Autoguidance
+from bdiff.sampler_callbacks.autoguidance import Autoguidance
 from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 

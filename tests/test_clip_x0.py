@@ -7,7 +7,7 @@ import torch
 
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler, SamplerCallback
-from bdiff.sampling.clip_x0 import ClipX0
+from bdiff.sampler_callbacks.clip_x0 import ClipX0
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import load_recipe
 from tests.test_steppers import SCHED, ToyDenoiser, _diffusers_loop

@@ -11,9 +11,9 @@ from torch import nn
 from bdiff.critic import Critic, CriticConfig, CriticNet, load_critic
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler, SamplerCallback
-from bdiff.sampling.callbacks import VarianceWeightedBlending
-from bdiff.sampling.callbacks import BlendOutput
-from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampler_callbacks import VarianceWeightedBlending
+from bdiff.sampler_callbacks import BlendOutput
+from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule

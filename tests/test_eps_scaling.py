@@ -7,7 +7,7 @@ import torch
 
 from bdiff.denoiser import Prediction
 from bdiff.sampling import DDIM, Sampler, UniPC
-from bdiff.sampling.eps_scaling import EpsilonScaling
+from bdiff.sampler_callbacks.eps_scaling import EpsilonScaling
 from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 

@@ -43,7 +43,7 @@ from bdiff.lit.data import DigitsDataModule, ImageFolderDataModule, MNISTDataMod
 from bdiff.metrics.samples_file import SampleSet, load_samples, save_samples
 from bdiff.sample import main, parse_args
 from bdiff.sampling import DDIM, DDPM, DPMSolverPP2M, Sampler, UniPC
-from bdiff.sampling.callbacks import Recorder, VarianceWeightedBlending
+from bdiff.sampler_callbacks import Recorder, VarianceWeightedBlending
 from bdiff.sampling.noise import NoiseSource
 from bdiff.sampling.recipe import load_recipe
 from tests.test_sample_memory import tiny_checkpoint

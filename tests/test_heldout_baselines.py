@@ -41,14 +41,15 @@ def test_laplace_variance_matches_monte_carlo_over_head_weights(denoiser) -> Non
     x0 = digits_split("val")[:64] * 2 - 1
     fisher, n = laplace.head_fisher(denoiser.model, denoiser.schedule, [x0], draws=1)
     lap = laplace.HeadLaplace(denoiser.model, denoiser.schedule, fisher, n, laplace.default_prior_precision(denoiser.model))
-    x_t, t = torch.randn(3, 1, 8, 8), torch.tensor([20, 200, 600])
+    x_t, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([20, 200, 600])
     with torch.no_grad():
         pred = lap.predict(x_t, t)
         h = denoiser.model.net.features(x_t, t)
     mean = torch.cat([lap.weights["head.weight"][:1].flatten(), lap.weights["head.bias"][:1]])
     draws = mean + (lap.cov_chol[0] @ torch.randn(mean.numel(), 20_000, generator=torch.Generator().manual_seed(0))).T
     eps = torch.einsum("kd,bdp->kbp", draws, laplace.head_patches(h))
-    torch.testing.assert_close(eps.mean(0).reshape(pred.eps.shape), pred.eps, atol=5e-3, rtol=0)
+    standard_error = (eps.var(0) / eps.shape[0]).sqrt().reshape(pred.eps.shape)  # of the Monte Carlo mean
+    assert ((eps.mean(0).reshape(pred.eps.shape) - pred.eps).abs() <= 5 * standard_error + 1e-6).all()
     torch.testing.assert_close(eps.var(0).reshape(pred.eps.shape), pred.var_epistemic, rtol=0.05, atol=1e-7)
     with pytest.raises(ValueError, match="at least one batch"):
         laplace.head_fisher(denoiser.model, denoiser.schedule, [])

@@ -154,7 +154,7 @@ def test_bad_chunk_stops_the_run_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_recorder_is_bounded_per_chunk(ckpt: Path) -> None:
     from bdiff.checkpoint import load_model
-    from bdiff.sampling.callbacks import Recorder, RecorderOutput
+    from bdiff.sampler_callbacks import Recorder, RecorderOutput
     from bdiff.sampling.recipe import Recipe
 
     den = load_model(ckpt, num_samples=2)

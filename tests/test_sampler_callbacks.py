@@ -9,7 +9,7 @@ from bdiff.denoiser import Prediction
 from bdiff.metrics.usefulness import filter_by_uncertainty, rank_by_uncertainty
 from bdiff.sampling import DDIM, DPMSolverPP2M, Sampler
 from bdiff.sampling import SamplerCallback
-from bdiff.sampling.callbacks import (
+from bdiff.sampler_callbacks import (
     AdaptiveStepSize, BlendOutput, Recorder, RecorderOutput, UncertainRegionRefinement, VarianceWeightedBlending,
 )
 from bdiff.sampling.noise import NoiseSource

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from bdiff.critic import Critic, CriticConfig, CriticNet
 from bdiff.denoiser import Prediction
-from bdiff.sampling.callbacks import BlendOutput, RecorderOutput, RefineOutput
-from bdiff.sampling.critic import CriticCorrection, CriticOutput
+from bdiff.sampler_callbacks import BlendOutput, RecorderOutput, RefineOutput
+from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.recipe import load_recipe
 from bdiff.schedule import NoiseSchedule
 

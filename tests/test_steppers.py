@@ -121,7 +121,7 @@ def _unipc_matches_diffusers_up_to_the_final_step(steps: int, variant: str, orde
                                                    lower_order_final: bool = True) -> torch.Tensor:
     """Our UniPC against diffusers' run to sigma_min (only the final step differs; ours ends with the x0
     estimate), step for step; returns our final images."""
-    from bdiff.sampling.callbacks import Recorder
+    from bdiff.sampler_callbacks import Recorder
 
     ref, den, noise, x_T = _unipc_reference(steps, variant, "sigma_min", order, lower_order_final)
     expected, x = [], x_T.clone()

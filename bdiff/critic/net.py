@@ -5,7 +5,7 @@ binary cross-entropy on real x_t ~ q(x_t | x_0 real) (label 1) against generated
 x_t ~ q(x_t | x_0 from our sampler) (label 0) at the same t, as in Discriminator Guidance
 (Kim et al., ICML 2023, eq. 6). At the optimum the logit is log p_data_t(x_t) - log p_model_t(x_t),
 so its input gradient is the score correction the sampler adds (see
-:mod:`bdiff.sampling.critic`).
+:mod:`bdiff.sampler_callbacks.critic`).
 
 Kim et al. put a small head on a frozen pretrained noisy classifier (ADM); for the 8x8..32x32
 images bdiff targets a small network trained from scratch is cheaper than a classifier of

@@ -13,7 +13,7 @@ option names and types against the constructors, which check ranges::
       init_args: {late_start: false}
     posterior_samples: 8
     callbacks:                     # optional; run in this order at every hook
-      - class_path: bdiff.sampling.callbacks.VarianceWeightedBlending
+      - class_path: bdiff.sampler_callbacks.VarianceWeightedBlending
         init_args: {strength: 1.0}
 
 Every bad entry raises before any sampling, naming the key.
@@ -35,11 +35,7 @@ from bdiff.sampling.steppers import Stepper
 
 # Every shipped callback, so a recipe may name it by class alone (jsonargparse resolves a short class_path among
 # the imported subclasses of the parameter's type).
-import bdiff.sampling.autoguidance  # noqa: E402, F401
-import bdiff.sampling.callbacks  # noqa: E402, F401
-import bdiff.sampling.clip_x0  # noqa: E402, F401
-import bdiff.sampling.critic  # noqa: E402, F401
-import bdiff.sampling.eps_scaling  # noqa: E402, F401
+import bdiff.sampler_callbacks  # noqa: E402, F401
 
 
 class Recipe:

@@ -71,7 +71,7 @@ class SamplerState:
 class SampleResult:
     """Finished images and what it took. images/variance (N,C,H,W) in [-1,1] scale; nfe, flags (N,).
 
-    ``outputs`` holds each sampler callback's typed output (e.g. a :class:`~bdiff.sampling.critic.CriticOutput`);
+    ``outputs`` holds each sampler callback's typed output (e.g. a :class:`~bdiff.sampler_callbacks.critic.CriticOutput`);
     :meth:`output` finds one by type.
     """
 

@@ -100,17 +100,9 @@ class DecoderEnsemble(nn.Module):
             spread = self.members_eps(h, skips, emb).var(0)
         return Prediction(eps, spread, log_var.exp())
 
-    def fit(
-        self,
-        batches: Iterable[Tensor],
-        steps: int,
-        lr: float = 1e-3,
-        generator: torch.Generator | None = None,
-    ) -> list[float]:
-        """Train the members by L_simple with double-or-nothing bootstrap weights; returns the losses.
-
-        ``batches``: an iterable of x0 (B,C,H,W) in [-1,1], cycled until ``steps`` steps are done.
-        """
+    def fit(self, batches: Iterable[Tensor], steps: int, lr: float = 1e-3,
+            generator: torch.Generator | None = None) -> list[float]:
+        """Train the decoder members as :meth:`HeadEnsemble.fit` trains heads (:func:`fit_bootstrap`); the losses."""
 
         def errors(x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             with torch.no_grad():

@@ -1,0 +1,41 @@
+"""Sampler callbacks: opt-in hooks of the callback :class:`~bdiff.sampling.Sampler` (not Lightning's, :mod:`bdiff.lit.callbacks`).
+
+What the sampler can do with the uncertainty, and other changes to the prediction:
+
+* :class:`VarianceWeightedBlending` blends the x0 estimate with its history, weighted by the error variance;
+* :class:`AdaptiveStepSize` chooses each sample's next step from the posterior variance;
+* :class:`UncertainRegionRefinement` re-noises and re-denoises the uncertain pixels;
+* :class:`CriticCorrection` adds a learned critic's gradient and sends flagged samples back;
+* :class:`Autoguidance`, :class:`EpsilonScaling`, :class:`ClipX0` change the prediction without the posterior;
+* :class:`Recorder` keeps per-step tensors.
+
+Each says which variance it reads and in what units (:mod:`bdiff.sampler_callbacks.variance`): only blending reads
+the epistemic variance in the units of the mean's error, so only it reduces to its base sampler by construction.
+Order matters and is the order given to the Sampler; the recommended one is autoguidance / epsilon scaling /
+clipping -> blending -> adaptive steps -> refinement -> critic -> recorder. A recipe names each by its class
+(:mod:`bdiff.sampling.recipe`).
+"""
+
+from bdiff.sampler_callbacks.adaptive import AdaptiveStepSize
+from bdiff.sampler_callbacks.autoguidance import Autoguidance
+from bdiff.sampler_callbacks.blend import BlendOutput, VarianceWeightedBlending
+from bdiff.sampler_callbacks.clip_x0 import ClipX0
+from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
+from bdiff.sampler_callbacks.eps_scaling import EpsilonScaling
+from bdiff.sampler_callbacks.recorder import Recorder, RecorderOutput
+from bdiff.sampler_callbacks.refine import RefineOutput, UncertainRegionRefinement
+
+__all__ = [
+    "AdaptiveStepSize",
+    "Autoguidance",
+    "BlendOutput",
+    "ClipX0",
+    "CriticCorrection",
+    "CriticOutput",
+    "EpsilonScaling",
+    "Recorder",
+    "RecorderOutput",
+    "RefineOutput",
+    "UncertainRegionRefinement",
+    "VarianceWeightedBlending",
+]
