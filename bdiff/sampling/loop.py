@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bdiff.denoiser import Denoiser, Prediction
 from bdiff.sampling.noise import NoiseSource
-from bdiff.sampling.steppers import StepContext, Stepper, Tracked
+from bdiff.sampling.steppers import NoiseSampler, StepContext, Stepper, Tracked
 from bdiff.schedule import NoiseSchedule
 
 PROPAGATIONS = ("tweedie", "independent_eps")
@@ -50,7 +50,7 @@ def x0_amplitude(schedule: NoiseSchedule, amp: Tensor, t: Tensor, pred: Predicti
     return v_al * amp / schedule.alpha_bar(t, amp).sqrt() - x0_var.clamp(min=0).sqrt()
 
 
-def noise_sampler(noise: NoiseSource, like: Tensor, rows: Tensor | None = None):
+def noise_sampler(noise: NoiseSource, like: Tensor, rows: Tensor | None = None) -> NoiseSampler:
     """The steppers' ``noise(need)``: draws (B,C,H,W) from the streams of the rows in ``need`` (and in ``rows``,
     (B,) bool, if given), 0 elsewhere; shaped, typed and placed like ``like``."""
 

@@ -86,7 +86,8 @@ class Sampler:
         self.denoiser, self.stepper, self.propagation, self.callbacks = denoiser, stepper, propagation, list(callbacks)
         for cb in self.callbacks:
             cb.check(denoiser)
-        self.max_iterations = as_integer("max_iterations", max_iterations or 20 * self.steps + 100, 1)
+        default = 20 * self.steps + 100
+        self.max_iterations = default if max_iterations is None else as_integer("max_iterations", max_iterations, 1)
 
     def next_on_grid(self, t: Tensor) -> Tensor:
         """The first grid timestep strictly below each t (B,); -1 below the last one."""
