@@ -108,8 +108,7 @@ def load_recipe(source: dict[str, Any] | str | Path | Namespace, name: str | Non
         if isinstance(source, (str, Path)):
             cfg = parser.parse_args(["--recipe", str(source)])
         else:
-            data = source.clone().as_dict() if isinstance(source, Namespace) else dict(source)
-            data.pop("__path__", None)
+            data = _keys(source)
             unknown = sorted(map(str, set(data) - set(RECIPE_KEYS)))
             if unknown:
                 raise ValueError(f"unknown key(s) {unknown}; a recipe has {list(RECIPE_KEYS)}")
@@ -121,10 +120,15 @@ def load_recipe(source: dict[str, Any] | str | Path | Namespace, name: str | Non
     except (TypeError, ValueError) as e:  # ranges, checked by the constructors
         message = _failing_part(cfg.recipe) or str(e)
         raise ValueError(f"sampler recipe {label!r}: {' '.join(message.split())}") from e
-    data = cfg.recipe.clone().as_dict()
-    data.pop("__path__", None)
-    recipe.config, recipe.name = data, label
+    recipe.config, recipe.name = _keys(cfg.recipe), label
     return recipe
+
+
+def _keys(source: dict[str, Any] | Namespace) -> dict[str, Any]:
+    """A recipe's keys as a plain mapping, without the config-file path jsonargparse records (``__path__``)."""
+    data = source.clone().as_dict() if isinstance(source, Namespace) else dict(source)
+    data.pop("__path__", None)
+    return data
 
 
 def _failing_part(recipe: Namespace) -> str:
