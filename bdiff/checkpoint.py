@@ -11,6 +11,7 @@ refused, never executed.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,15 @@ def plain_config(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain_config(v) for v in value]
     return value
+
+
+def datamodule_of(ckpt: dict[str, Any]) -> Any:
+    """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
+    hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    class_path = hp.pop("_class_path", None)
+    hp.pop("_instantiator", None)
+    if class_path is None:
+        raise ValueError("the checkpoint records no datamodule, so its training and held-out images are unknown: pass "
+                         "a checkpoint that train.py (LightningCLI) wrote, such as the run's last.ckpt")
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**hp)

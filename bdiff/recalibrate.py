@@ -10,7 +10,6 @@ prints r(t) and the measured excess error per knot.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,23 +17,10 @@ import torch
 
 from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
 from bdiff.bayes.predictive import BayesianDenoiser
-from bdiff.checkpoint import load_model, read_checkpoint
+from bdiff.checkpoint import datamodule_of, load_model, read_checkpoint
 from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.files import atomic_path
 from bdiff.lit.module import DiffusionModule
-
-
-def datamodule_of(ckpt: dict[str, Any]) -> Any:
-    """The checkpoint's LightningDataModule, rebuilt from the class path and options LightningCLI saved."""
-    hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    class_path = hp.pop("_class_path", None)
-    hp.pop("_instantiator", None)
-    if class_path is None:
-        raise ValueError("the checkpoint records no datamodule, so its training and held-out images are unknown and r(t) "
-                         "cannot be refitted: pass a checkpoint that train.py (LightningCLI) wrote, such as the run's "
-                         "last.ckpt")
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)(**hp)
 
 
 def fit_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None = None) -> EpistemicErrorScale:

@@ -236,6 +236,25 @@ class ImageDataModule(LightningDataModule):
         self._train, self._val = Subset(full, train), Subset(full, val)
         self._heldout = Subset(full, sorted(excluded))
 
+    def split_labels(self, split: str) -> tuple[torch.Tensor, list[str]]:
+        """Class labels of the ``"train"``, ``"val"`` or ``"heldout"`` split, renumbered 0..K-1.
+
+        Returns ``(labels (N,) int64, names)``: ``labels[i]`` is the class of the split's i-th item and
+        ``names[k]`` the class label k stands for. Train and val are numbered over the classes kept
+        for training (``exclude_classes`` removed), held-out over the excluded ones. For a
+        classifier of the data's own classes: the feature spaces of :mod:`bdiff.metrics.features`.
+        """
+        subsets = {"train": self.train_dataset, "val": self.val_dataset, "heldout": self.heldout_dataset}
+        if split not in subsets:
+            raise ValueError(f"split must be one of {', '.join(subsets)}, got {split!r}")
+        subset = subsets[split]
+        labels, names = self._class_labels(subset.dataset)  # type: ignore[attr-defined]
+        excluded = {self._class_index("exclude_classes", c, names) for c in self.exclude_classes}
+        kept = [k for k in range(len(names)) if (k in excluded) == (split == "heldout")]
+        renumber = {k: i for i, k in enumerate(kept)}
+        split_labels = [renumber[labels[i]] for i in subset.indices]  # type: ignore[attr-defined]
+        return torch.tensor(split_labels, dtype=torch.int64), [names[k] for k in kept]
+
     def _subsample(self, full: Dataset, train: list[int]) -> list[int]:
         """The training indices ``fraction`` and ``class_fraction`` keep (seeded; validation is untouched).
 

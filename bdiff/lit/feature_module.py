@@ -47,10 +47,11 @@ from bdiff.datasets import load_digits
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import DigitsDataModule
 from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
-from bdiff.metrics.features import CLASSIFIER_FILES, classifier_path, default_cache_dir, save_feature_net
+from bdiff.metrics.features import CLASSIFIER_ARCH, DIGITS_FILES, classifier_path, default_cache_dir, save_feature_net
+from bdiff.metrics.references import RealData
 
-FEATURE_FILES = {arch: file for file, arch in CLASSIFIER_FILES.values()}
-"""Cache file per architecture: ``get_feature_extractor("digits")`` reads the CNN, ``"digits_mlp"`` the MLP."""
+FEATURE_FILES = DIGITS_FILES
+"""Digits cache file per architecture: ``get_feature_extractor("digits")`` reads the CNN, ``"digits_mlp"`` the MLP."""
 DEFAULT_SEEDS = {"cnn": 0, "mlp": 1}
 """Initial-weight seed per architecture: the second feature space differs in architecture *and* seed."""
 
@@ -118,6 +119,23 @@ class LabelledDigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=256, num_workers=self.num_workers)
+
+
+class LabelledDataModule(pl.LightningDataModule):
+    """The labelled splits of :class:`~bdiff.metrics.references.RealData`: batches ``(x, y)``, x (B,C,H,W) in [0, 1]."""
+
+    def __init__(self, data: RealData, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.channels, self.image_size = data.image_shape[0], data.image_shape[1]
+        self.num_classes = len(data.class_names)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.data.train, self.data.train_labels), batch_size=self.batch_size,
+                          shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.data.val, self.data.val_labels), batch_size=256)
 
 
 class FeatureClassifierModule(pl.LightningModule):
@@ -196,19 +214,47 @@ def accuracy(net: FeatureNet, loader: DataLoader) -> float:
     return correct / total
 
 
-def _export(net: FeatureNet, data: LabelledDigitsDataModule, cache_dir: Path | None, source: str) -> Path:
-    """Measure val accuracy and write ``<cache_dir>/digits.pt`` (``digits_mlp.pt`` for an MLP); returns its path."""
-    data.setup("validate")
-    val_acc = accuracy(net, data.val_dataloader())
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[net.config.arch]
-    meta = {
-        "dataset": "sklearn digits",
-        "val_accuracy": val_acc,
-        "split_seed": data.seed,
-        "val_fraction": data.hparams["val_fraction"],
-        "source": source,
-    }
-    return save_feature_net(net, path, meta)
+def _export(net: FeatureNet, val: DataLoader, path: Path, meta: dict[str, Any]) -> Path:
+    """Measure the validation accuracy of ``net`` on ``val`` and write it with ``meta`` to ``path``."""
+    return save_feature_net(net, path, {**meta, "val_accuracy": accuracy(net, val)})
+
+
+def train_feature_net(data: RealData, path: Path, arch: str = "cnn", max_epochs: int = 20, seed: int | None = None,
+                      accelerator: str = "cpu") -> Path:
+    """Train a classifier of ``data``'s classes with a Lightning Trainer and write it to ``path``.
+
+    Args:
+        data: the labelled training and validation images (the validation split picks the best epoch).
+        path: the feature-net file to write (:func:`~bdiff.metrics.features.classifier_path`).
+        arch: ``cnn`` or ``mlp`` (:class:`~bdiff.metrics.feature_net.FeatureNetConfig`).
+        max_epochs: epochs over the training split (20: ~99% val accuracy on the digits in ~4 s
+            on 2 CPU cores).
+        seed: seeds the initial weights and dropout (global RNG state is restored afterwards).
+            Default: 0 for the CNN, 1 for the MLP, so the two spaces differ in seed too.
+        accelerator: Lightning accelerator; the nets are small, a CPU is fast enough.
+
+    Returns:
+        ``path``. The Lightning checkpoint (best validation accuracy, via ModelCheckpoint) lives
+        in a temporary folder and is exported, then removed.
+    """
+    as_integer("max_epochs", max_epochs, 1)
+    if arch not in DEFAULT_SEEDS:
+        raise ValueError(f"arch must be one of {', '.join(DEFAULT_SEEDS)}, got {arch!r}")
+    dm = LabelledDataModule(data)
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="bdiff-features-") as tmp:
+        torch.manual_seed(DEFAULT_SEEDS[arch] if seed is None else seed)
+        config = FeatureNetConfig(in_channels=dm.channels, image_size=dm.image_size, num_classes=dm.num_classes,
+                                  arch=arch)  # type: ignore[arg-type]
+        module = FeatureClassifierModule(config)
+        best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max", save_top_k=1, filename="best")
+        trainer = pl.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=1, logger=False, callbacks=[best],
+                             plugins=[AtomicCheckpointIO()], default_root_dir=tmp, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(module, datamodule=dm)
+        module.load_state_dict(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
+    meta = {"data_key": data.key, "classes": list(data.class_names),
+            "source": f"train_feature_net(max_epochs={max_epochs}, arch={arch!r})"}
+    return _export(module.net.cpu(), dm.val_dataloader(), Path(path), meta)
 
 
 def train_digits_feature_net(
@@ -219,48 +265,13 @@ def train_digits_feature_net(
     split_seed: int = 0,
     arch: str = "cnn",
 ) -> Path:
-    """Train the digits feature net with a Lightning Trainer and write ``<cache_dir>/digits.pt``.
-
-    Args:
-        cache_dir: folder of the feature cache (default ``$BDIFF_CACHE/features``, else
-            ``~/.cache/bdiff/features``).
-        max_epochs: epochs over the 1617 training digits (20: ~99% val accuracy in ~4 s on
-            2 CPU cores; 2 epochs already give ~98%).
-        seed: seeds the initial weights and dropout (global RNG state is restored afterwards);
-            the batch order follows ``split_seed``. Default: 0 for the CNN, 1 for the MLP.
-        accelerator: Lightning accelerator; the net is tiny, CPU is the fastest.
-        split_seed: seed of the train/val split; keep it equal to the diffusion run's
-            ``data.seed`` (default 0) so the feature net never trains on its held-out digits.
-        arch: ``cnn`` (writes ``digits.pt``) or ``mlp`` (writes ``digits_mlp.pt``).
-
-    Returns:
-        The path of the written ``digits.pt``. The Lightning checkpoint (best val accuracy,
-        via ModelCheckpoint) lives in a temporary folder and is exported, then removed.
-    """
-    as_integer("max_epochs", max_epochs, 1)
+    """Train the digits feature net (:func:`train_feature_net` on the digits) into ``<cache_dir>/digits.pt``
+    (``digits_mlp.pt`` for ``arch="mlp"``); ``split_seed`` must be the diffusion run's ``data.seed`` (0)."""
     if arch not in FEATURE_FILES:
         raise ValueError(f"arch must be one of {', '.join(FEATURE_FILES)}, got {arch!r}")
-    data = LabelledDigitsDataModule(seed=split_seed)
-    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="bdiff-features-") as tmp:
-        torch.manual_seed(DEFAULT_SEEDS[arch] if seed is None else seed)
-        config = FeatureNetConfig(in_channels=data.channels, image_size=data.image_size, arch=arch)  # type: ignore[arg-type]
-        module = FeatureClassifierModule(config)
-        best = ModelCheckpoint(dirpath=tmp, monitor="val/acc", mode="max", save_top_k=1, filename="best")
-        trainer = pl.Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=1,
-            logger=False,
-            callbacks=[best],
-            plugins=[AtomicCheckpointIO()],
-            default_root_dir=tmp,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, datamodule=data)
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    return _export(module.net.cpu(), data, cache_dir, source=f"train_digits_feature_net(max_epochs={max_epochs}, arch={arch!r})")
+    data = RealData.digits(split_seed)
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[arch]
+    return train_feature_net(data, path, arch, max_epochs, seed, accelerator)
 
 
 def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> Path:
@@ -284,23 +295,27 @@ def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> P
     module = FeatureClassifierModule(**{k: hp[k] for k in ("net", "lr", "weight_decay") if k in hp})
     module.load_state_dict(ckpt["state_dict"])
     data_hp = ckpt.get("datamodule_hyper_parameters", {})
-    data = LabelledDigitsDataModule(**{k: data_hp[k] for k in ("val_fraction", "seed") if k in data_hp})
+    data = RealData.digits(int(data_hp.get("seed", 0)))
     cfg = module.net.config
-    if (cfg.in_channels, cfg.image_size) != (data.channels, data.image_size):
+    if (cfg.in_channels, cfg.image_size) != (1, 8):
         shape = f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size}"
         raise ValueError(f"{str(ckpt_path)!r} holds a net for {shape} images, not for 1x8x8 digits")
-    return _export(module.net, data, cache_dir, source=str(ckpt_path))
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[cfg.arch]
+    val = LabelledDataModule(data).val_dataloader()
+    return _export(module.net, val, path, {"data_key": data.key, "source": str(ckpt_path)})
 
 
-def ensure_feature_nets(names: Iterable[str | None], cache_dir: Path | None = None, max_epochs: int = 20) -> list[Path]:
-    """Train every digits classifier among ``names`` (``digits``, ``digits_mlp``; other names are skipped) whose
-    file is missing from ``cache_dir``, as :data:`~bdiff.metrics.features.CACHE_COMMAND` would; returns the files
-    written (a few seconds each on a CPU)."""
+def ensure_feature_nets(names: Iterable[str | None], cache_dir: Path | None = None, max_epochs: int = 20,
+                        data: RealData | None = None) -> list[Path]:
+    """Train every classifier feature space among ``names`` (``digits``, ``digits_mlp``, ``classifier``,
+    ``classifier_mlp``; other names are skipped) whose file for ``data`` (default: the digits) is missing from
+    ``cache_dir``; returns the files written (seconds on a CPU for the digits, about a minute for 32x32 photos)."""
+    data = data if data is not None else RealData.digits()
     written = []
-    for name in dict.fromkeys(n for n in names if n in CLASSIFIER_FILES):
-        path = classifier_path(name, cache_dir)
+    for name in dict.fromkeys(n for n in names if n in CLASSIFIER_ARCH):
+        path = classifier_path(name, cache_dir, data.key)
         if not path.is_file():
-            written.append(train_digits_feature_net(path.parent, max_epochs=max_epochs, arch=CLASSIFIER_FILES[name][1]))
+            written.append(train_feature_net(data, path, CLASSIFIER_ARCH[name], max_epochs))
     return written
 
 

@@ -1,17 +1,20 @@
 """Feature extractors for FID/KID, chosen by name: ``get_feature_extractor(name)``.
 
-* ``"digits"``: our small CNN (:mod:`bdiff.metrics.feature_net`) trained on sklearn's 8x8
-  digits, read from the feature cache ``<cache_dir>/digits.pt`` (default
-  ``$BDIFF_CACHE/features``, else ``~/.cache/bdiff/features``). Create the file with
-  ``python -m bdiff.lit.feature_module cache``.
-* ``"digits_mlp"``: a second classifier, built differently (fully connected on the pixels, no
-  convolution or normalisation, another seed), read from ``<cache_dir>/digits_mlp.pt``
-  (``python -m bdiff.lit.feature_module cache --arch mlp``).
+* ``"classifier"``: our small CNN (:mod:`bdiff.metrics.feature_net`) trained to tell the classes
+  of the real training data apart (the digits; for an image folder, its class folders: which photo
+  a crop came from), read from the feature cache (default ``$BDIFF_CACHE/features``, else
+  ``~/.cache/bdiff/features``): ``digits.pt`` for the digits, ``<data key>_cnn.pt`` for other data.
+* ``"classifier_mlp"``: a second classifier of the same classes, built differently (fully
+  connected on the pixels, no convolution or normalisation, another seed): ``digits_mlp.pt`` or
+  ``<data key>_mlp.pt``.
+* ``"digits"`` / ``"digits_mlp"``: the two classifiers' names on the digits (the names every
+  digits number is reported under). Create the digits files with ``python -m bdiff.lit.feature_module
+  cache``; ``bdiff-evaluate --train-features-if-missing`` trains any missing classifier.
 * ``"pixels"``: the raw pixels (64-d for the digits): no learned feature at all.
 
 One feature space can saturate or be blind to a failure (the digits CNN hid a 4x gap in
-sample quality), so :data:`DIGITS_SPACES` -- three spaces built differently -- is what the
-evaluator and the benchmarks report.
+sample quality), so :data:`DIGITS_SPACES` / :data:`DATA_SPACES` -- three spaces built
+differently -- are what the evaluator and the benchmarks report.
 * ``"inception"``: the standard FID Inception-v3 (Heusel et al. 2017; TF-ported weights of
   Szegedy et al. 2016) through torchmetrics' ``NoTrainInceptionV3``, which needs the
   ``torch-fidelity`` package and its weights file. Never downloaded here: when either is
@@ -44,11 +47,17 @@ from bdiff.cache import cache_root
 from bdiff.files import atomic_file
 from bdiff.metrics.feature_net import FeatureExtractor, FeatureNet, FeatureNetConfig
 
-FEATURE_EXTRACTORS = ("digits", "digits_mlp", "pixels", "inception")
+FEATURE_EXTRACTORS = ("digits", "digits_mlp", "classifier", "classifier_mlp", "pixels", "inception")
 """Names :func:`get_feature_extractor` knows."""
 DIGITS_SPACES = ("digits", "digits_mlp", "pixels")
 """The feature spaces every digits quality number is reported in."""
-CLASSIFIER_FILES = {"digits": ("digits.pt", "cnn"), "digits_mlp": ("digits_mlp.pt", "mlp")}
+DATA_SPACES = ("classifier", "classifier_mlp", "pixels")
+"""The feature spaces quality on any other labelled data (an image folder) is reported in."""
+DIGITS_KEY = "digits"
+"""The data key of scikit-learn's digits (:class:`bdiff.metrics.references.RealData`)."""
+CLASSIFIER_ARCH = {"digits": "cnn", "digits_mlp": "mlp", "classifier": "cnn", "classifier_mlp": "mlp"}
+"""Classifier feature space -> architecture of its :class:`~bdiff.metrics.feature_net.FeatureNet`."""
+DIGITS_FILES = {"cnn": "digits.pt", "mlp": "digits_mlp.pt"}
 
 FORMAT, VERSION = "bdiff-feature-net", 1
 CACHE_COMMAND = "python -m bdiff.lit.feature_module cache"
@@ -101,25 +110,34 @@ def load_feature_net(path: str | Path, map_location: str | torch.device = "cpu")
     return net.eval(), dict(payload.get("meta", {}))
 
 
-def classifier_path(name: str, cache_dir: Path | None = None) -> Path:
-    """The file of the ``digits`` or ``digits_mlp`` classifier in ``cache_dir`` (default :func:`default_cache_dir`)."""
+def classifier_path(name: str, cache_dir: Path | None = None, data_key: str = DIGITS_KEY) -> Path:
+    """The file of the ``name`` classifier (a key of :data:`CLASSIFIER_ARCH`) of the data ``data_key`` in
+    ``cache_dir`` (default :func:`default_cache_dir`)."""
+    if name not in CLASSIFIER_ARCH:
+        raise ValueError(f"{name!r} is not a classifier feature space ({', '.join(CLASSIFIER_ARCH)})")
+    if name.startswith("digits") and data_key != DIGITS_KEY:
+        raise ValueError(f"the {name!r} feature space is a classifier of the digits; for other data use "
+                         f"{name.replace('digits', 'classifier')!r}")
+    arch = CLASSIFIER_ARCH[name]
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return cache_dir / CLASSIFIER_FILES[name][0]
+    return cache_dir / (DIGITS_FILES[arch] if data_key == DIGITS_KEY else f"{data_key}_{arch}.pt")
 
 
-def cache_command(name: str, cache_dir: Path) -> str:
-    """The command that trains the ``name`` classifier (``digits`` or ``digits_mlp``) into ``cache_dir``."""
-    arch = CLASSIFIER_FILES[name][1]
+def cache_command(name: str, cache_dir: Path, data_key: str = DIGITS_KEY) -> str:
+    """The command that trains the ``name`` classifier into ``cache_dir``."""
+    if data_key != DIGITS_KEY:
+        return "bdiff-evaluate --samples <file> --train-features-if-missing (a classifier of the checkpoint's own data)"
+    arch = CLASSIFIER_ARCH[name]
     return CACHE_COMMAND + ("" if arch == "cnn" else f" --arch {arch}") + f" --cache-dir {cache_dir}"
 
 
-def _digits(name: str, cache_dir: Path | None, device: str | torch.device) -> FeatureExtractor:
-    """A cached digits classifier (``digits``: the CNN, ``digits_mlp``: the MLP) as an extractor."""
-    path = classifier_path(name, cache_dir)
+def _classifier(name: str, cache_dir: Path | None, device: str | torch.device, data_key: str) -> FeatureExtractor:
+    """A cached classifier of the data ``data_key`` (CNN or MLP, by ``name``) as an extractor."""
+    path = classifier_path(name, cache_dir, data_key)
     if not path.is_file():
         raise FileNotFoundError(
-            f"the {name} feature net {str(path)!r} is missing. Create it with: {cache_command(name, path.parent)} "
-            "(a few seconds on a CPU), or let bdiff-evaluate do it: --train-features-if-missing."
+            f"the {name} feature net {str(path)!r} is missing. Create it with: {cache_command(name, path.parent, data_key)} "
+            "(seconds to minutes on a CPU), or let bdiff-evaluate do it: --train-features-if-missing."
         )
     net, _ = load_feature_net(path)
     return FeatureExtractor(net, name=name).to(device)
@@ -194,11 +212,13 @@ def get_feature_extractor(
     fallback: str | None = None,
     inception_weights: Path | None = None,
     image_shape: tuple[int, int, int] = (1, 8, 8),
+    data_key: str = DIGITS_KEY,
 ) -> FeatureExtractor:
     """A frozen feature extractor by name: images (N, C, H, W) in [0, 1] -> features (N, D).
 
     Args:
-        name: ``"digits"`` / ``"digits_mlp"`` (D=64, 1x8x8 images), ``"pixels"`` (D=C*H*W of
+        name: ``"digits"`` / ``"digits_mlp"`` (D=64, 1x8x8 images), ``"classifier"`` / ``"classifier_mlp"``
+            (D=64, the images of ``data_key``), ``"pixels"`` (D=C*H*W of
             ``image_shape``) or ``"inception"`` (D=2048, any size, 1 or 3 channels).
         cache_dir: folder holding ``digits.pt`` / ``digits_mlp.pt`` (default :func:`default_cache_dir`).
         device: where the extractor lives.
@@ -207,6 +227,7 @@ def get_feature_extractor(
         inception_weights: the FID Inception weights file (default: torch hub's cache,
             where torch-fidelity downloads it).
         image_shape: (C, H, W) of the images, for ``"pixels"``.
+        data_key: which data's classifiers to read (:attr:`bdiff.metrics.references.RealData.key`).
 
     Raises:
         ValueError: unknown ``name`` or ``fallback``.
@@ -225,8 +246,8 @@ def get_feature_extractor(
     if fallback is not None and (fallback not in FEATURE_EXTRACTORS or fallback == name):
         others = [n for n in FEATURE_EXTRACTORS if n != name]
         raise ValueError(f"fallback must be None or one of {', '.join(others)}, got {fallback!r}")
-    if name in CLASSIFIER_FILES:
-        return _digits(name, cache_dir, device)
+    if name in CLASSIFIER_ARCH:
+        return _classifier(name, cache_dir, device, data_key)
     if name == "pixels":
         return PixelFeatureExtractor(image_shape).to(device)
     try:
@@ -240,4 +261,4 @@ def get_feature_extractor(
             RuntimeWarning,
             stacklevel=2,
         )
-        return get_feature_extractor(fallback, cache_dir, device)
+        return get_feature_extractor(fallback, cache_dir, device, image_shape=image_shape, data_key=data_key)

@@ -1,4 +1,4 @@
-"""Data as plain tensors, without Lightning: scikit-learn's bundled digits and the seeded train/val split.
+"""scikit-learn's bundled 8x8 digits as plain tensors, without Lightning, and the seeded train/val split.
 
 :mod:`bdiff.lit.data`'s datamodules split every dataset with :func:`seeded_split`, so
 :func:`digits_split` returns exactly the images a default digits run (``DigitsDataModule(seed=0)``)
