@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from bdiff.bayes import BayesConfig, BayesianUNet, posterior_loc_scale
-from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.bayes.bottleneck_gp import restore as restore_gp
 from bdiff.bayes.error_scale import EpistemicErrorScale
+from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig

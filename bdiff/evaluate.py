@@ -33,9 +33,18 @@ import torch
 from jsonargparse import ActionConfigFile, Namespace
 
 from bdiff.console import ArgumentParser, exit_on_user_error, program_name
-from bdiff.metrics.calibration import calibration_at_t, plot_reliability, reliability_at_t
+from bdiff.metrics.calibration import (
+    calibration_at_t,
+    plot_reliability,
+    reliability_at_t,
+)
 from bdiff.metrics.references import RealData, references_for
-from bdiff.metrics.report import evaluate_sample_set, filtering_in_spaces, markdown_table, quality_in_spaces
+from bdiff.metrics.report import (
+    evaluate_sample_set,
+    filtering_in_spaces,
+    markdown_table,
+    quality_in_spaces,
+)
 from bdiff.metrics.samples_file import SampleSet, load_samples
 from bdiff.metrics.usefulness import sample_score
 

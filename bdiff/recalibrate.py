@@ -11,11 +11,15 @@ prints r(t) and the measured excess error per knot.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
+from bdiff.bayes.error_scale import (
+    EpistemicErrorScale,
+    error_scale_images,
+    fit_denoiser_error_scale,
+)
 from bdiff.bayes.predictive import BayesianDenoiser
 from bdiff.checkpoint import datamodule_of, load_model, read_checkpoint
 from bdiff.console import ArgumentParser, exit_on_user_error, program_name

@@ -3,9 +3,12 @@
     python benchmarks/equal_time_steps.py --variant noattn:attention_resolutions=[] \
         b24:base_channels=24 b24noattn:base_channels=24,attention_resolutions=[] \
         [--config configs/digits.yaml] [--rounds 30] [--out benchmarks/results/equal_time_steps.json]
+    # the plain-DDPM baseline of the photos (configs/photos32_ddpm.yaml's model)
+    python benchmarks/equal_time_steps.py --config configs/photos32.yaml --rounds 15 \
+        --variant ddpm:bayes.layers=none,bayes.objective=mse --out benchmarks/results/equal_time_steps_photos32.json
 
 Each variant is the default config's model (configs/digits.yaml: objective, Bayesian head, EMA,
-precision) with some ``model.net`` fields overridden. One training step of each -- noising,
+precision) with some ``model.net`` fields (or, prefixed ``bayes.``, ``model.bayes`` fields) overridden. One training step of each -- noising,
 Pyro's ELBO under the config's bf16 autocast, backward, gradient clipping, AdamW, the EMA's
 multi-tensor update; what ``DiffusionModule.training_step`` and the callbacks do per step, minus
 logging -- is timed on one batch of the config's size, every variant once per round
@@ -25,14 +28,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from bayes_overhead import train_step_fn
+from common import RESULTS, ROOT, write_json
+from timing import interleaved_medians
 
 from bdiff.bayes import BayesConfig
 from bdiff.lit.cli import resolved_config
 from bdiff.lit.module import DiffusionModule
 from bdiff.nets import UNetConfig
-from bayes_overhead import train_step_fn
-from common import RESULTS, ROOT, write_json
-from timing import interleaved_medians
 
 
 def parse_variant(item: str) -> tuple[str, dict]:
@@ -40,12 +43,13 @@ def parse_variant(item: str) -> tuple[str, dict]:
     name, sep, spec = item.partition(":")
     if not sep or not name:
         raise SystemExit(f"error: --variant takes name:field=value[,field=value], got {item!r}")
-    fields = UNetConfig.__dataclass_fields__
+    fields = [*UNetConfig.__dataclass_fields__, *(f"bayes.{f}" for f in BayesConfig.__dataclass_fields__)]
     overrides = {}
     for pair in spec.split(","):
         key, eq, value = pair.partition("=")
         if not eq or key not in fields:
-            raise SystemExit(f"error: {pair!r} in --variant {item!r}: use field=value with a UNetConfig field ({', '.join(fields)})")
+            raise SystemExit(f"error: {pair!r} in --variant {item!r}: use field=value with a UNetConfig field or "
+                             f"bayes.<BayesConfig field> ({', '.join(fields)})")
         v = yaml.safe_load(value)
         overrides[key] = tuple(v) if isinstance(v, list) else v
     return name, overrides
@@ -66,11 +70,13 @@ def main() -> None:
     net = {**model["net"], "channel_mults": tuple(model["net"]["channel_mults"]),
            "attention_resolutions": tuple(model["net"]["attention_resolutions"])}
     variants = {"default": {}, **dict(parse_variant(v) for v in args.variant)}
-    x0 = torch.rand(cfg["data"]["init_args"]["batch_size"], 1, net["image_size"], net["image_size"]) * 2 - 1
+    x0 = torch.rand(cfg["data"]["init_args"]["batch_size"], net["in_channels"], net["image_size"], net["image_size"]) * 2 - 1
     fns, params = {}, {}
     for name, overrides in variants.items():
         torch.manual_seed(0)
-        module = DiffusionModule(net=UNetConfig(**{**net, **overrides}), bayes=BayesConfig(**model["bayes"]), num_data=1617)
+        net_fields = {k: v for k, v in overrides.items() if not k.startswith("bayes.")}
+        bayes = {**model["bayes"], **{k[len("bayes."):]: v for k, v in overrides.items() if k.startswith("bayes.")}}
+        module = DiffusionModule(net=UNetConfig(**{**net, **net_fields}), bayes=BayesConfig(**bayes), num_data=1617)
         params[name] = sum(p.numel() for p in module.parameters())
         fns[name] = train_step_fn(module, x0, trainer["precision"], lr=model["lr"], clip=trainer["gradient_clip_val"], ema_decay=decay)
     sec = interleaved_medians(fns, args.rounds)

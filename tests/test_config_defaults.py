@@ -30,6 +30,10 @@ DEPARTURES: dict[str, dict[str, tuple[Any, str]]] = {
         "model.bayes.objective": ("mse", "the plain-DDPM baseline (Ho et al. 2020) the default model is measured against"),
         "model.epistemic_gp": (False, "a deterministic U-Net: no uncertainty to measure"),
     },
+    "photos32_ddpm.yaml": {
+        "model.bayes.objective": ("mse", "the plain-DDPM baseline the photos model is measured against"),
+        "model.epistemic_gp": (False, "a deterministic U-Net: no uncertainty to measure"),
+    },
     "digits_guide.yaml": {
         "model.bayes.objective": ("mse", "autoguidance's deliberately weaker plain DDPM"),
         "model.epistemic_gp": (False, "a deterministic U-Net: no uncertainty to measure"),
@@ -57,7 +61,7 @@ def yaml_lines(config: str, key: str) -> list[str]:
 
 def test_every_training_config_is_checked() -> None:
     assert {"digits.yaml", "digits_ddpm.yaml", "digits_guide.yaml", "debug.yaml", "mnist.yaml", "cifar10.yaml",
-            "image_folder.yaml"} <= set(TRAINING_CONFIGS)
+            "image_folder.yaml", "photos32.yaml", "photos32_ddpm.yaml"} <= set(TRAINING_CONFIGS)
     assert set(DEPARTURES) <= set(TRAINING_CONFIGS)
 
 

@@ -113,7 +113,7 @@ def test_corrupt_cache_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_name_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="'fidnet'.*digits, digits_mlp, pixels, inception"):
+    with pytest.raises(ValueError, match="'fidnet'.*digits, digits_mlp, classifier, classifier_mlp, pixels, inception"):
         get_feature_extractor("fidnet")
     with pytest.raises(ValueError, match="fallback"):
         get_feature_extractor("inception", fallback="resnet")

@@ -12,11 +12,11 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from bdiff.datasets import photos  # noqa: E402
-from bdiff.lit.data import ImageFolderDataModule  # noqa: E402
-from bdiff.metrics.features import DATA_SPACES, classifier_path  # noqa: E402
-from bdiff.metrics.references import RealData  # noqa: E402
-from tests.conftest import CONFIGS, cli_args  # noqa: E402
+from bdiff.datasets import photos
+from bdiff.lit.data import ImageFolderDataModule
+from bdiff.metrics.features import DATA_SPACES, classifier_path
+from bdiff.metrics.references import RealData
+from tests.conftest import CONFIGS, cli_args
 
 FEW = ("astronaut", "camera", "coins", "moon")  # two colour-free, one colour, one held out below
 

@@ -62,14 +62,24 @@ def rewrite(cmd: str, ckpt: Path, tmp: Path) -> list[str]:
     cmd = cmd.replace("runs/bdiff/<run id>/checkpoints/last.ckpt", str(ckpt)).replace("<ckpt>", str(ckpt))
     cmd = cmd.replace("<config>", "configs/debug.yaml").replace("/path/to/images", str(tmp / "images"))
     cmd = cmd.replace("samples.npz", str(tmp / "samples.npz")).replace("/tmp/04.ipynb", str(tmp / "04.ipynb"))
+    cmd = cmd.replace("data/photos", str(tmp / "photos_written"))  # the photos writer: a folder of its own
     args = shlex.split(cmd)
+    if "bdiff.datasets.photos" in cmd:
+        return [*args, "--crops-per-photo", "2"]
     if "train.py" in args or args[0] == "bdiff-train":  # bdiff-train: the console command of train.py
         args = ["python", *args[args.index("train.py") :]] if "train.py" in args else args
         if any(marker in cmd for marker in NEEDS_HARDWARE_OR_NETWORK) or "--print_config" in args:
             return [*args, "--print_config"] if "--print_config" not in args else args
         args += ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                  f"--trainer.default_root_dir={tmp / 'runs'}", f"--trainer.logger.init_args.save_dir={tmp / 'runs'}"]
-        if "image_folder" in cmd:
+        if "photos32" in cmd:
+            from bdiff.datasets.photos import write_photos
+
+            photos = tmp / "photos"
+            if not photos.exists():
+                write_photos(photos, crops_per_photo=4)
+            args += [f"--data.init_args.root={photos}"]
+        if "image_folder" in cmd or "photos32" in cmd:
             args += ["--trainer.callbacks=[]", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
         return args
     if "bdiff.lit.critic_module" in cmd or args[0] == "bdiff-critic":  # small, every output in tmp (not runs/critic)

@@ -6,6 +6,11 @@
   written as an ImageFolder tree (``python -m bdiff.datasets.photos OUT``; needs ``.[photos]``).
 """
 
-from bdiff.datasets.digits import DIGITS_VAL_FRACTION, digits_split, load_digits, seeded_split
+from bdiff.datasets.digits import (
+    DIGITS_VAL_FRACTION,
+    digits_split,
+    load_digits,
+    seeded_split,
+)
 
 __all__ = ["DIGITS_VAL_FRACTION", "digits_split", "load_digits", "seeded_split"]

@@ -131,7 +131,7 @@ def write_photos(out: str | os.PathLike[str], crops_per_photo: int = 500, size: 
     return out
 
 
-def parse_args(argv: Sequence[str] | None = None):  # noqa: ANN201 (jsonargparse Namespace)
+def parse_args(argv: Sequence[str] | None = None):
     p = ArgumentParser(prog="python -m bdiff.datasets.photos", description=__doc__.splitlines()[0])
     p.add_argument("out", type=str, help="folder to create (must not exist, or be empty)")
     p.add_argument("--crops-per-photo", type=int, default=500, help="random crops written per photo")

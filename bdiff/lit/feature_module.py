@@ -1,6 +1,9 @@
-"""Train the digits feature net (FID/KID features for 8x8 digits) with Lightning.
+"""Train the classifiers whose features FID/KID are measured in, with Lightning.
 
-Two commands::
+For the digits, two commands (below); for any other labelled data (an image folder: one class
+per folder), :func:`ensure_feature_nets` with ``data=RealData.of_datamodule(...)`` trains a CNN
+and an MLP of the data's own classes -- what ``bdiff-evaluate --train-features-if-missing`` runs
+for a checkpoint trained on such data. The digits commands::
 
     # a Lightning run (CSV metrics, ModelCheckpoint under runs/features/digits/version_N/)
     python -m bdiff.lit.feature_module fit --config configs/features/digits.yaml
@@ -47,7 +50,13 @@ from bdiff.datasets import load_digits
 from bdiff.lit.checkpoint_io import AtomicCheckpointIO
 from bdiff.lit.data import DigitsDataModule
 from bdiff.metrics.feature_net import FeatureNet, FeatureNetConfig
-from bdiff.metrics.features import CLASSIFIER_ARCH, DIGITS_FILES, classifier_path, default_cache_dir, save_feature_net
+from bdiff.metrics.features import (
+    CLASSIFIER_ARCH,
+    DIGITS_FILES,
+    classifier_path,
+    default_cache_dir,
+    save_feature_net,
+)
 from bdiff.metrics.references import RealData
 
 FEATURE_FILES = DIGITS_FILES

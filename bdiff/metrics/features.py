@@ -10,7 +10,8 @@
 * ``"digits"`` / ``"digits_mlp"``: the two classifiers' names on the digits (the names every
   digits number is reported under). Create the digits files with ``python -m bdiff.lit.feature_module
   cache``; ``bdiff-evaluate --train-features-if-missing`` trains any missing classifier.
-* ``"pixels"``: the raw pixels (64-d for the digits): no learned feature at all.
+* ``"pixels"``: the raw pixels (64-d for the digits; images over 16x16 are block-averaged to
+  16x16 first): no learned feature at all.
 
 One feature space can saturate or be blind to a failure (the digits CNN hid a 4x gap in
 sample quality), so :data:`DIGITS_SPACES` / :data:`DATA_SPACES` -- three spaces built
@@ -59,6 +60,8 @@ CLASSIFIER_ARCH = {"digits": "cnn", "digits_mlp": "mlp", "classifier": "cnn", "c
 """Classifier feature space -> architecture of its :class:`~bdiff.metrics.feature_net.FeatureNet`."""
 DIGITS_FILES = {"cnn": "digits.pt", "mlp": "digits_mlp.pt"}
 
+MAX_PIXEL_SIDE = 16
+"""The ``pixels`` space averages larger images down to this many pixels a side (:class:`PixelFeatureExtractor`)."""
 FORMAT, VERSION = "bdiff-feature-net", 1
 CACHE_COMMAND = "python -m bdiff.lit.feature_module cache"
 INCEPTION_FEATURES = 2048  # pool3 features, the FID standard
@@ -144,16 +147,25 @@ def _classifier(name: str, cache_dir: Path | None, device: str | torch.device, d
 
 
 class PixelFeatureExtractor(FeatureExtractor):
-    """The flattened pixels as features: (N, C, H, W) in [0, 1] -> (N, C*H*W). Nothing learned."""
+    """The pixels as features: (N, C, H, W) in [0, 1] -> (N, C*h*w), nothing learned.
+
+    Images up to :data:`MAX_PIXEL_SIDE` pixels a side are taken as they are (the digits: 64-d);
+    larger ones are first averaged over square blocks down to that side (``adaptive_avg_pool2d``;
+    32x32 RGB: 3x16x16 = 768-d), so the Frechet distance's covariance stays estimable from a few
+    thousand samples (it needs N > D) while keeping the images' layout and colour.
+    """
 
     def __init__(self, image_shape: tuple[int, int, int]) -> None:
         c, h, w = image_shape
-        super().__init__(torch.nn.Flatten(), name="pixels", num_features=c * h * w)
+        self.side = (min(h, MAX_PIXEL_SIDE), min(w, MAX_PIXEL_SIDE))
+        super().__init__(torch.nn.Flatten(), name="pixels", num_features=c * self.side[0] * self.side[1])
         self.image_shape = tuple(image_shape)
 
     def extract(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"pixel features were set up for {self.image_shape} images, got {tuple(x.shape[1:])}")
+        if tuple(x.shape[2:]) != self.side:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, self.side)
         return x.flatten(1)
 
 

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor
 
 from bdiff.datasets import DIGITS_VAL_FRACTION, load_digits, seeded_split
-from bdiff.metrics.features import DIGITS_KEY, DIGITS_SPACES, DATA_SPACES, default_cache_dir, get_feature_extractor
+from bdiff.metrics.features import (
+    DATA_SPACES,
+    DIGITS_KEY,
+    DIGITS_SPACES,
+    default_cache_dir,
+    get_feature_extractor,
+)
 from bdiff.metrics.frechet import cached_features, extract_features
 
 
