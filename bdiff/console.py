@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import jsonargparse
 
-USER_ERRORS = (ValueError, FileNotFoundError)  # what bdiff raises for bad files, recipes and values
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # what bdiff raises for bad files, recipes and values
 DEBUG_FLAG, DEBUG_ENV = "--debug", "BDIFF_DEBUG"
 
 

@@ -102,3 +102,14 @@ def test_user_photos_train_sample_and_evaluate_in_their_own_feature_spaces(tree:
     assert [row["t"] for row in metrics["calibration"]] == [10, 50, 100, 250, 500, 750, 950]
     with pytest.raises(ValueError, match="use 'classifier'"):
         classifier_path("digits", data_key=data.key)
+
+
+def test_command_line_errors_are_one_line(tree: Path, monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bdiff.console import exit_on_user_error
+
+    for argv, says in ((["--crops-per-photo", "abc", "out"], "crops_per_photo"), ([str(tree)], "already exists")):
+        monkeypatch.setattr("sys.argv", ["python -m bdiff.datasets.photos", *argv])
+        with pytest.raises(SystemExit) as stop:
+            exit_on_user_error(photos.main)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and says in err, err

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from jsonargparse import Namespace
 from PIL import Image
 
 from bdiff.checks import as_integer
@@ -131,7 +132,8 @@ def write_photos(out: str | os.PathLike[str], crops_per_photo: int = 500, size: 
     return out
 
 
-def parse_args(argv: Sequence[str] | None = None):
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    """The command line (a bad option ends in one line and exit status 2)."""
     p = ArgumentParser(prog="python -m bdiff.datasets.photos", description=__doc__.splitlines()[0])
     p.add_argument("out", type=str, help="folder to create (must not exist, or be empty)")
     p.add_argument("--crops-per-photo", type=int, default=500, help="random crops written per photo")
