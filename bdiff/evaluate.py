@@ -76,10 +76,11 @@ def real_data(samples: SampleSet, data_ckpt: str | None = None) -> RealData:
             return RealData.digits()
         raise FileNotFoundError(f"the samples' checkpoint {ckpt!r} is not there, so their real data is unknown: pass the "
                                 "checkpoint of the run they came from with --data-ckpt")
-    hp = read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
+    checkpoint = read_checkpoint(ckpt)
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
     if str(hp.get("_class_path", "")).endswith(".DigitsDataModule"):
         return RealData.digits()  # the full split of seed 0, whatever share of it the run trained on
-    return RealData.of_datamodule(datamodule_of(read_checkpoint(ckpt)))
+    return RealData.of_datamodule(datamodule_of(checkpoint))
 
 
 def log_to_wandb(project: str, metrics: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:
