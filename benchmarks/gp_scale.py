@@ -69,7 +69,6 @@ def child_fit(config: Path, n: int, device: str) -> dict:
 
     from bdiff.bayes.bottleneck_gp import BottleneckGP
 
-    torch.set_num_threads(torch.get_num_threads())
     module = build(config, device)
     base = peak_mib(device)
     shape = (module.bayes.net.config.in_channels, module.bayes.net.config.image_size, module.bayes.net.config.image_size)

@@ -59,8 +59,6 @@ from bdiff.metrics.features import (
 )
 from bdiff.metrics.references import RealData
 
-FEATURE_FILES = DIGITS_FILES
-"""Digits cache file per architecture: ``get_feature_extractor("digits")`` reads the CNN, ``"digits_mlp"`` the MLP."""
 DEFAULT_SEEDS = {"cnn": 0, "mlp": 1}
 """Initial-weight seed per architecture: the second feature space differs in architecture *and* seed."""
 
@@ -276,10 +274,10 @@ def train_digits_feature_net(
 ) -> Path:
     """Train the digits feature net (:func:`train_feature_net` on the digits) into ``<cache_dir>/digits.pt``
     (``digits_mlp.pt`` for ``arch="mlp"``); ``split_seed`` must be the diffusion run's ``data.seed`` (0)."""
-    if arch not in FEATURE_FILES:
-        raise ValueError(f"arch must be one of {', '.join(FEATURE_FILES)}, got {arch!r}")
+    if arch not in DIGITS_FILES:
+        raise ValueError(f"arch must be one of {', '.join(DIGITS_FILES)}, got {arch!r}")
     data = RealData.digits(split_seed)
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[arch]
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DIGITS_FILES[arch]
     return train_feature_net(data, path, arch, max_epochs, seed, accelerator)
 
 
@@ -309,7 +307,7 @@ def export_checkpoint(ckpt_path: str | Path, cache_dir: Path | None = None) -> P
     if (cfg.in_channels, cfg.image_size) != (1, 8):
         shape = f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size}"
         raise ValueError(f"{str(ckpt_path)!r} holds a net for {shape} images, not for 1x8x8 digits")
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEATURE_FILES[cfg.arch]
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / DIGITS_FILES[cfg.arch]
     val = LabelledDataModule(data).val_dataloader()
     return _export(module.net, val, path, {"data_key": data.key, "source": str(ckpt_path)})
 
@@ -337,7 +335,7 @@ def cache_parser() -> ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--seed", type=Optional[int], default=None,
                    help="seed of the initial weights and dropout (default: 0 cnn, 1 mlp)")
-    p.add_argument("--arch", type=str, choices=tuple(FEATURE_FILES), default="cnn",
+    p.add_argument("--arch", type=str, choices=tuple(DIGITS_FILES), default="cnn",
                    help="cnn: the digits features (digits.pt); mlp: the second feature space (digits_mlp.pt)")
     p.add_argument("--split-seed", type=int, default=0, help="train/val split seed (= the diffusion data.seed)")
     p.add_argument("--from-ckpt", type=Optional[str], default=None, help="export this fit checkpoint instead of training")
