@@ -22,7 +22,9 @@ from bdiff.bayes import BayesConfig, BayesianUNet, posterior_loc_scale
 from bdiff.bayes.bottleneck_gp import restore as restore_gp
 from bdiff.bayes.error_scale import EpistemicErrorScale
 from bdiff.bayes.predictive import BayesianDenoiser
+from bdiff.bayes.prior_fusion import PriorWeight
 from bdiff.bayes.recalibration import VarianceCalibration
+from bdiff.gaussian_denoiser import GaussianDenoiser
 from bdiff.nets import UNet, UNetConfig
 from bdiff.schedule import NoiseSchedule, ScheduleConfig
 
@@ -128,6 +130,9 @@ def load_model(
         denoiser.epistemic_gp = restore_gp(ckpt["bottleneck_gp"])
     if "epistemic_error_scale" in ckpt:  # absent in older checkpoints: python -m bdiff.recalibrate adds it
         denoiser.error_scale = EpistemicErrorScale.from_dict(ckpt["epistemic_error_scale"])
+    if "gaussian_prior" in ckpt and "prior_weight" in ckpt:  # absent in older checkpoints: bdiff.recalibrate adds them
+        denoiser.prior = GaussianDenoiser.from_dict(ckpt["gaussian_prior"], denoiser.schedule).to(map_location)
+        denoiser.prior_weight = PriorWeight.from_dict(ckpt["prior_weight"])
     return denoiser.to(map_location).eval().requires_grad_(False)
 
 

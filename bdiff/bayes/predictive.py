@@ -29,8 +29,10 @@ from torch.func import functional_call, vmap
 from bdiff.bayes.bottleneck_gp import BottleneckGP
 from bdiff.bayes.model import BayesianUNet
 from bdiff.bayes.error_scale import EpistemicErrorScale
+from bdiff.bayes.prior_fusion import PriorWeight
 from bdiff.bayes.recalibration import VarianceCalibration
 from bdiff.denoiser import Prediction
+from bdiff.gaussian_denoiser import GaussianDenoiser
 from bdiff.schedule import NoiseSchedule
 
 HEAD_NAMES = {"head.weight", "head.bias"}
@@ -136,6 +138,10 @@ class BayesianDenoiser(nn.Module):
         self.calibration: VarianceCalibration | None = None
         self.epistemic_gp: BottleneckGP | None = None
         self.error_scale: EpistemicErrorScale | None = None
+        self.prior: GaussianDenoiser | None = None
+        """The Wiener filter of the training images (:mod:`bdiff.gaussian_denoiser`), fitted at a run's last validation."""
+        self.prior_weight: PriorWeight | None = None
+        """How far to trust the network over ``prior`` per t (:mod:`bdiff.bayes.prior_fusion`)."""
 
     @contextmanager
     def seeded(self, seed: int) -> Iterator[None]:

@@ -6,13 +6,15 @@ What the sampler can do with the uncertainty, and other changes to the predictio
 * :class:`AdaptiveStepSize` chooses each sample's next step from the posterior variance;
 * :class:`UncertainRegionRefinement` re-noises and re-denoises the uncertain pixels;
 * :class:`CriticCorrection` adds a learned critic's gradient and sends flagged samples back;
+* :class:`PriorFusion` falls back on the training data's Wiener filter where the network's x0 estimate is
+  measurably worse than it on held-out images;
 * :class:`Autoguidance`, :class:`EpsilonScaling`, :class:`ClipX0` change the prediction without the posterior;
 * :class:`Recorder` keeps per-step tensors.
 
 Each says which variance it reads and in what units (:mod:`bdiff.sampler_callbacks.variance`): only blending reads
-the epistemic variance in the units of the mean's error, so only it reduces to its base sampler by construction.
-Order matters and is the order given to the Sampler; the recommended one is autoguidance / epsilon scaling /
-clipping -> blending -> adaptive steps -> refinement -> critic -> recorder. A recipe names each by its class
+the epistemic variance in the units of the mean's error, so only it (and the fallback, whose weight is measured
+on held-out images) reduces to its base sampler by construction. Order matters and is the order given to the
+Sampler; the recommended one is prior fusion -> autoguidance / epsilon scaling / clipping -> blending -> adaptive steps -> refinement -> critic -> recorder. A recipe names each by its class
 (:mod:`bdiff.sampling.recipe`).
 """
 
@@ -22,6 +24,7 @@ from bdiff.sampler_callbacks.blend import BlendOutput, VarianceWeightedBlending
 from bdiff.sampler_callbacks.clip_x0 import ClipX0
 from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampler_callbacks.eps_scaling import EpsilonScaling
+from bdiff.sampler_callbacks.prior_fusion import PriorFusion
 from bdiff.sampler_callbacks.recorder import Recorder, RecorderOutput
 from bdiff.sampler_callbacks.refine import RefineOutput, UncertainRegionRefinement
 
@@ -33,6 +36,7 @@ __all__ = [
     "CriticCorrection",
     "CriticOutput",
     "EpsilonScaling",
+    "PriorFusion",
     "Recorder",
     "RecorderOutput",
     "RefineOutput",
