@@ -68,15 +68,20 @@ def calibration_report(ckpt: str, out_dir: Path, data: RealData | None = None) -
 def real_data(samples: SampleSet, data_ckpt: str | None = None) -> RealData:
     """The training data of ``data_ckpt``, else of the checkpoint that made ``samples``: the digits unless the
     checkpoint trained on another datamodule (then rebuilt from the options it saved)."""
-    from bdiff.checkpoint import datamodule_of, read_checkpoint
-
     ckpt = data_ckpt or samples.config.get("ckpt")
     if ckpt is None or not Path(ckpt).is_file():
         if tuple(samples.images.shape[1:]) == (1, 8, 8):
             return RealData.digits()
         raise FileNotFoundError(f"the samples' checkpoint {ckpt!r} is not there, so their real data is unknown: pass the "
                                 "checkpoint of the run they came from with --data-ckpt")
-    checkpoint = read_checkpoint(ckpt)
+    return data_of_checkpoint(ckpt)
+
+
+def data_of_checkpoint(path: str | Path) -> RealData:
+    """The training data of the checkpoint at ``path``: the digits, or its datamodule rebuilt from the options it saved."""
+    from bdiff.checkpoint import datamodule_of, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
     if str(hp.get("_class_path", "")).endswith(".DigitsDataModule"):
         return RealData.digits()  # the full split of seed 0, whatever share of it the run trained on

@@ -5,9 +5,9 @@ tiny seeded critic run each recipe under ``configs/sampler/`` (plus a few varian
 the restart paths) for two samples; images, propagated variance, NFE, rejections, flags and
 the callbacks' summaries are compared with ``tests/data/sampler_golden.pt``.
 
-Regenerate (only when a behaviour change is intended, and say so in the commit):
+Regenerate (only when a behaviour change is intended, and say so in the commit), or add a new recipe's:
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m tests.test_sampler_golden
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.test_sampler_golden [--add-missing]
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from bdiff.bayes.prior_fusion import PriorWeight
 from bdiff.critic import Critic, CriticConfig, CriticNet
 from bdiff.denoiser import Prediction
+from bdiff.gaussian_denoiser import GaussianDenoiser
 from bdiff.sampler_callbacks import BlendOutput, RecorderOutput, RefineOutput
 from bdiff.sampler_callbacks.critic import CriticCorrection, CriticOutput
 from bdiff.sampling.recipe import load_recipe
@@ -62,6 +64,10 @@ class TinyDenoiser(nn.Module):
         torch.manual_seed(0)
         self.schedule = NoiseSchedule("linear")
         self.conv1, self.conv2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        # a fitted Wiener-filter fallback (PriorFusion) that acts at every t but the lowest
+        self.prior = GaussianDenoiser.fit(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.5,
+                                          self.schedule)
+        self.prior_weight = PriorWeight((0, 500, 999), (1.0, 0.5, 0.0))
 
     @torch.no_grad()
     def predict(self, x_t: Tensor, t: Tensor) -> Prediction:
@@ -149,6 +155,13 @@ def test_the_variants_exercise_the_restart_paths(current: dict[str, dict[str, Te
 
 
 if __name__ == "__main__":
+    import sys
+
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(run_all(), GOLDEN)
+    if sys.argv[1:] == ["--add-missing"]:  # a new recipe: add its tensors, leave every other recipe's as they are
+        golden = torch.load(GOLDEN, weights_only=True)
+        golden.update({name: tensors for name, tensors in run_all().items() if name not in golden})
+        torch.save(golden, GOLDEN)
+    else:
+        torch.save(run_all(), GOLDEN)
     print(f"wrote {GOLDEN}")
