@@ -19,7 +19,7 @@ PACKAGE = ROOT / "bdiff"
 LAYERS: list[tuple[str, ...]] = [  # DESIGN.md's order, plus where the small top-level modules sit
     # argument checks; the cache folder; atomic writes; the schedule maths; the commands' one-line errors; the digits
     ("bdiff.checks", "bdiff.cache", "bdiff.files", "bdiff.schedule", "bdiff.console", "bdiff.datasets"),
-    ("bdiff.nets", "bdiff.denoiser", "bdiff.critic"),  # networks, the Denoiser seam
+    ("bdiff.nets", "bdiff.denoiser", "bdiff.gaussian_denoiser", "bdiff.critic"),  # networks, the Denoiser seam, the Wiener filter
     ("bdiff.bayes", "bdiff.checkpoint"),  # Pyro; a checkpoint builds a Bayesian denoiser
     ("bdiff.sampling", "bdiff.sampler_callbacks"),  # the sampler core and its opt-in callbacks
     ("bdiff.metrics", "bdiff.viz", "bdiff.wandb_log"),
