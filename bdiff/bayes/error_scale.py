@@ -78,13 +78,7 @@ class EpistemicErrorScale:
 
     def __call__(self, t: Tensor) -> Tensor:
         """r(t) for integer t (B,) -> (B,) float32."""
-        knots = torch.tensor(self.knots, dtype=torch.float32, device=t.device)
-        values = torch.tensor(self.scale, dtype=torch.float32, device=t.device)
-        tf = t.float().clamp(knots[0], knots[-1])
-        # torch has no 1-D interp: index of the left knot, then the usual lerp.
-        i = (torch.searchsorted(knots, tf, right=True) - 1).clamp(0, len(self.knots) - 2)
-        w = (tf - knots[i]) / (knots[i + 1] - knots[i])
-        return torch.lerp(values[i], values[i + 1], w)
+        return knot_lerp(self.knots, self.scale, t)
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists, for a checkpoint (loads under ``torch.load(weights_only=True)``)."""
@@ -95,6 +89,16 @@ class EpistemicErrorScale:
     def from_dict(cls, d: dict[str, list]) -> EpistemicErrorScale:
         return cls(tuple(int(k) for k in d["knots"]), tuple(float(v) for v in d["scale"]),
                    tuple(float(v) for v in d.get("excess", ())), tuple(float(v) for v in d.get("standard_error", ())))
+
+
+def knot_lerp(knots: tuple[int, ...], values: tuple[float, ...], t: Tensor) -> Tensor:
+    """Values at increasing integer ``knots``, linear between them and constant beyond the end ones, at t (B,) -> (B,)
+    float32 (torch has no 1-D interp: the left knot's index, then the usual lerp)."""
+    k = torch.tensor(knots, dtype=torch.float32, device=t.device)
+    v = torch.tensor(values, dtype=torch.float32, device=t.device)
+    tf = t.float().clamp(k[0], k[-1])
+    i = (torch.searchsorted(k, tf, right=True) - 1).clamp(0, len(knots) - 2)
+    return torch.lerp(v[i], v[i + 1], (tf - k[i]) / (k[i + 1] - k[i]))
 
 
 def _errors_at(predict: Callable[[Tensor, Tensor], Prediction], schedule: NoiseSchedule, x0: Tensor, t_int: int,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bdiff.bayes.error_scale import knot_lerp
 from bdiff.bayes.recalibration import default_knots
 from bdiff.denoiser import Prediction
 from bdiff.gaussian_denoiser import GaussianDenoiser
@@ -68,11 +69,7 @@ class PriorWeight:
 
     def __call__(self, t: Tensor) -> Tensor:
         """w(t) for integer t (B,) -> (B,) float32 (the end knots' value beyond them)."""
-        knots = torch.tensor(self.knots, dtype=torch.float32, device=t.device)
-        values = torch.tensor(self.weight, dtype=torch.float32, device=t.device)
-        tf = t.float().clamp(knots[0], knots[-1])
-        i = (torch.searchsorted(knots, tf, right=True) - 1).clamp(0, len(self.knots) - 2)
-        return torch.lerp(values[i], values[i + 1], (tf - knots[i]) / (knots[i + 1] - knots[i]))
+        return knot_lerp(self.knots, self.weight, t)
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists, for a checkpoint (loads under ``torch.load(weights_only=True)``)."""
