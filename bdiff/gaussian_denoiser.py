@@ -25,9 +25,9 @@ schedule; it is one eigendecomposition and two matrix products.
 
 from __future__ import annotations
 
-import torch
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bdiff.denoiser import Prediction

@@ -23,7 +23,11 @@ from bdiff.bayes.error_scale import (
     fit_denoiser_error_scale,
 )
 from bdiff.bayes.predictive import BayesianDenoiser
-from bdiff.bayes.prior_fusion import PRIOR_WEIGHT_IMAGES, PriorWeight, fit_denoiser_prior
+from bdiff.bayes.prior_fusion import (
+    PRIOR_WEIGHT_IMAGES,
+    PriorWeight,
+    fit_denoiser_prior,
+)
 from bdiff.checkpoint import datamodule_of, load_model, read_checkpoint
 from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.files import atomic_path

@@ -63,7 +63,7 @@ def test_ddim_on_the_exact_denoiser_follows_its_linear_recursion() -> None:
     The sampled covariance must be U diag(prod c^2) U^T (DDIM's own shrinkage at 20 steps included) and far from the
     data's, so the check sees both the denoiser and the stepper."""
     schedule = NoiseSchedule("linear", 1000)
-    x, mean, _ = gaussian_data(20_000)
+    x, _, _ = gaussian_data(20_000)
     den = GaussianDenoiser.fit(x, schedule)
     sampler, n = Sampler(den, DDIM(), 20), 4_000
     out = sampler.run(torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(5)), NoiseSource(11, list(range(n))))

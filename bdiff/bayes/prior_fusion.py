@@ -78,9 +78,9 @@ class PriorWeight:
 
     @classmethod
     def from_dict(cls, d: dict[str, list]) -> PriorWeight:
-        floats = lambda key: tuple(float(v) for v in d.get(key, ()))  # noqa: E731
-        return cls(tuple(int(k) for k in d["knots"]), floats("weight"), floats("net_mse"), floats("prior_mse"),
-                   floats("fused_mse"))
+        weight, net, prior, fused = (tuple(float(v) for v in d.get(key, ()))
+                                     for key in ("weight", "net_mse", "prior_mse", "fused_mse"))
+        return cls(tuple(int(k) for k in d["knots"]), weight, net, prior, fused)
 
 
 def fit_prior_weight(
