@@ -110,7 +110,9 @@ class GaussianDenoiser:
         k = min(rank or LOW_RANK, n - 1, dim)
         if k < 1:
             raise ValueError(f"GaussianDenoiser.fit: rank must be >= 1, got {rank}")
-        _, s, v = torch.svd_lowrank(x, q=k, niter=4)
+        with torch.random.fork_rng(devices=[]):  # svd_lowrank draws its test matrix from the global stream
+            torch.manual_seed(0)
+            _, s, v = torch.svd_lowrank(x, q=k, niter=4)
         eigenvalues = s**2 / (n - 1)
         total = float((x**2).sum()) / (n - 1)
         residual = max(0.0, (total - float(eigenvalues.sum())) / (dim - k))
