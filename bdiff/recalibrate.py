@@ -23,11 +23,7 @@ from bdiff.bayes.error_scale import (
     fit_denoiser_error_scale,
 )
 from bdiff.bayes.predictive import BayesianDenoiser
-from bdiff.bayes.prior_fusion import (
-    PRIOR_WEIGHT_IMAGES,
-    PriorWeight,
-    fit_denoiser_prior,
-)
+from bdiff.bayes.prior_fusion import PriorWeight, fit_denoiser_prior, prior_images
 from bdiff.checkpoint import datamodule_of, load_model, read_checkpoint
 from bdiff.console import ArgumentParser, exit_on_user_error, program_name
 from bdiff.files import atomic_path
@@ -52,9 +48,7 @@ def fit_prior_for_checkpoint(path: str | Path, denoiser: BayesianDenoiser | None
     denoiser = denoiser if denoiser is not None else load_model(path)
     dm = datamodule_of(read_checkpoint(path))
     dm.setup("fit")
-    train, val = dm.train_dataset, dm.val_dataset
-    train = torch.stack([train[i] for i in range(min(len(train), DiffusionModule.PRIOR_IMAGES))])
-    val = torch.stack([val[i] for i in range(min(len(val), PRIOR_WEIGHT_IMAGES))])
+    train, val = prior_images(dm.train_dataset, dm.val_dataset, DiffusionModule.PRIOR_IMAGES)
     return fit_denoiser_prior(denoiser, train, val)
 
 

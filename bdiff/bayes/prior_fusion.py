@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,6 +122,16 @@ def fit_prior_weight(
     return PriorWeight(tuple(int(k) for k in knots), tuple(weight), tuple(net_mse), tuple(prior_mse), tuple(fused_mse))
 
 
+def prior_images(train: Any, val: Any, max_train: int) -> tuple[Tensor, Tensor]:
+    """(the first ``max_train`` training images (N_tr,C,H,W), the first PRIOR_WEIGHT_IMAGES held-out ones (N_val,C,H,W))
+    of two datasets, for :func:`fit_denoiser_prior`; an empty split gives a (0,) tensor."""
+    def first(dataset: Any, n: int) -> Tensor:
+        n = min(len(dataset), n)
+        return torch.stack([dataset[i] for i in range(n)]) if n else torch.empty(0)
+
+    return first(train, max_train), first(val, PRIOR_WEIGHT_IMAGES)
+
+
 def fit_denoiser_prior(denoiser, train_x0: Tensor, val_x0: Tensor) -> tuple[GaussianDenoiser, PriorWeight]:
     """The Wiener filter of training images ``train_x0`` (N_tr,C,H,W) and ``denoiser``'s w(t) on held-out ``val_x0``
     (N_val,C,H,W, at most PRIOR_WEIGHT_IMAGES used), at the PRIOR_WEIGHT_KNOTS knots with the fit's fixed seeds.
@@ -128,7 +139,9 @@ def fit_denoiser_prior(denoiser, train_x0: Tensor, val_x0: Tensor) -> tuple[Gaus
     ``denoiser`` is a :class:`~bdiff.bayes.predictive.BayesianDenoiser` (its ``seeded`` fixes the weight samples).
     Training and ``python -m bdiff.recalibrate`` both fit through here.
     """
-    prior = GaussianDenoiser.fit(train_x0.cpu(), denoiser.schedule).to(val_x0.device)
+    # The filter as a checkpoint stores it (at most STORED_RANK directions), so w(t) describes the pair sampling reads.
+    fitted = GaussianDenoiser.fit(train_x0.cpu(), denoiser.schedule)
+    prior = GaussianDenoiser.from_dict(fitted.to_dict(), denoiser.schedule).to(val_x0.device)
     knots = default_knots(denoiser.schedule.timesteps, PRIOR_WEIGHT_KNOTS)
     with denoiser.seeded(PRIOR_WEIGHT_WEIGHT_SEED):
         weight = fit_prior_weight(denoiser.predict, denoiser.schedule, prior, val_x0[:PRIOR_WEIGHT_IMAGES], knots,

@@ -26,7 +26,7 @@ from bdiff.bayes import BayesConfig, BayesianUNet, NonFiniteElboError
 from bdiff.bayes.bottleneck_gp import BottleneckGP, restore as restore_gp
 from bdiff.bayes.error_scale import EpistemicErrorScale, error_scale_images, fit_denoiser_error_scale
 from bdiff.bayes.head import require_point_trunk
-from bdiff.bayes.prior_fusion import PRIOR_WEIGHT_IMAGES, PriorWeight, fit_denoiser_prior
+from bdiff.bayes.prior_fusion import PriorWeight, fit_denoiser_prior, prior_images
 from bdiff.bayes.recalibration import (
     FINAL_DRAWS,
     KnotErrors,
@@ -422,10 +422,8 @@ class DiffusionModule(pl.LightningModule):
         ~45 s for the photos on 2 CPU cores, most of it 16 x 256 predictions with the GP."""
         dm = self.trainer.datamodule
         with torch.random.fork_rng(devices=[]):  # a dataset's random transforms must not shift training's stream
-            train = torch.cat(self._training_images(self.PRIOR_IMAGES))
-            val = dm.val_dataset
-            val = torch.stack([val[i] for i in range(min(len(val), PRIOR_WEIGHT_IMAGES))]) if len(val) else None
-        if val is None or len(val) < 2 or len(train) < 2:
+            train, val = prior_images(dm.train_dataset, dm.val_dataset, self.PRIOR_IMAGES)
+        if len(val) < 2 or len(train) < 2:
             rank_zero_warn("the Wiener-filter fallback (sampler callback PriorFusion) needs >= 2 held-out and >= 2 "
                            "training images: this run's checkpoint has none. Raise data.val_fraction or add images.")
             return
