@@ -20,7 +20,8 @@ another seed; ``pixels``, block-averaged to 16x16):
   and of each of diffusers' 11 configurations of the sampler claims (DDIM, DPM-Solver++(2M), UniPC
   on four grids, :func:`peers.first_11`) on the same network and per-sample noise; the bar is the
   best of them per budget and space. ``--ddpm`` networks run the diffusers configurations only:
-  the default-vs-DDPM ratio is best over best at each budget;
+  the default-vs-DDPM ratio (``best_vs_ddpm``) is best over best of the same diffusers configurations at each
+  budget;
 * with ``--clipped``, every configuration also with its x0 estimate clipped to the data range
   (diffusers' ``clip_sample`` / ``thresholding``; ours: :class:`~bdiff.sampler_callbacks.clip_x0.ClipX0`);
 * **filtering**: FD after dropping the 20% of ``--nfe 10`` samples with the highest per-sample
@@ -132,6 +133,19 @@ def bar_summary(rows: list[dict], spaces: tuple[str, ...]) -> list[dict[str, Any
     return out
 
 
+def add_ddpm_ratio(summary: list[dict[str, Any]], spaces: tuple[str, ...]) -> None:
+    """On each default run's summary row: its best diffusers configuration's FD over the same-label plain DDPM's best,
+    per space (the same configurations on both networks, the same sampling seed and NFE: the network claim "the
+    default vs the plain DDPM at equal time")."""
+    ddpm = {(r["run"].removeprefix("ddpm "), r["seed"], r["nfe"]): r for r in summary if r["run"].startswith("ddpm ")}
+    for row in summary:
+        twin = ddpm.get((row["run"], row["seed"], row["nfe"]))
+        if twin is None or row["run"].startswith("ddpm "):
+            continue
+        for space in spaces:
+            row[f"{space}/best_vs_ddpm"] = row[f"{space}/best_peer_fd"] / twin[f"{space}/best_peer_fd"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", nargs="+", required=True, help="label=checkpoint:seed[,seed] of default runs")
@@ -143,6 +157,7 @@ def main() -> None:
                         help="also every configuration with its x0 estimate clipped to the data range (ClipX0; diffusers' "
                              "clip_sample / thresholding)")
     parser.add_argument("--skip-samplers", action="store_true", help="only the held-out and calibration claims")
+    parser.add_argument("--skip-claims", action="store_true", help="only the samplers (no held-out or calibration claims)")
     parser.add_argument("--stem", default="photos_claims")
     args = parser.parse_args()
     runs = [parse_run(item) for item in args.run]
@@ -152,8 +167,9 @@ def main() -> None:
     heldout, calibration, samplers = [], [], []
     for label, ckpt, seeds in runs:
         denoiser = load_model(ckpt).eval()
-        heldout += heldout_rows(label, denoiser, ckpt)
-        calibration += calibration_rows(label, denoiser, data)
+        if not args.skip_claims:
+            heldout += heldout_rows(label, denoiser, ckpt)
+            calibration += calibration_rows(label, denoiser, data)
         for seed in [] if args.skip_samplers else seeds:
             samplers += sampler_rows(label, denoiser, seed, args, references, ours=True)
     for item in args.ddpm:
@@ -162,11 +178,12 @@ def main() -> None:
         for seed in sorted({s for _, _, seeds in runs for s in seeds}):
             samplers += sampler_rows(f"ddpm {label}", denoiser, seed, args, references, ours=False)
     summary = bar_summary(samplers, data.default_spaces) if samplers else []
+    add_ddpm_ratio(summary, data.default_spaces)
     payload = {"data_key": data.key, "classes": data.class_names, "n": args.n, "heldout": heldout,
                "calibration": calibration, "samplers": samplers, "summary": summary}
     columns = ["run", "seed", "nfe"] + [f"{s}/{k}" for s in data.default_spaces
                                         for k in ("best_peer", "best_peer_fd", "nfe_fd", "nfe_vs_best", "nfe_clip_fd",
-                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio")]
+                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio", "best_vs_ddpm")]
     write_results(RESULTS, args.stem, payload, summary, columns)
     for row in heldout:
         print(f"{row['design']} t={row['t']}: ratio {row['ratio']:.2f} auroc {row['auroc']:.3f} "

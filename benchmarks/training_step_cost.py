@@ -8,7 +8,9 @@ PyTorch's default (contiguous) memory order and in channels-last order, each in 
 under bf16 autocast (``trainer.precision: bf16-mixed``, the default config's since issue 12's
 timing work, with contiguous weights); AdamW's update with the per-parameter, the foreach (multi-tensor) and the
 fused implementation; the EMA update with Lightning's per-tensor average (EMAWeightAveraging) and
-torch's multi-tensor one (:class:`bdiff.lit.ema.EMA`); and the gradient norm that is checked
+torch's multi-tensor one (:class:`bdiff.lit.ema.EMA`); the bf16 step with a plain loss on the same network in place
+of Pyro's ELBO (what Pyro's tracing costs); with ``--compile``, ``torch.compile`` of the U-Net (its first step, which
+compiles, and the compiled step); and the gradient norm that is checked
 every step, by Lightning's ``grad_norm`` and by ``torch.nn.utils.get_total_norm``. Milliseconds
 per call, median of ``--repeats`` calls after two warm-up calls (the forward/backward: median over
 ``--rounds`` rounds that alternate the settings). Sampling in both memory orders too: DDIM-10
@@ -79,6 +81,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the forward/backward timing")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the U-Net (inductor, bf16): its compile time and compiled step")
     args = parser.parse_args()
     torch.manual_seed(0)
     module, batch = build(args.config)
@@ -86,21 +90,29 @@ def main() -> None:
     x0 = torch.randn(batch, net.config.in_channels, net.config.image_size, net.config.image_size)
     x_t, t, noise = module._noised(x0)
 
-    def step(bf16: bool) -> None:
+    def step(bf16: bool, plain: bool = False) -> None:
         module.zero_grad()
         # What Lightning's trainer.precision bf16-mixed wraps around the training step.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = module.bayes.negative_elbo(x_t, t, noise, 1455, kl_weight=1.0)
+            if plain:  # the same network and gradients' shapes without Pyro's trace: an MSE and a Gaussian NLL
+                eps, log_var = net(x_t, t, detach_variance_features=True)
+                loss = (eps.float() - noise).square().mean() + (log_var.float() + (noise - eps.detach().float()).square()
+                                                                 * torch.exp(-log_var.float())).mean()
+            else:
+                loss, _ = module.bayes.negative_elbo(x_t, t, noise, 1455, kl_weight=1.0)
         loss.backward()
 
     # The settings alternate in rounds, so drift of the machine's speed hits all of them alike.
-    settings = {"channels_last": (torch.channels_last, False), "contiguous": (torch.contiguous_format, False),
-                "bf16_contiguous": (torch.contiguous_format, True), "bf16_channels_last": (torch.channels_last, True)}
+    settings = {"channels_last": (torch.channels_last, False, False),
+                "contiguous": (torch.contiguous_format, False, False),
+                "bf16_contiguous": (torch.contiguous_format, True, False),
+                "bf16_channels_last": (torch.channels_last, True, False),
+                "bf16_contiguous_plain_loss": (torch.contiguous_format, True, True)}
     rounds: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for name, (memory_format, bf16) in settings.items():
+        for name, (memory_format, bf16, plain) in settings.items():
             net.to(memory_format=memory_format)
-            rounds[name].append(milliseconds(lambda: step(bf16), args.repeats))
+            rounds[name].append(milliseconds(lambda: step(bf16, plain), args.repeats))
     out: dict[str, float] = {f"forward_backward_{k}": statistics.median(v) for k, v in rounds.items()}
     print("forward/backward per round (ms):", {k: [round(x, 1) for x in v] for k, v in rounds.items()})
     net.to(memory_format=torch.channels_last)
@@ -119,6 +131,13 @@ def main() -> None:
     out["grad_norm_get_total_norm"] = milliseconds(lambda: torch.nn.utils.get_total_norm(grads(), 2.0, foreach=True),
                                                    args.repeats)
     out.update(sampling_seconds(module, args.rounds))
+    if args.compile:  # last: compiling changes the module in place
+        net.to(memory_format=torch.contiguous_format)
+        net.compile()
+        start = time.perf_counter()
+        step(True)
+        out["compile_first_step_s"] = time.perf_counter() - start
+        out["forward_backward_bf16_contiguous_compiled"] = milliseconds(lambda: step(True), args.repeats)
     out["threads"] = torch.get_num_threads()
     for key, value in out.items():
         print(f"{key:36s} {value:8.2f}" + ("" if key == "threads" else " s" if key.endswith("_s") else " ms"))
