@@ -24,9 +24,11 @@ another seed; ``pixels``, block-averaged to 16x16):
   budget;
 * with ``--clipped``, every configuration also with its x0 estimate clipped to the data range
   (diffusers' ``clip_sample`` / ``thresholding``; ours: :class:`~bdiff.sampler_callbacks.clip_x0.ClipX0`);
+* ``--recipes``: sampler recipe files (e.g. ``configs/sampler/unipc_prior_fusion.yaml``), each at the budget of its
+  own steps, scored and filtered like ``--nfe``;
 * **filtering**: FD after dropping the 20% of ``--nfe 10`` samples with the highest per-sample
   uncertainty score (:func:`bdiff.metrics.usefulness.sample_score`, what ``bdiff.sample`` stores)
-  over FD after dropping a random 20% (mean of 5).
+  over FD after dropping a random 20% (mean of 5), for ``--nfe`` and the recipes.
 
 Writes ``benchmarks/results/<stem>.json`` and ``<stem>.md``.
 """
@@ -53,6 +55,7 @@ from bdiff.metrics.usefulness import sample_score
 from bdiff.sampler_callbacks.clip_x0 import ClipX0
 from bdiff.sampling.budget import recipe_for_budget
 from bdiff.sampling.noise import NoiseSource
+from bdiff.sampling.recipe import load_recipe
 
 NFES = (5, 10, 20)
 CALIBRATION_T = (10, 50, 100, 250, 500, 750)
@@ -104,6 +107,14 @@ def sampler_rows(label: str, denoiser, seed: int, args: argparse.Namespace, refe
             filters = {"uncertainty": sample_score(samples.images, samples.variance)}
             rows.append({"run": label, "seed": seed, "nfe": nfe, "sampler": name,
                          **score_row(samples.images, references, filters)})
+        for path in args.recipes if ours else ():
+            recipe = load_recipe(path)
+            if recipe.steps != nfe:
+                continue
+            samples = run_ours(recipe, denoiser, n, seed, args.batch)
+            filters = {"uncertainty": sample_score(samples.images, samples.variance)}
+            rows.append({"run": label, "seed": seed, "nfe": nfe, "sampler": f"recipe {path.stem}",
+                         **score_row(samples.images, references, filters)})
         for name, peer in peer_set(args.clipped).items():
             samples = run_peer(peer, nfe, denoiser, x_T, args.batch)
             rows.append({"run": label, "seed": seed, "nfe": nfe, "sampler": name,
@@ -120,7 +131,7 @@ def bar_summary(rows: list[dict], spaces: tuple[str, ...]) -> list[dict[str, Any
         cell = [r for r in rows if (r["run"], r["seed"], r["nfe"]) == (run, seed, nfe)]
         row: dict[str, Any] = {"run": run, "seed": seed, "nfe": nfe}
         for space in spaces:
-            peers = [r for r in cell if not r["sampler"].startswith("--nfe")]
+            peers = [r for r in cell if not r["sampler"].startswith(("--nfe", "recipe "))]
             best = min(peers, key=lambda r: r[f"{space}/fd"])
             row[f"{space}/best_peer_fd"] = best[f"{space}/fd"]
             row[f"{space}/best_peer"] = best["sampler"]
@@ -129,6 +140,11 @@ def bar_summary(rows: list[dict], spaces: tuple[str, ...]) -> list[dict[str, Any
                 row[f"{space}/{key}_fd"] = ours[f"{space}/fd"]
                 row[f"{space}/{key}_vs_best"] = ours[f"{space}/fd"] / best[f"{space}/fd"]
                 row[f"{space}/{key}_filter_ratio"] = ours.get(f"{space}/filter_uncertainty", math.nan)
+            for ours in (r for r in cell if r["sampler"].startswith("recipe ")):
+                row["recipe"] = ours["sampler"].removeprefix("recipe ")
+                row[f"{space}/recipe_fd"] = ours[f"{space}/fd"]
+                row[f"{space}/recipe_vs_best"] = ours[f"{space}/fd"] / best[f"{space}/fd"]
+                row[f"{space}/recipe_filter_ratio"] = ours.get(f"{space}/filter_uncertainty", math.nan)
         out.append(row)
     return out
 
@@ -157,6 +173,8 @@ def main() -> None:
                         help="also every configuration with its x0 estimate clipped to the data range (ClipX0; diffusers' "
                              "clip_sample / thresholding)")
     parser.add_argument("--skip-samplers", action="store_true", help="only the held-out and calibration claims")
+    parser.add_argument("--recipes", type=Path, nargs="*", default=[],
+                        help="sampler recipe files to run beside --nfe, each at the budget of its own steps")
     parser.add_argument("--skip-claims", action="store_true", help="only the samplers (no held-out or calibration claims)")
     parser.add_argument("--stem", default="photos_claims")
     args = parser.parse_args()
@@ -183,7 +201,8 @@ def main() -> None:
                "calibration": calibration, "samplers": samplers, "summary": summary}
     columns = ["run", "seed", "nfe"] + [f"{s}/{k}" for s in data.default_spaces
                                         for k in ("best_peer", "best_peer_fd", "nfe_fd", "nfe_vs_best", "nfe_clip_fd",
-                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio", "best_vs_ddpm")]
+                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio", "recipe_fd",
+                                                  "recipe_vs_best", "recipe_filter_ratio", "best_vs_ddpm")]
     write_results(RESULTS, args.stem, payload, summary, columns)
     for row in heldout:
         print(f"{row['design']} t={row['t']}: ratio {row['ratio']:.2f} auroc {row['auroc']:.3f} "
