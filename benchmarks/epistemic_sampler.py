@@ -51,11 +51,15 @@ from peers import run_ours
 
 ADAPTIVE_TOL = {5: 0.25, 10: 0.2, 20: 0.15}
 """The adaptive step controller's tolerance per budget (the adaptive recipe's, no longer shipped: it made FD worse)."""
+EXTRA_CALLS = 2
+"""Split steps the adaptive controller may add per sample."""
 
 
 def recipes(nfe: int, extra: bool = False) -> dict[str, Recipe]:
-    """The budget's recipe and the same with blending; with ``extra`` also with adaptive steps (at most ``nfe``
-    calls) and with one refinement pass of the uncertain pixels (one solver step fewer, so the budget holds)."""
+    """The budget's recipe and the same with blending; with ``extra`` also with adaptive steps (at most
+    ``EXTRA_CALLS`` split steps) and with one refinement pass of the pixels whose stated error is large. Each is the
+    budget's recipe plus the callback: identical to it where the model states no error, at most ``EXTRA_CALLS``
+    (adaptive) or 1 (refinement) calls more where it does (the rows' ``nfe`` is the mean)."""
     base = recipe_for_budget(nfe)
     data = base.config
     out = {"recipe": base}
@@ -67,8 +71,8 @@ def recipes(nfe: int, extra: bool = False) -> dict[str, Recipe]:
 
     plus("blend", {"name": "blend", "strength": 1.0}, nfe)
     if extra:
-        plus("adaptive", {"name": "adaptive", "tol": ADAPTIVE_TOL.get(nfe, 0.2), "max_nfe": nfe}, nfe)
-        plus("refine", {"name": "refine", "quantile": 0.8, "jump": 50, "t_range": [50, 600], "max_passes": 1}, nfe - 1)
+        plus("adaptive", {"name": "adaptive", "tol": ADAPTIVE_TOL.get(nfe, 0.2), "max_extra_nfe": EXTRA_CALLS}, nfe)
+        plus("refine", {"name": "refine", "tol": 0.5, "jump": 50, "t_range": [50, 600], "max_passes": 1}, nfe)
     return out
 
 

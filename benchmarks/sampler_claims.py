@@ -98,13 +98,13 @@ def candidates(nfe: int, critic: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """{name: (family, recipe dict)} of every recipe tried at a budget of ``nfe`` denoiser calls per sample."""
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for tol in TOLERANCES[nfe]:
-        adaptive = {"name": "adaptive", "tol": tol, "max_nfe": nfe}
-        out[f"unipc + adaptive tol {tol}"] = ("adaptive", {"stepper": "unipc", "steps": nfe, "callbacks": [adaptive]})
+        adaptive = {"name": "adaptive", "tol": tol, "max_extra_nfe": 2}  # base steps nfe - 2: the budget holds
+        out[f"unipc + adaptive tol {tol}"] = ("adaptive", {"stepper": "unipc", "steps": nfe - 2, "callbacks": [adaptive]})
         out[f"unipc + adaptive tol {tol} + critic"] = ("adaptive+critic", {
-            "stepper": "unipc", "steps": nfe, "callbacks": [adaptive, {**CRITIC, "critic": critic, "retries": 0}]})
+            "stepper": "unipc", "steps": nfe - 2, "callbacks": [adaptive, {**CRITIC, "critic": critic, "retries": 0}]})
     for grid, spacing in OUR_GRIDS.items():
-        refine = {"name": "refine", "quantile": 0.8, "jump": 100, "t_range": [50, 400], "max_passes": 1}
-        out[f"unipc {nfe - 1} + refine top 20%, {grid}"] = (
+        refine = {"name": "refine", "tol": 0.5, "jump": 100, "t_range": [50, 400], "max_passes": 1}
+        out[f"unipc {nfe - 1} + refine tol 0.5, {grid}"] = (
             "refine", {"stepper": "unipc", "steps": nfe - 1, "spacing": spacing, "callbacks": [refine]})
         out[f"unipc + critic, {grid}"] = ("critic", {
             "stepper": "unipc", "steps": nfe, "spacing": spacing, "callbacks": [{**CRITIC, "critic": critic, "retries": 0}]})

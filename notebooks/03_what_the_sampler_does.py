@@ -55,9 +55,9 @@ RECIPES = {name: load_recipe(Path("configs/sampler") / f"{name}.yaml") for name 
 EXPERIMENTS = {  # the posterior-driven callbacks, in the order the sampler runs them
     "dpmpp+blend": Recipe(DPMSolverPP2M(), 10, callbacks=[VarianceWeightedBlending()]),
     "dpmpp+every callback": Recipe(DPMSolverPP2M(), 10, callbacks=[
-        VarianceWeightedBlending(), AdaptiveStepSize(tol=0.5, max_nfe=10),
-        UncertainRegionRefinement(quantile=0.8, jump=50, t_range=(50, 600), max_passes=1)]),
-    "unipc+adaptive": Recipe(UniPC(), 5, callbacks=[AdaptiveStepSize(tol=0.25, max_nfe=5)]),
+        VarianceWeightedBlending(), AdaptiveStepSize(tol=0.5, max_extra_nfe=3),
+        UncertainRegionRefinement(tol=0.5, jump=50, t_range=(50, 600), max_passes=1)]),
+    "unipc+adaptive": Recipe(UniPC(), 5, callbacks=[AdaptiveStepSize(tol=0.25, max_extra_nfe=3)]),
 }
 
 ckpt_path = resolve_checkpoint(CKPT)

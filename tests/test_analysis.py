@@ -152,7 +152,7 @@ def test_step_trace_and_sizes_fixed_grid(denoiser) -> None:
 
 
 def test_step_sizes_adaptive_match_nfe(denoiser) -> None:
-    callbacks = [AdaptiveStepSize(tol=0.5, max_nfe=6), Recorder(keys=(), max_samples=4)]
+    callbacks = [AdaptiveStepSize(tol=0.5, max_extra_nfe=4), Recorder(keys=(), max_samples=4)]
     res = Sampler(denoiser, DDIM(), steps=10, callbacks=callbacks).sample(4, seed=1)
     sizes = step_sizes(res.output(RecorderOutput).records)
     start = int(step_trace(res.output(RecorderOutput).records)[0, 0])

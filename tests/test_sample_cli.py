@@ -28,8 +28,8 @@ def test_sample_writes_a_valid_samples_file_and_png(last_ckpt: Path, tmp_path: P
     recipe = tmp_path / "every_callback.yaml"  # every posterior-driven callback, in the documented order
     recipe.write_text("stepper: DPMSolverPP2M\nsteps: 10\nposterior_samples: 8\ncallbacks:\n"
                       "  - VarianceWeightedBlending\n"
-                      "  - {class_path: AdaptiveStepSize, init_args: {tol: 0.5, max_nfe: 10}}\n"
-                      "  - {class_path: UncertainRegionRefinement, init_args: {quantile: 0.8, jump: 50, t_range: [50, 600], "
+                      "  - {class_path: AdaptiveStepSize, init_args: {tol: 0.5, max_extra_nfe: 1}}\n"
+                      "  - {class_path: UncertainRegionRefinement, init_args: {tol: 0.5, jump: 50, t_range: [50, 600], "
                       "max_passes: 1}}\n")
     main(["--ckpt", str(last_ckpt), "--sampler", str(recipe), "--n", "12", "--batch-size", "5", "--out", str(out)])
     s = load_samples(out)
@@ -65,7 +65,7 @@ def _cb(name: str, **init_args: object) -> dict:
         ({"stepper": "Heun", "steps": 5}, "recipe.stepper"),
         ({"stepper": "DDIM", "steps": 5, "callbacks": [_cb("Magic")]}, "recipe.callbacks.*Magic"),
         ({"stepper": "DDIM", "steps": 5, "callbacks": [_cb("AdaptiveStepSize", tol=0)]}, "tol"),
-        ({"stepper": "DDIM", "steps": 5, "callbacks": [_cb("AdaptiveStepSize", max_nfe=0)]}, "max_nfe"),
+        ({"stepper": "DDIM", "steps": 5, "callbacks": [_cb("AdaptiveStepSize", max_extra_nfe=-1)]}, "max_extra_nfe"),
         ({"stepper": "DDIM", "steps": 5, "callbacks": [_cb("VarianceWeightedBlending", speed=2)]}, "speed"),
         ({"stepper": "DDIM", "steps": 5, "colour": "red"}, "colour"),
         ({"stepper": "DDIM", "steps": 2.5}, "recipe.steps"),

@@ -47,9 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         _cb("CriticCorrection", weight=0.5, threshold=1e9, retries=1, t_back=300, mode="region"),
         _cb("Recorder", keys=["x0", "var"])]},
     "ddim_eta_refine": {"stepper": _cb("DDIM", eta=0.5), "steps": 6, "callbacks": [
-        _cb("UncertainRegionRefinement", quantile=0.5, jump=80, t_range=[1, 900], max_passes=2)]},
+        _cb("UncertainRegionRefinement", tol=0.05, jump=80, t_range=[1, 900], max_passes=2)]},
     "ddpm_adaptive_blend": {"stepper": "DDPM", "steps": 8, "callbacks": [
-        _cb("VarianceWeightedBlending", strength=0.5), _cb("AdaptiveStepSize", tol=0.3, max_nfe=8)]},
+        _cb("VarianceWeightedBlending", strength=0.5), _cb("AdaptiveStepSize", tol=0.3, max_extra_nfe=3)]},
 }
 
 
