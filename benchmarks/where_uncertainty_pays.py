@@ -11,8 +11,9 @@ A checkpoint without an epistemic error scale (trained before it existed) gets o
 Per run, sampling seed and budget N, every family spends at most N denoiser calls per *kept* sample:
 
 - ``base``: the ``--nfe N`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`), no posterior used;
-- ``blend``: the same recipe plus variance-weighted blending, whose R is the epistemic variance in
-  the units of the mean's error (:class:`bdiff.sampler_callbacks.VarianceWeightedBlending`);
+- ``blend``, ``adaptive``, ``refine``: the same recipe plus variance-weighted blending, split steps, or one
+  refinement pass (:data:`MECHANISMS`), each reading the epistemic variance in the units of the mean's error,
+  so each is the base wherever r(t) = 0; adaptive and refinement may add calls (their mean is ``nfe_used``);
 - ``keep{F}`` / ``keep{F}_leading``: ``round(F N)`` steps of the ``--nfe`` recipe / of UniPC on the
   leading grid, n / F samples drawn and the n most certain kept by the shipped score
   (:func:`bdiff.metrics.usefulness.sample_score`): ``bdiff.sample --keep F``, for F in 0.8 and 0.5;
@@ -88,11 +89,21 @@ def first(drawn: SampleSet, n: int) -> SampleSet:
     return SampleSet(drawn.images[:n], drawn.variance[:n], drawn.nfe, drawn.seconds, drawn.config)
 
 
-def with_blend(recipe: Recipe) -> Recipe:
+MECHANISMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "blend": ("VarianceWeightedBlending", {"strength": 1.0}),
+    "adaptive": ("AdaptiveStepSize", {"tol": 0.2, "max_extra_nfe": 2}),
+    "refine": ("UncertainRegionRefinement", {"tol": 0.5, "jump": 50, "t_range": [50, 600], "max_passes": 1}),
+}
+"""The posterior-driven callbacks added to the ``--nfe`` recipe, each reading the mean's stated error (not tuned:
+blending as derived, the adaptive tolerance of its 10-NFE setting, refinement at half the remaining noise)."""
+
+
+def with_mechanism(recipe: Recipe, name: str) -> Recipe:
+    """``recipe`` with the callback :data:`MECHANISMS` ``[name]`` appended."""
+    class_path, init_args = MECHANISMS[name]
     spec = dict(recipe.config)
-    spec["callbacks"] = [*(spec.get("callbacks") or []), {"class_path": "VarianceWeightedBlending",
-                                                          "init_args": {"strength": 1.0}}]
-    return load_recipe(spec, name=f"{recipe.name}+blend")
+    spec["callbacks"] = [*(spec.get("callbacks") or []), {"class_path": class_path, "init_args": dict(init_args)}]
+    return load_recipe(spec, name=f"{recipe.name}+{name}")
 
 
 def leading(steps: int) -> Recipe:
@@ -105,7 +116,7 @@ def best_of(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: int, peers: bool, batch: int,
-              references: dict[str, Any]) -> list[dict[str, Any]]:
+              references: dict[str, Any], mechanisms_only: bool = False) -> list[dict[str, Any]]:
     denoiser = load_model(ckpt)
     if denoiser.error_scale is None:
         denoiser.error_scale = fit_for_checkpoint(ckpt, denoiser)
@@ -116,8 +127,13 @@ def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: i
             cell = {"regime": regime, "train_seed": train_seed, "seed": seed, "nfe": nfe}
             base_recipe = recipe_for_budget(nfe)
             base = run_ours(base_recipe, denoiser, n, seed, batch)
-            found = {"base": quality(base.images, references),
-                     "blend": quality(run_ours(with_blend(base_recipe), denoiser, n, seed, batch).images, references)}
+            found = {"base": {**quality(base.images, references), "nfe_used": base.nfe}}
+            for name in MECHANISMS:
+                drawn = run_ours(with_mechanism(base_recipe, name), denoiser, n, seed, batch)
+                found[name] = {**quality(drawn.images, references), "nfe_used": drawn.nfe}
+            if mechanisms_only:
+                rows += [{**cell, "family": name, **q} for name, q in found.items()]
+                continue
             free = [found["base"], quality(run_ours(leading(nfe), denoiser, n, seed, batch).images, references)]
             for fraction in KEEPS:
                 steps = max(1, round(fraction * nfe))
@@ -150,11 +166,17 @@ def ratios(rows: list[dict[str, Any]], spaces: list[str], keep_variant: str | No
         within = [r for r in rows if r["family"] == "free" and (r["regime"], r["train_seed"], r["seed"]) == cell[:3]
                   and r["nfe"] <= cell[3]]
         row = dict(zip(("regime", "train_seed", "seed", "nfe"), cell))
+        for name in MECHANISMS:
+            if name in by and "nfe_used" in by[name]:
+                row[f"{name} nfe"] = by[name]["nfe_used"]
         for space in spaces:
             fd = f"{space}/fd"
+            for name in (m for m in MECHANISMS if m in by):
+                row[f"{space} {name}/base"] = by[name][fd] / by["base"][fd]
             keeps = {name: r[fd] for name, r in by.items() if name.startswith("keep")}
+            if not keeps:  # --mechanisms-only
+                continue
             best_keep = f"keep{keep_variant}" if keep_variant else min(keeps, key=keeps.get)
-            row[f"{space} blend/base"] = by["blend"][fd] / by["base"][fd]
             row[f"{space} keep/free"] = f"{keeps[best_keep] / min(r[fd] for r in within):.3g} ({best_keep[4:]})"
             row[f"{space} filter fd"] = by["drop_score"][fd] / by["drop_random"][fd]
             row[f"{space} filter Δprec"] = by["drop_score"][f"{space}/precision"] - by["drop_random"][f"{space}/precision"]
@@ -175,6 +197,8 @@ def main() -> None:
     p.add_argument("--keep-variant", default=None, choices=[f"{f}{b}" for f in KEEPS for b in ("", "_leading")],
                    help="the keep variant the ratios report (chosen on another run); default: the best per cell")
     p.add_argument("--stem", default="where_uncertainty_pays")
+    p.add_argument("--mechanisms-only", action="store_true",
+                   help="only the base recipe and each mechanism of MECHANISMS (no --keep, free bar or filtering)")
     p.add_argument("--table-only", action="store_true", help="recompute the ratios of <stem>.json's rows; sample nothing")
     args = p.parse_args()
     if args.table_only:
@@ -185,10 +209,12 @@ def main() -> None:
         rows = []
         for item in args.run:
             label, _, path = item.partition("=")
-            rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references)
+            rows += run_cells(label, Path(path), args.seeds, args.nfe, args.n, args.peers, args.batch, references,
+                              args.mechanisms_only)
         spaces = list(references)
     table = ratios(rows, spaces, args.keep_variant)
-    columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces]
+    columns = ["regime", "train_seed", "seed", "nfe"] + [c for c in table[0] if c.split(" ")[0] in spaces
+                                                         or c.endswith(" nfe")]
     write_results(RESULTS, args.stem, {"rows": rows, "ratios": table}, table, columns)
 
 
