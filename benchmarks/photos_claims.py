@@ -141,10 +141,10 @@ def bar_summary(rows: list[dict], spaces: tuple[str, ...]) -> list[dict[str, Any
                 row[f"{space}/{key}_vs_best"] = ours[f"{space}/fd"] / best[f"{space}/fd"]
                 row[f"{space}/{key}_filter_ratio"] = ours.get(f"{space}/filter_uncertainty", math.nan)
             for ours in (r for r in cell if r["sampler"].startswith("recipe ")):
-                row["recipe"] = ours["sampler"].removeprefix("recipe ")
-                row[f"{space}/recipe_fd"] = ours[f"{space}/fd"]
-                row[f"{space}/recipe_vs_best"] = ours[f"{space}/fd"] / best[f"{space}/fd"]
-                row[f"{space}/recipe_filter_ratio"] = ours.get(f"{space}/filter_uncertainty", math.nan)
+                name = ours["sampler"].removeprefix("recipe ")
+                row[f"{space}/{name}_fd"] = ours[f"{space}/fd"]
+                row[f"{space}/{name}_vs_best"] = ours[f"{space}/fd"] / best[f"{space}/fd"]
+                row[f"{space}/{name}_filter_ratio"] = ours.get(f"{space}/filter_uncertainty", math.nan)
         out.append(row)
     return out
 
@@ -201,8 +201,9 @@ def main() -> None:
                "calibration": calibration, "samplers": samplers, "summary": summary}
     columns = ["run", "seed", "nfe"] + [f"{s}/{k}" for s in data.default_spaces
                                         for k in ("best_peer", "best_peer_fd", "nfe_fd", "nfe_vs_best", "nfe_clip_fd",
-                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio", "recipe_fd",
-                                                  "recipe_vs_best", "recipe_filter_ratio", "best_vs_ddpm")]
+                                                  "nfe_clip_vs_best", "nfe_clip_filter_ratio",
+                                                  *(f"{p.stem}_{k}" for p in args.recipes
+                                                    for k in ("fd", "vs_best", "filter_ratio")), "best_vs_ddpm")]
     write_results(RESULTS, args.stem, payload, summary, columns)
     for row in heldout:
         print(f"{row['design']} t={row['t']}: ratio {row['ratio']:.2f} auroc {row['auroc']:.3f} "

@@ -30,7 +30,7 @@ def test_the_bar_is_diffusers_best_and_the_ddpm_ratio_is_best_over_best() -> Non
     ours = next(r for r in summary if r["run"] == "B")
     assert ours["pixels/best_peer_fd"] == 3.0
     assert ours["pixels/nfe_vs_best"] == pytest.approx(2.0)
-    assert ours["pixels/recipe_vs_best"] == pytest.approx(1 / 3)
-    assert ours["pixels/recipe_filter_ratio"] == 1.2
+    assert ours["pixels/unipc_prior_fusion_vs_best"] == pytest.approx(1 / 3)
+    assert ours["pixels/unipc_prior_fusion_filter_ratio"] == 1.2
     assert ours["pixels/best_vs_ddpm"] == pytest.approx(3.0 / 2.0)  # the same configurations on both networks
     assert "pixels/best_vs_ddpm" not in next(r for r in summary if r["run"] == "ddpm B")

@@ -29,3 +29,19 @@ def test_every_mechanism_builds_on_the_nfe_recipe() -> None:
         recipe = where.with_mechanism(recipe_for_budget(5), name)
         assert type(recipe.callbacks[-1]).__name__ == class_path
         assert recipe.steps == recipe_for_budget(5).steps
+
+
+def test_the_photos_benchmark_recipes_use_the_same_mechanism_settings() -> None:
+    """``benchmarks/recipes/unipc_leading_*.yaml`` (run by photos_claims.py) add one mechanism each, as MECHANISMS
+    sets it, to ``unipc_leading.yaml``."""
+    from pathlib import Path
+
+    from bdiff.sampling.recipe import load_recipe
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
+    base = load_recipe(folder / "unipc_leading.yaml")
+    for name in ("adaptive", "refine"):
+        recipe = load_recipe(folder / f"unipc_leading_{name}.yaml")
+        expected = where.with_mechanism(base, name)
+        assert recipe.config["stepper"] == base.config["stepper"] and recipe.steps == base.steps
+        assert vars(recipe.callbacks[-1]) == vars(expected.callbacks[-1])
