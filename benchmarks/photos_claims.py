@@ -15,7 +15,8 @@ another seed; ``pixels``, block-averaged to 16x16):
   trained on over that on the validation crops of the training photos, and the AUROC of telling
   them apart by it, at t in {10, 50, 100, 250, 500, 750} (fixed noise, ``heldout_class.score``);
   and the cost of one ``predict`` with the GP over one deterministic forward of the network;
-* **calibration**: z^2 of the total variance on the validation crops at t <= 750 (ideal 1);
+* **calibration**: z^2 of the total variance on the validation crops at t <= 750 (ideal 1), and the noise
+  prediction's MSE there, for ``--ddpm`` networks too;
 * **samplers**: FD, precision and recall of ``--nfe 5/10/20`` (:func:`bdiff.sampling.budget.recipe_for_budget`)
   and of each of diffusers' 11 configurations of the sampler claims (DDIM, DPM-Solver++(2M), UniPC
   on four grids, :func:`peers.first_11`) on the same network and per-sample noise; the bar is the
@@ -193,7 +194,9 @@ def main() -> None:
     for item in args.ddpm:
         label, _, ckpt = item.partition("=")
         denoiser = load_model(ckpt).eval()
-        for seed in sorted({s for _, _, seeds in runs for s in seeds}):
+        if not args.skip_claims:  # its held-out noise MSE per t beside the default's (z^2 means nothing here)
+            calibration += calibration_rows(f"ddpm {label}", denoiser, data)
+        for seed in [] if args.skip_samplers else sorted({s for _, _, seeds in runs for s in seeds}):
             samplers += sampler_rows(f"ddpm {label}", denoiser, seed, args, references, ours=False)
     summary = bar_summary(samplers, data.default_spaces) if samplers else []
     add_ddpm_ratio(summary, data.default_spaces)
@@ -209,7 +212,7 @@ def main() -> None:
         print(f"{row['design']} t={row['t']}: ratio {row['ratio']:.2f} auroc {row['auroc']:.3f} "
               f"cost {row['cost_vs_forward']:.2f}x")
     for row in calibration:
-        print(f"{row['run']} t={row['t']}: z2 {row['z2_total']:.3f}")
+        print(f"{row['run']} t={row['t']}: z2 {row['z2_total']:.3f} noise mse {row['mse']:.4f}")
 
 
 if __name__ == "__main__":
