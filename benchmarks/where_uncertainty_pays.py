@@ -13,7 +13,8 @@ Per run, sampling seed and budget N, every family spends at most N denoiser call
 - ``base``: the ``--nfe N`` recipe (:func:`bdiff.sampling.budget.recipe_for_budget`), no posterior used;
 - ``blend``, ``adaptive``, ``refine``: the same recipe plus variance-weighted blending, split steps, or one
   refinement pass (:data:`MECHANISMS`), each reading the epistemic variance in the units of the mean's error,
-  so each is the base wherever r(t) = 0; adaptive and refinement may add calls (their mean is ``nfe_used``);
+  so each is the base wherever r(t) = 0; adaptive and refinement may add calls (their mean is ``nfe_used``),
+  so adaptive is also compared with the ``--nfe`` recipe at N + its most extra calls (``base_more_calls``);
 - ``keep{F}`` / ``keep{F}_leading``: ``round(F N)`` steps of the ``--nfe`` recipe / of UniPC on the
   leading grid, n / F samples drawn and the n most certain kept by the shipped score
   (:func:`bdiff.metrics.usefulness.sample_score`): ``bdiff.sample --keep F``, for F in 0.8 and 0.5;
@@ -131,6 +132,9 @@ def run_cells(label: str, ckpt: Path, seeds: list[int], budgets: list[int], n: i
             for name in MECHANISMS:
                 drawn = run_ours(with_mechanism(base_recipe, name), denoiser, n, seed, batch)
                 found[name] = {**quality(drawn.images, references), "nfe_used": drawn.nfe}
+            more = recipe_for_budget(nfe + MECHANISMS["adaptive"][1]["max_extra_nfe"])  # adaptive's most calls, no posterior
+            drawn = run_ours(more, denoiser, n, seed, batch)
+            found["base_more_calls"] = {**quality(drawn.images, references), "nfe_used": drawn.nfe}
             if mechanisms_only:
                 rows += [{**cell, "family": name, **q} for name, q in found.items()]
                 continue
@@ -173,6 +177,8 @@ def ratios(rows: list[dict[str, Any]], spaces: list[str], keep_variant: str | No
             fd = f"{space}/fd"
             for name in (m for m in MECHANISMS if m in by):
                 row[f"{space} {name}/base"] = by[name][fd] / by["base"][fd]
+            if "base_more_calls" in by:  # adaptive against the --nfe recipe with as many calls as it may take
+                row[f"{space} adaptive/more calls"] = by["adaptive"][fd] / by["base_more_calls"][fd]
             keeps = {name: r[fd] for name, r in by.items() if name.startswith("keep")}
             if not keeps:  # --mechanisms-only
                 continue

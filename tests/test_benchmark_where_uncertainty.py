@@ -11,13 +11,14 @@ where = benchmark_module("where_uncertainty_pays")
 
 def test_mechanisms_only_rows_give_each_mechanism_over_its_base() -> None:
     cell = {"regime": "frac10", "train_seed": "1", "seed": 0, "nfe": 10}
-    fds = {"base": 2.0, "blend": 2.0, "adaptive": 1.0, "refine": 3.0}
+    fds = {"base": 2.0, "blend": 2.0, "adaptive": 1.0, "refine": 3.0, "base_more_calls": 4.0}
     rows = [{**cell, "family": name, "digits/fd": fd, "nfe_used": 10.0 + (name == "adaptive")}
             for name, fd in fds.items()]
     (row,) = where.ratios(rows, ["digits"])
     assert row["digits blend/base"] == 1.0
     assert row["digits adaptive/base"] == pytest.approx(0.5)
     assert row["digits refine/base"] == pytest.approx(1.5)
+    assert row["digits adaptive/more calls"] == pytest.approx(0.25)
     assert row["adaptive nfe"] == 11.0 and row["refine nfe"] == 10.0
     assert "digits keep/free" not in row  # no --keep families were drawn
 

@@ -180,7 +180,7 @@ def test_run_with_bad_x_T(den, case: tuple[set[str], dict]) -> None:
 # ------------------------------------------------------------------------------ recipes
 CALLBACK_OPTIONS: dict[str, dict[str, st.SearchStrategy]] = {
     "VarianceWeightedBlending": {"strength": st.floats(0, 2)},
-    "AdaptiveStepSize": {"tol": st.floats(0.01, 2), "max_extra_nfe": st.integers(0, 4), "fine_steps": st.integers(2, 80),
+    "AdaptiveStepSize": {"tol": st.floats(0.01, 2), "max_extra_nfe": st.integers(0, 4),
                  "sigma_floor": st.floats(0, 0.1)},
     "UncertainRegionRefinement": {"tol": st.floats(0.01, 2), "jump": st.integers(1, 80), "max_passes": st.integers(0, 2),
                "t_range": st.lists(st.integers(0, 99), min_size=2, max_size=2).map(sorted)},
