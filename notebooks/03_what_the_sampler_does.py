@@ -20,9 +20,11 @@
 # DPM-Solver++ and UniPC, and UniPC on a timestep grid fitted to this checkpoint: `unipc_fitted`;
 # `--nfe 5` runs it with UniPC of order 3) and through the sampler callbacks that read the
 # posterior: blending with the history, adaptive step sizes, and all of them together with
-# refinement of uncertain regions. No shipped recipe uses those callbacks: each made FD worse
-# than the same solver without it on the default model (BENCHMARKS.md, "Uncertainty in the
-# sampler: what does not help"), so they are built inline here. We compare the finished images
+# refinement of uncertain regions. Each reads the mean's stated error (epistemic variance times
+# r(t)), so each is its base sampler where r(t) = 0. No shipped recipe uses them: on the default
+# model they make FD worse than the same solver without them; adaptive steps pay only on a model
+# trained on 10% of the digits (BENCHMARKS.md, "Uncertainty in the sampler"), so they are built
+# inline here. We compare the finished images
 # and uncertainty maps, the blending gains, the step-size traces and the number of denoiser
 # calls (NFE) each sample cost.
 
@@ -147,10 +149,10 @@ show(fig)
 # ## Step-size traces and cost
 #
 # Left: t against the loop iteration for every sample (one line per sample, log scale). Fixed-grid
-# recipes give one line; adaptive ones fan out because each sample chooses its own steps, taking
-# big steps while the model is confident (high t) and small ones near the clean image. Right:
-# NFE per sample (refinement passes count as calls); the recipes are set to the same budget of
-# about 10 calls (`unipc+adaptive` and `unipc_fitted`: 5), so most compare at equal cost. `unipc_fitted`'s five timesteps are the ones with the least summed local error
+# recipes give one line; adaptive ones fan out where a sample's stated error makes the controller
+# halve a step (at most `max_extra_nfe` times). Right: NFE per sample (refinement passes and
+# halvings count as calls); the base recipes take 10 calls (`unipc+adaptive` and `unipc_fitted`: 5),
+# so the callbacks' extra calls show here. `unipc_fitted`'s five timesteps are the ones with the least summed local error
 # along finely solved ODE trajectories of this checkpoint (dynamic programming,
 # `bdiff.sampling.fitted_grid`); the first use on a checkpoint fits them (about a minute on a
 # CPU) and caches the fit.
