@@ -93,7 +93,7 @@ def peer_set(clipped: bool) -> dict[str, Peer]:
 
 
 def sampler_rows(label: str, denoiser, seed: int, args: argparse.Namespace, references: dict, ours: bool) -> list[dict]:
-    """One row per (NFE, configuration): ours (``--nfe``, and with x0 clipping) when ``ours``, and diffusers', on the
+    """One row per (NFE, configuration): ours (``--nfe``, with x0 clipping, ``--recipes``) when ``ours``, and diffusers', on the
     same per-sample noise."""
     rows, n = [], args.n
     x_T = NoiseSource(seed, range(n)).draw(tuple(denoiser.image_shape))  # the same per-sample noise as run_ours
@@ -103,18 +103,14 @@ def sampler_rows(label: str, denoiser, seed: int, args: argparse.Namespace, refe
             clipped = recipe_for_budget(nfe)
             clipped.callbacks = [ClipX0(), *clipped.callbacks]
             recipes[f"--nfe {nfe} + clip_x0"] = clipped
+        for path in args.recipes if ours else ():
+            recipe = load_recipe(path)
+            if recipe.steps == nfe:
+                recipes[f"recipe {path.stem}"] = recipe
         for name, recipe in recipes.items() if ours else ():
             samples = run_ours(recipe, denoiser, n, seed, args.batch)
             filters = {"uncertainty": sample_score(samples.images, samples.variance)}
             rows.append({"run": label, "seed": seed, "nfe": nfe, "sampler": name,
-                         **score_row(samples.images, references, filters)})
-        for path in args.recipes if ours else ():
-            recipe = load_recipe(path)
-            if recipe.steps != nfe:
-                continue
-            samples = run_ours(recipe, denoiser, n, seed, args.batch)
-            filters = {"uncertainty": sample_score(samples.images, samples.variance)}
-            rows.append({"run": label, "seed": seed, "nfe": nfe, "sampler": f"recipe {path.stem}",
                          **score_row(samples.images, references, filters)})
         for name, peer in peer_set(args.clipped).items():
             samples = run_peer(peer, nfe, denoiser, x_T, args.batch)

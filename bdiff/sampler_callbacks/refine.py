@@ -12,9 +12,6 @@ from bdiff.sampler_callbacks.adaptive import ddim_x0_coefficient
 from bdiff.sampler_callbacks.variance import x0_error_variance
 from bdiff.sampling.sampler import Sampler, SamplerCallback
 from bdiff.sampling.state import SamplerState
-from bdiff.schedule import NoiseSchedule
-
-_bcast = NoiseSchedule.broadcast
 
 
 @dataclass
